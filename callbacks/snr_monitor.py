@@ -126,7 +126,7 @@ class SNRMonitor(Callback):
         if not named:
             self._disable("the model has no trainable parameters")
             return
-        names, parameters = zip(*named)
+        names, parameters = zip(*named, strict=True)
         self._group_names, membership = group_parameters(list(names), self.groups)
         self._taps = GradientTaps(list(parameters), membership)
         self._estimator = GradientNoiseEstimator(
@@ -250,7 +250,7 @@ class SNRMonitor(Callback):
         names += ["snr/batch_size", "snr/skipped_steps"]
         tensors += [self._estimator.batch_size, self._estimator.skipped]
         numbers = torch.stack([t.to(torch.float64) for t in tensors]).tolist()  # the one host sync
-        self.latest = dict(zip(names, numbers))
+        self.latest = dict(zip(names, numbers, strict=True))
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(self.latest, step=step)

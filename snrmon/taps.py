@@ -39,7 +39,8 @@ class GradientTaps:
 
     def attach(self) -> None:
         if not self._handles:
-            self._handles = [p.register_hook(self._hook(s)) for p, s in zip(self.parameters, self._slots)]
+            pairs = zip(self.parameters, self._slots, strict=True)
+            self._handles = [parameter.register_hook(self._hook(slot)) for parameter, slot in pairs]
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -65,10 +66,11 @@ class GradientTaps:
 
     def accumulated_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
         """Per-group squared norms of ``.grad`` (the accumulated, and under DDP all-reduced, gradient)."""
-        present = [(slot, p.grad) for slot, p in zip(self._slots, self.parameters) if p.grad is not None]
+        pairs = zip(self._slots, self.parameters, strict=True)
+        present = [(slot, p.grad) for slot, p in pairs if p.grad is not None]
         self.norms.zero_()
         if present:
-            slots, grads = zip(*present)
+            slots, grads = zip(*present, strict=True)
             norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)
             torch._foreach_copy_(list(slots), list(norms))
         return self.backward_sq_norms(scale)
