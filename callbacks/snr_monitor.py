@@ -191,6 +191,8 @@ class SNRMonitor(Callback):
                 self._add_half_batch(trainer, pl_module)
             else:
                 self._warn_single_batch()
+                self._estimator.discard_step()
+                return
         # Lightning unscales fp16 gradients before this hook, except for optimizers that unscale in
         # their own step (fused Adam): those still hold scaled gradients here.
         scale = self._loss_scale(trainer) if _optimizer_handles_unscaling(optimizer) else 1.0
@@ -248,8 +250,10 @@ class SNRMonitor(Callback):
                 names.append(prefix + key)
                 tensors.append(value[index])
         names += ["snr/batch_size", "snr/skipped_steps"]
-        tensors += [self._estimator.batch_size, self._estimator.skipped]
-        numbers = torch.stack([t.to(torch.float64) for t in tensors]).tolist()  # the one host sync
+        tensors += [self._estimator.batch_size, self._estimator.skipped, self._estimator.updates]
+        *numbers, updates = torch.stack([t.to(torch.float64) for t in tensors]).tolist()  # the one host sync
+        if updates == 0:
+            return  # no estimate yet
         self.latest = dict(zip(names, numbers, strict=True))
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:

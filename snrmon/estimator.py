@@ -73,9 +73,10 @@ class GradientNoiseEstimator:
         self.updates = zeros()  # valid steps seen
         self.skipped = zeros()  # non-finite steps
         self.batch_size = zeros()  # last step's effective batch size
-        self._clear_step()
+        self.discard_step()
 
-    def _clear_step(self) -> None:
+    def discard_step(self) -> None:
+        """Drop what was added since the last ``step``."""
         self._step_stats = torch.zeros(
             self.num_groups + _NUM_SCALARS, dtype=self.dtype, device=self.device
         )
@@ -113,7 +114,7 @@ class GradientNoiseEstimator:
         stats = self._step_stats
         if all_reduce is not None:
             stats = all_reduce(stats)
-        self._clear_step()
+        self.discard_step()
         groups = self.num_groups
         small_sum = stats[:groups]
         small_size, small_count, weight, weight_sq_over_size = stats[groups:]

@@ -1,0 +1,105 @@
+"""Worker for tests/test_ddp.py: SNRMonitor under CPU DDP (gloo, 2 ranks) on analytic least squares.
+
+Model: y_hat = x·w, loss = mean (x·w − y)² over the rank's batch, at lr = 0 so w stays fixed.
+Data: fresh samples x ~ N(0, I_d), y = x·w* + ε with w* = 0 and ε ~ N(0, σ²); each rank draws from
+its own stream seeded with ``seed + global_rank``. With Δ = w − w*, the per-sample gradient
+g = 2(x·w − y)x has |G|² = 4|Δ|² and tr Σ = E|g|² − |G|² = 4((d + 1)|Δ|² + dσ²).
+
+Lightning relaunches this file once per rank with the same arguments; every rank writes its
+``monitor.latest`` to ``<out>/rank<global_rank>.json``.
+
+    python tests/ddp_script.py --out DIR [--accumulate K] [--steps N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from snrmon.callbacks import SNRMonitor
+
+
+class GaussianLeastSquares(IterableDataset):
+    """An endless stream of batches (x, y) with x ~ N(0, I_d), y = ε ~ N(0, σ²) (w* = 0)."""
+
+    def __init__(self, dim: int, sigma: float, batch_size: int, seed: int):
+        self.dim, self.sigma, self.batch_size, self.seed = dim, sigma, batch_size, seed
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            x = torch.randn(self.batch_size, self.dim, generator=generator)
+            y = self.sigma * torch.randn(self.batch_size, generator=generator)
+            yield x, y
+
+
+class LeastSquares(L.LightningModule):
+    def __init__(self, args: argparse.Namespace):
+        super().__init__()
+        self.args = args
+        # w = Δ (w* = 0), with |Δ|² = args.delta_sq spread evenly over the coordinates.
+        self.weight = nn.Parameter(torch.full((args.dim,), math.sqrt(args.delta_sq / args.dim)))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return ((x @ self.weight - y) ** 2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> DataLoader:
+        args = self.args
+        data = GaussianLeastSquares(args.dim, args.sigma, args.batch_size, args.seed + self.global_rank)
+        return DataLoader(data, batch_size=None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8, help="per rank, per microbatch")
+    parser.add_argument("--dim", type=int, default=8)
+    parser.add_argument("--sigma", type=float, default=1.0)
+    parser.add_argument("--delta-sq", type=float, default=1.0)
+    parser.add_argument("--ema-decay", type=float, default=0.99)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    monitor = SNRMonitor(ema_decay=args.ema_decay)
+    trainer = L.Trainer(
+        strategy="ddp",
+        devices=2,
+        accelerator="cpu",
+        max_steps=args.steps,
+        accumulate_grad_batches=args.accumulate,
+        callbacks=[monitor],
+        logger=False,
+        log_every_n_steps=args.steps,  # the last step is a logging step
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(LeastSquares(args))
+    result = {
+        "global_rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "global_step": trainer.global_step,
+        "disabled": monitor._disabled,
+        "latest": monitor.latest,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

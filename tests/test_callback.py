@@ -1,0 +1,695 @@
+"""SNRMonitor inside a real ``lightning.Trainer.fit`` on CPU, through the public API.
+
+Each test trains a small model for a few steps. Helpers live in this file (it owns them); there is no
+conftest. Tolerances on estimates come from the monitor's own standard errors (``*_se``), never from
+numbers copied out of a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import (
+    Callback,
+    GradientAccumulationScheduler,
+    ModelCheckpoint,
+)
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from snrmon import GradientNoiseEstimator, GradientTaps
+from snrmon.callbacks import SNRMonitor
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+]
+
+VALUE_KEYS = ["signal", "noise", "noise_scale", "ratio"]
+VALUE_KEYS += [f"{key}_se" for key in VALUE_KEYS]
+TOTAL_KEYS = [f"snr/{key}" for key in VALUE_KEYS] + ["snr/batch_size", "snr/skipped_steps"]
+
+
+# ---------------------------------------------------------------------- helpers
+class Regression(L.LightningModule):
+    """A one-hidden-layer MLP on a regression task; the loss is a mean over the batch's samples.
+
+    Top-level layers ``hidden`` and ``out`` make ``SNRMonitor(groups=1)`` report two groups.
+    ``loss_factors`` maps a ``batch_idx`` to a factor the loss is multiplied by (fault injection).
+    ``losses`` collects every training loss Lightning saw, one per microbatch.
+    """
+
+    def __init__(self, lr: float = 0.05, dropout: float = 0.0, fused_adam: bool = False):
+        super().__init__()
+        self.hidden = nn.Linear(4, 16)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(16, 1)
+        self.lr = lr
+        self.fused_adam = fused_adam
+        self.loss_factors: dict[int, float] = {}
+        self.losses: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.dropout(torch.tanh(self.hidden(x)))).squeeze(-1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        if batch_idx in self.loss_factors:
+            loss = loss * self.loss_factors[batch_idx]
+        self.log("train/loss", loss)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Only Lightning's own training_step calls reach this hook (not the split-batch extra call).
+        self.losses.append(outputs["loss"].detach().clone())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.fused_adam:
+            return torch.optim.Adam(params, lr=self.lr, fused=True)
+        return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+
+
+def regression_loader(
+    n: int = 256, batch_size: int = 8, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=generator)
+    y = x @ torch.randn(4, generator=generator) + 0.5 * torch.randn(n, generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+
+
+def make_trainer(monitor: SNRMonitor | None = None, **kwargs: Any) -> L.Trainer:
+    callbacks = list(kwargs.pop("callbacks", []))
+    if monitor is not None:
+        callbacks.insert(0, monitor)
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=10,
+        logger=False,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    options.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **options)
+
+
+@contextlib.contextmanager
+def record_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record every warning (repeats included), without requiring that there be any."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        yield record
+
+
+def snr_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if "SNRMonitor" in str(w.message)]
+
+
+def group_keys(group: str) -> list[str]:
+    return [f"snr/{group}/{key}" for key in VALUE_KEYS]
+
+
+def assert_finite_estimates(latest: dict[str, float]) -> None:
+    for key in ("snr/signal", "snr/noise", "snr/signal_se", "snr/noise_se", "snr/batch_size"):
+        assert math.isfinite(latest[key]), (key, latest[key])
+
+
+def assert_within_se(estimate: dict[str, float], reference: dict[str, float], sigmas=4.0) -> None:
+    """Signal and noise of two runs agree within ``sigmas`` standard errors of the reference."""
+    for key in ("snr/signal", "snr/noise"):
+        se = reference[f"{key}_se"]
+        assert se > 0
+        assert abs(estimate[key] - reference[key]) < sigmas * se, (key, estimate, reference)
+
+
+# ---------------------------------------------------------------------- 1, 2: what gets logged
+def test_tensorboard_names_steps_layout_and_latest(tmp_path: Path):
+    monitor = SNRMonitor(groups=1)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    max_steps, every = 20, 5
+    trainer = make_trainer(
+        monitor, logger=logger, log_every_n_steps=every, max_steps=max_steps,
+        accumulate_grad_batches=2,
+    )
+    trainer.fit(Regression(), regression_loader())
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.util import tensor_util
+
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    expected = TOTAL_KEYS + group_keys("hidden") + group_keys("out")
+    tags = events.Tags()["scalars"]
+    assert set(expected) <= set(tags), set(expected) - set(tags)
+    assert set(monitor.latest) == set(expected)
+
+    # Logged exactly where Lightning logs the module's own on_step metrics.
+    lightning_steps = [event.step for event in events.Scalars("train/loss")]
+    assert lightning_steps == [s for s in range(max_steps) if (s + 1) % every == 0]
+    for name in expected:
+        scalars = events.Scalars(name)
+        assert [event.step for event in scalars] == lightning_steps, name
+        # `latest` holds the last logged values (TensorBoard stores float32).
+        assert scalars[-1].value == pytest.approx(monitor.latest[name], rel=1e-6, nan_ok=True)
+
+    # The custom-scalars layout is written, and each chart's regex matches logged SNR tags.
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
+    assert "custom_scalars__config__" in events.PluginTagToContent("custom_scalars")
+    proto = events.Tensors("custom_scalars__config__")[0].tensor_proto
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(proto).item())
+    charts = [chart for category in layout.category for chart in category.chart]
+    assert charts
+    for chart in charts:
+        for regex in chart.multiline.tag:
+            assert any(re.search(regex, tag) for tag in expected), regex
+
+    assert "snr/ratio" in trainer.progress_bar_metrics
+    assert float(trainer.progress_bar_metrics["snr/ratio"]) == pytest.approx(
+        monitor.latest["snr/ratio"], rel=1e-6
+    )
+    assert_finite_estimates(monitor.latest)
+
+
+def test_csv_logger_receives_values(tmp_path: Path):
+    monitor = SNRMonitor()
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(
+        monitor, logger=logger, log_every_n_steps=4, max_steps=12, accumulate_grad_batches=2
+    )
+    trainer.fit(Regression(), regression_loader())
+
+    with open(Path(logger.log_dir) / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    snr_rows = [row for row in rows if row.get("snr/signal")]
+    loss_steps = [int(row["step"]) for row in rows if row.get("train/loss")]
+    expected_steps = [s for s in range(12) if (s + 1) % 4 == 0]
+    assert [int(row["step"]) for row in snr_rows] == loss_steps == expected_steps
+    for key in TOTAL_KEYS:
+        assert float(snr_rows[-1][key]) == pytest.approx(monitor.latest[key], nan_ok=True), key
+    assert_finite_estimates(monitor.latest)
+
+
+# ---------------------------------------------------------------------- 3: training is unchanged
+@pytest.mark.parametrize(
+    ("accumulate", "split_batch"), [(4, False), (1, True)], ids=["accumulate4", "split_batch"]
+)
+def test_training_is_bit_identical_with_and_without_monitor(accumulate: int, split_batch: bool):
+    def train(monitor: SNRMonitor | None) -> Regression:
+        torch.manual_seed(0)  # model init, dropout masks and the shuffled data order
+        model = Regression(dropout=0.2)
+        trainer = make_trainer(monitor, max_steps=8, accumulate_grad_batches=accumulate)
+        trainer.fit(model, regression_loader(shuffle=True))
+        return model
+
+    monitor = SNRMonitor(split_batch=split_batch)
+    plain, monitored = train(None), train(monitor)
+
+    assert int(monitor._estimator.updates) == 8  # the monitor really measured every step
+    assert len(plain.losses) == len(monitored.losses) == 8 * accumulate
+    assert all(torch.equal(a, b) for a, b in zip(plain.losses, monitored.losses, strict=True))
+    for (name, a), b in zip(plain.state_dict().items(), monitored.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------- 4: every_n_steps
+class HandleProbe(Regression):
+    """Records (optimizer step, number of installed gradient hooks) inside each training_step."""
+
+    def __init__(self, monitor: SNRMonitor):
+        super().__init__()
+        self.monitor = monitor
+        self.hooks_seen: list[tuple[int, int]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.hooks_seen.append((self.trainer.global_step, len(self.monitor._taps._handles)))
+        return super().training_step(batch, batch_idx)
+
+
+def test_every_n_steps_installs_hooks_only_on_measured_steps():
+    monitor = SNRMonitor(every_n_steps=3)
+    model = HandleProbe(monitor)
+    max_steps, accumulate = 9, 2
+    make_trainer(monitor, max_steps=max_steps, accumulate_grad_batches=accumulate).fit(
+        model, regression_loader()
+    )
+
+    num_parameters = len(list(model.parameters()))
+    expected = [
+        (step, num_parameters if step % 3 == 0 else 0)
+        for step in range(max_steps)
+        for _ in range(accumulate)
+    ]
+    assert model.hooks_seen == expected
+    measured = sum(1 for step in range(max_steps) if step % 3 == 0)
+    assert int(monitor._estimator.updates) == measured
+    assert not monitor._taps.attached  # removed at the end of fit
+    assert_finite_estimates(monitor.latest)
+
+
+# ---------------------------------------------------------------------- 5: changing accumulation
+class LatestPerEpoch(Callback):
+    def __init__(self, monitor: SNRMonitor):
+        self.monitor = monitor
+        self.per_epoch: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.per_epoch.append(dict(self.monitor.latest))
+
+
+def test_gradient_accumulation_scheduler_changes_batch_size():
+    monitor = SNRMonitor()
+    recorder = LatestPerEpoch(monitor)
+    batch_size, scheduling = 8, {0: 2, 1: 4}
+    trainer = make_trainer(
+        monitor,
+        max_steps=-1,
+        max_epochs=2,
+        callbacks=[GradientAccumulationScheduler(scheduling), recorder],
+    )
+    with record_warnings() as record:
+        trainer.fit(Regression(), regression_loader(n=128, batch_size=batch_size))
+
+    assert not snr_warnings(record)
+    assert [latest["snr/batch_size"] for latest in recorder.per_epoch] == [
+        batch_size * scheduling[0],
+        batch_size * scheduling[1],
+    ]
+    for latest in recorder.per_epoch:
+        assert_finite_estimates(latest)
+
+
+# ---------------------------------------------------------------------- 6: resume
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_resume_from_checkpoint_continues_the_estimates(tmp_path: Path):
+    accumulate, batches_per_epoch = 2, 12  # 6 optimizer steps per epoch
+
+    def fit(max_epochs: int, ckpt_path: str | None = None, checkpoint=None) -> SNRMonitor:
+        torch.manual_seed(0)
+        monitor = SNRMonitor(groups=1)
+        callbacks = [checkpoint] if checkpoint is not None else []
+        trainer = make_trainer(
+            monitor,
+            max_steps=-1,
+            max_epochs=max_epochs,
+            accumulate_grad_batches=accumulate,
+            callbacks=callbacks,
+            enable_checkpointing=checkpoint is not None,
+        )
+        trainer.fit(Regression(), regression_loader(n=8 * batches_per_epoch), ckpt_path=ckpt_path)
+        return monitor
+
+    uninterrupted = fit(max_epochs=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    first_half = fit(max_epochs=1, checkpoint=checkpoint)
+    saved = sorted(tmp_path.glob("*.ckpt"))
+    assert len(saved) == 1 and "step=6" in saved[0].name
+    assert int(first_half._estimator.updates) == 6
+    resumed = fit(max_epochs=2, ckpt_path=str(saved[0]))
+
+    a, b = uninterrupted._estimator, resumed._estimator
+    assert int(b.updates) == 12
+    for name in ("moments", "updates", "skipped", "batch_size"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert resumed.latest.keys() == uninterrupted.latest.keys()
+    for key, value in uninterrupted.latest.items():
+        assert resumed.latest[key] == pytest.approx(value, rel=1e-12, abs=0, nan_ok=True), key
+
+
+# ---------------------------------------------------------------------- 7: mixed precision
+def lr0_estimates(**trainer_kwargs: Any) -> tuple[dict[str, float], L.Trainer]:
+    """Estimates at lr = 0 (fixed parameters) on a fixed data order: runs differ only in numerics."""
+    fused_adam = trainer_kwargs.pop("fused_adam", False)
+    torch.manual_seed(0)
+    monitor = SNRMonitor()
+    trainer = make_trainer(monitor, max_steps=30, accumulate_grad_batches=4, **trainer_kwargs)
+    with record_warnings() as record:
+        trainer.fit(Regression(lr=0.0, fused_adam=fused_adam), regression_loader(n=1024))
+    assert not snr_warnings(record)
+    assert_finite_estimates(monitor.latest)
+    return monitor.latest, trainer
+
+
+def fp16_plugin(init_scale: float = 2.0**10) -> MixedPrecision:
+    """fp16 autocast with a real gradient scaler, on CPU (Lightning accepts the plugin as given)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return MixedPrecision("16-mixed", device="cpu", scaler=scaler)
+
+
+def test_bf16_mixed_matches_fp32():
+    reference, _ = lr0_estimates()
+    bf16, trainer = lr0_estimates(precision="bf16-mixed")
+    assert trainer.precision == "bf16-mixed"
+    assert_within_se(bf16, reference)
+
+
+@pytest.mark.parametrize("fused_adam", [False, True], ids=["sgd", "fused_adam"])
+def test_fp16_loss_scale_is_divided_out(fused_adam: bool):
+    if fused_adam:
+        try:
+            torch.optim.Adam([nn.Parameter(torch.zeros(1))], fused=True)
+        except (RuntimeError, ValueError) as error:
+            pytest.skip(f"fused Adam is not supported on CPU here: {error}")
+    reference, _ = lr0_estimates(fused_adam=fused_adam)
+    scaled, trainer = lr0_estimates(plugins=[fp16_plugin()], fused_adam=fused_adam)
+    # The scale was really in play (no overflow shrank it to 1), so an un-divided scale would be
+    # off by a factor 2**20 in signal and noise.
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**10
+    assert_within_se(scaled, reference)
+
+
+def test_fp16_overflow_step_is_skipped():
+    torch.manual_seed(0)
+    monitor = SNRMonitor()
+    model = Regression()
+    accumulate, overflow_step = 2, 3
+    model.loss_factors = {overflow_step * accumulate: 1e30}  # first microbatch of step 3
+    trainer = make_trainer(
+        monitor, max_steps=10, accumulate_grad_batches=accumulate, plugins=[fp16_plugin()]
+    )
+    with record_warnings() as record:
+        trainer.fit(model, regression_loader())
+
+    assert not snr_warnings(record)
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**9  # the scaler saw one overflow
+    assert trainer.global_step == 10
+    assert monitor.latest["snr/skipped_steps"] == 1
+    assert int(monitor._estimator.updates) == 9
+    assert torch.isfinite(monitor._estimator.moments).all()
+    assert_finite_estimates(monitor.latest)
+
+
+# ---------------------------------------------------------------------- 8: no host sync
+class HostSyncGuard:
+    """Makes ``Tensor.item`` & co. raise, but only while code wrapped by :meth:`wrap` runs."""
+
+    SYNCING = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.active = 0
+        self.calls: dict[str, int] = {}
+        self.violations: list[str] = []
+        for name in self.SYNCING:
+            monkeypatch.setattr(torch.Tensor, name, self._forbid(name, getattr(torch.Tensor, name)))
+
+    def _forbid(self, name: str, original: Callable) -> Callable:
+        def forbidden(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                self.violations.append(name)
+                raise RuntimeError(f"host sync: Tensor.{name} called on the monitor's hot path")
+            return original(tensor, *args, **kwargs)
+
+        return forbidden
+
+    def wrap(self, fn: Callable, label: str) -> Callable:
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            self.calls[label] = self.calls.get(label, 0) + 1
+            self.active += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.active -= 1
+
+        return guarded
+
+
+def test_no_host_sync_on_non_logging_steps(monkeypatch: pytest.MonkeyPatch):
+    guard = HostSyncGuard(monkeypatch)
+    with pytest.raises(RuntimeError, match="host sync"):  # the guard works
+        guard.wrap(lambda: torch.ones(()).item(), "self-check")()
+    guard.violations.clear()
+
+    monitor = SNRMonitor()
+    for hook in ("on_train_batch_start", "on_after_backward", "on_before_optimizer_step"):
+        setattr(monitor, hook, guard.wrap(getattr(monitor, hook), hook))
+    make_hook = GradientTaps._hook
+    monkeypatch.setattr(
+        GradientTaps, "_hook", lambda taps, slot: guard.wrap(make_hook(taps, slot), "tap")
+    )
+
+    trainer = make_trainer(
+        monitor, max_steps=12, accumulate_grad_batches=2, log_every_n_steps=1000
+    )
+    with record_warnings() as record:
+        trainer.fit(Regression(), regression_loader())
+
+    assert guard.violations == []
+    assert not snr_warnings(record)
+    assert monitor._disabled is False
+    assert trainer.global_step == 12
+    assert guard.calls["tap"] == 12 * 2 * 4  # every microbatch, every parameter
+    assert guard.calls["on_after_backward"] == 24
+    assert int(monitor._estimator.updates) == 12
+    values = monitor._estimator.compute()
+    assert torch.isfinite(values["signal"]).all() and torch.isfinite(values["noise"]).all()
+
+
+# ---------------------------------------------------------------------- 9: bad input never crashes
+class SanitizedRegression(Regression):
+    """Zeroes non-finite gradients after the monitor has seen them, so training can go on."""
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def test_nan_gradient_step_is_counted_and_skipped():
+    torch.manual_seed(0)
+    monitor = SNRMonitor()
+    model = SanitizedRegression()
+    model.loss_factors = {5: float("nan")}  # second microbatch of step 2
+    trainer = make_trainer(monitor, max_steps=10, accumulate_grad_batches=2)
+    with record_warnings() as record:
+        trainer.fit(model, regression_loader())
+
+    assert not snr_warnings(record)
+    assert trainer.global_step == 10
+    assert monitor.latest["snr/skipped_steps"] == 1
+    assert int(monitor._estimator.updates) == 9
+    assert_finite_estimates(monitor.latest)
+
+
+def test_frozen_layer_is_left_out():
+    monitor = SNRMonitor(groups=1)
+    model = Regression()
+    model.hidden.requires_grad_(False)
+    with record_warnings() as record:
+        make_trainer(monitor, accumulate_grad_batches=2).fit(model, regression_loader())
+
+    assert not snr_warnings(record)
+    assert set(monitor.latest) == set(TOTAL_KEYS + group_keys("out"))
+    assert len(monitor._taps.parameters) == 2
+    assert_finite_estimates(monitor.latest)
+
+
+class WithUnusedLayer(Regression):
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Linear(4, 4)  # never called: its parameters get no gradient
+
+
+def test_parameter_without_gradient_counts_as_zero():
+    monitor = SNRMonitor(groups=1)
+    model = WithUnusedLayer()
+    with record_warnings() as record:
+        make_trainer(monitor, accumulate_grad_batches=2).fit(model, regression_loader())
+
+    assert not snr_warnings(record)
+    assert model.unused.weight.grad is None
+    assert monitor.latest["snr/unused/signal"] == 0.0
+    assert monitor.latest["snr/unused/noise"] == 0.0
+    assert_finite_estimates(monitor.latest)
+
+
+class ZeroGradients(Regression):
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, _ = batch
+        return 0.0 * self(x).sum()
+
+
+def test_all_zero_gradients_neither_crash_nor_warn():
+    monitor = SNRMonitor()
+    trainer = make_trainer(monitor, accumulate_grad_batches=2)
+    with record_warnings() as record:
+        trainer.fit(ZeroGradients(), regression_loader())
+
+    assert not snr_warnings(record)
+    assert not [w for w in record if "snrmon" in str(w.filename) or "snrmon" in str(w.message)]
+    assert monitor._disabled is False
+    assert trainer.global_step == 10
+    assert monitor.latest["snr/signal"] == 0.0
+    assert monitor.latest["snr/noise"] == 0.0
+    assert monitor.latest["snr/skipped_steps"] == 0.0
+
+
+def test_monitor_error_disables_it_and_training_finishes(monkeypatch: pytest.MonkeyPatch):
+    def broken_step(self: GradientNoiseEstimator, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("estimator exploded")
+
+    monkeypatch.setattr(GradientNoiseEstimator, "step", broken_step)
+    monitor = SNRMonitor()
+    trainer = make_trainer(monitor, max_steps=6, accumulate_grad_batches=2)
+    with pytest.warns(UserWarning, match="SNRMonitor disabled itself") as record:
+        trainer.fit(Regression(), regression_loader())
+
+    messages = snr_warnings(record)
+    assert len(messages) == 1 and "estimator exploded" in messages[0]
+    assert trainer.global_step == 6
+    assert monitor._disabled is True
+    assert not monitor._taps.attached
+
+
+# ---------------------------------------------------------------------- 10: setup errors
+class ShardedGradientsStrategy(Strategy):
+    """Stands in for FSDP & co.: any strategy that is neither single-device nor DDP.
+
+    Lightning refuses ``FSDPStrategy`` on a CPU accelerator, and a subclass that slips past that check
+    initialises a gloo process group inside the pytest process; a trivial strategy tests the same
+    ``isinstance`` gate without either problem.
+    """
+
+    strategy_name = "sharded_gradients_stub"
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def is_global_zero(self) -> bool:
+        return True
+
+    def model_to_device(self) -> None:
+        self.model.to(self.root_device)
+
+    def reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        return tensor
+
+    def all_gather(self, tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return tensor
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+
+def test_unsupported_strategy_is_refused():
+    trainer = make_trainer(SNRMonitor(), strategy=ShardedGradientsStrategy())
+    with pytest.raises(MisconfigurationException, match="single-device and DDP"):
+        trainer.fit(Regression(), regression_loader())
+
+
+class ManualOptimization(Regression):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(F.mse_loss(self(batch[0]), batch[1]))
+        optimizer.step()
+
+
+def test_manual_optimization_is_refused():
+    trainer = make_trainer(SNRMonitor())
+    with pytest.raises(MisconfigurationException, match="automatic optimization"):
+        trainer.fit(ManualOptimization(), regression_loader())
+
+
+def test_single_batch_size_warns_once_about_split_batch():
+    monitor = SNRMonitor()
+    trainer = make_trainer(monitor, max_steps=6)
+    with pytest.warns(UserWarning, match="split_batch") as record:
+        trainer.fit(Regression(), regression_loader())
+
+    assert len(snr_warnings(record)) == 1
+    assert trainer.global_step == 6
+
+
+def test_single_batch_size_logs_nothing(tmp_path: Path):
+    """The docstring and the warning promise that nothing is logged without a second batch size."""
+    monitor = SNRMonitor()
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(monitor, max_steps=6, logger=logger)
+    with record_warnings():
+        trainer.fit(Regression(), regression_loader())
+
+    with open(Path(logger.log_dir) / "metrics.csv") as file:
+        columns = csv.DictReader(file).fieldnames
+    assert "train/loss" in columns
+    assert [name for name in columns if name.startswith("snr/")] == []
+    assert monitor.latest == {}
+
+
+# ---------------------------------------------------------------------- 11: token-weighted sizes
+class TokenRegression(L.LightningModule):
+    """Per-token regression over padded sequences; the loss is a mean over non-padding tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.out = nn.Linear(8, 1)
+        self.token_counts: list[Tensor] = []
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        mask = batch["mask"]
+        self.token_counts.append(mask.sum())
+        squared = (self.out(self.embed(batch["tokens"])).squeeze(-1) - batch["target"]) ** 2
+        return (squared * mask).sum() / mask.sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def token_loader(n: int = 128, length: int = 12, batch_size: int = 8) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(10, (n, length), generator=generator)
+    lengths = torch.randint(1, length + 1, (n, 1), generator=generator)
+    mask = (torch.arange(length) < lengths).float()
+    target = tokens.float() / 10 + 0.3 * torch.randn(n, length, generator=generator)
+    data = [{"tokens": t, "target": y, "mask": m} for t, y, m in zip(tokens, target, mask, strict=True)]
+    return DataLoader(data, batch_size=batch_size)
+
+
+def test_token_weighted_batch_size_fn():
+    accumulate = 2
+    monitor = SNRMonitor(batch_size_fn=lambda batch: batch["mask"].sum())  # a device tensor
+    model = TokenRegression()
+    with record_warnings() as record:
+        make_trainer(monitor, max_steps=12, accumulate_grad_batches=accumulate).fit(
+            model, token_loader()
+        )
+
+    assert not snr_warnings(record)
+    assert_finite_estimates(monitor.latest)
+    assert int(monitor._estimator.updates) == 12
+    # Effective batch size of the last step: 1/B = Σ v_k²/b_k with v_k = 1/K, b_k = token counts.
+    last = [float(count) for count in model.token_counts[-accumulate:]]
+    expected = 1.0 / sum(1.0 / (accumulate**2 * b) for b in last)
+    assert monitor.latest["snr/batch_size"] == pytest.approx(expected, rel=1e-6)
+    assert expected != 8 * accumulate  # tokens, not sequences, were counted

@@ -1,0 +1,72 @@
+"""SNRMonitor under real CPU DDP (gloo, 2 ranks), against the closed-form truth of least squares.
+
+Runs ``tests/ddp_script.py`` in a subprocess (Lightning relaunches it for rank 1). At lr = 0 with fresh
+Gaussian samples, the per-sample gradient g = 2(x·w − y)x has |G|² = 4|Δ|² and
+tr Σ = 4((d + 1)|Δ|² + dσ²), Δ = w − w* (see the script's docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+WORLD_SIZE = 2
+BATCH_SIZE, DIM, SIGMA, DELTA_SQ = 8, 8, 1.0, 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ddp(out: Path, accumulate: int) -> list[dict]:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK"):
+        env.pop(name, None)
+    command = [
+        sys.executable, str(SCRIPT), "--out", str(out), "--accumulate", str(accumulate),
+        "--batch-size", str(BATCH_SIZE), "--dim", str(DIM), "--sigma", str(SIGMA),
+        "--delta-sq", str(DELTA_SQ),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, cwd=out, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ddp_ranks_agree_and_match_closed_form(tmp_path: Path, accumulate: int):
+    """accumulate=1: the ranks' local gradients are the only small gradients; 2: both sources."""
+    ranks = run_ddp(tmp_path, accumulate)
+
+    assert [r["global_rank"] for r in ranks] == list(range(WORLD_SIZE))
+    assert all(r["world_size"] == WORLD_SIZE and not r["disabled"] for r in ranks)
+    latest = ranks[0]["latest"]
+    assert latest, "nothing was logged"
+    assert ranks[1]["latest"] == latest  # every rank computes the same, all-reduced estimates
+
+    global_batch = WORLD_SIZE * BATCH_SIZE * accumulate
+    assert latest["snr/batch_size"] == pytest.approx(global_batch, rel=1e-12)
+    assert latest["snr/skipped_steps"] == 0
+
+    signal = 4 * DELTA_SQ
+    noise = 4 * ((DIM + 1) * DELTA_SQ + DIM * SIGMA**2)
+    truth = {
+        "snr/signal": signal,
+        "snr/noise": noise,
+        "snr/noise_scale": noise / signal,
+        "snr/ratio": global_batch * signal / noise,
+    }
+    for key, value in truth.items():
+        se = latest[f"{key}_se"]
+        assert math.isfinite(latest[key]) and 0 < se < abs(value), (key, latest[key], se)
+        assert abs(latest[key] - value) < 4 * se, (key, latest[key], value, se)
