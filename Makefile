@@ -1,0 +1,29 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench
+
+venv: $(STAMP)
+
+# Rebuilt only when pyproject.toml or constraints.txt change (or .venv is missing).
+# torch is installed first, pinned, so pip takes the local CPU wheel and never a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -c constraints.txt -e ".[dev,plot]"
+	touch $@
+
+demo: venv
+	$(BIN)/python examples/train_char_gpt.py
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	$(BIN)/python benchmarks/overhead.py
