@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         block_size=args.block_size,
         batch_size=args.batch_size,
         corpus_bytes=args.corpus_bytes,
-        train_samples=batches_per_epoch * args.batch_size,
+        train_samples=max_steps * args.accumulate * args.batch_size,  # fresh windows every step
         val_samples=val_samples,
         seed=args.seed,
     )
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         accumulate_grad_batches=args.accumulate,
         log_every_n_steps=log_every,
         val_check_interval=batches_per_epoch,
+        check_val_every_n_epoch=None,
         callbacks=[monitor],
         logger=logger,
         enable_checkpointing=False,
@@ -147,6 +148,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     report = build_report(metrics, latest, trainer.global_step, seconds, logger.log_dir)
     Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
     (Path(logger.log_dir) / "report.md").write_text(report, encoding="utf-8")
+    try:
+        from plot_run import plot_run
+
+        figure = plot_run(logger.log_dir, Path(logger.log_dir) / "snr_curves.png")
+        report += f"- curves: {figure}\n"
+        (Path(logger.log_dir) / "report.md").write_text(report, encoding="utf-8")
+    except ImportError:  # matplotlib is optional (the `plot` extra)
+        pass
     print("\n" + report)
     return {**metrics, **latest}
 

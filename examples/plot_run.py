@@ -1,0 +1,77 @@
+"""Plot a run's loss and SNR curves from its TensorBoard event files (needs matplotlib).
+
+    python examples/plot_run.py runs/char_gpt/version_0 docs/img/demo_curves.png
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+
+def read_scalars(log_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scalar tag of a TensorBoard log directory, as (steps, values)."""
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = {}
+    for tag in events.Tags()["scalars"]:
+        points = events.Scalars(tag)
+        scalars[tag] = (np.array([p.step for p in points]), np.array([p.value for p in points]))
+    return scalars
+
+
+def plot_run(log_dir: str | Path, out: str | Path) -> Path:
+    """Four panels: loss, signal and noise, noise scale ± se, SNR ± se; with per-group noise scales."""
+    scalars = read_scalars(log_dir)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    loss, power, scale, ratio = axes.flat
+
+    for tag, style in (("train/loss", "-"), ("val/loss", "o-")):
+        if tag in scalars:
+            loss.plot(*scalars[tag], style, label=tag, markersize=3)
+    loss.set(title="loss", xlabel="step", ylabel="nats / byte")
+
+    for tag, color in (("snr/signal", "C0"), ("snr/noise", "C3")):
+        if tag in scalars:
+            steps, values = scalars[tag]
+            se = scalars.get(f"{tag}_se", (steps, np.zeros_like(values)))[1]
+            power.plot(steps, values, color=color, label=tag)
+            power.fill_between(steps, values - 2 * se, values + 2 * se, color=color, alpha=0.2)
+    power.set(title="signal |G|² and noise tr(Σ)  (±2 se)", xlabel="step", yscale="log")
+
+    for axis, tag in ((scale, "snr/noise_scale"), (ratio, "snr/ratio")):
+        if tag in scalars:
+            steps, values = scalars[tag]
+            se = scalars[f"{tag}_se"][1]
+            axis.plot(steps, values, color="k", label="total")
+            axis.fill_between(steps, values - 2 * se, values + 2 * se, color="k", alpha=0.15)
+    groups = sorted(t for t in scalars if t.endswith("/noise_scale") and t.count("/") == 2)
+    for tag in groups:
+        scale.plot(*scalars[tag], lw=0.8, label=tag.split("/")[1])
+    scale.set(title="noise scale B_simple = tr(Σ)/|G|²  (samples)", xlabel="step", yscale="log")
+    if "snr/batch_size" in scalars:
+        scale.plot(*scalars["snr/batch_size"], "k--", lw=1, label="batch size B")
+    ratio.set(title="SNR at the batch size, B / B_simple  (±2 se)", xlabel="step")
+
+    for axis in axes.flat:
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7, ncol=2)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    print(plot_run(sys.argv[1], sys.argv[2]))
