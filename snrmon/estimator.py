@@ -176,13 +176,9 @@ class GradientNoiseEstimator:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "ema_decay": self.ema_decay,
-            "moments": self.moments.cpu(),
-            "updates": self.updates.cpu(),
-            "skipped": self.skipped.cpu(),
-            "batch_size": self.batch_size.cpu(),
-        }
+        # clone: on CPU `.cpu()` is the live tensor, which `step` changes in place.
+        names = ("moments", "updates", "skipped", "batch_size")
+        return {"ema_decay": self.ema_decay} | {name: getattr(self, name).cpu().clone() for name in names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         moments = state["moments"]
@@ -192,4 +188,4 @@ class GradientNoiseEstimator:
             )
         self.ema_decay = state["ema_decay"]
         for name in ("moments", "updates", "skipped", "batch_size"):
-            setattr(self, name, state[name].to(device=self.device, dtype=self.dtype))
+            setattr(self, name, state[name].to(device=self.device, dtype=self.dtype, copy=True))
