@@ -1,0 +1,205 @@
+"""Fitting any law of :mod:`snrmon.laws` to observed losses: robust, multi-start, bootstrap intervals.
+
+The default follows Hoffmann et al. (2022) and Besiroglu et al. (2024): minimise a Huber loss (δ = 1e-3)
+of the log-loss residuals log L̂ − log L over the log of the constants (so every constant stays positive),
+from a grid of starting points. ``robust=False`` gives plain nonlinear least squares on the loss itself,
+the method the Shannon law's paper reports. Scores (R², RMSE) are computed on the loss, not its log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from snrmon.laws import Columns, Law
+
+EXPLORE_ROWS = 256  # rows used to explore the starting points of a large data set
+
+
+class FitError(ValueError):
+    """A fit that cannot give trustworthy constants; the message says why."""
+
+
+@dataclass
+class Fit:
+    """A fitted law: constants, their bootstrap intervals and in-sample scores."""
+
+    law: Law
+    theta: np.ndarray
+    r2_train: float
+    rmse_train: float
+    n_train: int
+    cost: float
+    params_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def params(self) -> dict[str, float]:
+        return self.law.as_dict(self.theta)
+
+    def predict(self, columns: Columns) -> np.ndarray:
+        return self.law.loss(self.theta, columns)
+
+    def score(self, columns: Columns, loss: np.ndarray) -> dict[str, float]:
+        """R², RMSE and row count of this fit on other rows (e.g. a held-out split)."""
+        predicted = self.predict(columns)
+        return {"r2": r2_score(loss, predicted), "rmse": rmse(loss, predicted), "n": len(loss)}
+
+
+def r2_score(observed: np.ndarray, predicted: np.ndarray) -> float:
+    """Coefficient of determination 1 − SS_res / SS_tot (negative when worse than the mean)."""
+    observed, predicted = np.asarray(observed, float), np.asarray(predicted, float)
+    total = np.sum((observed - observed.mean()) ** 2)
+    return float(1.0 - np.sum((observed - predicted) ** 2) / total) if total > 0 else float("nan")
+
+
+def rmse(observed: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(observed, float) - np.asarray(predicted, float)) ** 2)))
+
+
+def fit_law(
+    law: Law,
+    columns: Columns,
+    loss: np.ndarray,
+    *,
+    robust: bool = True,
+    huber_delta: float = 1e-3,
+    starts: int = 256,
+    refine: int = 8,
+    bootstrap: int = 0,
+    seed: int = 0,
+    theta0: np.ndarray | None = None,
+) -> Fit:
+    """Fit ``law`` to rows (``columns``, ``loss``).
+
+    Args:
+        robust: Huber loss on log residuals (default); ``False``: plain least squares on the loss.
+        huber_delta: the Huber threshold, in log-loss units.
+        starts: size of the grid of starting points, screened by their initial cost.
+        refine: how many of the best-screened starts are optimised (on at most ``EXPLORE_ROWS`` rows); the two
+            best of those are then polished on all rows.
+        bootstrap: number of row resamples for the 95% intervals in ``params_ci`` (0: none).
+        seed: seeds the grid subsampling and the bootstrap.
+        theta0: an extra starting point (natural units), e.g. a previous fit; with ``starts=0`` the fit
+            only polishes it (the fast path for refitting a growing curve).
+
+    Raises:
+        FitError: too few rows, non-positive values, or no start that reaches finite constants.
+    """
+    columns = {name: np.asarray(columns[name], dtype=float) for name in law.inputs}
+    loss = np.asarray(loss, dtype=float)
+    _check_rows(law, columns, loss)
+    problem = _Problem(law, columns, loss, robust, huber_delta)
+
+    candidates = law.starts(limit=starts, seed=seed) if starts else np.empty((0, len(law.params)))
+    if theta0 is not None:
+        candidates = np.vstack([np.asarray(theta0, float)[None], candidates])
+    if not len(candidates):
+        raise ValueError("give starting points: starts > 0 or theta0")
+    log_starts = np.clip(np.log(candidates), problem.lower + 1e-9, problem.upper - 1e-9)
+    if len(candidates) == 1:  # a warm start (e.g. the previous fit of a growing curve): polish it only
+        return _finish(problem, problem.solve(log_starts[0]), bootstrap, seed)
+    # Explore on a subsample of rows (the optimum moves little, the cost drops with the row count), then
+    # polish the two best explorations on every row.
+    rng = np.random.default_rng(seed)
+    explore_rows = (
+        rng.choice(len(loss), EXPLORE_ROWS, replace=False) if len(loss) > EXPLORE_ROWS else slice(None)
+    )
+    screened = np.array([problem.cost(x, explore_rows) for x in log_starts])
+    if not np.isfinite(screened).any():
+        raise FitError(f"{law.name}: the law is not finite at any starting point for these data")
+    explored = [
+        problem.solve(log_starts[i], explore_rows, tolerance=1e-5)
+        for i in np.argsort(screened)[:refine]
+        if np.isfinite(screened[i])
+    ]
+    explored = sorted((r for r in explored if np.isfinite(r.cost)), key=lambda r: r.cost)[:2]
+    polished = [problem.solve(r.x) for r in explored]
+    best = min((r for r in polished if np.isfinite(r.cost)), key=lambda r: r.cost, default=None)
+    if best is None:
+        raise FitError(f"{law.name}: no start converged to finite constants")
+
+    return _finish(problem, best, bootstrap, seed)
+
+
+def _finish(problem: _Problem, best, bootstrap: int, seed: int) -> Fit:
+    if not np.all(np.isfinite(best.x)) or not np.isfinite(best.cost):
+        raise FitError(f"{problem.law.name}: no start converged to finite constants")
+    theta = np.exp(best.x)
+    predicted = problem.law.loss(theta, problem.columns)
+    loss = problem.loss
+    fit = Fit(
+        problem.law, theta, r2_score(loss, predicted), rmse(loss, predicted), len(loss), float(best.cost)
+    )
+    if bootstrap:
+        fit.params_ci = _bootstrap(problem, best.x, bootstrap, seed)
+    return fit
+
+
+def _check_rows(law: Law, columns: Columns, loss: np.ndarray) -> None:
+    n_params = len(law.params)
+    if len(loss) < n_params:
+        raise FitError(f"{law.name}: {len(loss)} rows cannot determine {n_params} constants")
+    for name, values in {**columns, "loss": loss}.items():
+        if not np.all(np.isfinite(values)):
+            raise FitError(f"{law.name}: column {name!r} has non-finite values")
+        if np.any(values <= 0):
+            raise FitError(f"{law.name}: column {name!r} must be positive")
+
+
+class _Problem:
+    """The residuals of one law on one data set, as a function of log(theta)."""
+
+    def __init__(self, law: Law, columns: Columns, loss: np.ndarray, robust: bool, huber_delta: float):
+        self.law, self.columns, self.loss = law, columns, loss
+        self.robust, self.huber_delta = robust, huber_delta
+        self.lower, self.upper = (np.log(bound) for bound in law.bounds)
+        self.log_observed = np.log(loss)
+
+    def residuals(self, log_theta: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        columns = {name: values[rows] for name, values in self.columns.items()}
+        with np.errstate(all="ignore"):
+            log_predicted = self.law.log_loss(np.exp(log_theta), columns)
+            if self.robust:
+                return log_predicted - self.log_observed[rows]
+            return np.exp(log_predicted) - self.loss[rows]
+
+    def cost(self, log_theta: np.ndarray, rows: np.ndarray | slice = slice(None)) -> float:
+        residuals = self.residuals(log_theta, rows)
+        if self.robust:
+            scaled = np.abs(residuals) / self.huber_delta
+            value = np.where(scaled <= 1, scaled**2, 2 * scaled - 1).sum() * self.huber_delta**2 / 2
+        else:
+            value = 0.5 * np.sum(residuals**2)
+        return float(value) if np.isfinite(value) else np.inf
+
+    def solve(self, log_start: np.ndarray, rows: np.ndarray | slice = slice(None), tolerance: float = 1e-6):
+        return least_squares(
+            lambda x: np.nan_to_num(self.residuals(x, rows), nan=1e6, posinf=1e6, neginf=-1e6),
+            log_start,
+            bounds=(self.lower, self.upper),
+            loss="huber" if self.robust else "linear",
+            f_scale=self.huber_delta if self.robust else 1.0,
+            method="trf",
+            ftol=tolerance,
+            xtol=tolerance,
+            max_nfev=200 * len(log_start),
+        )
+
+
+def _bootstrap(problem: _Problem, log_theta: np.ndarray, resamples: int, seed: int) -> dict[str, tuple]:
+    """95% percentile intervals of each constant over fits to rows resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    n = len(problem.loss)
+    samples = []
+    for _ in range(resamples):
+        result = problem.solve(log_theta, rows=rng.integers(0, n, n))
+        if np.all(np.isfinite(result.x)):
+            samples.append(np.exp(result.x))
+    if not samples:
+        return {}
+    low, high = np.percentile(np.array(samples), [2.5, 97.5], axis=0)
+    return {
+        name: (float(lo), float(hi)) for name, lo, hi in zip(problem.law.param_names, low, high, strict=True)
+    }
