@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    SingleDeviceStrategy,
+    SingleDeviceXLAStrategy,
+    XLAStrategy,
+)
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -34,8 +40,6 @@ def _never_crash(hook: Callable) -> Callable:
             hook(self, *args, **kwargs)
             if self._taps is not None and self._taps.error is not None:
                 raise self._taps.error
-        except MisconfigurationException:
-            raise
         except Exception as error:
             self._disable(f"{type(error).__name__} in {hook.__name__}: {error}")
 
@@ -100,21 +104,32 @@ class SNRMonitor(Callback):
         self._taps: GradientTaps | None = None
         self._group_names: list[str] = []
         self._pending_state: dict[str, Any] | None = None
+        self._warned_single_batch = False
+        self._reset_fit_state()
+
+    def _reset_fit_state(self) -> None:
         self._disabled = False
         self._measuring = False
         self._backwards = 0  # small gradients added in the current step, on this rank
+        self._last_backward = False  # whether the step's latest microbatch ran a backward
+        self._reduced = False  # whether this rank joined the step's all-reduce
         self._batch: Any = None
         self._batch_idx = 0
-        self._warned_single_batch = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, groups=self.groups)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        strategy = trainer.strategy
+        sharded = (DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, sharded):
             raise MisconfigurationException(
-                f"SNRMonitor supports single-device and DDP training; {type(trainer.strategy).__name__}"
-                " shards gradients across ranks, which this monitor does not reduce yet."
+                f"SNRMonitor supports single-device and DDP training, not {type(strategy).__name__}: sharded"
+                " or XLA gradients need a reduction of squared norms that this monitor does not do yet."
             )
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
@@ -122,25 +137,46 @@ class SNRMonitor(Callback):
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._reset_fit_state()
+        self._estimator = self._taps = None
+        self._watch_trainable_parameters(pl_module)
+        if self._estimator is not None and self._pending_state is not None:
+            self._load_estimator(self._pending_state)
+        self._pending_state = None
+        if trainer.is_global_zero:
+            self._add_tensorboard_layout(trainer)
+
+    @_never_crash
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A fine-tuning schedule (e.g. BackboneFinetuning) may unfreeze parameters between epochs.
+        self._watch_trainable_parameters(pl_module)
+
+    def _watch_trainable_parameters(self, pl_module: LightningModule) -> None:
         named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        if self._taps is not None and [p for _, p in named] == self._taps.parameters:
+            return
         if not named:
             self._disable("the model has no trainable parameters")
             return
+        if self._taps is not None:
+            self._taps.detach()
         names, parameters = zip(*named, strict=True)
-        self._group_names, membership = group_parameters(list(names), self.groups)
+        group_names, membership = group_parameters(list(names), self.groups)
         self._taps = GradientTaps(list(parameters), membership)
-        self._estimator = GradientNoiseEstimator(
-            len(self._group_names), self.ema_decay, device=parameters[0].device
-        )
-        if self._pending_state is not None:
-            self._load_estimator(self._pending_state)
-            self._pending_state = None
-        if trainer.is_global_zero:
-            self._add_tensorboard_layout(trainer)
+        if self._estimator is None or group_names != self._group_names:
+            if self._estimator is not None:
+                rank_zero_warn(
+                    f"SNRMonitor: the trainable groups changed to {group_names}; the EMAs restart."
+                )
+            self._group_names = group_names
+            self._estimator = GradientNoiseEstimator(len(group_names), self.ema_decay, parameters[0].device)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._taps is not None:
             self._taps.detach()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.on_fit_end(trainer, pl_module)  # never leave hooks on the user's model
 
     # ------------------------------------------------------------------ per microbatch
     @_never_crash
@@ -154,6 +190,7 @@ class SNRMonitor(Callback):
         if self._measuring:
             self._taps.start_backward()
             self._batch, self._batch_idx = batch, batch_idx
+            self._last_backward = False
 
     @_never_crash
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -167,20 +204,30 @@ class SNRMonitor(Callback):
         self._estimator.add_small(sq_norms, size)
         self._estimator.add_applied(size, weight=1.0 / (accumulation * trainer.world_size))
         self._backwards += 1
+        self._last_backward = True
 
     # ------------------------------------------------------------------ per optimizer step
-    @_never_crash
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self._measuring:
-            return
+        measured = trainer.global_step % self.every_n_steps == 0
+        distributed = trainer.world_size > 1
         try:
-            self._finish_step(trainer, pl_module, optimizer)
+            if self._disabled:
+                if distributed and measured and self._estimator is not None:
+                    self._skip_step_on_all_ranks()
+                return
+            if self._measuring:
+                self._finish_step(trainer, pl_module, optimizer)
+            if trainer._logger_connector.should_update_logs:
+                self._log(trainer, pl_module)
+        except Exception as error:
+            if distributed and measured and not self._reduced:
+                self._skip_step_on_all_ranks()  # the other ranks are waiting in the all-reduce
+            self._disable(f"{type(error).__name__} in on_before_optimizer_step: {error}")
         finally:
-            self._backwards = 0
-            self._batch = None
-            if (trainer.global_step + 1) % self.every_n_steps != 0:
+            self._backwards, self._batch, self._reduced = 0, None, False
+            if self._taps is not None and (trainer.global_step + 1) % self.every_n_steps != 0:
                 self._taps.detach()
 
     def _finish_step(
@@ -190,18 +237,27 @@ class SNRMonitor(Callback):
             if self.split_batch:
                 self._add_half_batch(trainer, pl_module)
             else:
-                self._warn_single_batch()
+                # One microbatch on one device: nothing to compare it with (at an epoch's ragged end
+                # under accumulation this is expected and silent).
+                if trainer.accumulate_grad_batches == 1:
+                    self._warn_single_batch()
                 self._estimator.discard_step()
                 return
-        # Lightning unscales fp16 gradients before this hook, except for optimizers that unscale in
-        # their own step (fused Adam): those still hold scaled gradients here.
-        scale = self._loss_scale(trainer) if _optimizer_handles_unscaling(optimizer) else 1.0
-        applied = self._taps.accumulated_sq_norms(scale)
-        distributed = trainer.world_size > 1
-        reduce = functools.partial(trainer.strategy.reduce, reduce_op="sum") if distributed else None
-        self._estimator.step(applied, all_reduce=reduce)
-        if trainer._logger_connector.should_update_logs:
-            self._log(trainer, pl_module)
+        # Lightning unscales fp16 gradients before this hook, except for optimizers that unscale in their
+        # own step (fused Adam) and for steps whose last microbatch skipped its backward (returned None).
+        unscaled = not getattr(optimizer, "_step_supports_amp_scaling", False) and self._last_backward
+        applied = self._taps.accumulated_sq_norms(1.0 if unscaled else self._loss_scale(trainer))
+        self._estimator.step(applied, all_reduce=_sum_over_ranks if trainer.world_size > 1 else None)
+        self._reduced = True
+
+    def _skip_step_on_all_ranks(self) -> None:
+        """A rank whose monitor failed still joins each measured step's all-reduce, with non-finite values:
+        no rank waits for it, and every rank skips the step alike (counted in ``snr/skipped_steps``)."""
+        estimator = self._estimator
+        nan = torch.full((estimator.num_groups,), math.nan, device=estimator.device)
+        estimator.discard_step()
+        estimator.add_small(nan, 1.0)
+        estimator.step(nan, all_reduce=_sum_over_ranks)
 
     def _add_half_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The split-batch fallback: one extra small gradient from the first half of the batch."""
@@ -215,6 +271,7 @@ class SNRMonitor(Callback):
         with (
             torch.random.fork_rng(devices=rng_devices),
             _muted_logging(pl_module),
+            _restored_buffers(pl_module),
             trainer.precision_plugin.train_step_context(),
         ):
             output = pl_module.training_step(half, self._batch_idx)
@@ -252,13 +309,16 @@ class SNRMonitor(Callback):
         names += ["snr/batch_size", "snr/skipped_steps"]
         tensors += [self._estimator.batch_size, self._estimator.skipped, self._estimator.updates]
         *numbers, updates = torch.stack([t.to(torch.float64) for t in tensors]).tolist()  # the one host sync
-        if updates == 0:
-            return  # no estimate yet
-        self.latest = dict(zip(names, numbers, strict=True))
+        latest = dict(zip(names, numbers, strict=True))
+        if updates == 0:  # no estimate yet: only say if steps were skipped
+            latest = {"snr/skipped_steps": latest["snr/skipped_steps"]} if latest["snr/skipped_steps"] else {}
+            if not latest:
+                return
+        self.latest = latest
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(self.latest, step=step)
-        if self.prog_bar and self.latest["snr/ratio"] == self.latest["snr/ratio"]:  # not NaN
+        if self.prog_bar and self.latest.get("snr/ratio", math.nan) == self.latest.get("snr/ratio"):
             pl_module.log("snr/ratio", self.latest["snr/ratio"], prog_bar=True, logger=False)
 
     def _add_tensorboard_layout(self, trainer: Trainer) -> None:
@@ -282,19 +342,22 @@ class SNRMonitor(Callback):
         rank_zero_warn(f"SNRMonitor disabled itself, training continues: {reason}")
 
     def state_dict(self) -> dict[str, Any]:
-        if self._estimator is None:
+        if self._estimator is None or self._pending_state is not None:
             return dict(self._pending_state or {})
         return {"group_names": self._group_names, "estimator": self._estimator.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._estimator is None:
-            self._pending_state = state_dict  # restored before on_fit_start builds the estimator
-        else:
-            self._load_estimator(state_dict)
+        self._pending_state = state_dict  # Lightning restores callbacks before on_fit_start, which applies it
 
     def _load_estimator(self, state: dict[str, Any]) -> None:
         if not state:
             return
+        saved_decay = state["estimator"]["ema_decay"]
+        if saved_decay != self.ema_decay:
+            rank_zero_warn(
+                f"SNRMonitor: the checkpoint was smoothed with ema_decay={saved_decay}, this run uses"
+                f" {self.ema_decay}; the bias correction of the restored EMAs is approximate."
+            )
         if state.get("group_names") != self._group_names:
             rank_zero_warn(
                 f"SNRMonitor: the checkpoint's groups {state.get('group_names')} differ from this run's"
@@ -312,3 +375,21 @@ def _muted_logging(pl_module: LightningModule) -> Iterator[None]:
         yield
     finally:
         del pl_module.log, pl_module.log_dict
+
+
+@contextlib.contextmanager
+def _restored_buffers(pl_module: LightningModule) -> Iterator[None]:
+    """Keep the split-batch fallback's extra forward out of buffers such as BatchNorm's running statistics."""
+    saved = [buffer.clone() for buffer in pl_module.buffers()]
+    try:
+        yield
+    finally:
+        for buffer, value in zip(pl_module.buffers(), saved, strict=True):
+            buffer.copy_(value)
+
+
+def _sum_over_ranks(tensor: Tensor) -> Tensor:
+    """Sum over DDP ranks in place. A plain all-reduce: Lightning's ``strategy.reduce`` adds a barrier, which
+    would block the host on every measured step."""
+    torch.distributed.all_reduce(tensor)
+    return tensor

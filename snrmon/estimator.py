@@ -77,9 +77,7 @@ class GradientNoiseEstimator:
 
     def discard_step(self) -> None:
         """Drop what was added since the last ``step``."""
-        self._step_stats = torch.zeros(
-            self.num_groups + _NUM_SCALARS, dtype=self.dtype, device=self.device
-        )
+        self._step_stats = torch.zeros(self.num_groups + _NUM_SCALARS, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ per microbatch (hot path)
     def add_small(self, sq_norms: Tensor, size: float | Tensor) -> None:
@@ -97,9 +95,7 @@ class GradientNoiseEstimator:
         stats[self.num_groups + _WEIGHT_SQ_OVER_SIZE] += weight * weight / size
 
     # ------------------------------------------------------------------ per optimizer step
-    def step(
-        self, applied_sq_norms: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None
-    ) -> None:
+    def step(self, applied_sq_norms: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
         """Close the step: estimate T2/T3 from what was added, and update the EMAs.
 
         Args:
@@ -151,11 +147,13 @@ class GradientNoiseEstimator:
         debias = 1.0 - beta**count
         mean = self.moments / debias  # NaN (0/0) before any valid step
         signal, noise = mean[:, _SIGNAL], mean[:, _NOISE]
-        var_signal = (mean[:, _SIGNAL_SQ] - signal**2).clamp_min(0)
-        var_noise = (mean[:, _NOISE_SQ] - noise**2).clamp_min(0)
-        cov = mean[:, _SIGNAL_NOISE] - signal * noise
-        # Σ of squared normalised EMA weights: the variance of an EMA mean of independent samples.
+        # Σ of squared normalised EMA weights: the variance of an EMA mean of independent samples is
+        # Var · weight_sq, and the weighted spread underestimates Var by the factor (1 − weight_sq).
         weight_sq = (1 - beta) * (1 - beta ** (2 * count)) / ((1 + beta) * debias**2)
+        bessel = 1 / (1 - weight_sq)  # inf (so se = NaN) with a single step: no spread to measure yet
+        var_signal = (mean[:, _SIGNAL_SQ] - signal**2).clamp_min(0) * bessel
+        var_noise = (mean[:, _NOISE_SQ] - noise**2).clamp_min(0) * bessel
+        cov = (mean[:, _SIGNAL_NOISE] - signal * noise) * bessel
         signal_se = (var_signal * weight_sq).sqrt()
         noise_se = (var_noise * weight_sq).sqrt()
         noise_scale = noise / signal
@@ -181,11 +179,9 @@ class GradientNoiseEstimator:
         return {"ema_decay": self.ema_decay} | {name: getattr(self, name).cpu().clone() for name in names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a saved state; the EMAs continue exactly if ``ema_decay`` is the saved one."""
         moments = state["moments"]
         if moments.shape != self.moments.shape:
-            raise ValueError(
-                f"saved estimator has {moments.shape[0]} groups, this one has {self.num_groups}"
-            )
-        self.ema_decay = state["ema_decay"]
+            raise ValueError(f"saved estimator has {moments.shape[0]} groups, this one has {self.num_groups}")
         for name in ("moments", "updates", "skipped", "batch_size"):
             setattr(self, name, state[name].to(device=self.device, dtype=self.dtype, copy=True))

@@ -31,6 +31,7 @@ class GradientTaps:
         self.norms = torch.zeros(len(parameters), dtype=torch.float32, device=device)
         self._slots = list(self.norms.unbind())
         self._handles: list[RemovableHandle] = []
+        self._calls = [0] * len(parameters)  # hook calls per parameter in the current backward
         self.error: BaseException | None = None
 
     @property
@@ -39,18 +40,25 @@ class GradientTaps:
 
     def attach(self) -> None:
         if not self._handles:
-            pairs = zip(self.parameters, self._slots, strict=True)
-            self._handles = [parameter.register_hook(self._hook(slot)) for parameter, slot in pairs]
+            self._handles = [p.register_hook(self._hook(i)) for i, p in enumerate(self.parameters)]
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
-    def _hook(self, slot: Tensor):
+    def _hook(self, index: int):
+        slot = self._slots[index]
+
         def record_norm(grad: Tensor) -> None:
             try:
-                torch.linalg.vector_norm(grad, dtype=torch.float32, out=slot)
+                self._calls[index] += 1
+                if grad.is_sparse:
+                    grad = grad.coalesce()._values()
+                if grad.dtype == torch.float64:
+                    slot.copy_(torch.linalg.vector_norm(grad))
+                else:
+                    torch.linalg.vector_norm(grad, dtype=torch.float32, out=slot)
             except Exception as error:  # never break the user's backward; the owner reports it
                 self.error = error
 
@@ -59,9 +67,17 @@ class GradientTaps:
     def start_backward(self) -> None:
         """Clear the slots: a parameter that gets no gradient in this backward then counts as zero."""
         self.norms.zero_()
+        self._calls = [0] * len(self.parameters)
 
     def backward_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
         """Per-group squared norms of the last backward's gradient, divided by ``scale`` (AMP loss scale)."""
+        if max(self._calls) > 1:
+            # Reentrant activation checkpointing delivers a parameter's gradient in parts; the norm of the
+            # sum cannot be had from the parts' norms without keeping a copy.
+            raise RuntimeError(
+                "a parameter received its gradient in several parts within one backward (reentrant"
+                " activation checkpointing?); use `use_reentrant=False`"
+            )
         return self.membership @ (self.norms.double() / scale).square()
 
     def accumulated_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
@@ -71,6 +87,12 @@ class GradientTaps:
         self.norms.zero_()
         if present:
             slots, grads = zip(*present, strict=True)
-            norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)
-            torch._foreach_copy_(list(slots), list(norms))
+            grads = [g.coalesce()._values() if g.is_sparse else g for g in grads]
+            wide = [i for i, g in enumerate(grads) if g.dtype == torch.float64]
+            narrow = [i for i, g in enumerate(grads) if g.dtype != torch.float64]
+            if narrow:  # one fused kernel; float32 accumulation also for bf16/fp16 gradients
+                norms = torch._foreach_norm([grads[i] for i in narrow], 2, dtype=torch.float32)
+                torch._foreach_copy_([slots[i] for i in narrow], list(norms))
+            for i in wide:
+                slots[i].copy_(torch.linalg.vector_norm(grads[i]))
         return self.backward_sq_norms(scale)
