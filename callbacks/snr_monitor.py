@@ -70,7 +70,7 @@ class SNRMonitor(Callback):
             the batch's leading dimension.
         split_batch: with one device and no gradient accumulation there is no second batch size. If
             ``True``, each measured step also runs ``training_step`` on the first half of the batch (with
-            the RNG state restored, and its ``self.log`` calls muted) to get one: about half a forward and
+            the RNG state and buffers restored, and its ``self.log`` calls muted) to get one: about half a forward and
             backward extra per measured step. Off by default: the monitor then warns once and logs nothing.
         prog_bar: show ``snr/ratio`` in the progress bar.
 
