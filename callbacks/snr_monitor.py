@@ -69,9 +69,9 @@ class SNRMonitor(Callback):
             or a device tensor, e.g. the count of non-padding tokens for a per-token loss). Defaults to
             the batch's leading dimension.
         split_batch: with one device and no gradient accumulation there is no second batch size. If
-            ``True``, each measured step also runs ``training_step`` on the first half of the batch (with
-            the RNG state and buffers restored, and its ``self.log`` calls muted) to get one: about half a forward and
-            backward extra per measured step. Off by default: the monitor then warns once and logs nothing.
+            ``True``, each measured step also runs ``training_step`` on the first half of the batch (RNG
+            state and buffers restored, ``self.log`` muted) to get one: about half a forward and backward
+            extra per measured step. Off by default: the monitor then warns once and logs nothing.
         prog_bar: show ``snr/ratio`` in the progress bar.
 
     Example::
