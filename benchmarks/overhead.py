@@ -84,9 +84,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--steps", type=int, default=70, help="optimizer steps per fit")
-    parser.add_argument("--warmup", type=int, default=10, help="steps dropped at the start of each fit")
-    parser.add_argument("--reps", type=int, default=3, help="baseline/monitor pairs")
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per fit")
+    parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each fit")
+    parser.add_argument("--reps", type=int, default=6, help="baseline/monitor pairs")
     parser.add_argument("--accumulate", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--n-layer", type=int, default=4)
@@ -108,8 +108,12 @@ def main() -> None:
     peaks = {"baseline": 0, "monitor": 0}
     for rep in range(args.reps):
         monitor = SNRMonitor(groups=args.groups)
-        base, base_peak = fit(args, copy.deepcopy(initial), data, None)
-        mon, mon_peak = fit(args, copy.deepcopy(initial), data, monitor)
+        if rep % 2 == 0:  # alternate which run goes first, so that drift does not favour either
+            base, base_peak = fit(args, copy.deepcopy(initial), data, None)
+            mon, mon_peak = fit(args, copy.deepcopy(initial), data, monitor)
+        else:
+            mon, mon_peak = fit(args, copy.deepcopy(initial), data, monitor)
+            base, base_peak = fit(args, copy.deepcopy(initial), data, None)
         baseline_times += base
         monitor_times += mon
         pair_ratios.append(statistics.median(mon) / statistics.median(base))
