@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -105,6 +106,7 @@ class SNRMonitor(Callback):
         self._group_names: list[str] = []
         self._pending_state: dict[str, Any] | None = None
         self._warned_single_batch = False
+        self._rank = 0
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -138,6 +140,7 @@ class SNRMonitor(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset_fit_state()
+        self._rank = trainer.global_rank
         self._estimator = self._taps = None
         self._watch_trainable_parameters(pl_module)
         if self._estimator is not None and self._pending_state is not None:
@@ -339,7 +342,10 @@ class SNRMonitor(Callback):
         self._disabled = True
         if self._taps is not None:
             self._taps.detach()
-        rank_zero_warn(f"SNRMonitor disabled itself, training continues: {reason}")
+        # Every rank says it: under DDP the failing rank may not be rank zero.
+        warnings.warn(
+            f"SNRMonitor disabled itself on rank {self._rank}, training continues: {reason}", stacklevel=2
+        )
 
     def state_dict(self) -> dict[str, Any]:
         if self._estimator is None or self._pending_state is not None:

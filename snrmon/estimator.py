@@ -150,7 +150,8 @@ class GradientNoiseEstimator:
         # Σ of squared normalised EMA weights: the variance of an EMA mean of independent samples is
         # Var · weight_sq, and the weighted spread underestimates Var by the factor (1 − weight_sq).
         weight_sq = (1 - beta) * (1 - beta ** (2 * count)) / ((1 + beta) * debias**2)
-        bessel = 1 / (1 - weight_sq)  # inf (so se = NaN) with a single step: no spread to measure yet
+        # 1 − weight_sq in closed form, exactly 0 (se = NaN) for a single step: no spread to measure yet.
+        bessel = (1 + beta) * debias / (2 * (beta - beta**count))
         var_signal = (mean[:, _SIGNAL_SQ] - signal**2).clamp_min(0) * bessel
         var_noise = (mean[:, _NOISE_SQ] - noise**2).clamp_min(0) * bessel
         cov = (mean[:, _SIGNAL_NOISE] - signal * noise) * bessel

@@ -6,9 +6,11 @@ its own stream seeded with ``seed + global_rank``. With Δ = w − w*, the per-s
 g = 2(x·w − y)x has |G|² = 4|Δ|² and tr Σ = E|g|² − |G|² = 4((d + 1)|Δ|² + dσ²).
 
 Lightning relaunches this file once per rank with the same arguments; every rank writes its
-``monitor.latest`` to ``<out>/rank<global_rank>.json``.
+``monitor.latest`` to ``<out>/rank<global_rank>.json``, with the estimator's state and the SNRMonitor
+warnings the rank emitted. ``--fail-rank1-from-step S`` makes rank 1's ``batch_size_fn`` raise from
+optimizer step S on (a monitor failure on one rank only).
 
-    python tests/ddp_script.py --out DIR [--accumulate K] [--steps N] ...
+    python tests/ddp_script.py --out DIR [--accumulate K] [--steps N] [--fail-rank1-from-step S] ...
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -72,10 +76,19 @@ def main() -> None:
     parser.add_argument("--delta-sq", type=float, default=1.0)
     parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fail-rank1-from-step", type=int, default=None)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    monitor = SNRMonitor(ema_decay=args.ema_decay)
+    trainer: L.Trainer | None = None
+
+    def batch_size_fn(batch: tuple[Tensor, Tensor]) -> int:
+        fail_from = args.fail_rank1_from_step
+        if fail_from is not None and trainer.global_rank == 1 and trainer.global_step >= fail_from:
+            raise RuntimeError(f"rank 1 batch_size_fn failed at step {trainer.global_step}")
+        return extract_batch_size(batch)
+
+    monitor = SNRMonitor(ema_decay=args.ema_decay, batch_size_fn=batch_size_fn)
     trainer = L.Trainer(
         strategy="ddp",
         devices=2,
@@ -89,13 +102,20 @@ def main() -> None:
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(LeastSquares(args))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(LeastSquares(args))
+    estimator = monitor._estimator
     result = {
         "global_rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "global_step": trainer.global_step,
         "disabled": monitor._disabled,
         "latest": monitor.latest,
+        "updates": float(estimator.updates),
+        "skipped": float(estimator.skipped),
+        "moments": estimator.moments.tolist(),
+        "warnings": [str(w.message) for w in record if "SNRMonitor" in str(w.message)],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

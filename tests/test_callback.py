@@ -693,3 +693,349 @@ def test_token_weighted_batch_size_fn():
     expected = 1.0 / sum(1.0 / (accumulate**2 * b) for b in last)
     assert monitor.latest["snr/batch_size"] == pytest.approx(expected, rel=1e-6)
     assert expected != 8 * accumulate  # tokens, not sequences, were counted
+
+
+# ---------------------------------------------------------------------- 12: regressions of review fixes
+def csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
+    with open(Path(logger.log_dir) / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.parametrize(("every", "log_every"), [(2, 4), (5, 5)])
+def test_values_logged_on_every_logging_step_whatever_every_n_steps(
+    tmp_path: Path, every: int, log_every: int
+):
+    """Lightning's logging steps need not be measured steps (with 5/5 they never are)."""
+    monitor = SNRMonitor(every_n_steps=every)
+    logger = CSVLogger(tmp_path, name="csv")
+    max_steps = 20
+    trainer = make_trainer(
+        monitor, logger=logger, log_every_n_steps=log_every, max_steps=max_steps,
+        accumulate_grad_batches=2,
+    )  # fmt: skip
+    trainer.fit(Regression(), regression_loader())
+
+    rows = csv_rows(logger)
+    snr_steps = [int(row["step"]) for row in rows if row.get("snr/signal")]
+    loss_steps = [int(row["step"]) for row in rows if row.get("train/loss")]
+    assert snr_steps == loss_steps == [s for s in range(max_steps) if (s + 1) % log_every == 0]
+    assert int(monitor._estimator.updates) == len(range(0, max_steps, every))
+    assert_finite_estimates(monitor.latest)
+
+
+@pytest.mark.parametrize("strategy_class", ["DeepSpeedStrategy", "XLAStrategy", "SingleDeviceXLAStrategy"])
+def test_sharded_ddp_subclasses_are_refused(strategy_class: str):
+    """DeepSpeed and XLA subclass DDP/single-device strategies but shard or transform gradients."""
+    import types
+
+    from lightning.pytorch import strategies
+
+    def setup_with(strategy: Strategy) -> None:
+        SNRMonitor().setup(types.SimpleNamespace(strategy=strategy), Regression(), "fit")
+
+    setup_with(object.__new__(strategies.DDPStrategy))  # the gate itself lets plain DDP through
+    with pytest.raises(MisconfigurationException, match=strategy_class):
+        setup_with(object.__new__(getattr(strategies, strategy_class)))
+
+
+class NoneOnLastMicrobatch(Regression):
+    """``training_step`` returns None (Lightning skips that backward) on the last microbatch of a step."""
+
+    def __init__(self, accumulate: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.accumulate = accumulate
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx % self.accumulate == self.accumulate - 1 else loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if outputs:  # empty when training_step returned None
+            super().on_train_batch_end(outputs, batch, batch_idx)
+
+
+def test_fp16_step_whose_last_microbatch_skips_backward():
+    """Lightning does not unscale such a step's gradients; the monitor must divide the scale out itself."""
+
+    def estimates(**kwargs: Any) -> tuple[dict[str, float], L.Trainer]:
+        torch.manual_seed(0)
+        monitor = SNRMonitor()
+        trainer = make_trainer(monitor, max_steps=30, accumulate_grad_batches=4, **kwargs)
+        with record_warnings() as record:
+            trainer.fit(NoneOnLastMicrobatch(4, lr=0.0), regression_loader(n=1024))
+        assert not snr_warnings(record)
+        assert int(monitor._estimator.updates) == 30
+        assert_finite_estimates(monitor.latest)
+        return monitor.latest, trainer
+
+    reference, _ = estimates()
+    scaled, trainer = estimates(plugins=[fp16_plugin()])
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**10  # the scale was in play
+    assert_within_se(scaled, reference)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_resume_with_the_same_monitor_instance(tmp_path: Path):
+    batches_per_epoch = 12  # 6 optimizer steps per epoch with accumulation 2
+
+    def fit(monitor: SNRMonitor, max_epochs: int, ckpt_path: str | None = None, checkpoint=None):
+        torch.manual_seed(0)
+        trainer = make_trainer(
+            monitor, max_steps=-1, max_epochs=max_epochs, accumulate_grad_batches=2,
+            callbacks=[checkpoint] if checkpoint else [], enable_checkpointing=checkpoint is not None,
+        )  # fmt: skip
+        trainer.fit(Regression(), regression_loader(n=8 * batches_per_epoch), ckpt_path=ckpt_path)
+
+    uninterrupted = SNRMonitor(groups=1)
+    fit(uninterrupted, max_epochs=2)
+
+    monitor = SNRMonitor(groups=1)
+    fit(monitor, max_epochs=1, checkpoint=ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1))
+    assert int(monitor._estimator.updates) == 6
+    (saved,) = tmp_path.glob("*.ckpt")
+    fit(monitor, max_epochs=2, ckpt_path=str(saved))  # the same instance, resumed
+
+    assert int(monitor._estimator.updates) == 12
+    for name in ("moments", "updates", "skipped", "batch_size"):
+        assert torch.equal(getattr(monitor._estimator, name), getattr(uninterrupted._estimator, name))
+    assert monitor.latest == pytest.approx(uninterrupted.latest, rel=1e-12, abs=0, nan_ok=True)
+
+
+class FailsOnce(Regression):
+    """Raises from ``training_step`` at one ``batch_idx``, the first time only."""
+
+    def __init__(self, fail_at: int | None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.fail_at = fail_at
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if batch_idx == self.fail_at:
+            self.fail_at = None
+            raise RuntimeError("user code failed mid-step")
+        return super().training_step(batch, batch_idx)
+
+
+def test_exception_mid_step_leaves_no_hooks_and_monitor_is_reusable():
+    accumulate = 4
+
+    def fit(monitor: SNRMonitor, model: Regression) -> None:
+        make_trainer(monitor, max_steps=10, accumulate_grad_batches=accumulate).fit(
+            model, regression_loader()
+        )
+
+    torch.manual_seed(0)
+    model = FailsOnce(fail_at=2 * accumulate + 2, lr=0.0)  # third microbatch of step 2
+    monitor = SNRMonitor()
+    with pytest.raises(RuntimeError, match="user code failed mid-step"):
+        fit(monitor, model)
+    assert monitor._taps._handles == []
+    assert all(not p._backward_hooks for p in model.parameters())
+
+    with record_warnings() as record:
+        fit(monitor, model)  # the same monitor and (lr = 0) the same parameters, from the first batch
+    torch.manual_seed(0)
+    fresh = SNRMonitor()
+    fit(fresh, FailsOnce(fail_at=None, lr=0.0))
+
+    assert not snr_warnings(record)
+    assert int(monitor._estimator.updates) == 10
+    for name in ("moments", "updates", "skipped", "batch_size"):
+        assert torch.equal(getattr(monitor._estimator, name), getattr(fresh._estimator, name)), name
+    assert all(not p._backward_hooks for p in model.parameters())
+
+
+class CheckpointedSharedLayer(Regression):
+    """Two activation-checkpointed segments that share one layer (``checkpoint=None``: no checkpointing)."""
+
+    def __init__(self, use_reentrant: bool | None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.shared = nn.Linear(16, 16)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.hidden(x))  # requires grad, as reentrant checkpointing needs
+        segment = lambda t: torch.tanh(self.shared(t))  # noqa: E731
+        for _ in range(2):
+            if self.use_reentrant is None:
+                h = segment(h)
+            else:
+                h = torch.utils.checkpoint.checkpoint(segment, h, use_reentrant=self.use_reentrant)
+        return self.out(h).squeeze(-1)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.utils.checkpoint.*")
+def test_reentrant_checkpointing_disables_the_monitor_and_non_reentrant_is_exact():
+    def run(use_reentrant: bool | None) -> tuple[SNRMonitor, L.Trainer, list[str]]:
+        torch.manual_seed(0)
+        monitor = SNRMonitor()
+        trainer = make_trainer(monitor, max_steps=6, accumulate_grad_batches=2)
+        with record_warnings() as record:
+            trainer.fit(CheckpointedSharedLayer(use_reentrant, lr=0.0), regression_loader())
+        return monitor, trainer, snr_warnings(record)
+
+    monitor, trainer, messages = run(use_reentrant=True)
+    assert trainer.global_step == 6
+    assert monitor._disabled
+    assert len(messages) == 1 and "reentrant" in messages[0]
+
+    plain, _, plain_messages = run(use_reentrant=None)
+    checkpointed, _, messages = run(use_reentrant=False)
+    assert not messages and not plain_messages
+    assert not checkpointed._disabled
+    assert_finite_estimates(checkpointed.latest)
+    assert checkpointed.latest == pytest.approx(plain.latest, rel=1e-12, abs=0, nan_ok=True)
+
+
+class PythonFloatBatches(Regression):
+    """Each batch is a list of Python floats x; the target is a fixed function of x."""
+
+    def training_step(self, batch: list[float], batch_idx: int) -> Tensor:
+        x = torch.tensor(batch).unsqueeze(-1).expand(-1, 4)
+        return F.mse_loss(self(x), torch.sin(3 * x[:, 0]))
+
+
+@pytest.mark.parametrize("batch_size_fn", [None, len], ids=["default", "len"])
+def test_batch_without_tensors(batch_size_fn: Callable | None):
+    values = torch.randn(128, generator=torch.Generator().manual_seed(0)).tolist()
+    loader = DataLoader(values, batch_size=8, collate_fn=list)
+    monitor = SNRMonitor(batch_size_fn=batch_size_fn)
+    model = PythonFloatBatches()
+    trainer = make_trainer(monitor, max_steps=6, accumulate_grad_batches=2)
+    with record_warnings() as record:
+        trainer.fit(model, loader)
+
+    assert trainer.global_step == 6
+    assert all(not p._backward_hooks for p in model.parameters())
+    if batch_size_fn is None:  # the leading dimension cannot be found: disabled, with a warning
+        assert monitor._disabled
+        assert any("disabled itself" in message for message in snr_warnings(record))
+    else:
+        assert not monitor._disabled and not snr_warnings(record)
+        assert_finite_estimates(monitor.latest)
+
+
+class BatchNormRegression(Regression):
+    def __init__(self):
+        super().__init__(dropout=0.2)
+        self.norm = nn.BatchNorm1d(16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.dropout(torch.tanh(self.norm(self.hidden(x))))).squeeze(-1)
+
+
+def test_split_batch_leaves_batchnorm_buffers_and_training_unchanged():
+    def train(monitor: SNRMonitor | None) -> BatchNormRegression:
+        torch.manual_seed(0)
+        model = BatchNormRegression()
+        make_trainer(monitor, max_steps=8).fit(model, regression_loader(shuffle=True))
+        return model
+
+    monitor = SNRMonitor(split_batch=True)
+    plain, monitored = train(None), train(monitor)
+
+    assert int(monitor._estimator.updates) == 8
+    assert all(torch.equal(a, b) for a, b in zip(plain.losses, monitored.losses, strict=True))
+    buffers = {name for name, _ in plain.named_buffers()}
+    assert {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"} <= buffers
+    assert int(monitored.norm.num_batches_tracked) == 8  # one update per real training_step
+    for (name, a), b in zip(plain.state_dict().items(), monitored.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_float64_training_matches_fp32():
+    reference, _ = lr0_estimates()
+    wide, trainer = lr0_estimates(precision="64-true")
+    assert trainer.precision == "64-true"
+    assert_within_se(wide, reference)
+
+
+class SparseEmbedding(L.LightningModule):
+    """Bag of token embeddings regressed on a target; ``sparse=True`` gives sparse gradients."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.embed = nn.Embedding(50, 8, sparse=sparse)
+        self.out = nn.Linear(8, 1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        tokens, target = batch
+        return F.mse_loss(self.out(self.embed(tokens).mean(1)).squeeze(-1), target)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # SGD accepts sparse gradients
+
+
+def test_sparse_embedding_gradients():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(50, (256, 6), generator=generator)
+    target = (tokens % 7).float().mean(1) + 0.3 * torch.randn(256, generator=generator)
+    loader = DataLoader(TensorDataset(tokens, target), batch_size=8)
+
+    def run(sparse: bool) -> dict[str, float]:
+        torch.manual_seed(0)
+        monitor = SNRMonitor()
+        with record_warnings() as record:
+            make_trainer(monitor, max_steps=12, accumulate_grad_batches=2).fit(
+                SparseEmbedding(sparse), loader
+            )
+        assert not snr_warnings(record) and not monitor._disabled
+        assert_finite_estimates(monitor.latest)
+        return monitor.latest
+
+    # Same parameters and data: the norms of coalesced sparse gradients are those of the dense ones.
+    assert run(sparse=True) == pytest.approx(run(sparse=False), rel=1e-4, nan_ok=True)
+
+
+class Unfreeze(Callback):
+    """Unfreezes ``hidden`` at the start of epoch 1 and hands it to the optimizer (as BackboneFinetuning)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            pl_module.hidden.requires_grad_(True)
+            trainer.optimizers[0].add_param_group({"params": list(pl_module.hidden.parameters())})
+
+
+class TapsPerEpoch(LatestPerEpoch):
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.taps = getattr(self, "taps", []) + [list(self.monitor._taps.parameters)]
+
+
+@pytest.mark.parametrize("groups", [None, 1])
+def test_parameters_unfrozen_between_epochs_are_watched(groups: int | None):
+    monitor = SNRMonitor(groups=groups)
+    recorder = TapsPerEpoch(monitor)
+    model = Regression()
+    model.hidden.requires_grad_(False)
+    trainer = make_trainer(
+        None, max_steps=-1, max_epochs=2, accumulate_grad_batches=2,
+        callbacks=[Unfreeze(), monitor, recorder],  # the unfreezing runs before the monitor's hook
+    )  # fmt: skip
+    with record_warnings() as record:
+        trainer.fit(model, regression_loader(n=64))  # 4 steps per epoch
+
+    hidden = set(model.hidden.parameters())
+    assert [len(hidden & set(taps)) for taps in recorder.taps] == [0, 2]
+    assert len(recorder.taps[1]) == 4
+    for latest in recorder.per_epoch:
+        assert_finite_estimates(latest)
+    messages = snr_warnings(record)
+    if groups is None:
+        assert not messages
+        assert int(monitor._estimator.updates) == 8
+    else:
+        assert len(messages) == 1 and "groups changed" in messages[0]
+        assert int(monitor._estimator.updates) == 4  # the EMAs restarted with the new groups
+        assert set(group_keys("hidden")) <= set(recorder.per_epoch[1])
+        assert all(math.isfinite(recorder.per_epoch[1][f"snr/hidden/{key}"]) for key in ("signal", "noise"))
+
+
+def test_first_logged_step_has_no_standard_error():
+    """One step has no spread: its standard errors are unknown (NaN), not 0 or an arbitrary number."""
+    monitor = SNRMonitor()
+    make_trainer(monitor, max_steps=1, accumulate_grad_batches=2).fit(Regression(), regression_loader())
+
+    assert int(monitor._estimator.updates) == 1
+    assert math.isfinite(monitor.latest["snr/signal"]) and math.isfinite(monitor.latest["snr/noise"])
+    for key in ("signal", "noise", "noise_scale", "ratio"):
+        assert math.isnan(monitor.latest[f"snr/{key}_se"]), (key, monitor.latest[f"snr/{key}_se"])

@@ -28,14 +28,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ddp(out: Path, accumulate: int) -> list[dict]:
+def run_ddp(out: Path, accumulate: int, *extra: str) -> list[dict]:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK"):
         env.pop(name, None)
     command = [
         sys.executable, str(SCRIPT), "--out", str(out), "--accumulate", str(accumulate),
         "--batch-size", str(BATCH_SIZE), "--dim", str(DIM), "--sigma", str(SIGMA),
-        "--delta-sq", str(DELTA_SQ),
+        "--delta-sq", str(DELTA_SQ), *extra,
     ]  # fmt: skip
     done = subprocess.run(command, env=env, cwd=out, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -49,7 +49,7 @@ def test_ddp_ranks_agree_and_match_closed_form(tmp_path: Path, accumulate: int):
     ranks = run_ddp(tmp_path, accumulate)
 
     assert [r["global_rank"] for r in ranks] == list(range(WORLD_SIZE))
-    assert all(r["world_size"] == WORLD_SIZE and not r["disabled"] for r in ranks)
+    assert all(r["world_size"] == WORLD_SIZE and not r["disabled"] and not r["warnings"] for r in ranks)
     latest = ranks[0]["latest"]
     assert latest, "nothing was logged"
     assert ranks[1]["latest"] == latest  # every rank computes the same, all-reduced estimates
@@ -70,3 +70,23 @@ def test_ddp_ranks_agree_and_match_closed_form(tmp_path: Path, accumulate: int):
         se = latest[f"{key}_se"]
         assert math.isfinite(latest[key]) and 0 < se < abs(value), (key, latest[key], se)
         assert abs(latest[key] - value) < 4 * se, (key, latest[key], value, se)
+
+
+@pytest.mark.ddp
+def test_ddp_monitor_failure_on_one_rank_neither_hangs_nor_diverges(tmp_path: Path):
+    """Rank 1's monitor fails from step 5 on: it disables itself (and says so) but keeps joining the
+    all-reduce of each measured step, so no rank waits forever and both count the same skipped steps."""
+    steps, fail_from = 20, 5
+    ranks = run_ddp(tmp_path, 2, "--steps", str(steps), "--fail-rank1-from-step", str(fail_from))
+
+    assert [r["global_step"] for r in ranks] == [steps, steps]  # the run completed on both ranks
+    assert [r["disabled"] for r in ranks] == [False, True]
+    for name in ("updates", "skipped", "moments"):
+        assert ranks[0][name] == ranks[1][name], name
+    assert ranks[0]["updates"] == fail_from
+    assert ranks[0]["skipped"] == steps - fail_from
+    assert ranks[0]["latest"]["snr/skipped_steps"] == steps - fail_from
+    assert math.isfinite(ranks[0]["latest"]["snr/signal"])
+    # The failing rank says why (rank 0 only sees skipped steps).
+    assert ranks[0]["warnings"] == []
+    assert any("disabled itself" in message and "rank 1" in message for message in ranks[1]["warnings"])

@@ -395,3 +395,36 @@ def test_single_batch_without_split_warns_and_reports_nothing():
     signal = monitor.latest.get("snr/signal", math.nan)
     assert math.isnan(signal)
     assert monitor.latest.get("snr/skipped_steps", 0) == 0
+
+
+# ---------------------------------------------------------------------- ragged epoch tail
+
+
+@pytest.mark.parametrize(
+    ("samples_per_epoch", "tail"), [(80, 2), (72, 1)], ids=["tail_of_2", "tail_of_1"]
+)
+def test_ragged_epoch_tail_matches_truth_without_warning(samples_per_epoch, tail):
+    """Batches of 8, accumulation 4: each epoch's last step has only ``tail`` microbatches. A tail of 2
+    is a valid (smaller) step; a tail of 1 has no second batch size and is dropped, silently."""
+    module, dataset, grads = mlp_problem(seed=8)
+    batch, accumulate, epochs = 8, 4, 100
+    steps_per_epoch = 3
+    assert samples_per_epoch == batch * (2 * accumulate + tail)
+    sampler = RandomSampler(
+        dataset, replacement=True, num_samples=samples_per_epoch, generator=torch.Generator().manual_seed(9)
+    )
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler)  # fresh draws every epoch
+    monitor = SNRMonitor(ema_decay=0.99)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(module, loader, monitor, steps=epochs * steps_per_epoch, accumulate_grad_batches=accumulate)
+
+    assert [str(w.message) for w in record if "SNRMonitor" in str(w.message)] == []
+    latest = monitor.latest
+    valid_steps_per_epoch = steps_per_epoch if tail > 1 else steps_per_epoch - 1
+    assert int(monitor._estimator.updates) == epochs * valid_steps_per_epoch
+    assert latest["snr/skipped_steps"] == 0
+    # The last step is an epoch's tail: B = 1 / Σ v_k²/b_k with v_k = 1/tail (a dropped tail keeps the
+    # previous full step's value).
+    assert latest["snr/batch_size"] == pytest.approx(batch * (tail if tail > 1 else accumulate))
+    assert_matches(latest, "snr/", truth_for(grads))
