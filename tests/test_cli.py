@@ -1,0 +1,390 @@
+"""The snrmon command line, driven in-process through snrmon.cli.main, and once as the installed script."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from snrmon.cli import applicable_laws, main
+from snrmon.laws import LAWS, get_law
+from snrmon.logs import Table
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHIA = REPO / "data" / "pythia_deduped_lambada_loss.csv"
+
+NOISE = 0.003  # relative (log-normal) noise on the generated losses
+CHINCHILLA = np.array([1.7, 400.0, 0.34, 410.0, 0.28])  # E, A, alpha, B, beta
+SHANNON = np.array([2.6e-4, 0.61, 0.46, 2.0, 3.1e5, 0.83, 0.59, 0.97])  # a basin inside the D range at 7e7
+N_VALUES = [1e7, 3e7, 1e8, 3e8]
+D_VALUES = np.geomspace(1e8, 1e10, 15)
+FAST = [
+    "--starts",
+    "16",
+    "--refine",
+    "2",
+]  # small multi-start: the tests check the plumbing, not the optimiser
+SPLIT = "D <= 2e9"
+
+FIT_KEYS = {
+    "law",
+    "params",
+    "params_ci",
+    "r2_train",
+    "r2_test",
+    "rmse_test",
+    "n_train",
+    "n_test",
+    "d_star",
+    "dropped_rows",
+}
+
+
+def generate(law_name, theta, n_values, d_values, seed=0):
+    """Rows N, D, loss of a law with known constants, with log-normal noise of size NOISE."""
+    n = np.repeat(n_values, len(d_values))
+    d = np.tile(d_values, len(n_values))
+    clean = get_law(law_name).loss(theta, {"N": n, "D": d})
+    return n, d, clean * np.exp(np.random.default_rng(seed).normal(0.0, NOISE, len(n)))
+
+
+def write_csv(path, columns: dict) -> Path:
+    names = list(columns)
+    lines = [",".join(names)]
+    lines += [",".join(str(value) for value in row) for row in zip(*columns.values(), strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def chinchilla(tmp_path_factory):
+    n, d, loss = generate("chinchilla", CHINCHILLA, N_VALUES, D_VALUES)
+    model = [f"m{int(v)}" for v in n]
+    path = write_csv(
+        tmp_path_factory.mktemp("csv") / "chinchilla.csv", {"model": model, "N": n, "D": d, "loss": loss}
+    )
+    return path, n, d, loss
+
+
+@pytest.fixture(scope="module")
+def shannon_csv(tmp_path_factory):
+    n, d, loss = generate("shannon", SHANNON, [7e7, 1.6e8, 4e8, 1e9], np.geomspace(1e10, 3e11, 15))
+    return write_csv(tmp_path_factory.mktemp("csv") / "shannon.csv", {"N": n, "D": d, "loss": loss}), n
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)  # exactly one JSON document: json.loads rejects anything around it
+
+
+def noise_r2_floor(loss: np.ndarray) -> float:
+    """The R² a fit reaches when its residuals are the added noise, with a 3x margin on their variance."""
+    return 1.0 - 3.0 * NOISE**2 * np.mean(loss**2) / np.var(loss)
+
+
+# --- fit ------------------------------------------------------------------------------------------------
+
+
+def test_fit_json_keys_types_and_scores(chinchilla, capsys):
+    path, n, d, loss = chinchilla
+    doc = run_json(capsys, "fit", path, "--law", "chinchilla", *FAST, "--bootstrap", "4")
+    assert FIT_KEYS <= set(doc)
+    assert doc["law"] == "chinchilla"
+    assert list(doc["params"]) == get_law("chinchilla").param_names
+    assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in doc["params"].values())
+    assert set(doc["params_ci"]) == set(doc["params"])
+    for low, high in doc["params_ci"].values():
+        assert 0 < low <= high
+    assert doc["n_train"] == len(loss) and doc["n_test"] == 0
+    assert doc["r2_test"] is None and doc["rmse_test"] is None  # no --train-where: no test split
+    assert doc["r2_train"] >= noise_r2_floor(loss)
+    assert doc["d_star"] is None  # Chinchilla's loss never turns up
+    assert doc["dropped_rows"] == 0
+
+
+def test_fit_shannon_reports_a_basin_per_model_size(shannon_csv, capsys):
+    path, n = shannon_csv
+    doc = run_json(capsys, "fit", path, "--law", "shannon", *FAST, "--bootstrap", "0")
+    assert set(doc["d_star"]) == {str(int(v)) for v in np.unique(n)}
+    assert all(v is None or v > 0 for v in doc["d_star"].values())
+    assert doc["params_ci"] == {}  # --bootstrap 0
+
+    code, out, _ = run(
+        capsys, "fit", path, "--law", "shannon", "--starts", "8", "--refine", "1", "--bootstrap", "0"
+    )
+    assert code == 0
+    assert "basin D*" in out
+    for name in get_law("shannon").param_names:
+        assert any(line.split()[:1] == [name] for line in out.splitlines())
+
+
+def test_train_where_splits_and_where_filters(chinchilla, capsys):
+    path, n, d, loss = chinchilla
+    doc = run_json(
+        capsys, "fit", path, "--law", "chinchilla", *FAST, "--bootstrap", "0", "--train-where", SPLIT
+    )
+    assert doc["n_train"] == int((d <= 2e9).sum())
+    assert doc["n_test"] == int((d > 2e9).sum())
+    assert doc["r2_test"] >= noise_r2_floor(loss[d > 2e9]) - 0.05  # extrapolation adds a little error
+    assert doc["rmse_test"] > 0
+
+    doc = run_json(
+        capsys, "fit", path, "--law", "chinchilla", *FAST, "--bootstrap", "0", "--where", "N >= 3e7",
+        "--train-where", SPLIT,
+    )  # fmt: skip
+    kept = n >= 3e7
+    assert doc["n_train"] == int((kept & (d <= 2e9)).sum())
+    assert doc["n_test"] == int((kept & (d > 2e9)).sum())
+
+
+def test_text_report_has_constants_units_and_scores(chinchilla, capsys):
+    path = chinchilla[0]
+    code, out, err = run(
+        capsys, "fit", path, "--law", "chinchilla", *FAST, "--bootstrap", "3", "--train-where", SPLIT
+    )
+    assert code == 0 and err == ""
+    law = get_law("chinchilla")
+    for param in law.params:
+        line = next(line for line in out.splitlines() if line.split()[:1] == [param.name])
+        assert param.unit in line and "[" in line  # unit and 95% interval
+    assert "R²" in out
+    assert any(line.startswith("train ") for line in out.splitlines())
+    assert any(line.startswith("test ") for line in out.splitlines())
+
+
+def test_single_run_law_fits_each_run(chinchilla, capsys, tmp_path):
+    path, n, d, loss = chinchilla
+    doc = run_json(capsys, "fit", path, "--law", "power", *FAST, "--bootstrap", "0", "--train-where", SPLIT)
+    runs = {str(int(v)) for v in np.unique(n)}  # no group column: one run per N
+    assert set(doc["params"]) == runs
+    assert all(list(p) == get_law("power").param_names for p in doc["params"].values())
+    assert doc["d_star"] == dict.fromkeys(runs)  # the power law never turns up: null
+    assert doc["n_train"] + doc["n_test"] == len(loss)
+    assert doc["r2_test"] is not None
+
+    grouped = write_csv(
+        tmp_path / "grouped.csv", {"group": np.where(n < 5e7, "s", "l"), "D": d, "loss": loss}
+    )
+    doc = run_json(capsys, "fit", grouped, "--law", "power", *FAST, "--bootstrap", "0")
+    assert set(doc["params"]) == {"s", "l"}
+
+
+def test_plot_writes_a_png(chinchilla, capsys, tmp_path):
+    picture = tmp_path / "fit.png"
+    code, out, err = run(
+        capsys, "fit", chinchilla[0], "--law", "chinchilla", *FAST, "--bootstrap", "0",
+        "--train-where", SPLIT, "--plot", picture,
+    )  # fmt: skip
+    assert code == 0, err
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
+    assert str(picture) in out
+
+
+def test_missing_values_are_dropped_and_counted(chinchilla, capsys, tmp_path):
+    path, n, d, loss = chinchilla
+    holes = loss.astype(object)
+    holes[[3, 17, 40]] = ""
+    holes[41] = "nan"
+    sparse = write_csv(tmp_path / "holes.csv", {"N": n, "D": d, "loss": holes})
+    doc = run_json(capsys, "fit", sparse, "--law", "chinchilla", *FAST, "--bootstrap", "0")
+    assert doc["dropped_rows"] == 4 and doc["n_train"] == len(loss) - 4
+    code, out, _ = run(capsys, "fit", sparse, "--law", "chinchilla", *FAST, "--bootstrap", "0")
+    assert code == 0 and "4 rows with missing values dropped" in out
+
+
+# --- compare --------------------------------------------------------------------------------------------
+
+
+def test_compare_ranks_laws_by_test_r2(chinchilla, capsys):
+    path = chinchilla[0]
+    entries = run_json(capsys, "compare", path, *FAST, "--train-where", SPLIT)
+    assert {e["law"] for e in entries} == {"shannon", "chinchilla", "kaplan", "shannon-run", "power"}
+    assert [e["rank"] for e in entries] == list(range(1, len(entries) + 1))
+    scores = [e["r2_test"] for e in entries if e["error"] is None]
+    assert scores == sorted(scores, reverse=True)
+    assert all(e["error"] is None for e in entries[: len(scores)])  # failures rank last
+    single = {e["law"]: e for e in entries if e["single_run"]}
+    assert single["power"]["n_constants"] == 3 * len(N_VALUES)
+
+    code, out, _ = run(capsys, "compare", path, *FAST, "--where", "N <= 3e7")
+    assert code == 0 and "ranked by R² train" in out
+    header = next(line for line in out.splitlines() if line.startswith("rank"))
+    start, end = header.index("R² train"), header.index("R² test")
+    ranked = [line for line in out.splitlines() if line[:1].isdigit()]
+    assert {line.split()[1] for line in ranked} == {e["law"] for e in entries}
+    r2_train = [float(line[start:end]) for line in ranked]
+    assert r2_train == sorted(r2_train, reverse=True)
+
+
+def test_applicable_laws_follow_the_columns():
+    column = np.ones(3)
+    names = {law.name for law in applicable_laws(Table({"N": column, "D": column, "loss": column}))}
+    assert names == {"shannon", "chinchilla", "kaplan", "shannon-run", "power"}
+    with_bits = applicable_laws(Table({"N": column, "D": column, "bits": column, "loss": column}))
+    assert {law.name for law in with_bits} == set(LAWS)
+    single = applicable_laws(Table({"D": column, "loss": column}))
+    assert all(law.single_run for law in single) and len(single) == 2
+
+
+# --- TensorBoard ----------------------------------------------------------------------------------------
+
+TB_STEPS = list(range(0, 1000, 40))
+TOKENS_PER_STEP = 2.0e5
+
+
+def write_runs(root, runs: dict[str, float | None]) -> None:
+    """Lightning-like runs (name/version_0) logging val/loss and train/loss; hparams.yaml gives n_params."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    law = get_law("chinchilla")
+    for name, n in runs.items():
+        directory = root / name / "version_0"
+        writer = SummaryWriter(str(directory))
+        for step in TB_STEPS:
+            d = np.array([max(step, 1) * TOKENS_PER_STEP])
+            loss = float(law.loss(CHINCHILLA, {"N": np.array([n or 1e7]), "D": d})[0])
+            writer.add_scalar("val/loss", loss, step)
+            writer.add_scalar("train/loss", loss * 1.02, step)
+        writer.close()
+        if n is not None:
+            (directory / "hparams.yaml").write_text(f"n_params: {int(n)}\nlr: 0.0003\n")
+
+
+@pytest.fixture(scope="module")
+def tb_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tb")
+    write_runs(root, {"small": 1e7, "large": 1e8})
+    return root
+
+
+def test_tensorboard_directory_fit(tb_dir, capsys):
+    code, out, err = run(
+        capsys, "fit", tb_dir, "--tag", "val/loss", "--tokens-per-step", TOKENS_PER_STEP,
+        "--law", "chinchilla", *FAST, "--bootstrap", "0", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["n_train"] == 2 * (len(TB_STEPS) - 1)  # two runs, step 0 skipped
+    assert doc["r2_train"] > 0.999  # noiseless data from the law itself
+    assert "step 0" in err and "Traceback" not in err
+
+    doc = run_json(capsys, "fit", tb_dir, "--tag", "val/loss", "--law", "power", *FAST, "--bootstrap", "0")
+    assert set(doc["params"]) == {"small/version_0", "large/version_0"}  # one run per directory
+
+
+def test_tensorboard_without_model_sizes_takes_single_run_laws(tmp_path, capsys):
+    write_runs(tmp_path, {"a": None, "b": None})
+    doc = run_json(capsys, "fit", tmp_path, "--tag", "val/loss", "--law", "power", *FAST, "--bootstrap", "0")
+    assert set(doc["params"]) == {"a/version_0", "b/version_0"}
+    code, _, err = run(capsys, "fit", tmp_path, "--tag", "val/loss", "--law", "chinchilla")
+    assert code == 2 and "--N" in err and "Traceback" not in err
+    doc = run_json(capsys, "fit", tmp_path, "--tag", "val/loss", "--N", "1e7", "--law", "kaplan", *FAST)
+    assert doc["n_train"] == 2 * (len(TB_STEPS) - 1)
+
+
+# --- bad input: one line on stderr, exit status 2 -------------------------------------------------------
+
+
+def bad_inputs(tmp: Path, chinchilla_path: Path, tb: Path) -> list[tuple[list, str]]:
+    def csv(name, text):
+        path = tmp / name
+        path.write_text(text)
+        return path
+
+    base = chinchilla_path.read_text().splitlines()
+    nonpositive = [base[0]] + base[1:4] + [
+        "m,1e7,0,3.0",
+        "m,1e7,-5,3.0",
+        "m,1e7,1e9,-1.0",
+    ] + base[4:30]  # fmt: skip
+    return [
+        (["fit", tmp / "absent.csv", "--law", "chinchilla"], "no such file or directory"),
+        (["fit", csv("nod.csv", "N,tokens,loss\n1,2,3\n"), "--law", "chinchilla"], "missing column D"),
+        (["fit", csv("none.csv", "x,loss\n1,2\n"), "--law", "shannon"], "missing columns N, D"),
+        (["fit", csv("text.csv", "N,D,loss\nabc,1,2\n1,1,2\n"), "--law", "kaplan"], "column N"),
+        (["fit", csv("neg.csv", "\n".join(nonpositive)), "--law", "chinchilla"], "3 rows with non-positive"),
+        (
+            ["fit", csv("few.csv", "N,D,loss\n1e7,1e9,3\n1e8,1e9,2.5\n1e7,2e9,2.9\n"), "--law", "shannon"],
+            "3 rows cannot determine 8 constants",
+        ),  # fmt: skip
+        (["fit", chinchilla_path, "--law", "chinchilla", "--train-where", "D > 0"], "no rows left to test"),
+        (["fit", chinchilla_path, "--law", "chinchilla", "--train-where", "D < 0"], "matches no rows"),
+        (["fit", chinchilla_path, "--law", "chinchilla", "--train-where", "__import__('os')"], "not allowed"),
+        (["fit", chinchilla_path, "--law", "chinchilla", "--train-where", "D <"], "invalid expression"),
+        (["fit", chinchilla_path, "--law", "chinchilla", "--where", "loss > 1e9"], "keeps no rows"),
+        (["fit", chinchilla_path, "--law", "chinchilla", "--where", "size > 1"], "unknown column 'size'"),
+        (["fit", tb, "--tag", "val/acc", "--law", "power"], "available tags: train/loss, val/loss"),
+        (["fit", chinchilla_path, "--law", "gpt"], "invalid choice: 'gpt'"),
+        (["fit", chinchilla_path, "--law", "chinchilla", "--bootstrap", "-1"], "must be 0 or more"),
+        (["fit", chinchilla_path, "--law", "power", "--train-where", "N <= 1e8"], "no training rows"),
+        (
+            ["fit", chinchilla_path, "--law", "chinchilla", "--plot", tmp / "no" / "dir" / "x.png"],
+            "cannot write",
+        ),
+        ([], "required"),
+    ]
+
+
+def test_bad_input_gives_one_line_and_exit_2(chinchilla, tb_dir, tmp_path, capsys):
+    for argv, message in bad_inputs(tmp_path, chinchilla[0], tb_dir):
+        code, out, err = run(capsys, *argv, *(FAST if argv else []))
+        assert code == 2, (argv, err)
+        assert err.startswith("snrmon: error: ") and err.count("\n") == 1, (argv, err)
+        assert message in err, (argv, err)
+        assert "Traceback" not in err and out == ""
+
+
+def test_help_exits_zero(capsys):
+    code, out, _ = run(capsys, "fit", "--help")
+    assert code == 0 and "--train-where" in out and "tokens-per-step" in out
+
+
+# --- the installed script and the real data -------------------------------------------------------------
+
+
+def test_installed_console_script(chinchilla):
+    script = Path(sys.executable).parent / "snrmon"
+    if not script.exists():
+        pytest.skip("the snrmon script is not installed (pip install -e .)")
+    done = subprocess.run(
+        [script, "fit", chinchilla[0], "--law", "kaplan", *FAST, "--bootstrap", "0", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["law"] == "kaplan"
+    bad = subprocess.run([script, "fit", "absent.csv", "--law", "kaplan"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no such file" in bad.stderr
+
+
+@pytest.mark.skipif(not PYTHIA.exists(), reason="data/pythia_deduped_lambada_loss.csv not in the repository")
+def test_pythia_shannon_fit_finds_the_small_model_basin(capsys):
+    """The README of the data: the smallest models' losses turn back up late in training (a real basin)."""
+    from snrmon.logs import read_csv
+
+    table = read_csv(PYTHIA)
+    kept = table["D"] >= 6.3e9  # the README: earlier checkpoints are chaotic
+    train = kept & (table["N"] <= 7e9) & (table["D"] <= 1.8e11)
+    doc = run_json(
+        capsys, "fit", PYTHIA, "--law", "shannon", "--where", "D >= 6.3e9", "--train-where",
+        "N <= 7e9 and D <= 1.8e11", "--bootstrap", "0",
+    )  # fmt: skip
+    assert doc["n_train"] == int(train.sum()) and doc["n_test"] == int((kept & ~train).sum())
+    smallest = str(int(table["N"].min()))
+    d_range = table["D"][kept]
+    assert doc["d_star"][smallest] is not None
+    assert d_range.min() < doc["d_star"][smallest] < d_range.max()
+    assert doc["r2_test"] > 0.5  # extrapolates to the held-out largest model and latest checkpoints

@@ -1,0 +1,203 @@
+"""snrmon.logs: CSV and TensorBoard tables, dropping missing rows, the safe --where expression language."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from snrmon.logs import LogError, Table, WhereError, read_csv, read_table, read_tensorboard, where
+
+TOKENS_PER_STEP = 1000.0
+STEPS = list(range(0, 500, 50))  # step 0 included: it must be skipped (D = 0)
+
+
+def write_runs(root, runs: dict[str, float | None], tags=("val/loss", "train/loss")) -> None:
+    """One TensorBoard run per name (in name/version_0, as Lightning lays them out), hparams.yaml with N."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, n in runs.items():
+        directory = root / name / "version_0"
+        writer = SummaryWriter(str(directory))
+        for step in STEPS:
+            for offset, tag in enumerate(tags):
+                writer.add_scalar(tag, 3.0 + offset - step / 1000.0, step)
+        writer.close()
+        if n is not None:
+            (directory / "hparams.yaml").write_text(f"lr: 0.001\nn_params: {int(n)}\nwidth: 64\n")
+
+
+def write_csv(path, text: str):
+    path.write_text(text)
+    return path
+
+
+# --- CSV ------------------------------------------------------------------------------------------------
+
+
+def test_csv_numeric_and_text_columns_and_missing_cells(tmp_path):
+    path = write_csv(
+        tmp_path / "runs.csv",
+        "model,N,D,loss,group\nm1,1e6,100,3.5,a\nm2,2e6,200,,b\nm3,3e6, 300 ,NaN,a\n",
+    )
+    table = read_csv(path)
+    assert len(table) == 3
+    assert table.names == ["model", "N", "D", "loss", "group"]
+    assert table.is_numeric("N") and table.is_numeric("loss") and not table.is_numeric("model")
+    np.testing.assert_array_equal(table["D"], [100.0, 200.0, 300.0])
+    assert list(table["model"]) == ["m1", "m2", "m3"]
+    assert np.isnan(table["loss"][1:]).all()
+
+    kept, dropped = table.dropna(["loss"])
+    assert dropped == 2 and len(kept) == 1 and kept["model"][0] == "m1"
+    assert table.dropna(["N", "D"])[1] == 0  # only the columns asked for count
+
+    chosen = table.select(table["group"] == "a")
+    assert list(chosen["model"]) == ["m1", "m3"]
+
+
+def test_dropna_counts_infinities_too():
+    table = Table({"loss": np.array([1.0, np.inf, np.nan, 2.0]), "name": np.array(list("abcd"))})
+    kept, dropped = table.dropna()
+    assert dropped == 2
+    assert list(kept["name"]) == ["a", "d"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "is empty"),
+        ("N,D,loss\n", "no rows"),
+        ("N,D,loss\n1,2,3\n1,2\n", "line 3"),
+        ("N,N,loss\n1,2,3\n", "distinct"),
+    ],
+)
+def test_bad_csv_files(tmp_path, text, message):
+    with pytest.raises(LogError, match=message):
+        read_csv(write_csv(tmp_path / "bad.csv", text))
+
+
+def test_read_table_missing_path(tmp_path):
+    with pytest.raises(LogError, match="no such file"):
+        read_table(tmp_path / "absent.csv")
+
+
+# --- TensorBoard ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tb")
+    write_runs(root, {"small": 1e6, "big": 4e6})
+    return root
+
+
+def test_tensorboard_runs_become_groups_with_n_from_hparams(runs_dir):
+    table = read_tensorboard(runs_dir, "val/loss", tokens_per_step=TOKENS_PER_STEP)
+    logged = [s for s in STEPS if s > 0]
+    assert len(table) == 2 * len(logged)
+    assert set(table["group"]) == {"small/version_0", "big/version_0"}
+    for group, n in (("small/version_0", 1e6), ("big/version_0", 4e6)):
+        rows = table["group"] == group
+        assert set(table["N"][rows]) == {n}
+        np.testing.assert_array_equal(table["step"][rows], logged)
+        np.testing.assert_allclose(table["D"][rows], np.array(logged) * TOKENS_PER_STEP)
+        np.testing.assert_allclose(table["loss"][rows], 3.0 - np.array(logged) / 1000.0, rtol=1e-6)
+    assert any("step 0" in note for note in table.notes)
+
+
+def test_tensorboard_n_option_overrides_and_steps_by_default(runs_dir):
+    table = read_table(runs_dir, tag="train/loss", n=123.0)
+    assert set(table["N"]) == {123.0}
+    np.testing.assert_array_equal(table["D"], table["step"])  # tokens_per_step defaults to 1: D in steps
+
+
+def test_tensorboard_tag_errors_list_the_tags(runs_dir):
+    with pytest.raises(LogError, match="available tags: train/loss, val/loss"):
+        read_tensorboard(runs_dir, "val/acc")
+    with pytest.raises(LogError, match="--tag"):
+        read_tensorboard(runs_dir, None)  # two tags: the choice must be explicit
+
+
+def test_tensorboard_single_tag_is_chosen_and_missing_n_leaves_no_n_column(tmp_path):
+    write_runs(tmp_path, {"a": None, "b": None}, tags=("loss",))
+    table = read_tensorboard(tmp_path, None)
+    assert "N" not in table and len(table) == 2 * (len(STEPS) - 1)
+
+
+def test_tensorboard_partial_model_sizes_are_an_error(tmp_path):
+    write_runs(tmp_path, {"a": 1e6, "b": None}, tags=("loss",))
+    with pytest.raises(LogError, match="b/version_0"):
+        read_tensorboard(tmp_path, "loss")
+
+
+def test_tensorboard_directory_without_events(tmp_path):
+    with pytest.raises(LogError, match="no TensorBoard event files"):
+        read_tensorboard(tmp_path, "loss")
+
+
+# --- where ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def table():
+    return Table(
+        {
+            "N": np.array([1e6, 1e7, 1e8, 1e9]),
+            "D": np.array([1e9, 5e9, 2e10, 1e11]),
+            "group": np.array(["a", "b", "a", "c"]),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("N <= 1e7", [1, 1, 0, 0]),
+        ("N < 1e7 or D >= 2e10", [1, 0, 1, 1]),
+        ("N >= 1e7 and D != 2e10", [0, 1, 0, 1]),
+        ("1e6 < N <= 1e8", [0, 1, 1, 0]),  # chained
+        ("not (N > 1e7)", [1, 1, 0, 0]),
+        ("(N > 1e6 and N < 1e9) or group == 'c'", [0, 1, 1, 1]),
+        ('group != "a"', [0, 1, 0, 1]),
+        ("D > -1", [1, 1, 1, 1]),
+        ("N < D", [1, 1, 1, 1]),  # column against column
+        ("  N ==  1e9 ", [0, 0, 0, 1]),
+    ],
+)
+def test_where_allowed(table, expression, expected):
+    np.testing.assert_array_equal(where(table, expression), np.array(expected, dtype=bool))
+
+
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        ("__import__('os').system('echo hacked')", "function calls"),
+        ("__import__('os')", "function calls"),
+        ("N.real > 1", "attribute access"),
+        ("N * 2 > 1", "arithmetic"),
+        ("N[0] > 1", "indexing"),
+        ("N in (1, 2)", "'in'"),
+        ("N is None", "'is'"),
+        ("(lambda: 1)() > 0", "function calls"),
+        ("N > True", "True"),
+        ("D", "not a condition"),
+        ("1", "not a condition"),
+        ("(N > 1) > 0", "cannot be compared"),
+        ("N <", "invalid expression"),
+        ("", "invalid expression"),
+        ("params > 1", "unknown column 'params'"),
+        ("group > 'a'", "only be compared with == or !="),
+        ("group == 1", "compares text with a number"),
+        ("N == 'a'", "compares text with a number"),
+    ],
+)
+def test_where_rejected(table, expression, message):
+    with pytest.raises(WhereError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        where(table, expression)
+
+
+def test_where_never_runs_python(table, tmp_path):
+    marker = tmp_path / "marker"
+    with pytest.raises(WhereError):
+        where(table, f"__import__('pathlib').Path({str(marker)!r}).touch() == 0")
+    assert not marker.exists()
