@@ -109,11 +109,12 @@ def fit_law(
     screened = np.array([problem.cost(x, explore_rows) for x in log_starts])
     if not np.isfinite(screened).any():
         raise FitError(f"{law.name}: the law is not finite at any starting point for these data")
-    explored = [
-        problem.solve(log_starts[i], explore_rows, tolerance=1e-5)
-        for i in np.argsort(screened)[:refine]
-        if np.isfinite(screened[i])
-    ]
+    # The initial cost is a poor guide in a landscape this rugged: take a few cheap steps from many
+    # promising starts, then optimise the best of those fully.
+    promising = [i for i in np.argsort(screened)[: 4 * refine] if np.isfinite(screened[i])]
+    stepped = [problem.solve(log_starts[i], explore_rows, tolerance=1e-3, max_steps=10) for i in promising]
+    stepped = sorted((r for r in stepped if np.isfinite(r.cost)), key=lambda r: r.cost)[:refine]
+    explored = [problem.solve(r.x, explore_rows, tolerance=1e-5) for r in stepped]
     explored = sorted((r for r in explored if np.isfinite(r.cost)), key=lambda r: r.cost)[:2]
     polished = [problem.solve(r.x) for r in explored]
     best = min((r for r in polished if np.isfinite(r.cost)), key=lambda r: r.cost, default=None)
@@ -174,7 +175,13 @@ class _Problem:
             value = 0.5 * np.sum(residuals**2)
         return float(value) if np.isfinite(value) else np.inf
 
-    def solve(self, log_start: np.ndarray, rows: np.ndarray | slice = slice(None), tolerance: float = 1e-6):
+    def solve(
+        self,
+        log_start: np.ndarray,
+        rows: np.ndarray | slice = slice(None),
+        tolerance: float = 1e-6,
+        max_steps: int = 200,
+    ):
         return least_squares(
             lambda x: np.nan_to_num(self.residuals(x, rows), nan=1e6, posinf=1e6, neginf=-1e6),
             log_start,
@@ -184,7 +191,7 @@ class _Problem:
             method="trf",
             ftol=tolerance,
             xtol=tolerance,
-            max_nfev=200 * len(log_start),
+            max_nfev=max_steps * len(log_start),
         )
 
 

@@ -8,10 +8,10 @@ Equation numbers refer to the theory reference (T6–T14); see docs/law.md.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import qmc
 
 LN2 = np.log(2.0)
 Columns = dict[str, np.ndarray]
@@ -26,7 +26,7 @@ class Param:
     meaning: str
     lower: float
     upper: float
-    starts: tuple[float, ...]  # starting values for the multi-start grid
+    starts: tuple[float, ...]  # the range (smallest to largest) that starting points are drawn from
 
 
 class Law:
@@ -48,11 +48,15 @@ class Law:
         return np.array([p.lower for p in self.params]), np.array([p.upper for p in self.params])
 
     def starts(self, limit: int = 64, seed: int = 0) -> np.ndarray:
-        """Starting points: the grid of every parameter's ``starts``, subsampled to ``limit`` rows."""
-        grid = np.array(list(itertools.product(*(p.starts for p in self.params))), dtype=float)
-        if len(grid) > limit:
-            grid = grid[np.random.default_rng(seed).choice(len(grid), limit, replace=False)]
-        return grid
+        """``limit`` starting points spread (scrambled Sobol, log-uniform) over each constant's start range.
+
+        A low-discrepancy sample covers wide ranges of many constants far better than a product grid of the
+        same size, which matters for the Shannon law, whose coefficients span tens of decades.
+        """
+        low = np.log([min(p.starts) for p in self.params])
+        high = np.log([max(p.starts) for p in self.params])
+        unit = qmc.Sobol(len(self.params), scramble=True, seed=seed).random(limit)
+        return np.exp(low + unit * (high - low))
 
     def log_loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
         raise NotImplementedError
@@ -77,11 +81,11 @@ def _log_capacity_bits(log_snr: np.ndarray) -> np.ndarray:
 
 
 # Bounds shared by the laws: exponents in (0, 3], coefficients over many decades.
-def _exponent(name: str, meaning: str, starts=(0.1, 0.3, 0.6)) -> Param:
+def _exponent(name: str, meaning: str, starts=(0.05, 1.0)) -> Param:
     return Param(name, "1", meaning, 1e-4, 3.0, starts)
 
 
-def _coefficient(name: str, unit: str, meaning: str, starts=(1e-2, 1.0, 1e2)) -> Param:
+def _coefficient(name: str, unit: str, meaning: str, starts=(1e-3, 1e3)) -> Param:
     return Param(name, unit, meaning, 1e-30, 1e30, starts)
 
 
@@ -96,16 +100,14 @@ class ShannonLaw(Law):
     equation = "T6–T8"
     formula = "1 / (a N^alpha log2(1 + D^beta / (c (D N)^gamma + d D^delta + e)))"
     params = (
-        _coefficient("a", "loss^-1 · N^-alpha", "bandwidth scale of the capacity", (1e-2, 1e-1, 1.0)),
-        _exponent("alpha", "how capacity grows with parameters N", (0.02, 0.1, 0.3)),
-        _coefficient(
-            "c", "D^(beta-gamma) N^-gamma", "model-data noise (the D·N cross-term)", (1e-8, 1e-4, 1.0)
-        ),
-        _coefficient("d", "D^(beta-delta)", "data noise", (1e-4, 1e-1, 1e2)),
-        _coefficient("e", "D^beta", "irreducible noise", (1e-2, 1.0, 1e2)),
-        _exponent("beta", "signal power exponent of D", (0.1, 0.3, 0.6)),
-        _exponent("gamma", "exponent of the D·N cross-term", (0.1, 0.3, 0.6)),
-        _exponent("delta", "exponent of the data-noise term", (0.1, 0.3, 0.6)),
+        _coefficient("a", "loss^-1 · N^-alpha", "bandwidth scale of the capacity", (1e-6, 1.0)),
+        _exponent("alpha", "how capacity grows with parameters N", (0.01, 1.0)),
+        _coefficient("c", "D^(beta-gamma) N^-gamma", "model-data noise (the D·N cross-term)", (1e-20, 1.0)),
+        _coefficient("d", "D^(beta-delta)", "data noise", (1e-8, 1e4)),
+        _coefficient("e", "D^beta", "irreducible noise", (1e-3, 1e8)),
+        _exponent("beta", "signal power exponent of D"),
+        _exponent("gamma", "exponent of the D·N cross-term"),
+        _exponent("delta", "exponent of the data-noise term"),
     )
 
     def log_snr(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
@@ -142,10 +144,10 @@ class ShannonRunLaw(Law):
     inputs = ("D",)
     single_run = True
     params = (
-        _coefficient("A", "loss^-1", "capacity scale of this run", (1e-2, 1e-1, 1.0)),
-        _coefficient("c", "D^(beta-gamma)", "model-data noise at this N", (1e-6, 1e-3, 1.0)),
-        _coefficient("d", "D^(beta-delta)", "data noise", (1e-4, 1e-1, 1e2)),
-        _coefficient("e", "D^beta", "irreducible noise", (1e-2, 1.0, 1e2)),
+        _coefficient("A", "loss^-1", "capacity scale of this run", (1e-4, 1.0)),
+        _coefficient("c", "D^(beta-gamma)", "model-data noise at this N", (1e-12, 1e2)),
+        _coefficient("d", "D^(beta-delta)", "data noise", (1e-8, 1e4)),
+        _coefficient("e", "D^beta", "irreducible noise", (1e-3, 1e8)),
         _exponent("beta", "signal power exponent of D"),
         _exponent("gamma", "exponent of the model-data term"),
         _exponent("delta", "exponent of the data-noise term"),
@@ -172,11 +174,11 @@ class ChinchillaLaw(Law):
     equation = "T11"
     formula = "E + A / N^alpha + B / D^beta"
     params = (
-        Param("E", "loss", "irreducible loss", 1e-3, 20.0, (0.5, 1.5, 3.0)),
-        _coefficient("A", "loss · N^alpha", "parameter term scale", (1e1, 1e2, 1e3)),
-        _exponent("alpha", "parameter exponent", (0.1, 0.3, 0.5)),
-        _coefficient("B", "loss · D^beta", "data term scale", (1e1, 1e2, 1e3)),
-        _exponent("beta", "data exponent", (0.1, 0.3, 0.5)),
+        Param("E", "loss", "irreducible loss", 1e-3, 20.0, (0.1, 5.0)),
+        _coefficient("A", "loss · N^alpha", "parameter term scale", (1.0, 1e5)),
+        _exponent("alpha", "parameter exponent"),
+        _coefficient("B", "loss · D^beta", "data term scale", (1.0, 1e5)),
+        _exponent("beta", "data exponent"),
     )
 
     def log_loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
@@ -195,10 +197,10 @@ class KaplanLaw(Law):
     equation = "T12"
     formula = "((N_c / N)^(alpha_N / alpha_D) + D_c / D)^alpha_D"
     params = (
-        Param("N_c", "parameters", "critical model size", 1e3, 1e20, (1e10, 1e13, 1e15)),
-        Param("D_c", "tokens", "critical data size", 1e3, 1e20, (1e9, 1e13, 1e15)),
-        _exponent("alpha_N", "parameter exponent", (0.03, 0.076, 0.2)),
-        _exponent("alpha_D", "data exponent", (0.03, 0.095, 0.2)),
+        Param("N_c", "parameters", "critical model size", 1e3, 1e20, (1e6, 1e16)),
+        Param("D_c", "tokens", "critical data size", 1e3, 1e20, (1e6, 1e16)),
+        _exponent("alpha_N", "parameter exponent", (0.01, 1.0)),
+        _exponent("alpha_D", "data exponent", (0.01, 1.0)),
     )
 
     def log_loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
@@ -218,9 +220,9 @@ class PowerLaw(Law):
     inputs = ("D",)
     single_run = True
     params = (
-        Param("E", "loss", "loss as D → ∞", 1e-3, 20.0, (0.5, 1.5, 3.0)),
-        _coefficient("B", "loss · D^beta", "data term scale", (1e1, 1e2, 1e3)),
-        _exponent("beta", "data exponent", (0.1, 0.3, 0.6)),
+        Param("E", "loss", "loss as D → ∞", 1e-3, 20.0, (0.1, 5.0)),
+        _coefficient("B", "loss · D^beta", "data term scale", (1.0, 1e5)),
+        _exponent("beta", "data exponent"),
     )
 
     def log_loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
@@ -244,10 +246,10 @@ class KumarLaw(Law):
     formula = "A / N^alpha + B / D^beta + E + C_T D^gamma_D / N^gamma_N exp(-bits / gamma_post)"
     inputs = ("N", "D", "bits")
     params = ChinchillaLaw.params + (
-        _coefficient("C_T", "loss", "post-training-quantization degradation scale", (1e-3, 1e-1, 1e1)),
-        _exponent("gamma_D", "degradation growth with D", (0.1, 0.3, 0.6)),
-        _exponent("gamma_N", "degradation decay with N", (0.1, 0.3, 0.6)),
-        Param("gamma_post", "bits", "bit scale of the degradation", 1e-2, 1e2, (0.5, 1.0, 3.0)),
+        _coefficient("C_T", "loss", "post-training-quantization degradation scale", (1e-4, 1e2)),
+        _exponent("gamma_D", "degradation growth with D"),
+        _exponent("gamma_N", "degradation decay with N"),
+        Param("gamma_post", "bits", "bit scale of the degradation", 1e-2, 1e2, (0.3, 5.0)),
     )
 
     def log_loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
@@ -268,10 +270,10 @@ class QiDLaw(Law):
     formula = "E + A / N^alpha + B / D^beta + k D^beta_q / (N^alpha_q bits^gamma_q)"
     inputs = ("N", "D", "bits")
     params = ChinchillaLaw.params + (
-        _coefficient("k", "loss", "degradation scale", (1e-3, 1e-1, 1e1)),
-        _exponent("alpha_q", "degradation decay with N", (0.1, 0.3, 0.6)),
-        _exponent("beta_q", "degradation growth with D", (0.1, 0.3, 0.6)),
-        _exponent("gamma_q", "degradation decay with bits", (0.5, 1.5, 3.0)),
+        _coefficient("k", "loss", "degradation scale", (1e-4, 1e2)),
+        _exponent("alpha_q", "degradation decay with N"),
+        _exponent("beta_q", "degradation growth with D"),
+        _exponent("gamma_q", "degradation decay with bits", (0.3, 3.0)),
     )
 
     def log_loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
