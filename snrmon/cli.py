@@ -22,8 +22,9 @@ import numpy as np
 
 from snrmon.fitting import Fit, FitError, fit_law, r2_score, rmse
 from snrmon.laws import LAWS, Law, get_law
-from snrmon.logs import LogError, Table, WhereError, read_table, where
+from snrmon.logs import LogError, Table, read_table
 from snrmon.plot import PlotError, Series, plot_fit
+from snrmon.where import WhereError, where
 
 USAGE_ERROR = 2
 JOINT_LAWS = ("shannon", "chinchilla", "kaplan")  # laws of N and D
