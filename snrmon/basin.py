@@ -17,31 +17,41 @@ def basin_tokens(c: float, d: float, e: float, beta: float, gamma: float, delta:
 
     The left side starts at 0 for D → 0 (below β·e) and is eventually dominated by its fastest-growing term,
     so a root exists iff that term grows, i.e. max(γ, δ) > β with a positive coefficient; where it exists it
-    is unique (the left side can dip below zero first, but it crosses β·e only once). Solved in u = log D.
+    is unique (the left side can dip below zero first, but it crosses β·e only once). Solved in u = log D;
+    a root beyond the float range gives ``inf``.
     """
-    terms = [(gamma, c), (delta, d)]
-    exponent, coefficient = max((t for t in terms if t[1] > 0), default=(0.0, 0.0))
-    if exponent <= beta or e <= 0:
+    terms = [(exponent, coefficient) for exponent, coefficient in ((gamma, c), (delta, d)) if coefficient > 0]
+    if e <= 0 or not terms or max(exponent for exponent, _ in terms) <= beta:
         return math.inf
+    # Growing terms against β·e plus the shrinking ones, compared in log space so that nothing overflows
+    # however far out the root lies: excess(u) = log(growing) − log(β·e + shrinking).
+    growing = [(math.log((x - beta) * k), x) for x, k in terms if x > beta]
+    shrinking = [(math.log(beta * e), 0.0)] + [(math.log((beta - x) * k), x) for x, k in terms if x < beta]
 
     def excess(u: float) -> float:
-        return (gamma - beta) * c * math.exp(gamma * u) + (delta - beta) * d * math.exp(delta * u) - beta * e
+        return _log_sum_exp([a + x * u for a, x in growing]) - _log_sum_exp([a + x * u for a, x in shrinking])
 
-    # Bracket: below, every term is tiny; above, the dominant term alone exceeds β·e with room to spare.
-    upper = (math.log(2 * beta * e) - math.log((exponent - beta) * coefficient)) / exponent
-    lower = upper - 1.0
+    lower, upper = -1.0, 1.0
     while excess(lower) >= 0:
-        lower -= 10.0
+        lower *= 2
     while excess(upper) <= 0:
-        upper += 10.0
-        if upper > 700 / max(exponent, 1e-12):
-            return math.inf
-    return math.exp(brentq(excess, lower, upper, xtol=1e-12, rtol=1e-12))
+        upper *= 2
+    root = brentq(excess, lower, upper, xtol=1e-12, rtol=1e-14)
+    return _exp(root)
+
+
+def _log_sum_exp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709.0 else math.inf  # a basin beyond float range is no basin in practice
 
 
 def basin_tokens_data_limit(d: float, e: float, beta: float, delta: float) -> float:
     """T10 when the model-data term is negligible: D* = (β·e / ((δ − β)·d))^(1/δ), for δ > β."""
-    return (beta * e / ((delta - beta) * d)) ** (1 / delta) if delta > beta else math.inf
+    return _exp((math.log(beta * e) - math.log((delta - beta) * d)) / delta) if delta > beta else math.inf
 
 
 def basin_tokens_model_limit(c: float, e: float, beta: float, gamma: float) -> float:
@@ -49,4 +59,4 @@ def basin_tokens_model_limit(c: float, e: float, beta: float, gamma: float) -> f
 
     With c = c_law·N^γ this is D* ∝ 1/N: bigger models reach the basin sooner.
     """
-    return (beta * e / ((gamma - beta) * c)) ** (1 / gamma) if gamma > beta else math.inf
+    return _exp((math.log(beta * e) - math.log((gamma - beta) * c)) / gamma) if gamma > beta else math.inf

@@ -77,7 +77,10 @@ def _log_sum_exp(*logs: np.ndarray) -> np.ndarray:
 
 def _log_capacity_bits(log_snr: np.ndarray) -> np.ndarray:
     """log(log2(1 + SNR)) from log SNR, stable for tiny and huge SNR."""
-    return np.log(np.logaddexp(0.0, log_snr) / LN2)
+    # log(1 + SNR) → SNR for tiny SNR: use log SNR itself there, where logaddexp would underflow to 0.
+    with np.errstate(divide="ignore"):
+        log_natural = np.where(log_snr < -30, log_snr, np.log(np.logaddexp(0.0, log_snr)))
+    return log_natural - np.log(LN2)
 
 
 # Bounds shared by the laws: exponents in (0, 3], coefficients over many decades.
@@ -273,7 +276,7 @@ class QiDLaw(Law):
         _coefficient("k", "loss", "degradation scale", (1e-4, 1e2)),
         _exponent("alpha_q", "degradation decay with N"),
         _exponent("beta_q", "degradation growth with D"),
-        _exponent("gamma_q", "degradation decay with bits", (0.3, 3.0)),
+        _exponent("gamma_q", "degradation decay with bits", (0.3, 2.5)),
     )
 
     def log_loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
