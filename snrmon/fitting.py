@@ -99,7 +99,7 @@ def fit_law(
         raise ValueError("give starting points: starts > 0 or theta0")
     log_starts = np.clip(np.log(candidates), problem.lower + 1e-9, problem.upper - 1e-9)
     if len(candidates) == 1:  # a warm start (e.g. the previous fit of a growing curve): polish it only
-        return _finish(problem, problem.solve(log_starts[0]), bootstrap, seed)
+        return _finish(problem, problem.polish(log_starts[0]), bootstrap, seed)
     # Explore on a subsample of rows (the optimum moves little, the cost drops with the row count), then
     # polish the two best explorations on every row.
     rng = np.random.default_rng(seed)
@@ -116,7 +116,7 @@ def fit_law(
     stepped = sorted((r for r in stepped if np.isfinite(r.cost)), key=lambda r: r.cost)[:refine]
     explored = [problem.solve(r.x, explore_rows, tolerance=1e-5) for r in stepped]
     explored = sorted((r for r in explored if np.isfinite(r.cost)), key=lambda r: r.cost)[:2]
-    polished = [problem.solve(r.x) for r in explored]
+    polished = [problem.polish(r.x) for r in explored]
     best = min((r for r in polished if np.isfinite(r.cost)), key=lambda r: r.cost, default=None)
     if best is None:
         raise FitError(f"{law.name}: no start converged to finite constants")
@@ -125,7 +125,8 @@ def fit_law(
 
 
 def _finish(problem: _Problem, best, bootstrap: int, seed: int) -> Fit:
-    if not np.all(np.isfinite(best.x)) or not np.isfinite(best.cost):
+    # The optimiser saw non-finite residuals replaced by large numbers; judge the result on the real ones.
+    if not np.all(np.isfinite(best.x)) or not np.isfinite(problem.cost(best.x)):
         raise FitError(f"{problem.law.name}: no start converged to finite constants")
     theta = np.exp(best.x)
     predicted = problem.law.loss(theta, problem.columns)
@@ -174,6 +175,17 @@ class _Problem:
         else:
             value = 0.5 * np.sum(residuals**2)
         return float(value) if np.isfinite(value) else np.inf
+
+    def polish(self, log_start: np.ndarray):
+        """Optimise on every row until a restart no longer helps: least squares stops on small relative
+        steps, which in a long curved valley (the Shannon law's) can be short of the bottom."""
+        best = self.solve(log_start)
+        for _ in range(3):
+            again = self.solve(best.x)
+            if not again.cost < best.cost * (1 - 1e-9):
+                break
+            best = again
+        return best
 
     def solve(
         self,
