@@ -99,7 +99,7 @@ def fit_law(
         raise ValueError("give starting points: starts > 0 or theta0")
     log_starts = np.clip(np.log(candidates), problem.lower + 1e-9, problem.upper - 1e-9)
     if len(candidates) == 1:  # a warm start (e.g. the previous fit of a growing curve): polish it only
-        return _finish(problem, problem.polish(log_starts[0]), bootstrap, seed)
+        return _finish(problem, problem.solve(log_starts[0]), bootstrap, seed)
     # Explore on a subsample of rows (the optimum moves little, the cost drops with the row count), then
     # polish the two best explorations on every row.
     rng = np.random.default_rng(seed)
@@ -180,7 +180,7 @@ class _Problem:
         """Optimise on every row until a restart no longer helps: least squares stops on small relative
         steps, which in a long curved valley (the Shannon law's) can be short of the bottom."""
         best = self.solve(log_start)
-        for _ in range(3):
+        for _ in range(2):
             again = self.solve(best.x)
             if not again.cost < best.cost * (1 - 1e-9):
                 break
