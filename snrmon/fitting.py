@@ -141,6 +141,9 @@ def _finish(problem: _Problem, best, bootstrap: int, seed: int) -> Fit:
 
 def _check_rows(law: Law, columns: Columns, loss: np.ndarray) -> None:
     n_params = len(law.params)
+    lengths = {name: len(values) for name, values in {**columns, "loss": loss}.items()}
+    if len(set(lengths.values())) > 1:
+        raise FitError(f"{law.name}: columns have different lengths {lengths}")
     if len(loss) < n_params:
         raise FitError(f"{law.name}: {len(loss)} rows cannot determine {n_params} constants")
     for name, values in {**columns, "loss": loss}.items():

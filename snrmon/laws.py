@@ -55,7 +55,8 @@ class Law:
         """
         low = np.log([min(p.starts) for p in self.params])
         high = np.log([max(p.starts) for p in self.params])
-        unit = qmc.Sobol(len(self.params), scramble=True, seed=seed).random(limit)
+        power_of_two = max(int(np.ceil(np.log2(limit))), 0)
+        unit = qmc.Sobol(len(self.params), scramble=True, seed=seed).random_base2(power_of_two)[:limit]
         return np.exp(low + unit * (high - low))
 
     def log_loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
