@@ -66,7 +66,7 @@ def fit_law(
     robust: bool = True,
     huber_delta: float = 1e-3,
     starts: int = 256,
-    refine: int = 8,
+    refine: int = 12,
     bootstrap: int = 0,
     seed: int = 0,
     theta0: np.ndarray | None = None,
@@ -179,6 +179,22 @@ class _Problem:
             value = 0.5 * np.sum(residuals**2)
         return float(value) if np.isfinite(value) else np.inf
 
+    def jacobian(self, rows: np.ndarray | slice):
+        """The residuals' Jacobian in log θ where the law gives d log L / d log θ, else finite differences."""
+        columns = {name: values[rows] for name, values in self.columns.items()}
+        if self.law.log_loss_jacobian(np.exp((self.lower + self.upper) / 2), columns) is None:
+            return "2-point"
+
+        def jacobian(log_theta: np.ndarray) -> np.ndarray:
+            theta = np.exp(log_theta)
+            with np.errstate(all="ignore"):
+                d_log_loss = self.law.log_loss_jacobian(theta, columns)
+                if not self.robust:  # residual L̂ − L: d L̂ = L̂ · d log L̂
+                    d_log_loss = d_log_loss * self.law.loss(theta, columns)[:, None]
+            return np.nan_to_num(d_log_loss, nan=0.0, posinf=1e6, neginf=-1e6)
+
+        return jacobian
+
     def polish(self, log_start: np.ndarray):
         """Optimise on every row until a restart no longer helps: least squares stops on small relative
         steps, which in a long curved valley (the Shannon law's) can be short of the bottom."""
@@ -200,6 +216,7 @@ class _Problem:
         return least_squares(
             lambda x: np.nan_to_num(self.residuals(x, rows), nan=1e6, posinf=1e6, neginf=-1e6),
             log_start,
+            jac=self.jacobian(rows),
             bounds=(self.lower, self.upper),
             loss="huber" if self.robust else "linear",
             f_scale=self.huber_delta if self.robust else 1.0,

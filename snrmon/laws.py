@@ -65,6 +65,11 @@ class Law:
     def loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
         return np.exp(self.log_loss(np.asarray(theta, dtype=float), columns))
 
+    def log_loss_jacobian(self, theta: np.ndarray, columns: Columns) -> np.ndarray | None:
+        """d log L / d log θ, shape [rows, constants], where a law gives it (else the fitter differentiates
+        numerically)."""
+        return None
+
     def as_dict(self, theta: np.ndarray) -> dict[str, float]:
         return {name: float(value) for name, value in zip(self.param_names, theta, strict=True)}
 
@@ -82,6 +87,24 @@ def _log_capacity_bits(log_snr: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         log_natural = np.where(log_snr < -30, log_snr, np.log(np.logaddexp(0.0, log_snr)))
     return log_natural - np.log(LN2)
+
+
+def _capacity_jacobian(log_snr: np.ndarray, snr_derivatives: list[np.ndarray]) -> np.ndarray:
+    """d log L / d log θ for L = 1 / (scale · log2(1 + SNR)), given d log SNR / d log θ per constant.
+
+    d log(log(1 + SNR)) / d log SNR = sigmoid(log SNR) / softplus(log SNR), which tends to 1 for tiny SNR.
+    """
+    softplus = np.logaddexp(0.0, log_snr)
+    with np.errstate(all="ignore"):
+        sensitivity = np.where(log_snr < -30, 1.0, np.exp(log_snr - softplus) / softplus)
+    return -sensitivity[:, None] * np.stack(snr_derivatives, axis=1)
+
+
+def _noise_shares(terms: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """log of the summed noise terms (given as logs), and each term's share of the sum."""
+    stacked = np.stack(np.broadcast_arrays(*terms))
+    log_noise = np.logaddexp.reduce(stacked, axis=0)
+    return log_noise, np.exp(stacked - log_noise)
 
 
 # Bounds shared by the laws: exponents in (0, 3], coefficients over many decades.
@@ -128,6 +151,23 @@ class ShannonLaw(Law):
         )
         return -log_capacity
 
+    def log_loss_jacobian(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
+        a, alpha, c, d, e, beta, gamma, delta = theta
+        log_n, log_d = np.log(columns["N"]), np.log(columns["D"])
+        log_dn = log_d + log_n
+        log_noise, (share_c, share_d, share_e) = _noise_shares(
+            [np.log(c) + gamma * log_dn, np.log(d) + delta * log_d, np.full_like(log_d, np.log(e))]
+        )
+        zero = np.zeros_like(log_d)
+        snr_derivatives = [
+            zero, zero, -share_c, -share_d, -share_e, beta * log_d, -share_c * gamma * log_dn,
+            -share_d * delta * log_d,
+        ]  # fmt: skip
+        jacobian = _capacity_jacobian(beta * log_d - log_noise, snr_derivatives)
+        jacobian[:, 0] = -1.0
+        jacobian[:, 1] = -alpha * log_n
+        return jacobian
+
     def d_star(self, theta: np.ndarray, n: float) -> float:
         """Loss-minimising token count D* at model size N (T10); ``inf`` when the curve never turns up."""
         from snrmon.basin import basin_tokens
@@ -162,6 +202,20 @@ class ShannonRunLaw(Law):
         log_d = np.log(columns["D"])
         noise = _log_sum_exp(np.log(c) + gamma * log_d, np.log(d) + delta * log_d, np.log(e))
         return -(np.log(big_a) + _log_capacity_bits(beta * log_d - noise))
+
+    def log_loss_jacobian(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
+        big_a, c, d, e, beta, gamma, delta = theta
+        log_d = np.log(columns["D"])
+        log_noise, (share_c, share_d, share_e) = _noise_shares(
+            [np.log(c) + gamma * log_d, np.log(d) + delta * log_d, np.full_like(log_d, np.log(e))]
+        )
+        snr_derivatives = [
+            np.zeros_like(log_d), -share_c, -share_d, -share_e, beta * log_d, -share_c * gamma * log_d,
+            -share_d * delta * log_d,
+        ]  # fmt: skip
+        jacobian = _capacity_jacobian(beta * log_d - log_noise, snr_derivatives)
+        jacobian[:, 0] = -1.0
+        return jacobian
 
     def d_star(self, theta: np.ndarray, n: float | None = None) -> float:
         """Loss-minimising D of this run (T10 with the c-term already holding N^γ)."""

@@ -214,16 +214,14 @@ def test_shannon_run_recovers_one_curve_and_its_basin():
     assert law.d_star(fit.theta) == pytest.approx(full.d_star(SHANNON, n), rel=0.25)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fitting: the multi-start misses the optimum for some seeds (here cost +21%, c → 1e-21, one D* "
-    "for every N); about 1 fit in 10 on this design (reported with a repro)",
-)
-def test_multi_start_finds_the_optimum():
-    """The cold fit (default settings, fit seed 32) reaches the optimum that a polish from the truth finds."""
+@pytest.mark.parametrize("seed", [23, 32, 37])
+def test_multi_start_finds_the_optimum(seed):
+    """The cold fit (default settings) reaches the optimum that a polish from the truth finds. These seeds
+    made an earlier fitter (8 refined starts, numerical Jacobian) miss it by about 20%, with c → 1e-21 and
+    one D* for every N; with analytic Jacobians and 12 refined starts 0 of seeds 20–39 miss."""
     law = get_law("shannon")
-    loss = noisy(law, SHANNON, SHANNON_ROWS, seed=32)
-    cold = fit_law(law, SHANNON_ROWS, loss, seed=32)
+    loss = noisy(law, SHANNON, SHANNON_ROWS, seed=seed)
+    cold = fit_law(law, SHANNON_ROWS, loss, seed=seed)
     reference = fit_law(law, SHANNON_ROWS, loss, theta0=SHANNON, starts=0)
     assert cold.cost <= reference.cost * (1 + 1e-4)
 

@@ -248,3 +248,27 @@ def test_power_law_never_has_a_basin():
     assert law.d_star(np.array([1.5, 300.0, 0.3])) == np.inf
     tokens = np.geomspace(1e3, 1e20, 200)
     assert np.all(np.diff(law.loss(np.array([1.5, 300.0, 0.3]), {"D": tokens})) < 0)
+
+
+@pytest.mark.parametrize("name", ["shannon", "shannon-run"])
+def test_analytic_jacobian_matches_central_differences(name):
+    """The fitter trusts d log L / d log θ from the law: it must equal central differences of log_loss."""
+    law = get_law(name)
+    rng = np.random.default_rng(3)
+    theta = law.starts(limit=1, seed=4)[0]
+    columns = {"N": np.exp(rng.uniform(16, 23, 40)), "D": np.exp(rng.uniform(18, 28, 40))}
+    columns = {key: columns[key] for key in law.inputs}
+    analytic = law.log_loss_jacobian(theta, columns)
+    step = 1e-6
+    numeric = np.empty_like(analytic)
+    for k in range(len(theta)):
+        up, down = np.log(theta), np.log(theta)
+        up[k] += step
+        down[k] -= step
+        numeric[:, k] = (law.log_loss(np.exp(up), columns) - law.log_loss(np.exp(down), columns)) / (2 * step)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-7 * np.abs(numeric).max())
+
+
+def test_laws_without_a_jacobian_say_so():
+    law = get_law("chinchilla")
+    assert law.log_loss_jacobian(law.starts(limit=1)[0], {"N": np.ones(3) * 1e9, "D": np.ones(3) * 1e10}) is None
