@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--starts", type=_positive(int), default=256, help="starting points screened (256)")
     data.add_argument(
-        "--refine", type=_positive(int), default=12, help="best screened starts optimised to the end (12)"
+        "--refine", type=_positive(int), default=8, help="best screened starts optimised to the end (8)"
     )
     data.add_argument("--seed", type=int, default=0, help="seed of the start grid and bootstrap (0)")
     data.add_argument("--json", action="store_true", help="print one JSON document instead of tables")

@@ -16,6 +16,7 @@ from scipy.optimize import least_squares
 from snrmon.laws import Columns, Law
 
 EXPLORE_ROWS = 256  # rows used to explore the starting points of a large data set
+EXPLORE_HUBER_DELTA = 0.05  # the smoother objective explored before polishing a robust fit
 
 
 class FitError(ValueError):
@@ -66,7 +67,7 @@ def fit_law(
     robust: bool = True,
     huber_delta: float = 1e-3,
     starts: int = 256,
-    refine: int = 12,
+    refine: int = 8,
     bootstrap: int = 0,
     seed: int = 0,
     theta0: np.ndarray | None = None,
@@ -106,15 +107,19 @@ def fit_law(
     explore_rows = (
         rng.choice(len(loss), EXPLORE_ROWS, replace=False) if len(loss) > EXPLORE_ROWS else slice(None)
     )
-    screened = np.array([problem.cost(x, explore_rows) for x in log_starts])
+    # A near-L1 Huber loss (tiny delta) makes a rugged landscape: explore a smoother one (a larger delta),
+    # then polish on the real objective.
+    smoother = max(huber_delta, EXPLORE_HUBER_DELTA)
+    explorer = _Problem(law, columns, loss, robust, smoother) if robust else problem
+    screened = np.array([explorer.cost(x, explore_rows) for x in log_starts])
     if not np.isfinite(screened).any():
         raise FitError(f"{law.name}: the law is not finite at any starting point for these data")
     # The initial cost is a poor guide in a landscape this rugged: take a few cheap steps from many
     # promising starts, then optimise the best of those fully.
     promising = [i for i in np.argsort(screened)[: 4 * refine] if np.isfinite(screened[i])]
-    stepped = [problem.solve(log_starts[i], explore_rows, tolerance=1e-3, max_steps=10) for i in promising]
+    stepped = [explorer.solve(log_starts[i], explore_rows, tolerance=1e-3, max_steps=10) for i in promising]
     stepped = sorted((r for r in stepped if np.isfinite(r.cost)), key=lambda r: r.cost)[:refine]
-    explored = [problem.solve(r.x, explore_rows, tolerance=1e-5) for r in stepped]
+    explored = [explorer.solve(r.x, explore_rows, tolerance=1e-5) for r in stepped]
     explored = sorted((r for r in explored if np.isfinite(r.cost)), key=lambda r: r.cost)[:2]
     polished = [problem.polish(r.x) for r in explored]
     best = min((r for r in polished if np.isfinite(r.cost)), key=lambda r: r.cost, default=None)
