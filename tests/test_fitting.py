@@ -218,7 +218,7 @@ def test_shannon_run_recovers_one_curve_and_its_basin():
 def test_multi_start_finds_the_optimum(seed):
     """The cold fit (default settings) reaches the optimum that a polish from the truth finds. These seeds
     made an earlier fitter (8 refined starts, numerical Jacobian) miss it by about 20%, with c → 1e-21 and
-    one D* for every N; with analytic Jacobians and 12 refined starts 0 of seeds 20–39 miss."""
+    one D* for every N; with analytic Jacobians and a smoother exploration, 0 of seeds 20–39 miss."""
     law = get_law("shannon")
     loss = noisy(law, SHANNON, SHANNON_ROWS, seed=seed)
     cold = fit_law(law, SHANNON_ROWS, loss, seed=seed)
