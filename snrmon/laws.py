@@ -197,32 +197,23 @@ class ShannonRunLaw(Law):
         _exponent("delta", "exponent of the data-noise term"),
     )
 
-    def log_loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
+    # T9 is T6–T8 at N = 1 with a = A (N^α = 1, so α drops out): evaluate it through ShannonLaw.
+    def _as_shannon(self, theta: np.ndarray, columns: Columns) -> tuple[np.ndarray, Columns]:
         big_a, c, d, e, beta, gamma, delta = theta
-        log_d = np.log(columns["D"])
-        noise = _log_sum_exp(np.log(c) + gamma * log_d, np.log(d) + delta * log_d, np.log(e))
-        return -(np.log(big_a) + _log_capacity_bits(beta * log_d - noise))
+        return np.array([big_a, 1.0, c, d, e, beta, gamma, delta]), {
+            "N": np.ones_like(columns["D"]),
+            "D": columns["D"],
+        }
+
+    def log_loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
+        return ShannonLaw().log_loss(*self._as_shannon(theta, columns))
 
     def log_loss_jacobian(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
-        big_a, c, d, e, beta, gamma, delta = theta
-        log_d = np.log(columns["D"])
-        log_noise, (share_c, share_d, share_e) = _noise_shares(
-            [np.log(c) + gamma * log_d, np.log(d) + delta * log_d, np.full_like(log_d, np.log(e))]
-        )
-        snr_derivatives = [
-            np.zeros_like(log_d), -share_c, -share_d, -share_e, beta * log_d, -share_c * gamma * log_d,
-            -share_d * delta * log_d,
-        ]  # fmt: skip
-        jacobian = _capacity_jacobian(beta * log_d - log_noise, snr_derivatives)
-        jacobian[:, 0] = -1.0
-        return jacobian
+        return np.delete(ShannonLaw().log_loss_jacobian(*self._as_shannon(theta, columns)), 1, axis=1)
 
     def d_star(self, theta: np.ndarray, n: float | None = None) -> float:
         """Loss-minimising D of this run (T10 with the c-term already holding N^γ)."""
-        from snrmon.basin import basin_tokens
-
-        big_a, c, d, e, beta, gamma, delta = theta
-        return basin_tokens(c, d, e, beta, gamma, delta)
+        return ShannonLaw().d_star(self._as_shannon(theta, {"D": np.ones(1)})[0], 1.0)
 
 
 class ChinchillaLaw(Law):
