@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -25,6 +24,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
+from snrmon.callbacks.tensorboard_layout import add_snr_layout
 from snrmon.estimator import GradientNoiseEstimator
 from snrmon.groups import TOTAL, group_parameters
 from snrmon.taps import GradientTaps
@@ -147,7 +147,7 @@ class SNRMonitor(Callback):
             self._load_estimator(self._pending_state)
         self._pending_state = None
         if trainer.is_global_zero:
-            self._add_tensorboard_layout(trainer)
+            add_snr_layout(trainer)
 
     @_never_crash
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -323,19 +323,6 @@ class SNRMonitor(Callback):
             logger.log_metrics(self.latest, step=step)
         if self.prog_bar and self.latest.get("snr/ratio", math.nan) == self.latest.get("snr/ratio"):
             pl_module.log("snr/ratio", self.latest["snr/ratio"], prog_bar=True, logger=False)
-
-    def _add_tensorboard_layout(self, trainer: Trainer) -> None:
-        """Group the SNR charts in TensorBoard's Custom Scalars tab."""
-        charts = {
-            "signal |G|²": ["Multiline", [r"snr/(.*/)?signal$"]],
-            "noise tr(Σ)": ["Multiline", [r"snr/(.*/)?noise$"]],
-            "noise scale B_simple": ["Multiline", [r"snr/(.*/)?noise_scale$"]],
-            "SNR at batch size": ["Multiline", [r"snr/(.*/)?ratio$"]],
-            "uncertainty": ["Multiline", [r"snr/.*_se$"]],
-        }
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_custom_scalars({"snrmon": charts})
 
     # ------------------------------------------------------------------ failure and state
     def _disable(self, reason: str) -> None:
