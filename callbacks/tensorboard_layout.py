@@ -1,20 +1,157 @@
-"""The Custom Scalars layout that groups snrmon's charts in TensorBoard."""
+"""What snrmon shows in TensorBoard's Custom Scalars tab, and the band series its charts need.
+
+The layout is written once per run, at fit start (TensorBoard reads the first one a run holds). Charts:
+
+* **snrmon** (open): the loss beside the total SNR, noise scale (with the batch size B, where SNR = 1),
+  signal and noise, each total drawn with a ±2 standard error band; the dataset-level quantities when the
+  monitor logs them.
+* **snrmon per group** (open): one chart per quantity, one line per parameter group.
+* **snrmon basin forecast**: the forecast of the loss basin, when a forecast is logged.
+* **snrmon standard errors** (closed): the raw ``_se`` series, one chart per quantity.
+
+A band needs real logged series for its edges (TensorBoard's ``Margin`` charts take the names of a value,
+a lower and an upper series, not expressions), so :func:`log_bands` logs ``snr/<name>_lower`` and
+``snr/<name>_upper`` = value ∓ 2 se for the totals, to TensorBoard loggers only.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Iterable, Mapping
+
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+
+BAND_SE = 2.0  # a band of ±2 standard errors holds the truth about 95% of the time
+LOWER, UPPER = "_lower", "_upper"
+
+# The totals drawn with a band, in the order they appear: (name under the prefix, chart title).
+TOTALS = (
+    ("ratio", "SNR = B / B_simple at the batch size (±2 se)"),
+    ("noise_scale", "noise scale B_simple (±2 se) and batch size B"),
+    ("signal", "signal |G|² (±2 se)"),
+    ("noise", "noise tr(Σ) (±2 se)"),
+    ("signal_beyond_chance", "signal beyond chance (±2 se)"),
+    ("dataset_snr", "SNR of the whole training set (±2 se)"),
+)
 
 
-def add_snr_layout(trainer: Trainer) -> None:
-    """Group the SNR charts in TensorBoard's Custom Scalars tab (call on global rank zero)."""
-    charts = {
-        "signal |G|²": ["Multiline", [r"snr/(.*/)?signal$"]],
-        "noise tr(Σ)": ["Multiline", [r"snr/(.*/)?noise$"]],
-        "noise scale B_simple": ["Multiline", [r"snr/(.*/)?noise_scale$"]],
-        "SNR at batch size": ["Multiline", [r"snr/(.*/)?ratio$"]],
-        "uncertainty": ["Multiline", [r"snr/.*_se$"]],
+def band_values(values: Mapping[str, float], prefix: str = "snr") -> dict[str, float]:
+    """The band edges of the totals: ``snr/x_lower``, ``snr/x_upper`` = x ∓ 2·se from ``snr/x``, ``snr/x_se``.
+
+    Per-group values get no band (their charts show one line per group); a value or se that is not finite
+    (no estimate yet) gives no edges rather than NaN edges.
+    """
+    bands = {}
+    for name, _ in TOTALS:
+        tag = f"{prefix}/{name}"
+        value, se = values.get(tag), values.get(tag + "_se")
+        if value is None or se is None or not (math.isfinite(value) and math.isfinite(se)):
+            continue
+        bands[tag + LOWER] = value - BAND_SE * se
+        bands[tag + UPPER] = value + BAND_SE * se
+    return bands
+
+
+def log_bands(loggers: Iterable[Logger], values: Mapping[str, float], step: int, prefix: str = "snr") -> None:
+    """Log :func:`band_values` to the TensorBoard loggers among ``loggers`` (other loggers get none)."""
+    tensorboards = [logger for logger in loggers if isinstance(logger, TensorBoardLogger)]
+    bands = band_values(values, prefix) if tensorboards else {}
+    if bands:
+        for logger in tensorboards:
+            logger.log_metrics(bands, step=step)
+
+
+def snr_layout(prefix: str = "snr") -> dict:
+    """The layout as plain data: ``{category: {"closed": bool, "charts": {title: (kind, series)}}}``.
+
+    ``kind`` is ``"Margin"`` (``series``: a list of ``(value, lower, upper)`` tag triples) or
+    ``"Multiline"`` (``series``: a list of tag regexes). Category titles name a prefix other than ``snr``
+    (TensorBoard merges categories of the same title across runs and monitors).
+    """
+    p = re.escape(prefix)
+    # The user's loss tags are not known to the monitor: any tag with "loss" in its name outside <prefix>/.
+    loss = rf"(?i)(?!{p}/).*loss"
+    group = rf"{p}/(?!forecast/)[^/]+/"  # a per-group tag <prefix>/<group>/<name>, not the forecast's tags
+    totals: dict[str, tuple[str, list]] = {"loss": ("Multiline", [loss])}
+    for name, title in TOTALS:
+        tag = f"{prefix}/{name}"
+        series = [(tag, tag + LOWER, tag + UPPER)]
+        if name == "noise_scale":  # B as a band of zero width: where the two lines cross, SNR = 1
+            batch = f"{prefix}/batch_size"
+            series.append((batch, batch, batch))
+        totals[title] = ("Margin", series)
+    title = "snrmon" if prefix == "snr" else f"snrmon {prefix}"
+    return {
+        title: {"closed": False, "charts": totals},
+        f"{title} per group": {
+            "closed": False,
+            "charts": {
+                "SNR per group": ("Multiline", [group + "ratio$"]),
+                "noise scale per group (samples)": ("Multiline", [group + "noise_scale$"]),
+                "signal |G|² per group": ("Multiline", [group + "signal$"]),
+                "noise tr(Σ) per group": ("Multiline", [group + "noise$"]),
+            },
+        },
+        f"{title} basin forecast": {
+            "closed": False,
+            "charts": {
+                "basin D* (with its low and high estimates)": (
+                    "Multiline",
+                    [rf"{p}/forecast/.*/d_star(_low|_high)?$"],
+                ),
+                "steps to the basin": ("Multiline", [rf"{p}/forecast/.*/steps_to_basin$"]),
+            },
+        },
+        f"{title} standard errors": {
+            "closed": True,
+            "charts": {
+                f"standard error of {name}": ("Multiline", [rf"{p}/(.*/)?{name}_se$"])
+                for name in ("ratio", "noise_scale", "signal", "noise")
+            },
+        },
     }
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_custom_scalars({"snrmon": charts})
+
+
+def layout_summary(layout: dict):
+    """The TensorBoard ``Summary`` that carries ``layout`` (what ``SummaryWriter.add_custom_scalars`` writes,
+    which cannot put several series in one Margin chart nor fold a category)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    categories = []
+    for title, category in layout.items():
+        charts = []
+        for chart_title, (kind, series) in category["charts"].items():
+            if kind == "Margin":
+                content = layout_pb2.MarginChartContent(
+                    series=[
+                        layout_pb2.MarginChartContent.Series(value=value, lower=lower, upper=upper)
+                        for value, lower, upper in series
+                    ]
+                )
+                charts.append(layout_pb2.Chart(title=chart_title, margin=content))
+            else:
+                content = layout_pb2.MultilineChartContent(tag=series)
+                charts.append(layout_pb2.Chart(title=chart_title, multiline=content))
+        categories.append(layout_pb2.Category(title=title, chart=charts, closed=category["closed"]))
+    tensor = TensorProto(
+        dtype="DT_STRING",
+        string_val=[layout_pb2.Layout(category=categories).SerializeToString()],
+        tensor_shape=TensorShapeProto(),
+    )
+    plugin = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME))
+    return Summary(value=[Summary.Value(tag=metadata.CONFIG_SUMMARY_TAG, tensor=tensor, metadata=plugin)])
+
+
+def add_snr_layout(trainer: Trainer, prefix: str = "snr") -> None:
+    """Write snrmon's Custom Scalars layout to every TensorBoard logger (call on global rank zero)."""
+    tensorboards = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    if not tensorboards:
+        return
+    summary = layout_summary(snr_layout(prefix))
+    for logger in tensorboards:
+        logger.experiment._get_file_writer().add_summary(summary)

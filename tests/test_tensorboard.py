@@ -1,0 +1,225 @@
+"""What TensorBoard shows of a run with SNRMonitor: logs from a real ``Trainer.fit``, read back through a
+real ``tensorboard`` server's HTTP data API (the one its web page uses), and the band series of the layout.
+
+Helpers live in this file (there is no conftest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from snrmon.callbacks import SNRMonitor
+from snrmon.callbacks.tensorboard_layout import band_values, snr_layout
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+]
+
+SERVER_WAIT_S = 60  # TensorBoard starts in a few seconds; a loaded CI machine gets more
+
+
+class Regression(L.LightningModule):
+    """A small MLP; its two top-level layers are the monitor's two groups. Loss names in two common styles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(4, 16), nn.Linear(16, 1)
+
+    def _loss(self, batch):
+        x, y = batch
+        return F.mse_loss(self.out(torch.tanh(self.hidden(x))), y)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def train(root: Path) -> SNRMonitor:
+    """12 optimizer steps of 4 microbatches, logged to TensorBoard (run ``tiny/version_0``) and to a CSV."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 4, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 0.5 * torch.randn(512, 1, generator=gen)
+    data = TensorDataset(x, y)
+    monitor = SNRMonitor(groups=1, prog_bar=False)
+    trainer = L.Trainer(
+        max_steps=12,
+        accumulate_grad_batches=4,
+        log_every_n_steps=1,
+        val_check_interval=16,  # microbatches: every 4 optimizer steps
+        limit_val_batches=2,
+        callbacks=[monitor],
+        logger=[
+            TensorBoardLogger(root, name="tiny", default_hp_metric=False),
+            CSVLogger(root, name="csv"),
+        ],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(
+        Regression(),
+        DataLoader(data, batch_size=8, shuffle=True, generator=gen),
+        DataLoader(data, batch_size=64),
+    )
+    return monitor
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tensorboard_executable() -> str:
+    """The ``tensorboard`` command installed beside this interpreter, as a user of this venv runs it."""
+    beside = Path(sys.executable).parent / "tensorboard"
+    found = str(beside) if beside.exists() else shutil.which("tensorboard")
+    if found is None:
+        pytest.skip("no tensorboard command")
+    return found
+
+
+def get_json(base: str, path: str, **params: str):
+    url = base + path + ("?" + urllib.parse.urlencode(params) if params else "")
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+@contextlib.contextmanager
+def tensorboard_server(logdir: Path, log: Path) -> Iterator[str]:
+    """A ``tensorboard --logdir logdir`` on a free local port; yields its base URL, always stops it."""
+    port = free_port()
+    command = [tensorboard_executable(), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
+def wait_for_tags(base: str, run: str, wanted: set[str], log: Path) -> dict[str, dict]:
+    """The server's scalar tags of ``run`` once they include ``wanted`` (it loads event files in the
+    background after it starts); fails with the server's output after SERVER_WAIT_S."""
+    deadline = time.monotonic() + SERVER_WAIT_S
+    tags: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        try:
+            tags = get_json(base, "/data/plugin/scalars/tags").get(run, {})
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass  # not listening yet
+        if wanted <= set(tags):
+            return tags
+        time.sleep(0.5)
+    pytest.fail(f"TensorBoard never showed {sorted(wanted - set(tags))} for {run!r}:\n{log.read_text()}")
+
+
+def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
+    monitor = train(tmp_path / "logs")
+    latest = set(monitor.latest)
+    totals = ["ratio", "noise_scale", "signal", "noise"]
+    wanted = {f"snr/{name}{suffix}" for name in totals for suffix in ("", "_se", "_lower", "_upper")}
+    wanted |= {"snr/batch_size", "snr/hidden/ratio", "snr/out/noise_scale", "train/loss", "val_loss"}
+
+    log = tmp_path / "tensorboard.log"
+    with tensorboard_server(tmp_path / "logs", log) as base:
+        tags = wait_for_tags(base, "tiny/version_0", wanted, log)
+
+        # The first screen: the run has a name, and no dummy hp_metric chart.
+        assert "tiny/version_0" in get_json(base, "/data/runs")
+        assert "hp_metric" not in tags
+
+        layout = get_json(base, "/data/plugin/custom_scalars/layout")
+        categories = {category["title"]: category for category in layout["category"]}
+        assert list(categories) == list(snr_layout())
+        assert not categories["snrmon"].get("closed") and categories["snrmon standard errors"]["closed"]
+        charts = {chart["title"]: chart for category in layout["category"] for chart in category["chart"]}
+
+        # Every band chart draws series the run logged (the totals known only with the training set size
+        # are either there with both edges, or not logged at all).
+        for chart in charts.values():
+            for series in chart.get("margin", {}).get("series", []):
+                names = {series["value"], series["lower"], series["upper"]}
+                assert names <= set(tags) or not names & (set(tags) | latest), (chart["title"], names)
+        noise_scale = charts["noise scale B_simple (±2 se) and batch size B"]["margin"]["series"]
+        assert [s["value"] for s in noise_scale] == ["snr/noise_scale", "snr/batch_size"]
+
+        # Regex charts, asked for their data as the web page does: loss in both naming styles, one line
+        # per group (never the totals), standard errors apart.
+        def matched(title: str) -> set[str]:
+            (regex,) = charts[title]["multiline"]["tag"]
+            reply = get_json(base, "/data/plugin/custom_scalars/scalars", run="tiny/version_0", tag=regex)
+            assert reply["regex_valid"], regex
+            return set(reply["tag_to_events"])
+
+        assert matched("loss") == {"train/loss", "val_loss"}
+        assert matched("SNR per group") == {"snr/hidden/ratio", "snr/out/ratio"}
+        assert matched("noise scale per group (samples)") == {"snr/hidden/noise_scale", "snr/out/noise_scale"}
+        errors = {"snr/noise_se", "snr/hidden/noise_se", "snr/out/noise_se"}
+        assert matched("standard error of noise") == errors
+        assert matched("steps to the basin") == set()  # no forecast logged: an empty chart, not an error
+
+        # The band edges are value ∓ 2 se at every step with a standard error (none after a single step).
+        def series(tag: str) -> dict[int, float]:
+            reply = get_json(base, "/data/plugin/scalars/scalars", run="tiny/version_0", tag=tag)
+            return {step: float(value) for _, step, value in reply}  # NaN comes as the string "NaN"
+
+        signal, se, lower = series("snr/signal"), series("snr/signal_se"), series("snr/signal_lower")
+    assert len(lower) >= 8 and set(lower) == {step for step in signal if math.isfinite(se[step])}
+    for step, edge in lower.items():
+        assert edge == pytest.approx(signal[step] - 2 * se[step], rel=1e-5, abs=1e-6)
+
+    # The edges are for TensorBoard's charts only: other loggers and monitor.latest do not get them.
+    with open(tmp_path / "logs" / "csv" / "version_0" / "metrics.csv", newline="") as handle:
+        columns = next(csv.reader(handle))
+    assert "snr/signal" in columns and not [c for c in columns if c.endswith(("_lower", "_upper"))]
+    assert not [key for key in latest if key.endswith(("_lower", "_upper"))]
+
+
+def test_band_values():
+    values = {
+        "snr/signal": 2.0,
+        "snr/signal_se": 0.25,
+        "snr/ratio": 3.0,
+        "snr/ratio_se": math.nan,  # no estimate yet: no edges
+        "snr/noise": 5.0,  # no se: no edges
+        "snr/blocks.0/signal": 1.0,  # a group: its chart has one line per group, no band
+        "snr/blocks.0/signal_se": 0.1,
+    }
+    assert band_values(values) == {"snr/signal_lower": 1.5, "snr/signal_upper": 2.5}
