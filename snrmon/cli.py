@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,16 @@ import numpy as np
 from snrmon.fitting import Fit, FitError, fit_law, r2_score, rmse
 from snrmon.laws import LAWS, Law, get_law
 from snrmon.logs import LogError, Table, read_table
-from snrmon.plot import PlotError, Series, plot_fit
+from snrmon.plot import PlotError, Series, check_plot_target, plot_fit
 from snrmon.where import WhereError, where
 
 USAGE_ERROR = 2
 JOINT_LAWS = ("shannon", "chinchilla", "kaplan")  # laws of N and D
 BITS_LAWS = ("kumar", "qid")  # laws of N, D and bits
+MAX_BASIN_SIZES = 30  # more distinct N than this: D* is reported on a grid over the range of N instead
+BASIN_GRID = 9  # ... of this many log-spaced model sizes
+BASIN_FAR = 10.0  # a basin this factor beyond the observed D (either side) is an untested extrapolation
+MAX_CURVES = 12  # more distinct model sizes than this: the plot draws one curve per band of N
 
 DESCRIPTION = """\
 Fit scaling laws (docs/law.md, equations T6-T14) to observed losses.
@@ -55,7 +59,9 @@ class UsageError(ValueError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message + sys.exit
-        raise UsageError(f"{self.prog.split()[-1]}: {message}")
+        # main() prints "snrmon: error: "; a subcommand's parser adds its name ("fit: ...").
+        command = self.prog.split()[1:]
+        raise UsageError(f"{command[-1]}: {message}" if command else message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,8 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--refine", type=_positive(int), default=8, help="best screened starts optimised to the end (8)"
     )
-    data.add_argument("--seed", type=int, default=0, help="seed of the start grid and bootstrap (0)")
+    data.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="seed of the start grid and bootstrap (0)"
+    )
     data.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    data.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars of long fits on stderr (default: when stderr is a terminal, and not with --json)",
+    )
 
     parser = _Parser(
         prog="snrmon", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -261,7 +275,9 @@ class Result:
     predicted: np.ndarray  # per row of the data
     scores: dict[str, float | int | None]
     d_star: dict[str, float] | None  # N (or run) -> D*; None: the law has no basin
-    runs: np.ndarray | None = None  # run key per row (single-run laws)
+    run_rows: dict[str, np.ndarray] | None = None  # run -> its row indices (single-run laws)
+    d_star_sampled: bool = False  # d_star is on a grid over the range of N, not at every distinct N
+    warnings: list[str] = field(default_factory=list)  # reasons to distrust the fit, one sentence each
 
 
 def run_keys(table: Table) -> np.ndarray:
@@ -274,6 +290,15 @@ def run_keys(table: Table) -> np.ndarray:
     return np.array(["all"] * len(table), dtype=object)
 
 
+def group_rows(keys: np.ndarray) -> dict[str, np.ndarray]:
+    """The row indices of each distinct key, keys in order of first appearance; one sort, so that many
+    runs cost no more than a few (comparing every row with every key would grow as rows x runs)."""
+    unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    groups = np.split(order, np.cumsum(np.bincount(inverse, minlength=len(unique)))[:-1])
+    return {unique[i]: groups[i] for i in np.argsort(first)}
+
+
 def _key(value: float) -> str:
     """A number as a JSON key: integers without a decimal point, others in shortest round-trip form."""
     value = float(value)
@@ -281,39 +306,63 @@ def _key(value: float) -> str:
 
 
 def fit_data(
-    law: Law, data: Data, *, robust: bool, starts: int, refine: int, bootstrap: int, seed: int
+    law: Law,
+    data: Data,
+    *,
+    robust: bool,
+    starts: int,
+    refine: int,
+    bootstrap: int,
+    seed: int,
+    progress: bool = False,
 ) -> Result:
-    """Fit ``law`` to the training rows of ``data`` and score it on the training and held-out rows."""
+    """Fit ``law`` to the training rows of ``data`` and score it on the training and held-out rows.
+
+    Raises FitError before fitting when the training rows cannot determine the law (one model size for a law
+    of N and D; too few rows per run for a single-run law). ``progress``: bars on stderr while fitting.
+    """
     table, train = data.table, data.train
     columns = {name: table[name] for name in law.inputs}
     options = {"robust": robust, "starts": starts, "refine": refine, "bootstrap": bootstrap, "seed": seed}
     predicted = np.full(len(table), np.nan)
     fits: dict[str, Fit] = {}
-    runs = None
+    run_rows = None
+    warnings = []
     if not law.single_run:
-        fit = fit_law(law, _rows(columns, train), table["loss"][train], **options)
+        _check_sizes_vary(law, table, train)
+        fit = fit_law(
+            law,
+            _rows(columns, train),
+            table["loss"][train],
+            **options,
+            progress=law.name if progress else None,
+        )
         fits[""] = fit
         predicted = fit.predict(columns)
+        warnings += [f"{law.name}: {warning}" for warning in fit.warnings]
     else:
-        runs = run_keys(table)
-        unfitted = [_run_label(run, data) for run in dict.fromkeys(runs[~train]) if run not in runs[train]]
-        if unfitted:  # checked before any fit: a comparison fails fast
-            raise FitError(
-                f"{law.name}: no training rows in run {', '.join(unfitted)}; a single-run law cannot "
-                "predict a run it was not fitted to"
-            )
-        for run in dict.fromkeys(runs):
-            rows = runs == run
-            fitted = rows & train
+        run_rows = group_rows(run_keys(table))
+        _check_runs(law, run_rows, data)
+        runs = run_rows.items()
+        if progress and len(run_rows) > 1:  # one bar over the runs, not one per run
+            from tqdm import tqdm
+
+            runs = tqdm(runs, desc=law.name, unit="run", file=sys.stderr, leave=False)
+        for run, rows in runs:
+            fitted = rows[train[rows]]
             label = _run_label(run, data)
             try:
-                fit = fit_law(law, _rows(columns, fitted), table["loss"][fitted], **options)
+                fit = fit_law(
+                    law, _rows(columns, fitted), table["loss"][fitted], **options,
+                    progress=label if progress and len(run_rows) == 1 else None,
+                )  # fmt: skip
             except FitError as error:
                 raise FitError(
                     f"{law.name}, run {label}: {str(error).removeprefix(law.name + ': ')}"
                 ) from None
             fits[run] = fit
             predicted[rows] = fit.predict(_rows(columns, rows))
+            warnings += [f"{law.name}, run {label}: {warning}" for warning in fit.warnings]
     loss = table["loss"]
     test = ~train
     scores = {
@@ -324,7 +373,48 @@ def fit_data(
         "n_train": int(train.sum()),
         "n_test": int(test.sum()),
     }
-    return Result(law, fits, predicted, scores, _basins(law, fits, table), runs)
+    d_star, sampled = _basins(law, fits, table)
+    result = Result(law, fits, predicted, scores, d_star, run_rows, sampled)
+    result.warnings = warnings + _basin_warnings(result, data)
+    return result
+
+
+def _check_sizes_vary(law: Law, table: Table, train: np.ndarray) -> None:
+    """A law of N and D learns how the loss scales with N (α) from several model sizes; from one, any α fits
+    equally well and its interval is meaningless. Likewise a law of bits needs several bit widths."""
+    for name in law.inputs:
+        values = np.unique(table[name][train]) if name != "D" else ()
+        if len(values) != 1:
+            continue
+        if name == "N":
+            single = "shannon-run" if law.name == "shannon" else "power or --law shannon-run"
+            raise FitError(
+                f"{law.name}: every training row has N = {_num(float(values[0]))}; one model size cannot "
+                f"determine how the loss scales with N. Fit the run with a single-run law: --law {single}"
+            )
+        raise FitError(
+            f"{law.name}: every training row has {name} = {_num(float(values[0]))}; one value cannot "
+            f"determine how the loss depends on {name}. Fit a law without it (e.g. --law chinchilla)"
+        )
+
+
+def _check_runs(law: Law, run_rows: dict[str, np.ndarray], data: Data) -> None:
+    """Fail fast, before any fit, on runs a single-run law cannot fit."""
+    unfitted = [_run_label(run, data) for run, rows in run_rows.items() if not data.train[rows].any()]
+    if unfitted:
+        raise FitError(
+            f"{law.name}: no training rows in run {', '.join(unfitted)}; a single-run law cannot "
+            "predict a run it was not fitted to"
+        )
+    constants = len(law.params)
+    short = [run for run, rows in run_rows.items() if data.train[rows].sum() < constants]
+    if short and "group" not in data.table and "N" in data.table:
+        # Without a group column every distinct N is a run: continuous N values make one-row runs.
+        raise FitError(
+            f"{law.name}: without a group column each distinct N is one run, and {len(short):,} of "
+            f"{len(run_rows):,} runs have fewer than {constants} training rows (e.g. "
+            f"{_run_label(short[0], data)}); add a group column naming each run, or fit a law of N and D"
+        )
 
 
 def _fit_options(args: argparse.Namespace, bootstrap: int) -> dict:
@@ -334,20 +424,65 @@ def _fit_options(args: argparse.Namespace, bootstrap: int) -> dict:
         "refine": args.refine,
         "bootstrap": bootstrap,
         "seed": args.seed,
+        "progress": show_progress(args),
     }
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """--progress / --no-progress; by default bars only for a person watching: stderr is a terminal and
+    the output is not --json."""
+    if args.progress is not None:
+        return args.progress
+    return not args.json and sys.stderr.isatty()
+
+
+def warn(warnings: list[str]) -> None:
+    """Each warning as one line on stderr, apart from the report on stdout."""
+    for warning in warnings:
+        print(f"snrmon: warning: {warning}", file=sys.stderr)
 
 
 def _rows(columns: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
     return {name: values[mask] for name, values in columns.items()}
 
 
-def _basins(law: Law, fits: dict[str, Fit], table: Table) -> dict[str, float] | None:
-    """D* (T10) per N for a law of N and D, per run for a single-run law; None for laws without a basin."""
+def _basins(law: Law, fits: dict[str, Fit], table: Table) -> tuple[dict[str, float] | None, bool]:
+    """D* (T10) per N for a law of N and D, per run for a single-run law; None for laws without a basin.
+
+    With more than ``MAX_BASIN_SIZES`` distinct N (e.g. continuous model sizes), D* is given on a grid of
+    ``BASIN_GRID`` log-spaced model sizes over the range of N instead; the flag says so.
+    """
     if not hasattr(law, "d_star"):
-        return None
+        return None, False
     if law.single_run:
-        return {run: float(law.d_star(fit.theta)) for run, fit in fits.items()}
-    return {_key(n): float(law.d_star(fits[""].theta, float(n))) for n in np.unique(table["N"])}
+        return {run: float(law.d_star(fit.theta)) for run, fit in fits.items()}, False
+    sizes = np.unique(table["N"])
+    sampled = len(sizes) > MAX_BASIN_SIZES
+    if sampled:
+        sizes = np.unique([float(f"{n:.3g}") for n in np.geomspace(sizes[0], sizes[-1], BASIN_GRID)])
+    return {_key(n): float(law.d_star(fits[""].theta, float(n))) for n in sizes}, sampled
+
+
+def _basin_warnings(result: Result, data: Data) -> list[str]:
+    """One warning naming the basins that lie far outside the observed D of their run (of all rows for a
+    law of N and D): the data say nothing about the curve there."""
+    if result.d_star is None:
+        return []
+    far = []
+    for key, d_star in result.d_star.items():
+        rows = result.run_rows[key] if result.law.single_run else slice(None)
+        observed = data.table["D"][rows]
+        low, high = float(observed.min()), float(observed.max())
+        if math.isfinite(d_star) and not low / BASIN_FAR <= d_star <= high * BASIN_FAR:
+            where = f"run {_run_label(key, data)}" if result.law.single_run else f"N = {_num(float(key))}"
+            far.append(f"{where} (D* = {_num(d_star)}; observed D {_num(low)} to {_num(high)})")
+    if not far:
+        return []
+    listed = "; ".join(far[:3]) + (f"; and {len(far) - 3} more" if len(far) > 3 else "")
+    return [
+        f"{result.law.name}: basin D* more than {BASIN_FAR:g}x outside the observed D for {listed}: an "
+        "extrapolation the data do not test"
+    ]
 
 
 # --- fit ------------------------------------------------------------------------------------------------
@@ -355,8 +490,11 @@ def _basins(law: Law, fits: dict[str, Fit], table: Table) -> dict[str, float] | 
 
 def run_fit(args: argparse.Namespace) -> int:
     law = get_law(args.law)
+    if args.plot:  # before reading and fitting: a bad path or a missing matplotlib fails at once
+        check_plot_target(args.plot)
     data = load(args, read(args), [*law.inputs, "loss"])
     result = fit_data(law, data, **_fit_options(args, bootstrap=args.bootstrap))
+    warn(result.warnings)
     if args.plot:
         in_steps = "step" in data.table and args.tokens_per_step == 1.0  # TensorBoard, no --tokens-per-step
         x_label = "D (optimizer steps)" if in_steps else "D (tokens)"
@@ -386,7 +524,9 @@ def fit_document(result: Result, data: Data) -> dict:
         "params_ci": params_ci,
         **result.scores,
         "d_star": result.d_star,
+        "d_star_sampled": result.d_star_sampled,
         "dropped_rows": data.dropped_rows,
+        "warnings": result.warnings,
     }
 
 
@@ -422,11 +562,9 @@ def fit_report(result: Result, data: Data, args: argparse.Namespace) -> str:
     ]
     for run, fit in result.fits.items():
         if run:
-            rows = result.runs == run
-            lines.append(
-                f"run {_run_label(run, data)}: {int((rows & data.train).sum())} train rows, "
-                f"{int((rows & ~data.train).sum())} test rows"
-            )
+            rows = result.run_rows[run]
+            train = int(data.train[rows].sum())
+            lines.append(f"run {_run_label(run, data)}: {train} train rows, {len(rows) - train} test rows")
         lines += _constants_table(law, fit, indent="  " if run else "") + [""]
     scores = result.scores
     score_rows = [["", "R²", "RMSE", "rows"], ["train", _num(scores["r2_train"]), _num(scores["rmse_train"])]]
@@ -436,6 +574,12 @@ def fit_report(result: Result, data: Data, args: argparse.Namespace) -> str:
     lines += _aligned(score_rows)
     if result.d_star is not None:
         lines += ["", "basin D* (the loss-minimising D, T10; none: the loss keeps falling)"]
+        if result.d_star_sampled:
+            sizes = data.table["N"]
+            lines[-1] += (
+                f"\nat {len(result.d_star)} model sizes over the range of N ({_num(float(sizes.min()))} to "
+                f"{_num(float(sizes.max()))}; the data have {len(np.unique(sizes)):,} distinct N)"
+            )
         label = "run" if law.single_run else "N"
         lines += _aligned(
             [[label, "D*"]]
@@ -485,7 +629,7 @@ def plot_series(result: Result, data: Data) -> list[Series]:
     series = []
     if law.single_run:
         for run, fit in result.fits.items():
-            rows = result.runs == run
+            rows = result.run_rows[run]
             d_star = result.d_star.get(run, np.inf) if result.d_star else np.inf
             order = float(np.median(table["N"][rows])) if "N" in table else len(series)
             series.append(_series(_run_label(run, data), rows, data, fit, {}, d_star, order))
@@ -493,12 +637,34 @@ def plot_series(result: Result, data: Data) -> list[Series]:
     fit = result.fits[""]
     keys = [name for name in ("N", "bits") if name in law.inputs]
     combos = np.unique(np.stack([table[k] for k in keys], axis=1), axis=0)
+    if len(combos) > MAX_CURVES:
+        return _banded_series(result, data)
     for combo in combos:
         fixed = dict(zip(keys, combo, strict=True))
         rows = np.all([table[k] == v for k, v in fixed.items()], axis=0)
         label = ", ".join(f"{k}={_num(float(v))}" for k, v in fixed.items())
         d_star = result.d_star.get(_key(fixed["N"]), np.inf) if result.d_star else np.inf
         series.append(_series(label, rows, data, fit, fixed, d_star, float(fixed["N"])))
+    return series
+
+
+def _banded_series(result: Result, data: Data) -> list[Series]:
+    """Many distinct model sizes (continuous N): one curve per band of N holding an equal share of the
+    rows, drawn at the band's geometric-mean N (and median bits)."""
+    law, table, fit = result.law, data.table, result.fits[""]
+    log_n = np.log(table["N"])
+    edges = np.quantile(log_n, np.linspace(0, 1, MAX_CURVES // 2 + 1))
+    band = np.clip(np.searchsorted(edges, log_n, side="right") - 1, 0, len(edges) - 2)
+    series = []
+    for index in np.unique(band):
+        rows = band == index
+        fixed = {"N": float(np.exp(log_n[rows].mean()))}
+        if "bits" in law.inputs:
+            fixed["bits"] = float(np.median(table["bits"][rows]))
+        low, high = np.exp(log_n[rows].min()), np.exp(log_n[rows].max())
+        label = f"N {low:.2g} to {high:.2g} (curve at {fixed['N']:.2g})"
+        d_star = float(law.d_star(fit.theta, fixed["N"])) if result.d_star is not None else np.inf
+        series.append(_series(label, rows, data, fit, fixed, d_star, fixed["N"]))
     return series
 
 
@@ -547,6 +713,7 @@ def run_compare(args: argparse.Namespace) -> int:
                 basin_found=None,
                 d_star=None,
                 params=None,
+                warnings=[],
                 **dict.fromkeys(("r2_train", "rmse_train", "r2_test", "rmse_test", "n_train", "n_test")),
             )
             entries.append(entry)
@@ -561,9 +728,12 @@ def run_compare(args: argparse.Namespace) -> int:
             basin_found=None if result.d_star is None else bool(finite),
             n_basins=None if result.d_star is None else len(finite),
             d_star=result.d_star,
+            d_star_sampled=result.d_star_sampled,
             params=fit_document(result, data)["params"],
             dropped_rows=data.dropped_rows,
+            warnings=result.warnings,
         )
+        warn(result.warnings)
         entries.append(entry)
     score = "r2_test" if data.has_test else "r2_train"
     entries.sort(key=lambda e: (e["error"] is not None, -_finite_or(e.get(score), -math.inf)))

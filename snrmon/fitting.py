@@ -8,6 +8,8 @@ the method the Shannon law's paper reports. Scores (R², RMSE) are computed on t
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +19,12 @@ from snrmon.laws import Columns, Law
 
 EXPLORE_ROWS = 256  # rows used to explore the starting points of a large data set
 EXPLORE_HUBER_DELTA = 0.05  # the smoother objective explored before polishing a robust fit
+# Large data sets: only the final polish of the best start sees every row; choosing between the explored
+# starts and each bootstrap resample use at most this many rows, so their cost does not grow with the data.
+SUBSAMPLE_ROWS = 4096
+BOUND_TOLERANCE = 1e-3  # a constant within 0.1% of a bound has ended at it
+MIN_SPARE_ROWS = 5  # fewer rows beyond the constants than max(this, the constants): almost no freedom left
+MIN_RESAMPLES_TO_JUDGE = 20  # fewer resamples give percentile intervals too rough to judge
 
 
 class FitError(ValueError):
@@ -34,6 +42,7 @@ class Fit:
     n_train: int
     cost: float
     params_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # reasons to distrust the constants (see fit_law)
 
     @property
     def params(self) -> dict[str, float]:
@@ -71,6 +80,7 @@ def fit_law(
     bootstrap: int = 0,
     seed: int = 0,
     theta0: np.ndarray | None = None,
+    progress: str | None = None,
 ) -> Fit:
     """Fit ``law`` to rows (``columns``, ``loss``).
 
@@ -79,11 +89,18 @@ def fit_law(
         huber_delta: the Huber threshold, in log-loss units.
         starts: size of the grid of starting points, screened by their initial cost.
         refine: how many of the best-screened starts are optimised (on at most ``EXPLORE_ROWS`` rows); the two
-            best of those are then polished on all rows.
-        bootstrap: number of row resamples for the 95% intervals in ``params_ci`` (0: none).
+            best of those are then polished on all rows (beyond ``SUBSAMPLE_ROWS`` rows: on that many rows,
+            and only the better one on all rows).
+        bootstrap: number of row resamples for the 95% intervals in ``params_ci`` (0: none). Beyond
+            ``SUBSAMPLE_ROWS`` rows each resample draws that many rows and its spread is scaled down to the
+            full row count (see ``_bootstrap``).
         seed: seeds the grid subsampling and the bootstrap.
         theta0: an extra starting point (natural units), e.g. a previous fit; with ``starts=0`` the fit
             only polishes it (the fast path for refitting a growing curve).
+        progress: a label: show a progress bar with it on stderr (tqdm); ``None``: no bar.
+
+    The returned fit's ``warnings`` say when its constants deserve little trust: a constant at its bound,
+    almost no rows beyond the number of constants, a bootstrap interval that excludes its own estimate.
 
     Raises:
         FitError: too few rows, non-positive values, or no start that reaches finite constants.
@@ -100,7 +117,10 @@ def fit_law(
         raise ValueError("give starting points: starts > 0 or theta0")
     log_starts = np.clip(np.log(candidates), problem.lower + 1e-9, problem.upper - 1e-9)
     if len(candidates) == 1:  # a warm start (e.g. the previous fit of a growing curve): polish it only
-        return _finish(problem, problem.solve(log_starts[0]), bootstrap, seed)
+        with _Progress(progress, 1 + bootstrap) as bar:
+            best = problem.solve(log_starts[0])
+            bar.update()
+            return _finish(problem, best, bootstrap, seed, bar)
     # Explore on a subsample of rows (the optimum moves little, the cost drops with the row count), then
     # polish the two best explorations on every row.
     rng = np.random.default_rng(seed)
@@ -117,19 +137,43 @@ def fit_law(
     # The initial cost is a poor guide in a landscape this rugged: take a few cheap steps from many
     # promising starts, then optimise the best of those fully.
     promising = [i for i in np.argsort(screened)[: 4 * refine] if np.isfinite(screened[i])]
-    stepped = [explorer.solve(log_starts[i], explore_rows, tolerance=1e-3, max_steps=10) for i in promising]
-    stepped = sorted((r for r in stepped if np.isfinite(r.cost)), key=lambda r: r.cost)[:refine]
-    explored = [explorer.solve(r.x, explore_rows, tolerance=1e-5) for r in stepped]
-    explored = sorted((r for r in explored if np.isfinite(r.cost)), key=lambda r: r.cost)[:2]
-    polished = [problem.polish(r.x) for r in explored]
-    best = min((r for r in polished if np.isfinite(r.cost)), key=lambda r: r.cost, default=None)
-    if best is None:
-        raise FitError(f"{law.name}: no start converged to finite constants")
+    large = len(loss) > SUBSAMPLE_ROWS
+    with _Progress(progress, len(promising) + refine + 2 + large + bootstrap) as bar:
+        stepped = []
+        for i in promising:
+            stepped.append(explorer.solve(log_starts[i], explore_rows, tolerance=1e-3, max_steps=10))
+            bar.update()
+        stepped = sorted((r for r in stepped if np.isfinite(r.cost)), key=lambda r: r.cost)[:refine]
+        explored = []
+        for r in stepped:
+            explored.append(explorer.solve(r.x, explore_rows, tolerance=1e-5))
+            bar.update()
+        bar.update(refine - len(stepped))
+        explored = sorted((r for r in explored if np.isfinite(r.cost)), key=lambda r: r.cost)[:2]
+        if large:
+            # Polishing on every row costs time in proportion to the rows: pick the better exploration on a
+            # bounded subsample, then bring it near the optimum on subsamples 8x larger each time, so that
+            # the final polish on every row needs few steps.
+            rows = rng.choice(len(loss), SUBSAMPLE_ROWS, replace=False)
+            explored = [problem.solve(r.x, rows) for r in explored]
+            explored = sorted((r for r in explored if np.isfinite(r.cost)), key=lambda r: r.cost)[:1]
+            size = 8 * SUBSAMPLE_ROWS
+            while explored and size < len(loss):
+                explored = [problem.solve(explored[0].x, rng.choice(len(loss), size, replace=False))]
+                size *= 8
+            bar.update()
+        polished = []
+        for r in explored:
+            polished.append(problem.polish(r.x))
+            bar.update()
+        bar.update(2 - len(explored))
+        best = min((r for r in polished if np.isfinite(r.cost)), key=lambda r: r.cost, default=None)
+        if best is None:
+            raise FitError(f"{law.name}: no start converged to finite constants")
+        return _finish(problem, best, bootstrap, seed, bar)
 
-    return _finish(problem, best, bootstrap, seed)
 
-
-def _finish(problem: _Problem, best, bootstrap: int, seed: int) -> Fit:
+def _finish(problem: _Problem, best, bootstrap: int, seed: int, bar: _Progress) -> Fit:
     # The optimiser saw non-finite residuals replaced by large numbers; judge the result on the real ones.
     if not np.all(np.isfinite(best.x)) or not np.isfinite(problem.cost(best.x)):
         raise FitError(f"{problem.law.name}: no start converged to finite constants")
@@ -140,8 +184,63 @@ def _finish(problem: _Problem, best, bootstrap: int, seed: int) -> Fit:
         problem.law, theta, r2_score(loss, predicted), rmse(loss, predicted), len(loss), float(best.cost)
     )
     if bootstrap:
-        fit.params_ci = _bootstrap(problem, best.x, bootstrap, seed)
+        fit.params_ci = _bootstrap(problem, best.x, bootstrap, seed, bar)
+    fit.warnings = _warnings(problem, fit, bootstrap)
     return fit
+
+
+def _warnings(problem: _Problem, fit: Fit, resamples: int) -> list[str]:
+    """Reasons not to trust ``fit``'s constants, one sentence each (the law's name is left to the caller)."""
+    law, warnings = fit.law, []
+    log_theta = np.log(fit.theta)
+    for i, param in enumerate(law.params):
+        # A constant pressed against its bound is where the search stopped, not where the data put it.
+        at_lower = log_theta[i] - problem.lower[i] < BOUND_TOLERANCE
+        at_upper = problem.upper[i] - log_theta[i] < BOUND_TOLERANCE
+        if at_lower or at_upper:
+            side, bound = ("lower", param.lower) if at_lower else ("upper", param.upper)
+            warnings.append(
+                f"{param.name} = {fit.theta[i]:.4g} ended at its {side} bound {bound:.4g}: the best fit lies "
+                "at or past the range the fitter allows, so the constants mean little"
+            )
+    constants, rows = len(law.params), fit.n_train
+    spare = rows - constants
+    if spare < max(constants, MIN_SPARE_ROWS):
+        warnings.append(
+            f"{rows} rows for {constants} constants ({spare} degree{'s' if spare != 1 else ''} of freedom): "
+            f"a close fit (R² {fit.r2_train:.4f}) says little; fit more rows or a law with fewer constants"
+        )
+    if resamples >= MIN_RESAMPLES_TO_JUDGE:
+        for name, (low, high) in fit.params_ci.items():
+            value = fit.params[name]
+            if not low <= value <= high:
+                warnings.append(
+                    f"the 95% bootstrap interval of {name}, [{low:.4g}, {high:.4g}], excludes its estimate "
+                    f"{value:.4g}: fits to resampled rows settle elsewhere, so the optimum is unstable"
+                )
+    return warnings
+
+
+class _Progress:
+    """A tqdm progress bar on stderr counting solver runs, or nothing when ``label`` is None."""
+
+    def __init__(self, label: str | None, total: int):
+        self.bar = None
+        if label is not None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="solve", file=sys.stderr, leave=False)
+
+    def update(self, steps: int = 1) -> None:
+        if self.bar is not None and steps > 0:
+            self.bar.update(steps)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _check_rows(law: Law, columns: Columns, loss: np.ndarray) -> None:
@@ -232,15 +331,25 @@ class _Problem:
         )
 
 
-def _bootstrap(problem: _Problem, log_theta: np.ndarray, resamples: int, seed: int) -> dict[str, tuple]:
-    """95% percentile intervals of each constant over fits to rows resampled with replacement."""
+def _bootstrap(
+    problem: _Problem, log_theta: np.ndarray, resamples: int, seed: int, bar: _Progress
+) -> dict[str, tuple]:
+    """95% percentile intervals of each constant over fits to rows resampled with replacement.
+
+    With n > ``SUBSAMPLE_ROWS`` rows, each resample draws m = ``SUBSAMPLE_ROWS`` rows (the m-out-of-n
+    bootstrap) and its deviation from the estimate, in log constants, is scaled by sqrt(m / n): an
+    estimate's spread shrinks as 1 / sqrt(rows), so the intervals are those of n rows at the cost of m.
+    """
     rng = np.random.default_rng(seed)
     n = len(problem.loss)
+    m = min(n, SUBSAMPLE_ROWS)
+    scale = math.sqrt(m / n)
     samples = []
     for _ in range(resamples):
-        result = problem.solve(log_theta, rows=rng.integers(0, n, n))
+        result = problem.solve(log_theta, rows=rng.integers(0, n, m))
         if np.all(np.isfinite(result.x)):
-            samples.append(np.exp(result.x))
+            samples.append(np.exp(log_theta + scale * (result.x - log_theta)) if m < n else np.exp(result.x))
+        bar.update()
     if not samples:
         return {}
     low, high = np.percentile(np.array(samples), [2.5, 97.5], axis=0)

@@ -19,6 +19,8 @@ import numpy as np
 
 MISSING = {"", "nan", "na", "n/a", "null", "none"}  # cells read as NaN in numeric columns (case-insensitive)
 N_KEYS = ("n_params", "N")  # hparams.yaml keys giving a run's parameter count
+TAGS_SHOWN = 8  # tags named in a message about --tag; the rest are counted
+VALIDATION_WORDS = ("val", "valid", "eval", "test", "holdout")  # tags of held-out losses
 
 
 class LogError(ValueError):
@@ -141,12 +143,10 @@ def read_tensorboard(
     available = sorted(set().union(*(tags for _, tags in scalars.values())))
     if tag is None:
         if len(available) != 1:
-            raise LogError(
-                f"choose the loss scalar with --tag; available tags: {', '.join(available) or 'none'}"
-            )
+            raise LogError(f"choose the loss scalar with --tag; {suggest_tags(available)}")
         tag = available[0]
     if tag not in available:
-        raise LogError(f"no scalar tag {tag!r} in {root}; available tags: {', '.join(available) or 'none'}")
+        raise LogError(f"no scalar tag {tag!r} in {root}; {suggest_tags(available)}")
 
     table = Table({})
     columns: dict[str, list] = {"group": [], "step": [], "loss": [], "N": []}
@@ -185,6 +185,29 @@ def read_tensorboard(
     if not len(table):
         raise LogError(f"no logged values of {tag!r} after step 0 in {root}")
     return table
+
+
+def suggest_tags(tags: list[str]) -> str:
+    """The tags worth trying as --tag, most likely first: loss tags (validation before training), then the
+    others; at most ``TAGS_SHOWN`` named, the rest counted (a Lightning run may log dozens of scalars)."""
+    if not tags:
+        return "the runs log no scalars"
+
+    def rank(tag: str) -> tuple:
+        words = re.split(r"[^a-z]+", tag.lower())
+        is_loss = any("loss" in word for word in words)
+        is_validation = any(word.startswith(VALIDATION_WORDS) for word in words)
+        return (not is_loss, not is_validation, tag)
+
+    ordered = sorted(tags, key=rank)
+    likely = [tag for tag in ordered if "loss" in tag.lower()]
+    shown = (likely or ordered)[:TAGS_SHOWN]
+    rest = len(tags) - len(shown)
+    text = f"{'likely loss tags' if likely else 'available tags'}: {', '.join(shown)}"
+    if rest:
+        others = [tag for tag in ordered if tag not in shown][:3]
+        text += f" ({rest} other tag{'s' if rest > 1 else ''}, e.g. {', '.join(others)})"
+    return text
 
 
 def _run_name(run_dir: Path, base: Path) -> str:

@@ -32,6 +32,24 @@ class Series:
     order: float = 0.0  # sorts the series and sets their colours (e.g. log N)
 
 
+def check_plot_target(path: str | Path) -> None:
+    """Raise PlotError now if a picture could not be written to ``path`` later: matplotlib missing, the
+    directory absent, or the file not writable. Lets a command fail before a long fit, not after it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlotError("--plot needs matplotlib: pip install 'snrmon[plot]'") from None
+    path = Path(path)
+    existed = path.exists()
+    try:
+        with open(path, "ab"):  # appending writes nothing: an existing picture stays as it is
+            pass
+    except OSError as error:
+        raise PlotError(f"cannot write {path}: {error.strerror or error}") from None
+    if not existed:
+        path.unlink()  # leave no empty file behind should the fit fail
+
+
 def plot_fit(path: str | Path, series: list[Series], title: str, x_label: str = "D (tokens)") -> Path:
     """Write a PNG of ``series`` to ``path``: filled dots are fitted rows, hollow dots held-out rows, lines
     the fitted law (extended past the data), stars the basin D* where it lies inside the plotted range."""

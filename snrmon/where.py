@@ -50,10 +50,17 @@ def where(table: Table, expression: str) -> np.ndarray:
     """
     try:
         tree = ast.parse(expression.strip(), mode="eval")
+        mask = _condition(tree.body, table, expression)
     except SyntaxError:
-        raise WhereError(f"invalid expression {expression!r}; allowed: {ALLOWED}") from None
-    mask = _condition(tree.body, table, expression)
+        raise WhereError(f"invalid expression {_short(expression)}; allowed: {ALLOWED}") from None
+    except (RecursionError, MemoryError):  # Python's parser (or _condition) gives up on deep nesting
+        raise WhereError(f"expression nested too deeply: {_short(expression)}") from None
     return np.broadcast_to(np.asarray(mask, dtype=bool), (len(table),)).copy()
+
+
+def _short(expression: str, limit: int = 80) -> str:
+    """The expression quoted for a message, cut to ``limit`` characters: a message stays one short line."""
+    return repr(expression if len(expression) <= limit else expression[: limit - 3] + "...")
 
 
 def _condition(node: ast.AST, table: Table, expression: str) -> np.ndarray:

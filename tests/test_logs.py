@@ -113,7 +113,7 @@ def test_tensorboard_n_option_overrides_and_steps_by_default(runs_dir):
 
 
 def test_tensorboard_tag_errors_list_the_tags(runs_dir):
-    with pytest.raises(LogError, match="available tags: train/loss, val/loss"):
+    with pytest.raises(LogError, match="likely loss tags: val/loss, train/loss"):
         read_tensorboard(runs_dir, "val/acc")
     with pytest.raises(LogError, match="--tag"):
         read_tensorboard(runs_dir, None)  # two tags: the choice must be explicit
