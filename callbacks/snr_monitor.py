@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import random
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -19,14 +21,16 @@ from lightning.pytorch.strategies import (
     SingleDeviceXLAStrategy,
     XLAStrategy,
 )
-from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
-from snrmon.callbacks.tensorboard_layout import add_snr_layout
+from snrmon.callbacks._lightning import logging_step, loss_scale, should_log, unscales_in_step
+from snrmon.callbacks.tensorboard_layout import add_snr_layout, log_bands
 from snrmon.estimator import GradientNoiseEstimator
-from snrmon.groups import TOTAL, group_parameters
+from snrmon.groups import TOTAL, check_groups, group_parameters
+from snrmon.sampling import Population, training_population
 from snrmon.taps import GradientTaps
 
 
@@ -56,10 +60,18 @@ class SNRMonitor(Callback):
     smoothed separately with bias-corrected EMAs. The noise scale (T4) and SNR (T5) are ratios of the
     smoothed values. Everything stays on the training device until a logging step.
 
+    When the microbatches of a step are disjoint draws from a finite training set of N samples (a shuffled
+    map-style dataset, ``DistributedSampler`` shards), T2 alone would estimate |G|² − S²/N; the monitor reads
+    N off the training dataloader (or ``dataset_size``) and reports the training-set |G|² the optimizer
+    descends, plus ``signal_beyond_chance`` (|G|² − S²/N) and ``dataset_snr`` (N|G|²/S²). One info line at
+    the start says which case the run is in.
+
     Logged on ``log_every_n_steps`` through every configured logger, and kept in :attr:`latest`:
     ``snr/signal``, ``snr/noise``, ``snr/noise_scale`` (in samples), ``snr/ratio`` (SNR at the current
     batch size), each with a ``_se`` standard error, ``snr/batch_size``, ``snr/skipped_steps`` (steps with
-    non-finite gradients), and per group ``snr/<group>/...``.
+    non-finite gradients), ``snr/dropped_windows`` (accumulation windows the optimizer never applied), with a
+    finite training set ``snr/signal_beyond_chance``, ``snr/dataset_snr`` (with ``_se``) and
+    ``snr/dataset_size``, and per group ``snr/<group>/...``.
 
     Args:
         every_n_steps: measure on every n-th optimizer step; on other steps no hook is installed.
@@ -68,12 +80,24 @@ class SNRMonitor(Callback):
             parameter names (``2``: ``"blocks.0"``), a dict maps group names to regexes.
         batch_size_fn: the number of samples the training loss of a batch is a mean over (a Python number
             or a device tensor, e.g. the count of non-padding tokens for a per-token loss). Defaults to
-            the batch's leading dimension.
+            the leading dimension of the batch's first tensor that has one.
         split_batch: with one device and no gradient accumulation there is no second batch size. If
-            ``True``, each measured step also runs ``training_step`` on the first half of the batch (RNG
-            state and buffers restored, ``self.log`` muted) to get one: about half a forward and backward
-            extra per measured step. Off by default: the monitor then warns once and logs nothing.
-        prog_bar: show ``snr/ratio`` in the progress bar.
+            ``True``, each measured step also runs ``training_step`` on the first half of the batch (torch,
+            Python and NumPy random states and buffers restored, ``self.log`` muted) to get one: about half a
+            forward and backward extra per measured step. Off by default: the monitor then warns once, logs
+            nothing and installs no hook.
+        dataset_size: N, the number of samples the training batches are drawn from without replacement;
+            ``None`` reads it off the training dataloader (map-style dataset with a ``RandomSampler`` without
+            replacement, ``SequentialSampler``, ``SubsetRandomSampler`` or ``DistributedSampler``; no
+            correction for iterable datasets, sampling with replacement, or samplers it cannot read).
+        prefix: the first component of every logged name (``"snr"``): give two monitors on one trainer
+            different prefixes.
+        prog_bar: show ``<prefix>/ratio`` in the progress bar.
+
+    Raises:
+        MisconfigurationException: at setup, for a sharded or XLA strategy, manual optimization, a second
+            monitor with the same ``prefix``, or ``split_batch=True`` on a module that holds torchmetrics
+            metrics (their updates inside the extra ``training_step`` could not be undone).
 
     Example::
 
@@ -87,17 +111,26 @@ class SNRMonitor(Callback):
         groups: int | dict[str, str] | None = None,
         batch_size_fn: Callable[[Any], int | float | Tensor] | None = None,
         split_batch: bool = False,
+        dataset_size: int | None = None,
+        prefix: str = "snr",
         prog_bar: bool = True,
     ):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        check_groups(groups)
+        if dataset_size is not None and not dataset_size > 1:
+            raise ValueError(f"dataset_size must be > 1 (None: read off the dataloader), got {dataset_size}")
+        if not isinstance(prefix, str) or not prefix.strip("/"):
+            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
         self.every_n_steps = every_n_steps
         self.ema_decay = ema_decay
         self.groups = groups
-        self.batch_size_fn = batch_size_fn or extract_batch_size
+        self.batch_size_fn = batch_size_fn or count_samples
         self.split_batch = split_batch
+        self.dataset_size = dataset_size
+        self.prefix = prefix.strip("/")
         self.prog_bar = prog_bar
         self.latest: dict[str, float] = {}
 
@@ -105,22 +138,26 @@ class SNRMonitor(Callback):
         self._taps: GradientTaps | None = None
         self._group_names: list[str] = []
         self._pending_state: dict[str, Any] | None = None
-        self._warned_single_batch = False
+        self._warned: set[str] = set()
         self._rank = 0
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
         self._disabled = False
-        self._measuring = False
-        self._backwards = 0  # small gradients added in the current step, on this rank
-        self._last_backward = False  # whether the step's latest microbatch ran a backward
+        self._measuring = False  # whether the current accumulation window is measured
+        self._backwards = 0  # small gradients added in the current window, on this rank
+        self._window_size: float | Tensor = 0.0  # their samples
+        self._last_backward = False  # whether the window's latest microbatch ran a backward
         self._reduced = False  # whether this rank joined the step's all-reduce
+        self._closed_step = -1  # global step of the last on_before_optimizer_step
+        self._population: Population | None = None
         self._batch: Any = None
         self._batch_idx = 0
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, groups=self.groups)
+        # Only what makes two monitors different sinks: a resume may change every_n_steps or groups.
+        return self._generate_state_key(prefix=self.prefix)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -137,42 +174,121 @@ class SNRMonitor(Callback):
             raise MisconfigurationException(
                 "SNRMonitor needs automatic optimization (it reads Lightning's accumulation scaling)."
             )
+        twins = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, SNRMonitor) and c is not self]
+        if any(twin.prefix == self.prefix for twin in twins):
+            raise MisconfigurationException(
+                f"two SNRMonitors would both log under {self.prefix!r}/: give each its own `prefix=`."
+            )
+        if self.split_batch and _holds_metrics(pl_module):
+            raise MisconfigurationException(
+                "SNRMonitor(split_batch=True) runs `training_step` once more on half of each measured batch;"
+                " the module holds torchmetrics metrics, whose updates in that extra call would count the"
+                " half batch twice and cannot be undone in general. Use gradient accumulation or several"
+                " devices instead of split_batch."
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset_fit_state()
         self._rank = trainer.global_rank
         self._estimator = self._taps = None
-        self._watch_trainable_parameters(pl_module)
-        if self._estimator is not None and self._pending_state is not None:
-            self._load_estimator(self._pending_state)
-        self._pending_state = None
+        self._group_names = []
         if trainer.is_global_zero:
             add_snr_layout(trainer)
 
     @_never_crash
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A fine-tuning schedule (e.g. BackboneFinetuning) may unfreeze parameters between epochs.
-        self._watch_trainable_parameters(pl_module)
+        # Dataloaders exist by now, and may be reloaded between epochs.
+        if self.dataset_size is not None:
+            population = Population(self.dataset_size, f"dataset_size={self.dataset_size} was given")
+        else:
+            population = training_population(trainer.train_dataloader)
+        if population != self._population:
+            self._population = population
+            if population.size is None:
+                rank_zero_info(
+                    f"SNRMonitor: {population.description}, so the microbatches of a step are taken as"
+                    " independent draws: no finite-training-set correction. Pass `dataset_size=N` if they are"
+                    " disjoint draws from N samples."
+                )
+            else:
+                rank_zero_info(
+                    f"SNRMonitor: {population.description}: the microbatches of a step are disjoint draws"
+                    f" from a training set of N = {population.size} samples. `signal` is the training-set"
+                    " |G|² (finite-population corrected); signal_beyond_chance and dataset_snr are logged."
+                )
+            if self._estimator is not None:
+                self._estimator.dataset_size = population.size or math.inf
+
+    # ------------------------------------------------------------------ per accumulation window
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch, self._batch_idx = batch, batch_idx
+        self._last_backward = False
+
+    @_never_crash
+    def on_before_zero_grad(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Lightning zeroes the gradients before the first backward of every accumulation window. Small
+        # gradients still pending belong to a window the optimizer never applied (a user's `optimizer_step`
+        # that skipped `optimizer.step()`, an epoch cut short by `on_train_batch_start` returning -1): their
+        # applied gradient is being thrown away, so they are dropped and counted, never mixed into this one.
+        if self._backwards:
+            self._estimator.drop_step()
+            self._taps.clear_window()
+            self._backwards, self._window_size = 0, 0.0
+        self._measuring = self._window_is_measured(trainer)
+        if self._measuring:
+            # Checked on every measured window, not at epoch start: another callback may unfreeze parameters
+            # after this one's epoch hook, and lazy parameters exist only after the first forward.
+            self._watch_trainable_parameters(pl_module)
+            self._measuring = self._taps is not None
+        if self._taps is not None:
+            self._taps.attach() if self._measuring else self._taps.detach()
+
+    def _window_is_measured(self, trainer: Trainer) -> bool:
+        if trainer.global_step % self.every_n_steps:
+            return False
+        if trainer.world_size == 1 and trainer.accumulate_grad_batches == 1 and not self.split_batch:
+            self._warn_once(
+                "single_batch",
+                "SNRMonitor: one device and `accumulate_grad_batches=1` give a single batch size per step,"
+                " so signal and noise cannot be separated: nothing is logged and no hook is installed. Use"
+                " gradient accumulation, several devices, or `SNRMonitor(split_batch=True)` (about half a"
+                " forward/backward extra per measured step; raise `every_n_steps` to spend less).",
+            )
+            return False
+        return True
 
     def _watch_trainable_parameters(self, pl_module: LightningModule) -> None:
-        named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
-        if self._taps is not None and [p for _, p in named] == self._taps.parameters:
-            return
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad and not is_lazy(p)]
+        watched = self._taps.parameters if self._taps is not None else []
+        if len(named) == len(watched) and all(p is q for (_, p), q in zip(named, watched, strict=True)):
+            return  # identity, not `==`: equal values say nothing about which tensors train
+        if self._taps is not None:
+            self._taps.detach()
+            self._taps = None
         if not named:
             self._disable("the model has no trainable parameters")
             return
-        if self._taps is not None:
-            self._taps.detach()
         names, parameters = zip(*named, strict=True)
         group_names, membership = group_parameters(list(names), self.groups)
         self._taps = GradientTaps(list(parameters), membership)
-        if self._estimator is None or group_names != self._group_names:
-            if self._estimator is not None:
-                rank_zero_warn(
-                    f"SNRMonitor: the trainable groups changed to {group_names}; the EMAs restart."
-                )
-            self._group_names = group_names
-            self._estimator = GradientNoiseEstimator(len(group_names), self.ema_decay, parameters[0].device)
+        if self._estimator is not None and int(self._estimator.updates) > 0:
+            # The total (and maybe the groups) now sums over other tensors: a new quantity, new EMAs.
+            rank_zero_info(
+                f"SNRMonitor: the trainable parameters changed ({len(watched)} -> {len(parameters)} tensors,"
+                f" groups {group_names}); the EMAs restart."
+            )
+        self._group_names = group_names
+        dataset_size = (self._population.size if self._population else None) or math.inf
+        self._estimator = GradientNoiseEstimator(
+            len(group_names), self.ema_decay, parameters[0].device, dataset_size
+        )
+        if self._pending_state is not None:  # resumed from a checkpoint
+            self._load_estimator(self._pending_state)
+            self._pending_state = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._taps is not None:
@@ -183,17 +299,11 @@ class SNRMonitor(Callback):
 
     # ------------------------------------------------------------------ per microbatch
     @_never_crash
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._backwards == 0:  # first microbatch of an optimizer step
-            self._measuring = trainer.global_step % self.every_n_steps == 0
-            if self._measuring:
-                self._taps.attach()
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        # Cleared here, not at batch start: `torch.autograd.grad` inside `training_step` (a gradient penalty,
+        # gradient-norm logging) also runs the hooks; only what this backward adds to `.grad` counts.
         if self._measuring:
             self._taps.start_backward()
-            self._batch, self._batch_idx = batch, batch_idx
-            self._last_backward = False
 
     @_never_crash
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -202,12 +312,21 @@ class SNRMonitor(Callback):
         # Lightning divides each microbatch loss by `accumulate_grad_batches`, and DDP averages ranks:
         # the hooks saw scale·g_k/K, and g_k enters the applied gradient with weight 1/(K·world_size).
         accumulation = trainer.accumulate_grad_batches
-        size = self.batch_size_fn(self._batch)
-        sq_norms = self._taps.backward_sq_norms(self._loss_scale(trainer)) * accumulation**2
-        self._estimator.add_small(sq_norms, size)
+        size = self._batch_size(self._batch)
+        self._taps.add_backward_to_window(size * accumulation**2)
         self._estimator.add_applied(size, weight=1.0 / (accumulation * trainer.world_size))
+        self._window_size = self._window_size + size
         self._backwards += 1
         self._last_backward = True
+
+    def _batch_size(self, batch: Any) -> float | Tensor:
+        try:
+            return self.batch_size_fn(batch)
+        except Exception as error:
+            raise ValueError(
+                f"could not count the samples of a training batch ({error}); pass"
+                " `SNRMonitor(batch_size_fn=...)` returning what the training loss is a mean over"
+            ) from error
 
     # ------------------------------------------------------------------ per optimizer step
     def on_before_optimizer_step(
@@ -220,36 +339,41 @@ class SNRMonitor(Callback):
                 if distributed and measured and self._estimator is not None:
                     self._skip_step_on_all_ranks()
                 return
+            if trainer.global_step == self._closed_step:
+                raise RuntimeError(
+                    "the optimizer evaluated its closure more than once in one step (LBFGS and other"
+                    " line-search optimizers): each evaluation is a new gradient at new parameters, not a"
+                    " microbatch of one step, so signal and noise cannot be separated"
+                )
+            self._closed_step = trainer.global_step
             if self._measuring:
                 self._finish_step(trainer, pl_module, optimizer)
-            if trainer._logger_connector.should_update_logs:
+            if should_log(trainer):
                 self._log(trainer, pl_module)
         except Exception as error:
             if distributed and measured and not self._reduced:
                 self._skip_step_on_all_ranks()  # the other ranks are waiting in the all-reduce
             self._disable(f"{type(error).__name__} in on_before_optimizer_step: {error}")
         finally:
-            self._backwards, self._batch, self._reduced = 0, None, False
-            if self._taps is not None and (trainer.global_step + 1) % self.every_n_steps != 0:
-                self._taps.detach()
+            self._backwards, self._window_size, self._batch, self._reduced = 0, 0.0, None, False
 
     def _finish_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        scale = loss_scale(trainer)
+        if self._backwards * trainer.world_size == 1 and not self.split_batch:
+            # One microbatch on one device: nothing to compare it with. Only at an epoch's ragged end under
+            # accumulation (the single-batch setup is caught at window start), so it is expected and silent.
+            self._taps.clear_window()
+            self._estimator.discard_step()
+            return
+        self._estimator.add_small_sum(self._taps.take_window(scale), self._window_size, self._backwards)
         if self._backwards * trainer.world_size == 1:
-            if self.split_batch:
-                self._add_half_batch(trainer, pl_module)
-            else:
-                # One microbatch on one device: nothing to compare it with (at an epoch's ragged end
-                # under accumulation this is expected and silent).
-                if trainer.accumulate_grad_batches == 1:
-                    self._warn_single_batch()
-                self._estimator.discard_step()
-                return
+            self._add_half_batch(trainer, pl_module)
         # Lightning unscales fp16 gradients before this hook, except for optimizers that unscale in their
         # own step (fused Adam) and for steps whose last microbatch skipped its backward (returned None).
-        unscaled = not getattr(optimizer, "_step_supports_amp_scaling", False) and self._last_backward
-        applied = self._taps.accumulated_sq_norms(1.0 if unscaled else self._loss_scale(trainer))
+        unscaled = not unscales_in_step(optimizer) and self._last_backward
+        applied = self._taps.accumulated_sq_norms(1.0 if unscaled else scale)
         self._estimator.step(applied, all_reduce=_sum_over_ranks if trainer.world_size > 1 else None)
         self._reduced = True
 
@@ -264,15 +388,23 @@ class SNRMonitor(Callback):
 
     def _add_half_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The split-batch fallback: one extra small gradient from the first half of the batch."""
-        full_size = extract_batch_size(self._batch)
+        full_size = int(count_samples(self._batch))
         if full_size < 2:
+            self._warn_once(
+                "tiny_batch",
+                f"SNRMonitor(split_batch=True): a batch of {full_size} sample cannot be split in two; such"
+                " steps are not measured.",
+            )
             return
-        half = apply_to_collection(self._batch, Tensor, lambda t: t[: full_size // 2])
-        scale = self._loss_scale(trainer)
+        half = apply_to_collection(
+            self._batch, Tensor, lambda t: t[: full_size // 2] if t.ndim and len(t) == full_size else t
+        )
+        scale = loss_scale(trainer)
         device = pl_module.device
         rng_devices = [device] if device.type == "cuda" else []
         with (
             torch.random.fork_rng(devices=rng_devices),
+            _restored_python_and_numpy_random(),
             _muted_logging(pl_module),
             _restored_buffers(pl_module),
             trainer.precision_plugin.train_step_context(),
@@ -284,45 +416,44 @@ class SNRMonitor(Callback):
             torch.autograd.grad(loss * scale, self._taps.parameters, allow_unused=True)
         self._estimator.add_small(self._taps.backward_sq_norms(scale), self.batch_size_fn(half))
 
-    def _warn_single_batch(self) -> None:
-        if not self._warned_single_batch:
-            self._warned_single_batch = True
-            rank_zero_warn(
-                "SNRMonitor: one device and `accumulate_grad_batches=1` give a single batch size per step,"
-                " so signal and noise cannot be separated and nothing is logged. Use gradient accumulation,"
-                " several devices, or `SNRMonitor(split_batch=True)` (about half a forward/backward extra"
-                " per measured step; raise `every_n_steps` to spend less)."
-            )
-
-    @staticmethod
-    def _loss_scale(trainer: Trainer) -> Tensor | float:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = getattr(scaler, "_scale", None)  # a device tensor: get_scale() would sync
-        return 1.0 if scale is None else scale
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            rank_zero_warn(message)
 
     # ------------------------------------------------------------------ logging
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        values = self._estimator.compute()
+        if self._estimator is None:
+            return
+        estimator = self._estimator
+        values = estimator.compute()
         names, tensors = [], []
         for index, group in enumerate(self._group_names):
-            prefix = "snr/" if group == TOTAL else f"snr/{group}/"
+            prefix = f"{self.prefix}/" if group == TOTAL else f"{self.prefix}/{group}/"
             for key, value in values.items():
                 names.append(prefix + key)
                 tensors.append(value[index])
-        names += ["snr/batch_size", "snr/skipped_steps"]
-        tensors += [self._estimator.batch_size, self._estimator.skipped, self._estimator.updates]
+        counters = {"batch_size": estimator.batch_size, "skipped_steps": estimator.skipped}
+        counters["dropped_windows"] = estimator.dropped
+        names += [f"{self.prefix}/{key}" for key in counters]
+        tensors += [*counters.values(), estimator.updates]
         *numbers, updates = torch.stack([t.to(torch.float64) for t in tensors]).tolist()  # the one host sync
         latest = dict(zip(names, numbers, strict=True))
-        if updates == 0:  # no estimate yet: only say if steps were skipped
-            latest = {"snr/skipped_steps": latest["snr/skipped_steps"]} if latest["snr/skipped_steps"] else {}
+        if math.isfinite(estimator.dataset_size):
+            latest[f"{self.prefix}/dataset_size"] = estimator.dataset_size
+        if updates == 0:  # no estimate yet: only say if steps were skipped or dropped
+            counts = [f"{self.prefix}/skipped_steps", f"{self.prefix}/dropped_windows"]
+            latest = {key: latest[key] for key in counts if latest[key]}
             if not latest:
                 return
         self.latest = latest
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = logging_step(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(self.latest, step=step)
-        if self.prog_bar and self.latest.get("snr/ratio", math.nan) == self.latest.get("snr/ratio"):
-            pl_module.log("snr/ratio", self.latest["snr/ratio"], prog_bar=True, logger=False)
+        log_bands(trainer.loggers, self.latest, step, self.prefix)  # edges of the TensorBoard band charts
+        ratio = self.latest.get(f"{self.prefix}/ratio", math.nan)
+        if self.prog_bar and ratio == ratio:
+            pl_module.log(f"{self.prefix}/ratio", ratio, prog_bar=True, logger=False)
 
     # ------------------------------------------------------------------ failure and state
     def _disable(self, reason: str) -> None:
@@ -340,7 +471,8 @@ class SNRMonitor(Callback):
         return {"group_names": self._group_names, "estimator": self._estimator.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = state_dict  # Lightning restores callbacks before on_fit_start, which applies it
+        # Lightning restores callbacks before fit starts; the EMAs are restored once parameters are watched.
+        self._pending_state = state_dict
 
     def _load_estimator(self, state: dict[str, Any]) -> None:
         if not state:
@@ -358,6 +490,36 @@ class SNRMonitor(Callback):
             )
             return
         self._estimator.load_state_dict(state["estimator"])
+
+
+def count_samples(batch: Any) -> int:
+    """The default ``batch_size_fn``: the leading dimension of the batch's first tensor that has one (0-dim
+    tensors, such as a per-batch scalar, are skipped)."""
+    sizes: list[int] = []
+    apply_to_collection(batch, Tensor, lambda t: sizes.append(len(t)) if t.ndim else None)
+    if not sizes:
+        raise ValueError(f"the batch ({type(batch).__name__}) holds no tensor with a leading dimension")
+    return sizes[0]
+
+
+def _holds_metrics(pl_module: LightningModule) -> bool:
+    try:
+        from torchmetrics import Metric
+    except ImportError:
+        return False
+    return any(isinstance(module, Metric) for module in pl_module.modules())
+
+
+@contextlib.contextmanager
+def _restored_python_and_numpy_random() -> Iterator[None]:
+    """`torch.random.fork_rng` covers torch only; a `training_step` may also draw from `random` or NumPy."""
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 @contextlib.contextmanager

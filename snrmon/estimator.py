@@ -14,23 +14,25 @@ and T2/T3 generalise to
 
 with 1/b = K/Σb_k and 1/B = Σ v_k²/b_k; equal microbatches give T2 and T3 exactly.
 
-Everything here is plain torch on the training device: ``add_small``/``add_applied`` accumulate one step,
-``step`` turns it into per-step estimates and updates bias-corrected EMAs, and ``compute`` is the only
-place that produces values meant for the host. No method syncs with the host before ``compute``.
+Drawn without replacement from a training set of N samples (``dataset_size``), both expectations gain the
+same −S²/N (docs/theory.md, F1–F3): noise still estimates S², and signal + noise/N is the unbiased
+training-set |G|².
+
+Everything here is plain torch on the training device: ``add_small``/``add_applied`` accumulate one step
+(sizes and weights given as Python numbers stay Python numbers until the step closes, so the hot path issues
+at most one device op per small gradient), ``step`` turns it into per-step estimates and updates
+bias-corrected EMAs, and ``compute`` is the only place that produces values meant for the host. No method
+syncs with the host before ``compute``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-
-# Layout of the per-step statistics vector, after the per-group sums (kept in one tensor so that a
-# distributed run reduces it with a single all-reduce).
-_SMALL_SIZE, _SMALL_COUNT, _WEIGHT, _WEIGHT_SQ_OVER_SIZE = range(4)
-_NUM_SCALARS = 4
 
 # Layout of the EMA moments per group: signal, noise, and the second moments for the uncertainty.
 _SIGNAL, _NOISE, _SIGNAL_SQ, _NOISE_SQ, _SIGNAL_NOISE = range(5)
@@ -54,7 +56,13 @@ class GradientNoiseEstimator:
         values = estimator.compute()                   # on log steps only
     """
 
-    def __init__(self, num_groups: int, ema_decay: float = 0.95, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_groups: int,
+        ema_decay: float = 0.95,
+        device: torch.device | str = "cpu",
+        dataset_size: float = math.inf,
+    ):
         if num_groups < 1:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         if not 0.0 <= ema_decay < 1.0:
@@ -62,9 +70,21 @@ class GradientNoiseEstimator:
         self.num_groups = num_groups
         self.ema_decay = ema_decay
         self.device = torch.device(device)
+        self.dataset_size = dataset_size
         # float64 keeps the small difference X_b − X_B exact enough; MPS has no float64.
         self.dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.reset()
+
+    @property
+    def dataset_size(self) -> float:
+        """N when the small gradients of a step are disjoint draws from N samples, else ``inf``."""
+        return self._dataset_size
+
+    @dataset_size.setter
+    def dataset_size(self, value: float) -> None:
+        if not value > 1:
+            raise ValueError(f"dataset_size must be > 1 (math.inf for independent draws), got {value}")
+        self._dataset_size = float(value)
 
     def reset(self) -> None:
         """Forget all history."""
@@ -72,27 +92,42 @@ class GradientNoiseEstimator:
         self.moments = zeros(self.num_groups, 5)
         self.updates = zeros()  # valid steps seen
         self.skipped = zeros()  # non-finite steps
+        self.dropped = zeros()  # steps whose applied gradient never came (see drop_step)
         self.batch_size = zeros()  # last step's effective batch size
         self.discard_step()
 
     def discard_step(self) -> None:
         """Drop what was added since the last ``step``."""
-        self._step_stats = torch.zeros(self.num_groups + _NUM_SCALARS, dtype=self.dtype, device=self.device)
+        self._small_sq: Tensor | float = 0.0  # Σ_k b_k |g_k|² per group
+        # Python numbers while sizes and weights are (the usual case), device tensors once one is a tensor.
+        self._small_size: Tensor | float = 0.0  # Σ_k b_k
+        self._small_count = 0  # K
+        self._weight: Tensor | float = 0.0  # Σ_k w_k
+        self._weight_sq_over_size: Tensor | float = 0.0  # Σ_k w_k² / b_k
+
+    def drop_step(self) -> None:
+        """Drop what was added since the last ``step``, counted in ``dropped``: the optimizer never applied
+        the gradient these small gradients summed to (a skipped ``optimizer.step``, an epoch cut short)."""
+        if self._small_count:
+            self.dropped += 1
+        self.discard_step()
 
     # ------------------------------------------------------------------ per microbatch (hot path)
     def add_small(self, sq_norms: Tensor, size: float | Tensor) -> None:
         """Add one small gradient: ``sq_norms[g]`` = |g_k|² over group g, mean over ``size`` samples."""
-        stats = self._step_stats
-        # ``size`` may be a Python number or a device tensor (a token count): both multiply in place.
-        stats[: self.num_groups] += sq_norms.to(stats.dtype) * size
-        stats[self.num_groups + _SMALL_SIZE] += size
-        stats[self.num_groups + _SMALL_COUNT] += 1
+        self.add_small_sum(sq_norms * size, size, count=1)
+
+    def add_small_sum(self, size_weighted_sq_norms: Tensor, size: float | Tensor, count: int) -> None:
+        """Add ``count`` small gradients at once: ``size_weighted_sq_norms[g]`` = Σ_k b_k |g_k|² over group g,
+        and ``size`` = Σ_k b_k (Python numbers or device tensors)."""
+        self._small_sq = self._small_sq + size_weighted_sq_norms.to(self.dtype)
+        self._small_size = self._small_size + size
+        self._small_count += count
 
     def add_applied(self, size: float | Tensor, weight: float = 1.0) -> None:
         """Declare that the applied gradient contains ``weight`` × a mean gradient over ``size`` samples."""
-        stats = self._step_stats
-        stats[self.num_groups + _WEIGHT] += weight
-        stats[self.num_groups + _WEIGHT_SQ_OVER_SIZE] += weight * weight / size
+        self._weight = self._weight + weight
+        self._weight_sq_over_size = self._weight_sq_over_size + weight * weight / size
 
     # ------------------------------------------------------------------ per optimizer step
     def step(self, applied_sq_norms: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -107,11 +142,17 @@ class GradientNoiseEstimator:
         A step with non-finite values, a single small gradient, or no usable second batch size leaves
         the EMAs untouched; non-finite steps are counted in ``skipped``.
         """
-        stats = self._step_stats
+        groups = self.num_groups
+        # One vector per step (a single all-reduce under DDP); filling it from Python numbers needs no copy.
+        stats = torch.zeros(groups + 4, dtype=self.dtype, device=self.device)
+        stats[:groups] = self._small_sq
+        stats[groups] = self._small_size
+        stats[groups + 1] = self._small_count
+        stats[groups + 2] = self._weight
+        stats[groups + 3] = self._weight_sq_over_size
+        self.discard_step()
         if all_reduce is not None:
             stats = all_reduce(stats)
-        self.discard_step()
-        groups = self.num_groups
         small_sum = stats[:groups]
         small_size, small_count, weight, weight_sq_over_size = stats[groups:]
         x_small = small_sum / small_size
@@ -120,7 +161,8 @@ class GradientNoiseEstimator:
         inv_big = weight_sq_over_size / (weight * weight)
         gap = inv_small - inv_big
         noise = (x_small - x_big) / gap
-        signal = (x_big * inv_small - x_small * inv_big) / gap
+        # T2 estimates |G|² − S²/N for disjoint draws from N samples (F3): adding noise/N undoes it.
+        signal = (x_big * inv_small - x_small * inv_big) / gap + noise / self.dataset_size
         per_step = torch.stack([signal, noise, signal * signal, noise * noise, signal * noise], 1)
 
         finite = torch.isfinite(stats).all() & torch.isfinite(applied_sq_norms).all()
@@ -152,6 +194,7 @@ class GradientNoiseEstimator:
         weight_sq = (1 - beta) * (1 - beta ** (2 * count)) / ((1 + beta) * debias**2)
         # 1 − weight_sq in closed form, exactly 0 (se = NaN) for a single step: no spread to measure yet.
         bessel = (1 + beta) * debias / (2 * (beta - beta**count))
+        bessel = torch.where(count > 1, bessel, math.nan)  # not 0·inf, which rounding can make inf
         var_signal = (mean[:, _SIGNAL_SQ] - signal**2).clamp_min(0) * bessel
         var_noise = (mean[:, _NOISE_SQ] - noise**2).clamp_min(0) * bessel
         cov = (mean[:, _SIGNAL_NOISE] - signal * noise) * bessel
@@ -159,10 +202,11 @@ class GradientNoiseEstimator:
         noise_se = (var_noise * weight_sq).sqrt()
         noise_scale = noise / signal
         rel_var = (var_noise / noise**2 + var_signal / signal**2 - 2 * cov / (noise * signal)) * weight_sq
-        noise_scale_se = noise_scale.abs() * rel_var.clamp_min(0).sqrt()
-        ratio = self.batch_size / noise_scale
-        ratio_se = ratio.abs() * rel_var.clamp_min(0).sqrt()
-        return {
+        rel_se = rel_var.clamp_min(0).sqrt()
+        noise_scale_se = noise_scale.abs() * rel_se
+        # The step's own noise is S²(1/B − 1/N): a batch of the whole training set has none.
+        ratio = 1.0 / (noise_scale * (1.0 / self.batch_size - 1.0 / self.dataset_size))
+        values = {
             "signal": signal,
             "noise": noise,
             "noise_scale": noise_scale,
@@ -170,13 +214,27 @@ class GradientNoiseEstimator:
             "signal_se": signal_se,
             "noise_se": noise_se,
             "noise_scale_se": noise_scale_se,
-            "ratio_se": ratio_se,
+            "ratio_se": ratio.abs() * rel_se,
         }
+        if math.isfinite(self.dataset_size):
+            # F4, F5 of docs/theory.md: the part of the signal beyond the training set's sampling noise S²/N,
+            # and the dataset-level SNR N|G|²/S².
+            n = self.dataset_size
+            beyond = signal - noise / n
+            var_beyond = (var_signal + var_noise / n**2 - 2 * cov / n).clamp_min(0)
+            dataset_snr = n / noise_scale
+            values |= {
+                "signal_beyond_chance": beyond,
+                "signal_beyond_chance_se": (var_beyond * weight_sq).sqrt(),
+                "dataset_snr": dataset_snr,
+                "dataset_snr_se": dataset_snr.abs() * rel_se,
+            }
+        return values
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         # clone: on CPU `.cpu()` is the live tensor, which `step` changes in place.
-        names = ("moments", "updates", "skipped", "batch_size")
+        names = ("moments", "updates", "skipped", "dropped", "batch_size")
         return {"ema_decay": self.ema_decay} | {name: getattr(self, name).cpu().clone() for name in names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -184,5 +242,7 @@ class GradientNoiseEstimator:
         moments = state["moments"]
         if moments.shape != self.moments.shape:
             raise ValueError(f"saved estimator has {moments.shape[0]} groups, this one has {self.num_groups}")
-        for name in ("moments", "updates", "skipped", "batch_size"):
+        for name in ("moments", "updates", "skipped", "dropped", "batch_size"):
+            if name not in state:  # a checkpoint from before this counter existed
+                continue
             setattr(self, name, state[name].to(device=self.device, dtype=self.dtype, copy=True))

@@ -4,11 +4,40 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 TOTAL = "total"
+
+
+def check_groups(groups: object) -> None:
+    """Raise a clear error for a ``groups`` argument that :func:`group_parameters` cannot use."""
+    if groups is None:
+        return
+    if isinstance(groups, bool):
+        raise ValueError(f"groups as a depth must be a positive int, got {groups!r}")
+    if not isinstance(groups, (int, Mapping)):
+        raise TypeError(
+            "groups must be None, a positive int (name depth) or a dict {group name: regex},"
+            f" got {type(groups).__name__} {groups!r}"
+        )
+    if isinstance(groups, int):
+        if groups < 1:
+            raise ValueError(f"groups as a depth must be a positive int, got {groups}")
+        return
+    for name, regex in groups.items():
+        if name == TOTAL:
+            raise ValueError(f"{TOTAL!r} is reserved for the sum over all parameters")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"group names must be non-empty strings, got {name!r}")
+        if not isinstance(regex, str):
+            raise TypeError(f"group {name!r}: the pattern must be a regex string, got {regex!r}")
+        try:
+            re.compile(regex)
+        except re.error as error:
+            raise ValueError(f"group {name!r}: {regex!r} is not a valid regex ({error})") from None
 
 
 def group_parameters(
@@ -26,8 +55,7 @@ def group_parameters(
         The group names and a 0/1 membership matrix of shape ``[num_groups, len(names)]``, so that
         ``membership @ per_parameter_squared_norms`` gives per-group squared norms (sums over coordinates).
     """
-    if isinstance(groups, bool) or (isinstance(groups, int) and groups < 1):
-        raise ValueError(f"groups as a depth must be a positive int, got {groups!r}")
+    check_groups(groups)
     labels: list[str | None]
     if groups is None:
         labels = [None] * len(names)

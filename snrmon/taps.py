@@ -30,6 +30,9 @@ class GradientTaps:
         self.membership = membership.to(device=device, dtype=torch.float64)
         self.norms = torch.zeros(len(parameters), dtype=torch.float32, device=device)
         self._slots = list(self.norms.unbind())
+        # Σ over this step's backwards of weight × |g|², per parameter: one fused op per backward, and the
+        # group sums (a matrix product) once per step.
+        self.window = torch.zeros(len(parameters), dtype=torch.float64, device=device)
         self._handles: list[RemovableHandle] = []
         self._calls = [0] * len(parameters)  # hook calls per parameter in the current backward
         self.error: BaseException | None = None
@@ -69,8 +72,7 @@ class GradientTaps:
         self.norms.zero_()
         self._calls = [0] * len(self.parameters)
 
-    def backward_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
-        """Per-group squared norms of the last backward's gradient, divided by ``scale`` (AMP loss scale)."""
+    def _check_single_delivery(self) -> None:
         if max(self._calls) > 1:
             # Reentrant activation checkpointing delivers a parameter's gradient in parts; the norm of the
             # sum cannot be had from the parts' norms without keeping a copy.
@@ -78,7 +80,28 @@ class GradientTaps:
                 "a parameter received its gradient in several parts within one backward (reentrant"
                 " activation checkpointing?); use `use_reentrant=False`"
             )
+
+    def backward_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
+        """Per-group squared norms of the last backward's gradient, divided by ``scale`` (AMP loss scale)."""
+        self._check_single_delivery()
         return self.membership @ (self.norms.double() / scale).square()
+
+    def add_backward_to_window(self, weight: float | Tensor) -> None:
+        """Add weight × the last backward's squared norms to the step's window (one op for a number)."""
+        self._check_single_delivery()
+        if isinstance(weight, Tensor):
+            self.window.addcmul_(self.norms, self.norms * weight)
+        else:
+            self.window.addcmul_(self.norms, self.norms, value=weight)
+
+    def take_window(self, scale: Tensor | float = 1.0) -> Tensor:
+        """Per-group Σ weight × |g|² over the step's backwards, divided by ``scale``²; clears the window."""
+        sums = self.membership @ self.window
+        self.window.zero_()
+        return sums if isinstance(scale, float) and scale == 1.0 else sums / scale**2
+
+    def clear_window(self) -> None:
+        self.window.zero_()
 
     def accumulated_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
         """Per-group squared norms of ``.grad`` (the accumulated, and under DDP all-reduced, gradient)."""

@@ -1,0 +1,34 @@
+"""The few private Lightning and torch attributes the callbacks read, in one place.
+
+Each accessor says what it reads and why no public API gives it; a Lightning upgrade that renames one of them
+breaks only this module.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import Trainer
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+def should_log(trainer: Trainer) -> bool:
+    """Whether this step is a logging step (``log_every_n_steps``), as Lightning decides for ``self.log``."""
+    return trainer._logger_connector.should_update_logs
+
+
+def logging_step(trainer: Trainer) -> int:
+    """The step Lightning attaches to ``self.log`` values, so the monitor's points line up with the user's."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def loss_scale(trainer: Trainer) -> Tensor | float:
+    """The fp16 loss scale as a device tensor (``GradScaler.get_scale()`` would sync), else 1."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    scale = getattr(scaler, "_scale", None)
+    return 1.0 if scale is None else scale
+
+
+def unscales_in_step(optimizer: Optimizer) -> bool:
+    """Whether the optimizer unscales fp16 gradients inside its own ``step`` (fused Adam): Lightning then
+    hands it scaled gradients."""
+    return getattr(optimizer, "_step_supports_amp_scaling", False)

@@ -1,0 +1,61 @@
+"""How a training loader draws its samples: from a finite training set without replacement, or not.
+
+The microbatches of one optimizer step drawn *without replacement* from a training set of N samples are
+disjoint, not independent, and T2 then estimates |G|² − S²/N instead of |G|² (finite-population correction,
+``docs/theory.md``). This module reads the one number the correction needs, N, off a ``DataLoader``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+)
+
+
+@dataclass(frozen=True)
+class Population:
+    """What the microbatches of a step are drawn from.
+
+    Attributes:
+        size: N, the number of samples drawn from without replacement; ``None`` when draws are independent
+            (with replacement, or a stream) or when it cannot be told.
+        description: one sentence for the user saying which case this is and why.
+    """
+
+    size: int | None
+    description: str
+
+
+def training_population(loader: object) -> Population:
+    """The population a training ``DataLoader`` samples from (``None`` size: no correction applies)."""
+    if not isinstance(loader, DataLoader):
+        return Population(None, f"cannot tell how a {type(loader).__name__} draws samples")
+    if isinstance(loader.dataset, IterableDataset):
+        return Population(None, "an iterable dataset streams its samples: no finite training set")
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is None:  # batch_size=None: the sampler yields whole samples, the dataset batches
+        sampler = loader.sampler
+    elif type(batch_sampler) is BatchSampler:
+        sampler = batch_sampler.sampler
+    else:
+        return Population(None, f"cannot tell how the batch sampler {type(batch_sampler).__name__} draws")
+    name = type(sampler).__name__
+    if isinstance(sampler, RandomSampler):
+        if sampler.replacement:
+            return Population(None, "RandomSampler draws with replacement: independent samples")
+        return Population(len(loader.dataset), "RandomSampler shuffles without replacement")
+    if isinstance(sampler, SubsetRandomSampler):
+        return Population(len(sampler.indices), "SubsetRandomSampler shuffles its subset without replacement")
+    if type(sampler) is DistributedSampler:  # not Lightning's wrapper around some other sampler
+        return Population(len(loader.dataset), "DistributedSampler gives each rank a disjoint shard")
+    if isinstance(sampler, SequentialSampler):
+        return Population(len(loader.dataset), "SequentialSampler reads the data set in order, no repeats")
+    return Population(None, f"cannot tell how the sampler {name} draws")
