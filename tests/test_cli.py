@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snrmon.cli import applicable_laws, main
+from snrmon import cli
+from snrmon.cli import BASIN_GRID, applicable_laws, main
+from snrmon.fitting import FitError
 from snrmon.laws import LAWS, get_law
 from snrmon.logs import Table
 
@@ -42,6 +44,7 @@ FIT_KEYS = {
     "n_test",
     "d_star",
     "dropped_rows",
+    "warnings",
 }
 
 
@@ -181,6 +184,24 @@ def test_single_run_law_fits_each_run(chinchilla, capsys, tmp_path):
     assert set(doc["params"]) == {"s", "l"}
 
 
+def test_plot_problems_fail_before_the_fit(chinchilla, capsys, monkeypatch, tmp_path):
+    def no_fit(*args, **kwargs):
+        raise FitError("the fit ran")  # a --plot problem must be reported before this
+
+    monkeypatch.setattr(cli, "fit_data", no_fit)
+    code, out, err = run(
+        capsys, "fit", chinchilla[0], "--law", "chinchilla", "--plot", tmp_path / "no" / "x.png"
+    )
+    assert code == 2 and "cannot write" in err and out == ""
+    picture = tmp_path / "fit.png"
+    code, _, err = run(capsys, "fit", chinchilla[0], "--law", "chinchilla", "--plot", picture)
+    assert code == 2 and "the fit ran" in err  # a writable path passes the check ...
+    assert not picture.exists()  # ... which leaves no empty file behind
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    code, _, err = run(capsys, "fit", chinchilla[0], "--law", "chinchilla", "--plot", picture)
+    assert code == 2 and "--plot needs matplotlib" in err
+
+
 def test_plot_writes_a_png(chinchilla, capsys, tmp_path):
     picture = tmp_path / "fit.png"
     code, out, err = run(
@@ -202,6 +223,121 @@ def test_missing_values_are_dropped_and_counted(chinchilla, capsys, tmp_path):
     assert doc["dropped_rows"] == 4 and doc["n_train"] == len(loss) - 4
     code, out, _ = run(capsys, "fit", sparse, "--law", "chinchilla", *FAST, "--bootstrap", "0")
     assert code == 0 and "4 rows with missing values dropped" in out
+
+
+# --- fits that say when not to trust them ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("law", ["shannon", "chinchilla", "kaplan"])
+def test_joint_law_on_one_model_size_is_refused(chinchilla, capsys, law):
+    path = chinchilla[0]
+    code, out, err = run(capsys, "fit", path, "--law", law, "--where", "N == 1e7", *FAST)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "one model size cannot determine how the loss scales with N" in err and "shannon-run" in err
+    # held-out model sizes do not help: the exponent of N is learnt from the training rows
+    code, _, err = run(capsys, "fit", path, "--law", law, "--train-where", "N == 3e7", *FAST)
+    assert code == 2 and "every training row has N = 3e+07" in err
+
+
+def test_bits_law_on_one_bit_width_is_refused(chinchilla, capsys, tmp_path):
+    path, n, d, loss = chinchilla
+    four_bits = write_csv(tmp_path / "bits.csv", {"N": n, "D": d, "bits": np.full(len(n), 4), "loss": loss})
+    code, _, err = run(capsys, "fit", four_bits, "--law", "kumar", *FAST)
+    assert code == 2 and "every training row has bits = 4" in err
+
+
+def test_compare_reports_joint_laws_on_one_model_size_as_failed(chinchilla, capsys):
+    entries = run_json(capsys, "compare", chinchilla[0], "--where", "N == 1e8", *FAST)
+    failed = {e["law"] for e in entries if e["error"] is not None}
+    assert failed == {"shannon", "chinchilla", "kaplan"}
+    assert all("shannon-run" in e["error"] for e in entries if e["error"] is not None)
+    assert entries[0]["law"] in {"power", "shannon-run"}  # the single-run laws fit and rank first
+
+
+def test_warnings_on_stderr_and_in_json(tmp_path, capsys):
+    d = np.geomspace(100, 1000, 12)
+    steep = write_csv(tmp_path / "steep.csv", {"D": d, "loss": 2 + 3 * (100 / d) ** 6})  # beta 6 > bound 3
+    code, out, err = run(capsys, "fit", steep, "--law", "power", *FAST, "--bootstrap", "0")
+    assert code == 0 and "snrmon: warning: power, run all: beta = 3 ended at its upper bound 3" in err
+    assert "snrmon: warning" not in out  # the report on stdout stays clean
+    doc = run_json(capsys, "fit", steep, "--law", "power", *FAST, "--bootstrap", "0")
+    assert any("beta = 3 ended at its upper bound" in warning for warning in doc["warnings"])
+
+    four = write_csv(tmp_path / "four.csv", {"D": d[:4], "loss": 2 + 10 / d[:4] ** 0.2})
+    doc = run_json(capsys, "fit", four, "--law", "power", *FAST, "--bootstrap", "0")
+    assert doc["r2_train"] > 0.999  # a perfect-looking fit ...
+    assert any("4 rows for 3 constants (1 degree of freedom)" in w for w in doc["warnings"])  # ... flagged
+
+
+def test_warning_when_a_bootstrap_interval_excludes_its_estimate(chinchilla, capsys, monkeypatch):
+    def beside(problem, log_theta, resamples, seed, bar):  # resampled fits that all settle elsewhere
+        theta = np.exp(log_theta)
+        return {name: (2 * v, 3 * v) for name, v in zip(problem.law.param_names, theta, strict=True)}
+
+    monkeypatch.setattr("snrmon.fitting._bootstrap", beside)
+    doc = run_json(capsys, "fit", chinchilla[0], "--law", "chinchilla", *FAST, "--bootstrap", "20")
+    excluded = [w for w in doc["warnings"] if "excludes its estimate" in w]
+    assert len(excluded) == len(get_law("chinchilla").params)
+    assert excluded[0].startswith("chinchilla: the 95% bootstrap interval of E")
+    # with a handful of resamples the percentile interval is too rough to judge
+    doc = run_json(capsys, "fit", chinchilla[0], "--law", "chinchilla", *FAST, "--bootstrap", "5")
+    assert not any("excludes its estimate" in w for w in doc["warnings"])
+
+
+def test_warning_when_a_basin_lies_far_beyond_the_data(tmp_path, capsys):
+    law = get_law("shannon")
+    theta = np.array([0.02, 0.08, 1.6e-11, 1e-3, 1.0, 0.3, 0.6, 0.2])  # docs/law.md: D* = 1.07e11 at N = 1e7
+    n, d, loss = generate("shannon", theta, [1e7, 3e7, 1e8], np.geomspace(1e8, 3e9, 15))
+    assert law.d_star(theta, 1e7) > 10 * d.max()
+    path = write_csv(tmp_path / "early.csv", {"N": n, "D": d, "loss": loss})
+    code, _, err = run(capsys, "fit", path, "--law", "shannon", *FAST, "--bootstrap", "0")
+    assert code == 0
+    far = [line for line in err.splitlines() if "basin D* more than 10x outside the observed D" in line]
+    assert len(far) == 1 and "N = 1e+07 (D* = " in far[0]
+
+
+# --- large inputs ---------------------------------------------------------------------------------------
+
+
+def test_continuous_model_sizes_summarise_the_basins(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    theta = np.array([0.02, 0.08, 1.6e-11, 1e-3, 1.0, 0.3, 0.6, 0.2])
+    columns = {"N": np.exp(rng.uniform(np.log(1e7), np.log(3e9), 400))}
+    columns["D"] = np.exp(rng.uniform(np.log(1e8), np.log(1e12), 400))
+    loss = get_law("shannon").loss(theta, columns) * np.exp(rng.normal(0.0, NOISE, 400))
+    path = write_csv(tmp_path / "continuous.csv", {**columns, "loss": loss})
+    picture = tmp_path / "continuous.png"
+    code, out, err = run(
+        capsys, "fit", path, "--law", "shannon", *FAST, "--bootstrap", "0", "--plot", picture
+    )
+    assert code == 0, err
+    basin = out[out.index("basin D*") :].split("\n\n")[0].splitlines()
+    assert "400 distinct N" in basin[1] and len(basin) == 3 + BASIN_GRID  # not one line per N
+    assert picture.stat().st_size > 10_000
+
+    doc = run_json(capsys, "fit", path, "--law", "shannon", *FAST, "--bootstrap", "0")
+    assert doc["d_star_sampled"] and len(doc["d_star"]) == BASIN_GRID
+    sizes = sorted(float(key) for key in doc["d_star"])
+    assert sizes[0] <= 1.01 * columns["N"].min() and sizes[-1] >= 0.99 * columns["N"].max()
+
+    entries = {e["law"]: e for e in run_json(capsys, "compare", path, *FAST)}
+    for single in ("power", "shannon-run"):  # every row its own run: a clear reason, not a one-row fit
+        assert "add a group column" in entries[single]["error"]
+
+
+def test_progress_bars_on_stderr(chinchilla, capsys, monkeypatch):
+    path = chinchilla[0]
+    code, _, err = run(capsys, "fit", path, "--law", "chinchilla", *FAST, "--bootstrap", "3", "--progress")
+    assert code == 0 and "chinchilla:" in err and "solve" in err  # tqdm: the label and the unit counted
+    code, _, err = run(capsys, "fit", path, "--law", "chinchilla", *FAST, "--bootstrap", "0")
+    assert code == 0 and err == ""  # stderr is no terminal here: no bar by default
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, _, err = run(capsys, "fit", path, "--law", "chinchilla", *FAST, "--bootstrap", "0")
+    assert code == 0 and "chinchilla:" in err  # a person at a terminal sees it ...
+    code, out, err = run(capsys, "fit", path, "--law", "chinchilla", *FAST, "--bootstrap", "0", "--json")
+    assert code == 0 and err == "" and json.loads(out)["law"] == "chinchilla"  # ... a machine does not
+    code, _, err = run(capsys, "fit", path, "--law", "chinchilla", *FAST, "--bootstrap", "0", "--no-progress")
+    assert code == 0 and err == ""
 
 
 # --- compare --------------------------------------------------------------------------------------------
@@ -327,8 +463,17 @@ def bad_inputs(tmp: Path, chinchilla_path: Path, tb: Path) -> list[tuple[list, s
         (["fit", chinchilla_path, "--law", "chinchilla", "--where", "loss > 1e9"], "keeps no rows"),
         (["fit", chinchilla_path, "--law", "chinchilla", "--where", "size > 1"], "unknown column 'size'"),
         (["fit", tb, "--tag", "val/acc", "--law", "power"], "likely loss tags: val/loss, train/loss"),
+        (
+            ["fit", tb, "--law", "power"],
+            "choose the loss scalar with --tag; likely loss tags: val/loss, train/loss",
+        ),
         (["fit", chinchilla_path, "--law", "gpt"], "invalid choice: 'gpt'"),
         (["fit", chinchilla_path, "--law", "chinchilla", "--bootstrap", "-1"], "must be 0 or more"),
+        (["fit", chinchilla_path, "--law", "chinchilla", "--seed", "-1"], "--seed: must be 0 or more"),
+        (
+            ["fit", chinchilla_path, "--law", "chinchilla", "--where", "not " * 5000 + "D > 1"],
+            "nested too deeply",
+        ),
         (["fit", chinchilla_path, "--law", "power", "--train-where", "N <= 1e8"], "no training rows"),
         (
             ["fit", chinchilla_path, "--law", "chinchilla", "--plot", tmp / "no" / "dir" / "x.png"],
@@ -343,6 +488,7 @@ def test_bad_input_gives_one_line_and_exit_2(chinchilla, tb_dir, tmp_path, capsy
         code, out, err = run(capsys, *argv, *(FAST if argv else []))
         assert code == 2, (argv, err)
         assert err.startswith("snrmon: error: ") and err.count("\n") == 1, (argv, err)
+        assert err.count("snrmon:") == 1, (argv, err)  # no "snrmon: error: snrmon: ..."
         assert message in err, (argv, err)
         assert "Traceback" not in err and out == ""
 
@@ -369,6 +515,9 @@ def test_installed_console_script(chinchilla):
     assert json.loads(done.stdout)["law"] == "kaplan"
     bad = subprocess.run([script, "fit", "absent.csv", "--law", "kaplan"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no such file" in bad.stderr
+    seed = [script, "fit", chinchilla[0], "--law", "kaplan", "--seed", "-1"]
+    bad = subprocess.run(seed, capture_output=True, text=True)
+    assert bad.returncode == 2 and "must be 0 or more" in bad.stderr and "internal error" not in bad.stderr
 
 
 @pytest.mark.skipif(not PYTHIA.exists(), reason="data/pythia_deduped_lambada_loss.csv not in the repository")

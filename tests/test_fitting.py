@@ -23,6 +23,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
+from snrmon import fitting
 from snrmon.fitting import FitError, fit_law, r2_score, rmse
 from snrmon.laws import Law, Param, get_law
 
@@ -96,6 +97,7 @@ def test_recovers_every_constant(name, truth, columns):
     assert set(fit.params_ci) == set(law.param_names)
     assert not outside_intervals(fit, truth), outside_intervals(fit, truth)
     assert fit.n_train == len(columns["D"]) and fit.r2_train > 0.99
+    assert fit.warnings == []  # a well-determined fit raises no false alarm
     assert fit.rmse_train < 2 * SIGMA * np.max(law.loss(truth, columns))
 
 
@@ -330,6 +332,37 @@ def test_polish_is_converged():
             second = fit_law(law, columns, loss, theta0=first.theta, starts=0)
             gaps.append((first.cost - second.cost) / first.cost)
     assert max(gaps) <= 1e-6, gaps
+
+
+def test_large_inputs_use_bounded_subsamples(monkeypatch):
+    """Beyond SUBSAMPLE_ROWS rows only the final polish (and its restarts) sees every row; choosing between
+    the explored starts and each bootstrap resample use bounded subsamples. The constants are those of the
+    fit on every row, and the rescaled (m-out-of-n) intervals match the full bootstrap's width: 30 resamples
+    estimate a width to about ±25%, and a nonlinear fit on 100 rows follows the 1/sqrt(rows) law loosely,
+    hence the factor 2.5."""
+    law = get_law("chinchilla")
+    columns = grid(N=np.geomspace(1e7, 1e10, 8), D=np.geomspace(1e8, 1e12, 120))  # 960 rows
+    loss = noisy(law, CHINCHILLA, columns, seed=0)
+    full = fit_law(law, columns, loss, starts=64, refine=4, bootstrap=30, seed=0)
+
+    rows_seen = []
+    solve = fitting._Problem.solve
+
+    def counting(problem, log_start, rows=slice(None), **options):
+        rows_seen.append(len(problem.loss) if isinstance(rows, slice) else len(rows))
+        return solve(problem, log_start, rows, **options)
+
+    monkeypatch.setattr(fitting._Problem, "solve", counting)
+    monkeypatch.setattr(fitting, "SUBSAMPLE_ROWS", 100)
+    fit = fit_law(law, columns, loss, starts=64, refine=4, bootstrap=30, seed=0)
+    assert 1 <= rows_seen.count(960) <= 3  # the polish on every row, restarted at most twice
+    assert set(rows_seen) == {fitting.EXPLORE_ROWS, 100, 800, 960}  # explore, choose, 8x larger, all
+    assert rows_seen.count(100) == 30 + 2  # each resample, and the choice between the two best starts
+    np.testing.assert_allclose(fit.theta, full.theta, rtol=1e-3)
+    assert not outside_intervals(fit, CHINCHILLA), outside_intervals(fit, CHINCHILLA)
+    for name, (low, high) in fit.params_ci.items():
+        full_low, full_high = full.params_ci[name]
+        assert 0.4 <= math.log(high / low) / math.log(full_high / full_low) <= 2.5, name
 
 
 def test_too_few_rows():

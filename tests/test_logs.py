@@ -119,6 +119,25 @@ def test_tensorboard_tag_errors_list_the_tags(runs_dir):
         read_tensorboard(runs_dir, None)  # two tags: the choice must be explicit
 
 
+def test_tensorboard_without_tag_suggests_loss_tags_first(tmp_path):
+    tags = [
+        "epoch",
+        "hp_metric",
+        "lr-AdamW",
+        *(f"snr/group_{i}" for i in range(60)),
+        "train/loss",
+        "val/loss",
+    ]
+    write_runs(tmp_path, {"a": 1e6}, tags=tags)  # a Lightning run logs dozens of scalars
+    with pytest.raises(LogError) as error:
+        read_tensorboard(tmp_path, None)
+    message = str(error.value)
+    assert message.startswith("choose the loss scalar with --tag; likely loss tags: val/loss, train/loss (")
+    assert f"{len(tags) - 2} other tags" in message and len(message) < 200  # counted, not listed
+    with pytest.raises(LogError, match="no scalar tag 'loss'.*likely loss tags: val/loss, train/loss"):
+        read_tensorboard(tmp_path, "loss")
+
+
 def test_tensorboard_single_tag_is_chosen_and_missing_n_leaves_no_n_column(tmp_path):
     write_runs(tmp_path, {"a": None, "b": None}, tags=("loss",))
     table = read_tensorboard(tmp_path, None)
@@ -190,6 +209,7 @@ def test_where_allowed(table, expression, expected):
         ("group > 'a'", "only be compared with == or !="),
         ("group == 1", "compares text with a number"),
         ("N == 'a'", "compares text with a number"),
+        ("not " * 5000 + "N > 1", "nested too deeply"),  # Python's parser gives up: a reason, not a crash
     ],
 )
 def test_where_rejected(table, expression, message):
