@@ -95,9 +95,10 @@ class SNRMonitor(Callback):
         prog_bar: show ``<prefix>/ratio`` in the progress bar.
 
     Raises:
-        MisconfigurationException: at setup, for a sharded or XLA strategy, manual optimization, a second
-            monitor with the same ``prefix``, or ``split_batch=True`` on a module that holds torchmetrics
-            metrics (their updates inside the extra ``training_step`` could not be undone).
+        MisconfigurationException: at setup, for a sharded or XLA strategy, manual optimization, or
+            ``split_batch=True`` on a module that holds torchmetrics metrics (their updates inside the extra
+            ``training_step`` could not be undone). Two monitors with the same ``prefix`` share a
+            ``state_key``, which Lightning refuses when the ``Trainer`` is made.
 
     Example::
 
@@ -173,11 +174,6 @@ class SNRMonitor(Callback):
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "SNRMonitor needs automatic optimization (it reads Lightning's accumulation scaling)."
-            )
-        twins = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, SNRMonitor) and c is not self]
-        if any(twin.prefix == self.prefix for twin in twins):
-            raise MisconfigurationException(
-                f"two SNRMonitors would both log under {self.prefix!r}/: give each its own `prefix=`."
             )
         if self.split_batch and _holds_metrics(pl_module):
             raise MisconfigurationException(

@@ -108,8 +108,7 @@ class GradientNoiseEstimator:
     def drop_step(self) -> None:
         """Drop what was added since the last ``step``, counted in ``dropped``: the optimizer never applied
         the gradient these small gradients summed to (a skipped ``optimizer.step``, an epoch cut short)."""
-        if self._small_count:
-            self.dropped += 1
+        self.dropped += 1
         self.discard_step()
 
     # ------------------------------------------------------------------ per microbatch (hot path)

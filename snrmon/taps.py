@@ -58,6 +58,8 @@ class GradientTaps:
                 self._calls[index] += 1
                 if grad.is_sparse:
                     grad = grad.coalesce()._values()
+                if grad.requires_grad:  # `autograd.grad(..., create_graph=True)`, e.g. a gradient penalty
+                    grad = grad.detach()
                 if grad.dtype == torch.float64:
                     slot.copy_(torch.linalg.vector_norm(grad))
                 else:

@@ -1041,3 +1041,268 @@ def test_first_logged_step_has_no_standard_error():
     assert math.isfinite(monitor.latest["snr/signal"]) and math.isfinite(monitor.latest["snr/noise"])
     for key in ("signal", "noise", "noise_scale", "ratio"):
         assert math.isnan(monitor.latest[f"snr/{key}_se"]), (key, monitor.latest[f"snr/{key}_se"])
+
+
+# ---------------------------------------------------------------------- ordinary Lightning patterns
+class TwoScalars(L.LightningModule):
+    """Two scalar parameters of equal value; which one trains is swapped between epochs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(1.0))
+        self.b = nn.Parameter(torch.tensor(1.0))
+        self.b.requires_grad_(False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self.a * x[:, 0] + self.b * x[:, 1], y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class SwapTrainable(Callback):
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            pl_module.a.requires_grad_(False)
+            pl_module.b.requires_grad_(True)
+
+
+def test_swapping_trainable_tensors_of_equal_value_watches_the_new_one():
+    monitor = SNRMonitor()
+    model = TwoScalars()
+    trainer = make_trainer(monitor, max_steps=-1, max_epochs=2, accumulate_grad_batches=2,
+                           callbacks=[SwapTrainable()])  # fmt: skip
+    with record_warnings() as record:
+        trainer.fit(model, regression_loader(n=64))
+
+    assert not snr_warnings(record) and not monitor._disabled
+    assert len(monitor._taps.parameters) == 1 and monitor._taps.parameters[0] is model.b
+    assert monitor.latest["snr/signal"] > 1e-3  # b's gradient, not the 0 of the frozen a
+
+
+class Backbone(Regression):
+    """``backbone`` is what Lightning's BackboneFinetuning freezes, then unfreezes."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = self.hidden
+
+
+@pytest.mark.parametrize("monitor_first", [True, False])
+def test_backbone_finetuning_is_watched_whatever_the_callback_order(monitor_first: bool):
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    monitor = SNRMonitor()
+    recorder = TapsPerEpoch(monitor)
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1)
+    callbacks = [monitor, finetuning] if monitor_first else [finetuning, monitor]
+    model = Backbone()
+    trainer = make_trainer(None, max_steps=-1, max_epochs=2, accumulate_grad_batches=2,
+                           callbacks=[*callbacks, recorder])  # fmt: skip
+    trainer.fit(model, regression_loader(n=64))
+
+    backbone = set(model.backbone.parameters())
+    assert [len(backbone & set(taps)) for taps in recorder.taps] == [0, 2]
+    assert int(monitor._estimator.updates) == 4  # the whole second epoch measured the new total
+    assert_finite_estimates(recorder.per_epoch[1])
+
+
+class LazyRegression(Regression):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.LazyLinear(16)
+
+
+def test_lazy_parameters_are_watched_once_they_exist():
+    monitor = SNRMonitor()
+    model = LazyRegression()
+    with record_warnings() as record:
+        make_trainer(monitor, accumulate_grad_batches=2).fit(model, regression_loader())
+
+    assert not snr_warnings(record) and not monitor._disabled
+    assert set(monitor._taps.parameters) == set(model.parameters())
+    assert int(monitor._estimator.updates) == 10
+    assert_finite_estimates(monitor.latest)
+
+
+class DrawsFromPythonAndNumpy(Regression):
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        import random
+
+        import numpy as np
+
+        return super().training_step(batch, batch_idx) * (1 + 0.1 * random.random() + 0.1 * np.random.rand())
+
+
+def test_split_batch_leaves_python_and_numpy_random_streams_alone():
+    import random
+
+    import numpy as np
+
+    def train(monitor: SNRMonitor | None) -> DrawsFromPythonAndNumpy:
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        model = DrawsFromPythonAndNumpy()
+        make_trainer(monitor, max_steps=8).fit(model, regression_loader(shuffle=True))
+        return model
+
+    monitor = SNRMonitor(split_batch=True)
+    plain, monitored = train(None), train(monitor)
+    assert int(monitor._estimator.updates) == 8
+    assert all(torch.equal(a, b) for a, b in zip(plain.losses, monitored.losses, strict=True))
+
+
+class WithMetric(Regression):
+    def __init__(self):
+        super().__init__()
+        import torchmetrics
+
+        self.mae = torchmetrics.MeanAbsoluteError()
+
+
+def test_split_batch_refuses_a_module_with_metrics():
+    with pytest.raises(MisconfigurationException, match="torchmetrics"):
+        make_trainer(SNRMonitor(split_batch=True)).fit(WithMetric(), regression_loader())
+
+
+def test_split_batch_says_once_that_a_single_sample_cannot_be_split():
+    monitor = SNRMonitor(split_batch=True)
+    with record_warnings() as record:
+        make_trainer(monitor, max_steps=5).fit(Regression(), regression_loader(batch_size=1))
+    messages = [m for m in snr_warnings(record) if "cannot be split" in m]
+    assert len(messages) == 1
+    assert int(monitor._estimator.updates) == 0 and not monitor._disabled
+
+
+@pytest.mark.parametrize("groups", [0, -2, True, "(", 1.5, {"total": "hidden"}, {"a": "("}, {"a": 3}, ["a"]])
+def test_bad_groups_are_refused_when_the_monitor_is_made(groups: Any):
+    with pytest.raises((ValueError, TypeError)):
+        SNRMonitor(groups=groups)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.parametrize("change", ["every_n_steps", "groups"])
+def test_resume_with_other_settings_keeps_the_state_or_says_why_not(tmp_path: Path, change: str):
+    def fit(monitor: SNRMonitor, max_epochs: int, ckpt_path: str | None = None, checkpoint=None) -> None:
+        torch.manual_seed(0)
+        trainer = make_trainer(
+            monitor, max_steps=-1, max_epochs=max_epochs, accumulate_grad_batches=2,
+            callbacks=[checkpoint] if checkpoint else [], enable_checkpointing=checkpoint is not None,
+        )  # fmt: skip
+        trainer.fit(Regression(), regression_loader(n=96), ckpt_path=ckpt_path)  # 6 steps an epoch
+
+    first = SNRMonitor(groups=1)
+    fit(first, max_epochs=1, checkpoint=ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1))
+    (saved,) = tmp_path.glob("*.ckpt")
+    resumed = SNRMonitor(every_n_steps=2, groups=1) if change == "every_n_steps" else SNRMonitor(groups=None)
+    with record_warnings() as record:
+        fit(resumed, max_epochs=2, ckpt_path=str(saved))
+
+    if change == "every_n_steps":  # the EMAs go on: 6 restored updates and 3 new ones
+        assert not snr_warnings(record)
+        assert int(resumed._estimator.updates) == 9
+    else:
+        assert any("groups" in m and "differ" in m for m in snr_warnings(record))
+        assert int(resumed._estimator.updates) == 6
+
+
+class GradientNormLogging(Regression):
+    """Calls ``torch.autograd.grad`` on the parameters inside ``training_step``: to log the gradient norm, or
+    (``penalty``) to add a gradient penalty to the loss."""
+
+    def __init__(self, penalty: bool):
+        super().__init__(lr=0.0)
+        self.penalty = penalty
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        parameters = list(self.parameters())
+        grads = torch.autograd.grad(loss, parameters, retain_graph=True, create_graph=self.penalty)
+        norm_sq = sum(g.square().sum() for g in grads)
+        self.log("grad_norm", norm_sq.detach().sqrt())
+        return loss + 0.1 * norm_sq if self.penalty else loss
+
+
+@pytest.mark.parametrize("penalty", [False, True])
+def test_autograd_grad_inside_training_step_is_not_mistaken_for_checkpointing(penalty: bool):
+    def run(make_model: Callable[[], Regression]) -> SNRMonitor:
+        torch.manual_seed(0)
+        monitor = SNRMonitor()
+        with record_warnings() as record:
+            make_trainer(monitor, accumulate_grad_batches=2).fit(make_model(), regression_loader())
+        assert not snr_warnings(record) and not monitor._disabled
+        assert_finite_estimates(monitor.latest)
+        return monitor
+
+    monitored = run(lambda: GradientNormLogging(penalty))
+    if not penalty:  # the same gradients reach `.grad` as without the extra autograd.grad call
+        plain = run(lambda: Regression(lr=0.0))
+        assert monitored.latest == pytest.approx(plain.latest, rel=1e-9, nan_ok=True)
+
+
+class WithLBFGS(Regression):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+
+def test_closure_reevaluating_optimizer_gets_a_clear_reason():
+    monitor = SNRMonitor()
+    trainer = make_trainer(monitor, max_steps=4, accumulate_grad_batches=1, devices=1)
+    with record_warnings() as record:
+        trainer.fit(WithLBFGS(), regression_loader())
+    assert trainer.global_step == 4
+    assert any("closure more than once" in m for m in snr_warnings(record))
+
+
+class ScalarFirstBatches(Regression):
+    """Batches (temperature, x, y) whose first tensor is 0-dim."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        temperature, x, y = batch
+        return F.mse_loss(self(x), y) * temperature
+
+
+def scalar_first_loader() -> DataLoader:
+    def collate(samples: list) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = torch.utils.data.default_collate(samples)
+        return torch.tensor(1.0), x, y
+
+    return DataLoader(regression_loader().dataset, batch_size=8, collate_fn=collate)
+
+
+@pytest.mark.parametrize("split_batch", [False, True])
+def test_batches_with_0_dim_tensors_count_the_samples_right(split_batch: bool):
+    monitor = SNRMonitor(split_batch=split_batch)
+    with record_warnings() as record:
+        make_trainer(monitor, accumulate_grad_batches=1 if split_batch else 2).fit(
+            ScalarFirstBatches(), scalar_first_loader()
+        )
+    assert not snr_warnings(record) and not monitor._disabled
+    assert monitor.latest["snr/batch_size"] == (8 if split_batch else 16)
+
+
+def test_two_monitors_need_different_prefixes(tmp_path: Path):
+    with pytest.raises(RuntimeError, match="state_key"):  # Lightning refuses two that would write one state
+        make_trainer(SNRMonitor(), callbacks=[SNRMonitor(groups=1)]).fit(Regression(), regression_loader())
+
+    logger = CSVLogger(tmp_path, name="csv")
+    fast, slow = SNRMonitor(), SNRMonitor(prefix="snr_slow", ema_decay=0.99)
+    trainer = make_trainer(
+        fast, callbacks=[slow], logger=logger, log_every_n_steps=5, accumulate_grad_batches=2
+    )
+    trainer.fit(Regression(), regression_loader())
+    rows = csv_rows(logger)
+    for prefix in ("snr", "snr_slow"):  # each monitor once per logging step, under its own names
+        assert [int(row["step"]) for row in rows if row.get(f"{prefix}/signal")] == [4, 9]
+    assert set(slow.latest) == {key.replace("snr/", "snr_slow/") for key in fast.latest}
+    assert fast.latest["snr/signal"] != slow.latest["snr_slow/signal"]  # different smoothing
+
+
+def test_nothing_to_measure_installs_no_hook():
+    model = HandleProbe(SNRMonitor())
+    with record_warnings() as record:
+        make_trainer(model.monitor, max_steps=4).fit(model, regression_loader())
+    assert sum("single batch size" in m for m in snr_warnings(record)) == 1
+    assert model.hooks_seen == [(step, 0) for step in range(4)]

@@ -428,3 +428,103 @@ def test_ragged_epoch_tail_matches_truth_without_warning(samples_per_epoch, tail
     # previous full step's value).
     assert latest["snr/batch_size"] == pytest.approx(batch * (tail if tail > 1 else accumulate))
     assert_matches(latest, "snr/", truth_for(grads))
+
+
+# ---------------------------------------------------------------------- finite training sets (F1–F5)
+
+
+def finite_set_truth(grads: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The training set's own |G|², S² (per-sample variance, N − 1 denominator) and the finite-set values."""
+    per_example = torch.cat(list(grads.values()), 1)
+    n = len(per_example)
+    mean = per_example.mean(0)
+    signal = float(mean.square().sum())
+    noise = float((per_example - mean).square().sum() / (n - 1))
+    return {
+        "signal": signal,
+        "noise": noise,
+        "signal_beyond_chance": signal - noise / n,
+        "dataset_snr": n * signal / noise,
+    }
+
+
+def test_shuffled_finite_training_set_matches_exact_truth():
+    """``DataLoader(shuffle=True)`` over N = 256 samples: the microbatches of a step are disjoint, so T2 alone
+    is low by S²/N (F3). The monitor reads N off the loader and must hit the training set's exact |G|²; the
+    uncorrected value must lie far outside its band, or the test could not tell the two apart."""
+    module, dataset, grads = mlp_problem(seed=10)
+    steps, accumulate, batch = 400, 4, 32  # 2 steps an epoch: 200 epochs, each a fresh permutation
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(11))
+    monitor = SNRMonitor(ema_decay=0.99)
+    fit(module, loader, monitor, steps=steps, accumulate_grad_batches=accumulate)
+
+    truth, latest = finite_set_truth(grads), monitor.latest
+    assert latest["snr/dataset_size"] == MLP_EXAMPLES
+    assert_matches(latest, "snr/", truth)
+    for key in ("signal_beyond_chance", "dataset_snr"):
+        value, se = latest[f"snr/{key}"], latest[f"snr/{key}_se"]
+        assert 0 < se < 0.1 * abs(truth[key]) and abs(value - truth[key]) < Z * se, (key, value, se, truth)
+    uncorrected = latest["snr/signal"] - latest["snr/noise"] / MLP_EXAMPLES
+    assert abs(uncorrected - truth["signal"]) > 2 * Z * latest["snr/signal_se"], "the band misses the bias"
+
+
+# ---------------------------------------------------------------------- windows the optimizer never applies
+
+
+class SkipsEveryOtherStep(LeastSquares):
+    """Steps the optimizer on every other accumulation window only; on the others it runs the closure
+    alone (the pattern Lightning documents), so those windows' gradients are zeroed without being applied."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight)
+        self.windows = 0
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        self.windows += 1
+        if self.windows % 2:
+            optimizer_closure()
+        else:
+            optimizer.step(closure=optimizer_closure)
+
+
+class FreshEveryEpoch(FreshGaussianBatches):
+    def __iter__(self):
+        self.seed += 1000  # each epoch a new stream
+        return super().__iter__()
+
+
+class CutsEveryEpochShort(LeastSquares):
+    """``on_train_batch_start`` returns -1 at batch 6: each epoch is one full window of 4 microbatches and a
+    window of 2 that never reaches the optimizer."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if batch_idx == 6 else None
+
+
+@pytest.mark.parametrize("pattern", ["skipped_optimizer_step", "epoch_cut_short"])
+def test_windows_the_optimizer_never_applies_are_dropped_and_counted(pattern):
+    generator = torch.Generator().manual_seed(5)
+    w_star = torch.randn(DIM, generator=generator)
+    delta = 0.4 * torch.randn(DIM, generator=generator)
+    steps, accumulate = 200, 4
+    if pattern == "skipped_optimizer_step":
+        module = SkipsEveryOtherStep(w_star + delta)
+        loader = DataLoader(FreshGaussianBatches(w_star, REGRESSION_BATCH, seed=6), batch_size=None)
+    else:
+        module = CutsEveryEpochShort(w_star + delta)
+        loader = DataLoader(FreshEveryEpoch(w_star, REGRESSION_BATCH, seed=6), batch_size=None)
+    monitor = SNRMonitor(ema_decay=0.99)
+    fit(module, loader, monitor, steps=steps, accumulate_grad_batches=accumulate)
+
+    latest = monitor.latest
+    assert_matches(latest, "snr/", least_squares_truth(delta))
+    assert latest["snr/batch_size"] == pytest.approx(accumulate * REGRESSION_BATCH)
+    # Lightning counts a window whose optimizer_step skipped optimizer.step() as a step: half of the windows
+    # are applied and measured, the other half dropped. A window cut short never reaches optimizer_step: one
+    # per epoch is dropped, when the next epoch zeroes the gradients (the last epoch ends before its cut).
+    if pattern == "skipped_optimizer_step":
+        applied, dropped = steps // 2, steps // 2
+    else:
+        applied, dropped = steps, steps - 1
+    assert int(monitor._estimator.updates) == applied
+    assert latest["snr/dropped_windows"] == dropped
