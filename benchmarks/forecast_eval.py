@@ -1,0 +1,436 @@
+"""How well does the basin forecaster warn and stop on real runs? (issue 7; docs/forecast.md)
+
+Records small real training runs on the CPU (one thread), caches their curves, then replays every curve,
+validation by validation, through the forecaster behind ``BasinEarlyStopping`` (its defaults) and the
+baselines: Lightning-style patience early stopping (3 and 5 validations), a monotone power-law fit and the
+loss-only single-run Shannon law (T9). Also replays the shipped Pythia LAMBADA curves run by run.
+
+    python benchmarks/forecast_eval.py            # record (once, ~10 min, cached) and replay
+    python benchmarks/forecast_eval.py --record   # re-record the curves
+    python benchmarks/forecast_eval.py --markdown # the table of docs/forecast.md
+
+Scenarios whose validation loss turns up (U-shaped): an MLP on a small data set trained for many epochs, an
+MLP on labels 30% flipped (validated on clean labels), a tiny byte-level GPT overfitting 16 KB of text.
+Scenarios that keep improving: an MLP on fresh samples every step, the same with a small, noisy validation
+set and small batches, a tiny GPT on a large corpus. Two seeds each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / "forecast_curves.json"
+PYTHIA = ROOT / "data" / "pythia_deduped_lambada_loss.csv"
+PYTHIA_FIRST_STEP = 3000  # earlier checkpoints are chaotic (data/README.md)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recording real runs
+
+
+@dataclass
+class Curve:
+    name: str
+    kind: str  # "U" (validation loss turns up) or "improving"; decided by the recorded curve, see label()
+    x: list[float]  # optimizer steps at each validation
+    val: list[float]
+    train: list[float] | None  # mean training loss over the steps since the previous validation
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "x": self.x, "val": self.val, "train": self.train}
+
+
+def _teacher(torch, d_in: int, classes: int, seed: int):
+    """A fixed random two-layer network that labels Gaussian inputs: a learnable, non-trivial task."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    w1 = torch.randn(d_in, 64, generator=gen) / math.sqrt(d_in)
+    w2 = torch.randn(64, classes, generator=gen) / math.sqrt(64)
+
+    def sample(n: int, gen) -> tuple:
+        x = torch.randn(n, d_in, generator=gen)
+        return x, (torch.tanh(x @ w1) @ w2).argmax(1)
+
+    return sample
+
+
+def mlp_run(
+    name: str,
+    seed: int,
+    n_train: int | None,
+    flip: float = 0.0,
+    batch: int = 32,
+    steps: int = 3000,
+    val_every: int = 50,
+    n_val: int = 2000,
+    lr: float = 1e-3,
+    width: int = 256,
+) -> Curve:
+    """An MLP classifier on a teacher's labels; ``n_train=None`` draws fresh samples every step."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    d_in, classes = 32, 8
+    sample = _teacher(torch, d_in, classes, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x_val, y_val = sample(n_val, gen)
+    if n_train is not None:
+        x_train, y_train = sample(n_train, gen)
+        flipped = torch.rand(n_train, generator=gen) < flip
+        y_train = torch.where(flipped, torch.randint(0, classes, (n_train,), generator=gen), y_train)
+    model = nn.Sequential(
+        nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    xs, vals, trains, window = [], [], [], []
+    for step in range(1, steps + 1):
+        if n_train is None:
+            xb, yb = sample(batch, gen)
+        else:
+            idx = torch.randint(0, n_train, (batch,), generator=gen)
+            xb, yb = x_train[idx], y_train[idx]
+        loss = loss_fn(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        window.append(loss.item())
+        if step % val_every == 0:
+            with torch.no_grad():
+                vals.append(loss_fn(model(x_val), y_val).item())
+            xs.append(float(step))
+            trains.append(float(np.mean(window)))
+            window = []
+    return Curve(name, "", xs, vals, trains)
+
+
+def gpt_run(name: str, seed: int, corpus_bytes: int, steps: int, val_every: int, lr: float = 1e-3) -> Curve:
+    """A tiny byte-level GPT (examples/char_gpt.py) on the first ``corpus_bytes`` of the stdlib corpus."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from char_gpt import CharGPT, load_stdlib_corpus
+
+    torch.manual_seed(seed)
+    block = 64
+    data = load_stdlib_corpus(corpus_bytes + 200_000)
+    train_data, val_data = data[:corpus_bytes], data[-200_000:]
+    model = CharGPT(block_size=block, n_layer=2, n_head=2, n_embd=64, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+
+    def windows(source, n: int, gen):
+        offsets = torch.randint(0, len(source) - block - 1, (n,), generator=gen)
+        chunks = torch.stack([source[o : o + block + 1].long() for o in offsets.tolist()])
+        return chunks[:, :-1], chunks[:, 1:]
+
+    val_x, val_y = windows(val_data, 64, torch.Generator().manual_seed(99))
+    xs, vals, trains, window = [], [], [], []
+    for step in range(1, steps + 1):
+        xb, yb = windows(train_data, 16, gen)
+        logits = model(xb)
+        loss = F.cross_entropy(logits.reshape(-1, 256), yb.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        window.append(loss.item())
+        if step % val_every == 0:
+            model.eval()
+            with torch.no_grad():
+                logits = model(val_x)
+                vals.append(F.cross_entropy(logits.reshape(-1, 256), val_y.reshape(-1)).item())
+            model.train()
+            xs.append(float(step))
+            trains.append(float(np.mean(window)))
+            window = []
+    return Curve(name, "", xs, vals, trains)
+
+
+SCENARIOS = {
+    # U-shaped: few samples, many epochs; label noise memorised; a tiny GPT memorising 32 KB of text.
+    "small-data": lambda seed: mlp_run("small-data", seed, n_train=512, lr=2e-4, steps=2400, val_every=30),
+    "label-noise": lambda seed: mlp_run(
+        "label-noise", seed, n_train=2000, flip=0.3, lr=2e-4, steps=4000, val_every=50
+    ),
+    "char-overfit": lambda seed: gpt_run("char-overfit", seed, corpus_bytes=32_000, steps=1800, val_every=30),
+    # Improving: fresh samples every step; the same with a 100-sample validation set and batches of 8 (noisy,
+    # nearly flat after a while); a tiny GPT on 1 MB of text.
+    "fresh-data": lambda seed: mlp_run("fresh-data", seed, n_train=None, lr=3e-4, steps=3000, val_every=50),
+    "fresh-noisy": lambda seed: mlp_run(
+        "fresh-noisy", seed, n_train=None, batch=8, lr=5e-4, n_val=100, steps=3000, val_every=50
+    ),
+    "char-improving": lambda seed: gpt_run(
+        "char-improving", seed, corpus_bytes=1_000_000, steps=1500, val_every=50
+    ),
+}
+SEEDS = (0, 1)
+
+
+def label(curve: Curve) -> str:
+    """U when the validation minimum lies before the last three points and their mean has risen above it
+    by more than three times the step-to-step noise (median absolute difference of consecutive losses)."""
+    val = np.asarray(curve.val)
+    best = int(np.argmin(val))
+    noise = float(np.median(np.abs(np.diff(val)))) + 1e-12
+    rise = float(val[-3:].mean() - val[best])
+    return "U" if best < len(val) - 3 and rise > 3 * noise else "improving"
+
+
+def record() -> list[Curve]:
+    import torch
+
+    torch.set_num_threads(1)
+    curves = []
+    for name, run in SCENARIOS.items():
+        for seed in SEEDS:
+            start = time.perf_counter()
+            curve = run(seed)
+            curve.name = f"{name}/{seed}"
+            curve.kind = label(curve)
+            curves.append(curve)
+            print(
+                f"recorded {curve.name}: {len(curve.x)} validations, {curve.kind}, "
+                f"{time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+    CACHE.write_text(json.dumps([c.as_dict() for c in curves]))
+    return curves
+
+
+def pythia_curves() -> list[Curve]:
+    runs: dict[str, tuple[list, list]] = {}
+    with open(PYTHIA) as handle:
+        for row in csv.DictReader(handle):
+            step = float(row["D"]) / 2_097_152
+            if step >= PYTHIA_FIRST_STEP:
+                runs.setdefault(row["model"], ([], []))
+                runs[row["model"]][0].append(step)
+                runs[row["model"]][1].append(float(row["loss"]))
+    curves = [
+        Curve(f"pythia/{m.removeprefix('pythia-').removesuffix('-deduped')}", "", x, v, None)
+        for m, (x, v) in runs.items()
+    ]
+    for curve in curves:
+        curve.kind = label(curve)
+    return curves
+
+
+def load_curves(force: bool = False) -> list[Curve]:
+    if force or not CACHE.exists():
+        return record()
+    return [Curve(**entry) for entry in json.loads(CACHE.read_text())]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replaying the curves through the forecaster and the baselines
+
+
+@dataclass
+class Outcome:
+    warning: float | None  # x of the first warning (None: never)
+    stop: float | None  # x of the stop (None: ran to the end)
+
+
+def run_forecaster(curve: Curve, **options) -> Outcome:
+    from snrmon.forecast import BasinForecaster
+
+    forecaster = BasinForecaster(**options)
+    warning = None
+    for x, val, train in zip(curve.x, curve.val, curve.train or [None] * len(curve.x), strict=True):
+        forecast = forecaster.update(x, val, train)
+        if forecast.warning and warning is None:
+            warning = x
+        if forecast.stop:
+            return Outcome(warning if warning is not None else x, x)
+    return Outcome(warning, None)
+
+
+def run_patience(curve: Curve, patience: int) -> Outcome:
+    """Lightning's EarlyStopping (mode min, min_delta 0): stop after ``patience`` validations without a new
+    best."""
+    best, waited = math.inf, 0
+    for x, val in zip(curve.x, curve.val, strict=True):
+        if val < best:
+            best, waited = val, 0
+        else:
+            waited += 1
+            if waited >= patience:
+                return Outcome(x, x)
+    return Outcome(None, None)
+
+
+def run_power(curve: Curve, min_points: int = 10, run_length: int = 3) -> Outcome:
+    """The monotone baseline: fit L = E + B/x^β to the curve so far; stop when its last ``run_length``
+    points all lie above the fit by more than two robust standard deviations of the residuals."""
+    from snrmon.fitting import FitError, fit_law
+    from snrmon.laws import PowerLaw
+
+    law, theta = PowerLaw(), None
+    x, val = np.asarray(curve.x), np.asarray(curve.val)
+    for n in range(min_points, len(x) + 1):
+        columns = {"D": x[:n] / x[0]}
+        try:
+            fit = fit_law(law, columns, val[:n], starts=16 if theta is None else 0, refine=2, theta0=theta)
+        except FitError:
+            continue
+        theta = fit.theta
+        residuals = np.log(val[:n]) - law.log_loss(theta, columns)
+        sigma = 1.4826 * np.median(np.abs(residuals - np.median(residuals))) + 1e-12
+        if np.all(residuals[-run_length:] > 2 * sigma):
+            return Outcome(x[n - 1], x[n - 1])
+    return Outcome(None, None)
+
+
+METHODS = {
+    "forecaster": lambda curve: run_forecaster(curve),
+    "law (T9 only)": lambda curve: run_forecaster(curve, method="law"),
+    "power law": run_power,
+    "patience 3": lambda curve: run_patience(curve, 3),
+    "patience 5": lambda curve: run_patience(curve, 5),
+}
+
+
+@dataclass
+class Row:
+    curve: str
+    kind: str
+    method: str
+    x_min: float
+    warning: float | None
+    stop: float | None
+    loss_gap: float  # (loss at the stop, or at the end) / minimum − 1
+    kept_gap: float  # the same for the best loss seen up to the stop: what a ModelCheckpoint pairing keeps
+    past_min: int  # validations from the minimum to the stop (or the end); negative: stopped before it
+    alarm: bool  # a warning or a stop on a run without a basin
+
+
+def evaluate(curves: list[Curve], methods=METHODS) -> list[Row]:
+    rows = []
+    for curve in curves:
+        val = np.asarray(curve.val)
+        best = int(np.argmin(val))
+        for name, method in methods.items():
+            outcome = method(curve)
+            end = curve.x.index(outcome.stop) if outcome.stop is not None else len(val) - 1
+            rows.append(
+                Row(
+                    curve.name,
+                    curve.kind,
+                    name,
+                    curve.x[best],
+                    outcome.warning,
+                    outcome.stop,
+                    float(val[end] / val[best] - 1),
+                    float(val[: end + 1].min() / val[best] - 1),
+                    end - best,
+                    curve.kind == "improving" and (outcome.warning is not None or outcome.stop is not None),
+                )
+            )
+    return rows
+
+
+def summary(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """Per method: the targets of issue 7 measured over all U-shaped and all improving curves."""
+    out = {}
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == method]
+        u = [r for r in mine if r.kind == "U"]
+        good = [r for r in mine if r.kind == "improving"]
+        out[method] = {
+            "warned_in_time": float(np.mean([r.warning is not None and r.warning <= r.x_min for r in u])),
+            "stopped": float(np.mean([r.stop is not None for r in u])),
+            "within_1pct": float(np.mean([r.stop is not None and r.loss_gap <= 0.01 for r in u])),
+            "median_past_min": float(np.median([r.past_min for r in u if r.stop is not None] or [np.nan])),
+            "mean_gap": float(np.mean([r.loss_gap for r in u])),
+            "kept_within_1pct": float(np.mean([r.stop is not None and r.kept_gap <= 0.01 for r in u])),
+            "false_alarms": int(sum(r.alarm for r in good)),
+            "n_u": len(u),
+            "n_improving": len(good),
+        }
+    return out
+
+
+def _x(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _cell(r: Row) -> str:
+    stop = (
+        f"stop {_x(r.stop)} ({100 * r.loss_gap:+.1f}%, {r.past_min:+d})" if r.stop is not None else "no stop"
+    )
+    return f"warn {_x(r.warning)}, {stop}"
+
+
+def held_out(name: str) -> bool:
+    """Curves the defaults were not chosen on: the second seed of every scenario, and Pythia."""
+    return not name.endswith("/0")
+
+
+def markdown(rows: list[Row]) -> str:
+    """The per-run table (first warning, stop with its loss against the minimum and the validations past
+    it) and the summary per method, over all runs and over the held-out runs only."""
+    methods = list(dict.fromkeys(r.method for r in rows))
+    lines = [
+        "| run | kind | minimum at | " + " | ".join(methods) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |",
+    ]
+    for curve in dict.fromkeys(r.curve for r in rows):
+        mine = {r.method: r for r in rows if r.curve == curve}
+        first = mine[methods[0]]
+        mark = "" if held_out(curve) else " (tuning)"
+        lines.append(
+            f"| {curve}{mark} | {first.kind} | {first.x_min:.4g} | "
+            + " | ".join(_cell(mine[m]) for m in methods)
+            + " |"
+        )
+    for title, subset in (("all runs", rows), ("held-out runs only", [r for r in rows if held_out(r.curve)])):
+        lines += [
+            "",
+            f"Summary, {title}:",
+            "",
+            "| method | warned at or before the minimum (U) | stopped (U) | loss at the stop within 1% (U) "
+            "| best kept within 1% (U) | median validations past the minimum (U) "
+            "| false alarms (improving) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for method, m in summary(subset).items():
+            lines.append(
+                f"| {method} | {m['warned_in_time']:.0%} of {m['n_u']} | {m['stopped']:.0%} | "
+                f"{m['within_1pct']:.0%} | {m['kept_within_1pct']:.0%} | {m['median_past_min']:.1f} | "
+                f"{m['false_alarms']} of {m['n_improving']} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--record", action="store_true", help="re-record the training curves")
+    parser.add_argument("--markdown", action="store_true", help="print the per-run table as Markdown")
+    args = parser.parse_args()
+    curves = load_curves(args.record) + pythia_curves()
+    began = time.perf_counter()
+    rows = evaluate(curves)
+    if args.markdown:
+        print(markdown(rows))
+    else:
+        for r in rows:
+            print(
+                f"{r.curve:22s} {r.kind:9s} min@{r.x_min:<8.4g} {r.method:14s} warn {_x(r.warning):>8s} "
+                f"stop {_x(r.stop):>8s} gap {100 * r.loss_gap:+6.2f}% past {r.past_min:+d}"
+            )
+        for method, s in summary(rows).items():
+            print(method, json.dumps(s))
+    print(f"replayed {len(curves)} curves in {time.perf_counter() - began:.0f} s", file=sys.stderr)

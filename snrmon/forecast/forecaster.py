@@ -1,0 +1,411 @@
+"""The basin forecaster: where will a monitored loss curve turn up, and is it time to warn or to stop?
+
+Framework-free (numpy and scipy). Feed it the points of one curve in order (x = tokens D or optimizer
+steps, the monitored loss, optionally the mean training loss since the previous point); after every point
+it answers with a :class:`Forecast`: the basin D* with an uncertainty band, the loss there, how far away it
+is, and two decisions: *warning* (the basin is probably within the horizon, or entered) and *stop* (it is,
+with the stated confidence). ``BasinEarlyStopping`` and ``snrmon forecast`` both drive exactly this class.
+
+Two signals, chosen by what the curve carries (``method="auto"``); docs/forecast.md has the measurements
+that chose them and the defaults:
+
+* ``"ratio"`` (needs the training loss): the empirical one-step generalization ratio. Over a sliding window
+  of points the monitored loss is regressed on the training loss; the slope r = dL_val / dL_train says how
+  much of each training improvement still reaches held-out data (near 1 while the model generalises,
+  falling toward 0 as it starts to memorise, negative once the monitored loss rises while the training
+  loss still falls). A straight line through the recent values of r against log x, extrapolated to r = 0,
+  places the basin; drawing its two coefficients from their least-squares covariance gives the band and
+  the probability that the basin lies within the horizon. A ratio near zero also comes from a plateau, so
+  a decision needs evidence of memorisation too: over twice the window, the training loss still falls and
+  the generalization gap widens, both significantly.
+* ``"law"`` (the loss alone): the single-run Shannon law (T9) fitted to the whole curve as it grows (warm
+  started from the previous fit, a fresh multi-start search when the curve has grown by half), with the
+  basin from T10 and its band from the fit's Laplace approximation.
+
+A stop also needs the monitored curve itself to agree (its slope against log x over the window is no
+longer significantly negative), and every decision must hold at ``persist`` consecutive points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from snrmon.basin import basin_tokens
+from snrmon.fitting import FitError, fit_law
+from snrmon.laws import ShannonRunLaw
+
+# Defaults chosen by benchmarks/forecast_eval.py (docs/forecast.md): they are the product.
+HORIZON = 0.25  # warn when the basin is forecast within 25% more training than done so far
+CONFIDENCE = 0.9  # stop when the basin is within the horizon (or entered) with this probability
+MIN_POINTS = 10  # no forecast before this many finite points (the law has 7 constants)
+WINDOW = 6  # points in the sliding window of the local slopes and of the ratio
+PERSIST = 2  # consecutive points a warning or stop condition must hold
+SAMPLES = 400  # Monte Carlo draws for the band and the probabilities
+STATES = ("no forecast", "improving", "basin ahead", "basin entered")
+
+
+class PriorError(ValueError):
+    """A prior that cannot be used (another law, unreadable, or no constants)."""
+
+
+@dataclass
+class Forecast:
+    """The forecaster's answer after one point. ``None`` fields: no forecast yet (too few points)."""
+
+    x: float
+    loss: float
+    d_star: float | None = None  # forecast basin (inf: none in sight)
+    d_star_low: float | None = None  # band at the stated confidence
+    d_star_high: float | None = None
+    loss_at_d_star: float | None = None
+    steps_to_basin: float | None = None  # d_star − x, 0 once entered
+    p_basin: float | None = None  # probability that the basin lies within the horizon (or is entered)
+    warning: bool = False
+    stop: bool = False
+    state: str = "no forecast"
+    method: str | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Points:
+    x: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    train: list[float] = field(default_factory=list)  # NaN where not given
+
+
+class BasinForecaster:
+    """Forecasts the basin of one monitored curve, point by point.
+
+    Args:
+        horizon: warn (and, with ``confidence``, stop) when the basin is forecast within ``horizon`` times the
+            training done so far (x·(1 + horizon)), or has been entered.
+        confidence: the probability the basin must have (within the horizon or entered) to stop.
+        min_points: finite points needed before any forecast; before that, no warning and no stop.
+        window: points in the sliding window of the local slopes and the ratio.
+        persist: consecutive points at which a warning (or stop) condition must hold before it is given.
+        method: ``"auto"`` (``"ratio"`` when training losses are given, else ``"law"``), ``"ratio"`` or
+            ``"law"``.
+        prior: constants of the single-run law (a dict, or the path or dict of ``snrmon fit --json`` with
+            ``--law shannon`` or ``shannon-run``) whose shape (β, γ, δ) starts the law fit; see
+            :func:`load_prior`.
+        max_seconds: time allowed for one law fit; a slower multi-start search is skipped (the warm refit is
+            kept), so a forecast never holds up training for long.
+        seed: seeds the Monte Carlo draws, so replays are reproducible.
+    """
+
+    def __init__(
+        self,
+        horizon: float = HORIZON,
+        confidence: float = CONFIDENCE,
+        min_points: int = MIN_POINTS,
+        window: int = WINDOW,
+        method: str = "auto",
+        persist: int = PERSIST,
+        prior: dict | str | Path | None = None,
+        max_seconds: float = 2.0,
+        seed: int = 0,
+    ) -> None:
+        if not horizon >= 0:
+            raise ValueError(f"horizon must be >= 0, got {horizon}")
+        if not 0.5 <= confidence < 1:
+            raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+        if window < 3:
+            raise ValueError(f"window must be at least 3 points, got {window}")
+        if min_points < window + 2:
+            raise ValueError(f"min_points must be at least window + 2 = {window + 2}, got {min_points}")
+        if method not in ("auto", "ratio", "law"):
+            raise ValueError(f"method must be 'auto', 'ratio' or 'law', got {method!r}")
+        self.horizon, self.confidence, self.min_points, self.window = horizon, confidence, min_points, window
+        self.method, self.max_seconds, self.seed = method, max_seconds, seed
+        if persist < 1:
+            raise ValueError(f"persist must be at least 1, got {persist}")
+        self.persist = persist
+        self.prior = load_prior(prior) if prior is not None else None
+        self.points = _Points()
+        self.history: list[Forecast] = []
+        self._theta: np.ndarray | None = None  # the last law fit, in natural units of x / x_scale
+        self._searched_at = 0  # points at the last multi-start search
+        self._streaks = [0, 0]  # consecutive points meeting the warning and the stop condition
+
+    # -- feeding points --------------------------------------------------------------------------------
+
+    def update(self, x: float, loss: float, train_loss: float | None = None) -> Forecast:
+        """Add the point (x, loss[, mean training loss since the previous point]) and forecast."""
+        x, loss = float(x), float(loss)
+        train = float(train_loss) if train_loss is not None else math.nan
+        if self.points.x and x <= self.points.x[-1]:
+            raise ValueError(f"points must come in increasing x: {x} after {self.points.x[-1]}")
+        self.points.x.append(x)
+        self.points.loss.append(loss)
+        self.points.train.append(train)
+        forecast = self._forecast(x, loss)
+        self.history.append(forecast)
+        return forecast
+
+    def replay(self, x, loss, train_loss=None) -> list[Forecast]:
+        """Feed a whole curve point by point; the forecast after each point."""
+        train_loss = [None] * len(x) if train_loss is None else train_loss
+        return [self.update(*point) for point in zip(x, loss, train_loss, strict=True)]
+
+    # -- state (BasinEarlyStopping saves it in checkpoints) ---------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "points": asdict(self.points),
+            "history": [f.as_dict() for f in self.history],
+            "theta": None if self._theta is None else self._theta.tolist(),
+            "searched_at": self._searched_at,
+            "streaks": list(self._streaks),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.points = _Points(**state["points"])
+        self.history = [Forecast(**f) for f in state["history"]]
+        self._theta = None if state["theta"] is None else np.asarray(state["theta"], dtype=float)
+        self._searched_at = state["searched_at"]
+        self._streaks = list(state["streaks"])
+
+    # -- forecasting ------------------------------------------------------------------------------------
+
+    def _finite(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, loss, train = (
+            np.asarray(v, dtype=float) for v in (self.points.x, self.points.loss, self.points.train)
+        )
+        keep = np.isfinite(loss) & (x > 0)
+        return x[keep], loss[keep], train[keep]
+
+    def _forecast(self, x_now: float, loss_now: float) -> Forecast:
+        forecast = Forecast(x_now, loss_now)
+        if not math.isfinite(loss_now):
+            forecast.note = "non-finite loss: skipped"
+            return forecast
+        x, loss, train = self._finite()
+        if len(x) < self.min_points:
+            forecast.note = f"{len(x)} finite points of {self.min_points} needed"
+            return forecast
+        method = self.method
+        recent_train = train[-self.window :]
+        if method == "auto":
+            method = "ratio" if np.all(np.isfinite(recent_train)) else "law"
+        if method == "ratio" and not np.all(np.isfinite(recent_train)):
+            forecast.note = "no training loss in the window: no ratio forecast"
+            return forecast
+        rng = np.random.default_rng(self.seed + len(x))
+        draws = self._ratio_draws(x, loss, train, rng) if method == "ratio" else self._law_draws(x, loss, rng)
+        if draws is None:
+            forecast.note = f"{method}: no forecast at this point"
+            return forecast
+        self._decide(forecast, x, loss, train, draws, method)
+        return forecast
+
+    def _decide(self, forecast: Forecast, x, loss, train, draws: np.ndarray, method: str) -> None:
+        """Band, probability and decisions from Monte Carlo draws of D* (inf: no basin in that draw)."""
+        x_now = x[-1]
+        tail = (1 - self.confidence) / 2
+        forecast.method = method
+        forecast.d_star = float(np.median(draws))
+        forecast.d_star_low = float(np.quantile(draws, tail))
+        forecast.d_star_high = float(np.quantile(draws, 1 - tail))
+        forecast.steps_to_basin = max(forecast.d_star - x_now, 0.0)
+        forecast.p_basin = float(np.mean(draws <= x_now * (1 + self.horizon)))
+        # Before stopping, the monitored curve must agree: it no longer falls significantly.
+        short = np.log(x[-self.window :])
+        slope, slope_se = _slope(short, loss[-self.window :])
+        flat_or_rising = slope + 2 * slope_se >= 0
+        evidence = flat_or_rising  # the law alone: a warning, too, waits for the curve to flatten
+        if method == "ratio":
+            # A ratio near zero also comes from a plateau where the training loss is as flat as the monitored
+            # one (noise in the training loss pulls the regression slope toward zero). A basin shows more:
+            # over a longer window the training loss still falls and the generalization gap widens, both
+            # significantly.
+            long = slice(-2 * self.window, None)
+            u = np.log(x[long])
+            train_slope, train_se = _slope(u, train[long])
+            gap, gap_se = _slope(u, loss[long] - train[long])
+            evidence = train_slope + 2 * train_se < 0 and gap - 2 * gap_se > 0
+        forecast.loss_at_d_star = self._loss_at(forecast.d_star, x, loss)
+        entered = forecast.p_basin >= self.confidence and forecast.d_star <= x_now
+        # A decision must hold at `persist` consecutive points: one lucky window is not a basin.
+        stop = forecast.p_basin >= self.confidence and evidence and flat_or_rising
+        self._streaks[0] = self._streaks[0] + 1 if forecast.p_basin >= 0.5 and evidence else 0
+        self._streaks[1] = self._streaks[1] + 1 if stop else 0
+        forecast.warning = self._streaks[0] >= self.persist
+        forecast.stop = self._streaks[1] >= self.persist
+        if forecast.d_star == math.inf:
+            forecast.state = "improving"
+        else:
+            forecast.state = (
+                "basin entered" if entered else "basin ahead" if forecast.warning else "improving"
+            )
+
+    def _loss_at(self, d_star: float, x: np.ndarray, loss: np.ndarray) -> float | None:
+        """The monitored loss at D*: a quadratic in log x through the window, read at D* (or the lowest loss
+        seen once D* is behind us)."""
+        if not math.isfinite(d_star):
+            return None
+        if d_star <= x[-1]:
+            return float(np.min(loss[x <= x[-1]][-2 * self.window :]))
+        u = np.log(x[-self.window :])
+        coefficients = np.polyfit(u - u[-1], loss[-self.window :], 2)
+        value = float(np.polyval(coefficients, math.log(d_star) - u[-1]))
+        return value if math.isfinite(value) else None
+
+    # -- the ratio signal -------------------------------------------------------------------------------
+
+    def _ratio_draws(self, x, loss, train, rng) -> np.ndarray | None:
+        """Draws of D* from the trend of the generalization ratio r = dL_val/dL_train over sliding windows."""
+        w = self.window
+        u, ratios = [], []
+        for end in range(w, len(x) + 1):
+            t, v = train[end - w : end], loss[end - w : end]
+            if not np.all(np.isfinite(t)) or np.ptp(t) <= 1e-12 * max(abs(t).max(), 1e-12):
+                continue
+            # Only a falling training loss makes the ratio meaningful.
+            if _slope(np.log(x[end - w : end]), t)[0] >= 0:
+                continue
+            ratios.append(np.polyfit(t, v, 1)[0])
+            u.append(math.log(x[end - 1]))
+        if len(ratios) < 3:
+            return None
+        u, ratios = np.asarray(u[-w:]), np.asarray(ratios[-w:])
+        return _zero_crossing_draws(u, ratios, rng)
+
+    # -- the law signal ---------------------------------------------------------------------------------
+
+    def _law_draws(self, x, loss, rng) -> np.ndarray | None:
+        """Draws of D* from a fit of the single-run law (T9) and its Laplace approximation."""
+        law = ShannonRunLaw()
+        scale = x[0]  # fit in units of the first point: the constants stay in their usual ranges
+        columns = {"D": x / scale}
+        fit = self._fit_law(law, columns, loss, scale)
+        if fit is None:
+            return None
+        theta = fit.theta
+        jacobian = law.log_loss_jacobian(theta, columns)
+        residuals = law.log_loss(theta, columns) - np.log(loss)
+        dof = max(len(loss) - len(theta), 1)
+        sigma2 = float(np.sum(residuals**2) / dof)
+        try:
+            covariance = sigma2 * np.linalg.pinv(jacobian.T @ jacobian)
+            covariance = (covariance + covariance.T) / 2  # symmetric to rounding, as the sampler checks
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                samples = rng.multivariate_normal(np.log(theta), covariance, size=SAMPLES // 4, method="eigh")
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+        lower, upper = law.bounds
+        samples = np.clip(samples, np.log(lower), np.log(upper))
+        draws = np.array([_run_basin(np.exp(s)) for s in samples])
+        return np.where(np.isnan(draws), np.inf, draws) * scale
+
+    def _fit_law(self, law: ShannonRunLaw, columns, loss, scale: float):
+        start = self._theta if self._theta is not None else self._prior_theta(law, scale)
+        fit = None
+        if start is not None:
+            try:
+                fit = fit_law(law, columns, loss, starts=0, theta0=start)
+            except FitError:
+                fit = None
+        # A fresh search when the curve has grown by half since the last one (or nothing to warm start from).
+        if fit is None or len(loss) >= 1.5 * self._searched_at:
+            began = time.perf_counter()
+            try:
+                searched = fit_law(law, columns, loss, starts=64, refine=4, theta0=start, seed=self.seed)
+                if fit is None or searched.cost < fit.cost:
+                    fit = searched
+            except FitError:
+                pass
+            self._searched_at = len(loss)
+            if time.perf_counter() - began > self.max_seconds:
+                self._searched_at = 10**9  # too slow for this machine: warm refits only from now on
+        if fit is not None:
+            self._theta = fit.theta
+        return fit
+
+    def _prior_theta(self, law: ShannonRunLaw, scale: float) -> np.ndarray | None:
+        """The prior's constants in the units of the fit (x / scale); missing ones from the law's starts."""
+        if self.prior is None:
+            return None
+        values = dict(zip(law.param_names, law.starts(1)[0], strict=True))
+        values.update({k: v for k, v in self.prior.items() if k in values})
+        if "c" in self.prior:
+            # D = scale·D' turns D^β / (c D^γ + d D^δ + e) into the same form in D' with these constants.
+            beta, gamma, delta = values["beta"], values["gamma"], values["delta"]
+            values["c"] *= scale ** (gamma - beta)
+            values["d"] *= scale ** (delta - beta)
+            values["e"] *= scale ** (-beta)
+        return np.array([values[name] for name in law.param_names])
+
+
+def _run_basin(theta: np.ndarray) -> float:
+    _, c, d, e, beta, gamma, delta = theta
+    try:
+        return basin_tokens(c, d, e, beta, gamma, delta)
+    except (ValueError, OverflowError, ZeroDivisionError):  # a sampled law too extreme to solve: no basin
+        return math.inf
+
+
+def _slope(u: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope of y against u and its standard error."""
+    u = u - u.mean()
+    denominator = float(np.sum(u**2))
+    if denominator <= 0 or len(u) < 3:
+        return 0.0, math.inf
+    slope = float(np.sum(u * (y - y.mean())) / denominator)
+    residuals = y - y.mean() - slope * u
+    return slope, math.sqrt(float(np.sum(residuals**2)) / (len(u) - 2) / denominator)
+
+
+def _zero_crossing_draws(u: np.ndarray, r: np.ndarray, rng) -> np.ndarray:
+    """Draws of exp(u*) where the line r = a + b·(u − u_now) crosses zero, the line's two coefficients drawn
+    from their least-squares covariance. A line already below zero at u_now has crossed (D* ≤ now, taken as
+    the current x); one that stays positive gives inf."""
+    centred = u - u[-1]
+    design = np.stack([np.ones_like(centred), centred], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, r, rcond=None)
+    residuals = r - design @ coefficients
+    sigma2 = float(np.sum(residuals**2) / max(len(r) - 2, 1))
+    covariance = sigma2 * np.linalg.pinv(design.T @ design)
+    a, b = rng.multivariate_normal(coefficients, covariance, size=SAMPLES, method="eigh").T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ahead = np.where(b < 0, -a / b, np.inf)  # distance in log x to the crossing, for a falling line
+    ahead = np.where(a <= 0, 0.0, ahead)
+    return np.exp(u[-1] + np.minimum(ahead, 700.0)) * np.where(np.isinf(ahead), np.inf, 1.0)
+
+
+def load_prior(prior: dict | str | Path) -> dict[str, float]:
+    """Shape constants (β, γ, δ, and the rest where given) of the single-run law from a prior.
+
+    ``prior`` is a dict of constants, or the JSON (path or parsed) of ``snrmon fit --json`` with ``--law
+    shannon-run`` or ``--law shannon``. Only the exponents carry over between model sizes unchanged (T9 folds
+    N into A and c), so a ``shannon`` fit gives β, γ, δ; a ``shannon-run`` fit of one run gives everything.
+    """
+    if isinstance(prior, (str, Path)):
+        try:
+            prior = json.loads(Path(prior).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise PriorError(f"cannot read the prior {prior}: {error}") from None
+    if not isinstance(prior, dict):
+        raise PriorError("a prior is a JSON object of constants or the output of snrmon fit --json")
+    law = prior.get("law")
+    params = prior.get("params", prior)
+    if law not in (None, "shannon", "shannon-run"):
+        raise PriorError(f"the prior is a fit of the {law} law; the forecaster needs shannon or shannon-run")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        params = next(iter(params.values()))  # per-run constants (single-run law): take the first run's
+    shape = ("beta", "gamma", "delta") if law == "shannon" else ("A", "c", "d", "e", "beta", "gamma", "delta")
+    values = {k: float(params[k]) for k in shape if isinstance(params, dict) and k in params}
+    if not values or not all(math.isfinite(v) and v > 0 for v in values.values()):
+        raise PriorError("the prior holds no positive constants of the Shannon law (beta, gamma, delta, ...)")
+    return values
