@@ -40,17 +40,19 @@ TOTALS = (
 def band_values(values: Mapping[str, float], prefix: str = "snr") -> dict[str, float]:
     """The band edges of the totals: ``snr/x_lower``, ``snr/x_upper`` = x ∓ 2·se from ``snr/x``, ``snr/x_se``.
 
-    Per-group values get no band (their charts show one line per group); a value or se that is not finite
-    (no estimate yet) gives no edges rather than NaN edges.
+    Every logged total gets both edges, NaN where its se is not known yet (after the first step):
+    TensorBoard refuses to draw a band whose value and edges were logged at different steps. Per-group
+    values get no band (their charts show one line per group).
     """
     bands = {}
     for name, _ in TOTALS:
         tag = f"{prefix}/{name}"
-        value, se = values.get(tag), values.get(tag + "_se")
-        if value is None or se is None or not (math.isfinite(value) and math.isfinite(se)):
+        if tag not in values:
             continue
-        bands[tag + LOWER] = value - BAND_SE * se
-        bands[tag + UPPER] = value + BAND_SE * se
+        value, se = values[tag], values.get(tag + "_se", math.nan)
+        known = math.isfinite(value) and math.isfinite(se)
+        bands[tag + LOWER] = value - BAND_SE * se if known else math.nan
+        bands[tag + UPPER] = value + BAND_SE * se if known else math.nan
     return bands
 
 
@@ -125,7 +127,11 @@ def layout_summary(layout: dict):
     categories = []
     for title, category in layout.items():
         charts = []
-        for chart_title, (kind, series) in category["charts"].items():
+        # TensorBoard (2.21, seen in Chromium) draws a category's Multiline charts first, in order, then its
+        # Margin charts in reverse order: write the Margin charts reversed so they show in reading order.
+        multiline = [item for item in category["charts"].items() if item[1][0] != "Margin"]
+        margin = [item for item in category["charts"].items() if item[1][0] == "Margin"]
+        for chart_title, (kind, series) in multiline + margin[::-1]:
             if kind == "Margin":
                 content = layout_pb2.MarginChartContent(
                     series=[

@@ -12,16 +12,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
+# Idle OpenMP threads sleep instead of spinning. When other processes share the cores, spinning threads made
+# a step of this demo up to 7 times slower (2 cores, see docs/monitor.md). Set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from char_gpt import CharDataModule, CharGPT
-from snrmon.callbacks import SNRMonitor
+import lightning as L  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+
+from char_gpt import CharDataModule, CharGPT  # noqa: E402
+from snrmon.callbacks import SNRMonitor  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--val-every",
         type=int,
-        default=50,
-        help="validate every N optimizer steps (one 'epoch' of the dataset)",
+        default=None,
+        help="validate every N optimizer steps (default 10; 2 with --fast): enough points for `snrmon fit`",
     )
     p.add_argument("--corpus-bytes", type=int, default=2_000_000, help="bytes of stdlib source to train on")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -45,27 +50,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class DemoLogger(TensorBoardLogger):
+    """TensorBoard logs without Lightning's ``epoch`` scalar: this run is one epoch, so that chart would be a
+    flat line at 0, and the first one TensorBoard's Scalars tab shows."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+
 def fmt(x: float | None, spec: str = ".4g") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def tensorboard_command(log_dir: str) -> str:
-    """The command that opens ``log_dir`` with this interpreter's TensorBoard."""
-    tb = Path(sys.executable).parent / "tensorboard"
-    if tb.exists():
-        try:
-            tb_str = os.path.relpath(tb)
-        except ValueError:  # different drive (Windows)
-            tb_str = str(tb)
-        if tb_str.startswith(".."):
-            tb_str = str(tb)
-    else:
-        tb_str = "tensorboard"
-    return f"{tb_str} --logdir {log_dir}"
+def tool(name: str) -> str:
+    """How to call the command ``name`` installed beside this interpreter (e.g. ``.venv/bin/tensorboard``)."""
+    path = Path(os.path.abspath(sys.executable)).parent / name  # abspath, not resolve: keep the venv
+    if not path.exists():
+        return name
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # different drive (Windows)
+        return str(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def tensorboard_command(root: str) -> str:
+    """The command that opens the runs under ``root``; each run is named by its path below it."""
+    return f"{tool('tensorboard')} --logdir {shlex.quote(root)}"
+
+
+def fit_command(log_dir: str, tokens_per_step: int) -> str:
+    """The command that fits the single-run Shannon law to the run's validation loss (D in tokens)."""
+    return (
+        f"{tool('snrmon')} fit {shlex.quote(log_dir)} --law shannon-run --tag val/loss"
+        f" --tokens-per-step {tokens_per_step}"
+    )
 
 
 def build_report(
-    metrics: dict[str, float], latest: dict[str, float], steps: int, seconds: float, log_dir: str
+    metrics: dict[str, float],
+    latest: dict[str, float],
+    steps: int,
+    seconds: float,
+    log_dir: str,
+    commands: dict[str, str],
+    figure: str | None = None,
 ) -> str:
     g = latest.get
     lines = [
@@ -79,8 +108,9 @@ def build_report(
         f"- signal |G|²: {fmt(g('snr/signal'))}",
         f"- noise tr(Σ): {fmt(g('snr/noise'))}",
         f"- log directory: {log_dir}",
-        f"- TensorBoard: `{tensorboard_command(log_dir)}`",
     ]
+    if figure:
+        lines.append(f"- curves: {figure}")
     groups = sorted(
         k[len("snr/") : -len("/noise_scale")]
         for k in latest
@@ -90,10 +120,21 @@ def build_report(
         lines += ["", "| group | noise scale | SNR |", "| --- | --- | --- |"]
         for grp in groups:
             lines.append(f"| {grp} | {fmt(g(f'snr/{grp}/noise_scale'))} | {fmt(g(f'snr/{grp}/ratio'))} |")
+    lines += [
+        "",
+        "Open the run in TensorBoard (then http://localhost:6006/#custom_scalars for the SNR charts):",
+        "",
+        f"    {commands['tensorboard']}",
+        "",
+        "Fit the single-run Shannon law to its validation loss (D in tokens; see docs/law.md):",
+        "",
+        f"    {commands['fit']}",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict:
+    """Train and report; returns the final metrics and monitor values, and the printed "commands"."""
     args = parse_args(argv)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
@@ -101,16 +142,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if args.fast:
         model_kw = dict(n_layer=1, n_head=2, n_embd=32)
-        args.block_size, args.batch_size, args.val_every = 32, 4, 3
+        args.block_size, args.batch_size = 32, 4
         args.corpus_bytes = min(args.corpus_bytes, 200_000)
-        max_steps = args.max_steps or 6
+        max_steps, val_every = args.max_steps or 24, args.val_every or 2
         val_samples, log_every = 4 * args.batch_size, 1
     else:
         model_kw = {}
-        max_steps = args.max_steps or 200
-        val_samples, log_every = 512, 5
+        max_steps, val_every = args.max_steps or 200, args.val_every or 10
+        # A fixed, small validation set: 20 validations cost about as much as 8 training steps.
+        val_samples, log_every = 256, 5
+    tokens_per_step = args.batch_size * args.accumulate * args.block_size
 
-    batches_per_epoch = args.val_every * args.accumulate
+    batches_per_val = val_every * args.accumulate
     dm = CharDataModule(
         block_size=args.block_size,
         batch_size=args.batch_size,
@@ -121,14 +164,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     model = CharGPT(block_size=args.block_size, lr=args.lr, **model_kw)
     monitor = SNRMonitor(groups=args.groups)
-    logger = TensorBoardLogger(args.out, name="char_gpt")
+    # No dummy hp_metric chart: it would be the first thing TensorBoard shows, at -1.
+    logger = DemoLogger(args.out, name="char_gpt", default_hp_metric=False)
+    # Where `snrmon fit` reads the model size (hparams.yaml, key n_params); tokens_per_step is for the record.
+    n_params = sum(p.numel() for p in model.parameters())  # the tied embedding counts once
+    logger.log_hyperparams({"n_params": n_params, "tokens_per_step": tokens_per_step})
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
         max_steps=max_steps,
         accumulate_grad_batches=args.accumulate,
         log_every_n_steps=log_every,
-        val_check_interval=batches_per_epoch,
+        val_check_interval=batches_per_val,
         check_val_every_n_epoch=None,
         callbacks=[monitor],
         logger=logger,
@@ -140,24 +187,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.fit(model, datamodule=dm)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     latest = dict(monitor.latest)
-    if trainer.global_step % args.val_every != 0:  # last validation is stale: refresh it
+    if trainer.global_step % val_every != 0:  # last validation is stale: refresh it
         trainer.validate(model, datamodule=dm, verbose=False)
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     seconds = time.perf_counter() - t0
 
-    report = build_report(metrics, latest, trainer.global_step, seconds, logger.log_dir)
-    Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
-    (Path(logger.log_dir) / "report.md").write_text(report, encoding="utf-8")
+    log_dir = logger.log_dir
     try:
         from plot_run import plot_run
 
-        figure = plot_run(logger.log_dir, Path(logger.log_dir) / "snr_curves.png")
-        report += f"- curves: {figure}\n"
-        (Path(logger.log_dir) / "report.md").write_text(report, encoding="utf-8")
+        figure = str(plot_run(log_dir, Path(log_dir) / "snr_curves.png"))
     except ImportError:  # matplotlib is optional (the `plot` extra)
-        pass
+        figure = None
+    commands = {"tensorboard": tensorboard_command(args.out), "fit": fit_command(log_dir, tokens_per_step)}
+    report = build_report(metrics, latest, trainer.global_step, seconds, log_dir, commands, figure)
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    (Path(log_dir) / "report.md").write_text(report, encoding="utf-8")
     print("\n" + report)
-    return {**metrics, **latest}
+    return {**metrics, **latest, "commands": commands}
 
 
 if __name__ == "__main__":

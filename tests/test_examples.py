@@ -1,8 +1,10 @@
-"""The demo runs end to end (tiny settings), writes its report, figure and TensorBoard logs."""
+"""The demo runs end to end (tiny settings), writes its report, figure and TensorBoard logs, and the
+commands it prints work on those logs."""
 
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,8 @@ def test_demo_fast_run(tmp_path, examples_on_path):
 
     run_dir = tmp_path / "char_gpt" / "version_0"
     report = (run_dir / "report.md").read_text()
-    assert "tensorboard --logdir" in report and str(run_dir) in report
+    commands = results["commands"]
+    assert commands["tensorboard"] in report and commands["fit"] in report
     assert (run_dir / "snr_curves.png").stat().st_size > 10_000
     assert list(run_dir.glob("events.out.tfevents.*"))
     for key in ("snr/signal", "snr/noise", "snr/noise_scale", "snr/ratio", "val/loss"):
@@ -36,4 +39,31 @@ def test_demo_fast_run(tmp_path, examples_on_path):
     steps, values = scalars["snr/noise_scale"]
     assert len(steps) == len(values) >= 3
     assert {"train/loss", "val/loss", "snr/ratio_se", "snr/blocks.0/noise_scale"} <= set(scalars)
+    # TensorBoard's first screen: no dummy hp_metric at -1, no flat epoch line (the run is one epoch).
+    assert "hp_metric" not in scalars and "epoch" not in scalars
+
+
+def test_demo_prints_commands_that_work(tmp_path, examples_on_path, capsys):
+    """The printed commands: TensorBoard over the log root (so the run is named ``char_gpt/version_0``,
+    not "."), and ``snrmon fit`` on the run's validation loss, which must succeed as printed."""
+    from train_char_gpt import main
+
+    from snrmon.cli import main as snrmon
+
+    commands = main(["--fast", "--out", str(tmp_path)])["commands"]
+    printed = capsys.readouterr().out
+    assert commands["tensorboard"] in printed and commands["fit"] in printed
+
+    tensorboard = shlex.split(commands["tensorboard"])
+    assert Path(tensorboard[0]).name == "tensorboard" and tensorboard[1:] == ["--logdir", str(tmp_path)]
+
+    fit = shlex.split(commands["fit"])
+    assert Path(fit[0]).name == "snrmon" and fit[1] == "fit"
+    assert snrmon(fit[1:]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    # Enough validation points for the 7 constants, and D in tokens: 4 x 4 x 32 per step with --fast.
+    assert "shannon-run" in out and "12 rows" in out
+    assert "--tokens-per-step 512" in commands["fit"]
+    hparams = (tmp_path / "char_gpt" / "version_0" / "hparams.yaml").read_text()
+    assert "n_params: 21984" in hparams  # where `snrmon fit` reads the model size
 
