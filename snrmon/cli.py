@@ -354,7 +354,7 @@ def fit_data(
             try:
                 fit = fit_law(
                     law, _rows(columns, fitted), table["loss"][fitted], **options,
-                    progress=label if progress and len(run_rows) == 1 else None,
+                    progress=law.name if progress and len(run_rows) == 1 else None,
                 )  # fmt: skip
             except FitError as error:
                 raise FitError(
