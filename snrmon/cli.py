@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
-        return args.run(args)
+        with one_blas_thread():
+            return args.run(args)
     except SystemExit as done:  # --help
         return done.code if isinstance(done.code, int) else 0
     except (UsageError, LogError, WhereError, FitError, PlotError) as error:
@@ -82,6 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # a bug: still no traceback for the user, but say where to look
         print(f"snrmon: internal error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+
+
+def one_blas_thread():
+    """A context in which BLAS (numpy's and scipy's OpenBLAS) runs on one thread.
+
+    The fits solve many small least-squares problems (8 constants by a few hundred or thousand rows; only the
+    final polish sees every row): BLAS threads only add overhead there, and on a busy machine a great deal of
+    it (a 20,000-row Shannon fit took 2 s with one thread, 44 s with two while other work ran; see
+    docs/performance.md).
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def build_parser() -> argparse.ArgumentParser:

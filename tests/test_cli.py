@@ -340,6 +340,22 @@ def test_progress_bars_on_stderr(chinchilla, capsys, monkeypatch):
     assert code == 0 and err == ""
 
 
+def test_the_command_runs_blas_on_one_thread(chinchilla, capsys, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    threads = []
+    fit_data = cli.fit_data
+
+    def recording(*args, **kwargs):  # BLAS threads as the fit starts
+        threads.extend(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+        return fit_data(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "fit_data", recording)
+    code, _, err = run(capsys, "fit", chinchilla[0], "--law", "chinchilla", *FAST, "--bootstrap", "0")
+    assert code == 0, err
+    assert threads and set(threads) == {1}
+
+
 # --- compare --------------------------------------------------------------------------------------------
 
 
