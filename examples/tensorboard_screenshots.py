@@ -3,8 +3,9 @@
     .venv/bin/python examples/tensorboard_screenshots.py runs docs/img
 
 Starts ``tensorboard --logdir LOGDIR`` on a free local port, waits until it has read the scalars, and has
-headless Chromium (Debian: ``apt-get install chromium``) save one PNG per tab: ``tensorboard_scalars.png``
-and ``tensorboard_custom_scalars.png`` in OUT_DIR. The server is stopped at the end.
+headless Chromium (Debian: ``apt-get install chromium``) save one PNG per tab in OUT_DIR:
+``tensorboard_custom_scalars.png`` (snrmon's layout) and ``tensorboard_scalars.png`` (the Scalars tab with
+the tag filter ``TAG_FILTER`` typed in, as the page's URL can carry it). The server is stopped at the end.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
-TABS = {"scalars": "tensorboard_scalars.png", "custom_scalars": "tensorboard_custom_scalars.png"}
-WINDOW = "1600,1200"
+TAG_FILTER = "loss|snr/(ratio|noise_scale)$"  # the losses, the total SNR and noise scale
+# URL fragment: (file, window width and height); the custom scalars window is tall enough for the groups
+TABS = {
+    "custom_scalars": ("tensorboard_custom_scalars.png", "1600,1900"),
+    "scalars&tagFilter=" + urllib.parse.quote(TAG_FILTER, safe=""): ("tensorboard_scalars.png", "1600,1200"),
+}
 WAIT_S = 120
 
 
@@ -47,7 +53,7 @@ def wait_for_scalars(base: str, server: subprocess.Popen) -> None:
     sys.exit(f"tensorboard showed no scalars within {WAIT_S} s")
 
 
-def screenshot(chromium: str, url: str, out: Path) -> None:
+def screenshot(chromium: str, url: str, out: Path, window: str) -> None:
     with tempfile.TemporaryDirectory() as profile:  # a fresh profile: no state from an earlier run
         subprocess.run(
             [
@@ -61,7 +67,7 @@ def screenshot(chromium: str, url: str, out: Path) -> None:
                 "--no-first-run",
                 f"--user-data-dir={profile}",
                 f"--screenshot={out}",
-                f"--window-size={WINDOW}",
+                f"--window-size={window}",
                 "--virtual-time-budget=20000",  # let the page fetch and draw its charts
                 url,
             ],
@@ -84,8 +90,8 @@ def main(logdir: str, out_dir: str) -> None:
     try:
         wait_for_scalars(base, server)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        for tab, name in TABS.items():
-            screenshot(chromium, f"{base}/#{tab}", Path(out_dir) / name)
+        for tab, (name, window) in TABS.items():
+            screenshot(chromium, f"{base}/#{tab}", Path(out_dir) / name, window)
             print(Path(out_dir) / name)
     finally:
         server.terminate()

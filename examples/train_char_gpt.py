@@ -1,10 +1,13 @@
 """Demo: train a small byte-level GPT on the Python stdlib sources with SNRMonitor attached.
 
-    .venv/bin/python examples/train_char_gpt.py            # ~2-3 min on 2 CPU cores
+    .venv/bin/python examples/train_char_gpt.py            # ~3 min on 2 CPU cores
     .venv/bin/python examples/train_char_gpt.py --fast     # seconds; smoke test
 
-At the end it prints a short report (also written to ``report.md`` in the run's log
-directory) and the command to open the run in TensorBoard.
+(`make demo` from a clean clone, .venv already built: 2 min 50 s wall, 146 s of CPU, on 2 cores that other
+jobs kept busy, load average 4-6; 200 steps of 8,192 tokens and 20 validations.)
+
+At the end it prints a short report (also written to ``report.md`` in the run's log directory) and the
+commands that open the run in TensorBoard and fit a scaling law to its validation loss.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from snrmon.callbacks import SNRMonitor  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 200; 6 with --fast)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (200; 24 with --fast)")
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch size")
     p.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--block-size", type=int, default=128, help="context length in bytes")

@@ -3,8 +3,11 @@ commands it prints work on those logs."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,17 +15,24 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture
-def examples_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-
-
-def test_demo_fast_run(tmp_path, examples_on_path):
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    """One ``--fast`` demo run for the tests below: (log root, results, what it printed)."""
     pytest.importorskip("matplotlib")
-    from train_char_gpt import main
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from train_char_gpt import main
 
-    results = main(["--fast", "--out", str(tmp_path)])
+        out, printed = tmp_path_factory.mktemp("runs"), io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            results = main(["--fast", "--out", str(out)])
+        yield out, results, printed.getvalue()
+    finally:
+        sys.path.remove(str(EXAMPLES))
 
+
+def test_demo_fast_run(fast_run):
+    tmp_path, results, _ = fast_run
     run_dir = tmp_path / "char_gpt" / "version_0"
     report = (run_dir / "report.md").read_text()
     commands = results["commands"]
@@ -43,15 +53,13 @@ def test_demo_fast_run(tmp_path, examples_on_path):
     assert "hp_metric" not in scalars and "epoch" not in scalars
 
 
-def test_demo_prints_commands_that_work(tmp_path, examples_on_path, capsys):
+def test_demo_prints_commands_that_work(fast_run, capsys):
     """The printed commands: TensorBoard over the log root (so the run is named ``char_gpt/version_0``,
     not "."), and ``snrmon fit`` on the run's validation loss, which must succeed as printed."""
-    from train_char_gpt import main
-
     from snrmon.cli import main as snrmon
 
-    commands = main(["--fast", "--out", str(tmp_path)])["commands"]
-    printed = capsys.readouterr().out
+    tmp_path, results, printed = fast_run
+    commands = results["commands"]
     assert commands["tensorboard"] in printed and commands["fit"] in printed
 
     tensorboard = shlex.split(commands["tensorboard"])
@@ -66,4 +74,3 @@ def test_demo_prints_commands_that_work(tmp_path, examples_on_path, capsys):
     assert "--tokens-per-step 512" in commands["fit"]
     hparams = (tmp_path / "char_gpt" / "version_0" / "hparams.yaml").read_text()
     assert "n_params: 21984" in hparams  # where `snrmon fit` reads the model size
-
