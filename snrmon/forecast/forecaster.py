@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import norm
+from scipy.stats import t as student_t
 
 from snrmon.basin import basin_tokens
 from snrmon.fitting import FitError, fit_law
@@ -46,7 +48,12 @@ HORIZON = 0.25  # warn when the basin is forecast within 25% more training than 
 CONFIDENCE = 0.9  # stop when the basin is within the horizon (or entered) with this probability
 MIN_POINTS = 10  # no forecast before this many finite points (the law has 7 constants)
 WINDOW = 6  # points in the sliding window of the local slopes and of the ratio
-PERSIST = 2  # consecutive points a warning or stop condition must hold
+PERSIST = 1  # consecutive points a warning or stop condition must hold
+# The evidence tests run at every point of a long run: at 3 standard errors a chance pass is rare (0.1% a
+# test) where 2 would pass every few dozen points on a noisy plateau.
+Z_EVIDENCE = 3.0
+LAG_CORRECTION = True
+EVIDENCE_WINDOWS = 2  # the evidence tests look back this many windows
 SAMPLES = 400  # Monte Carlo draws for the band and the probabilities
 STATES = ("no forecast", "improving", "basin ahead", "basin entered")
 
@@ -183,7 +190,7 @@ class BasinForecaster:
             np.asarray(v, dtype=float) for v in (self.points.x, self.points.loss, self.points.train)
         )
         keep = np.isfinite(loss) & (x > 0)
-        return x[keep], loss[keep], train[keep]
+        return x[keep], loss[keep], (_train_at_points(x, train) if LAG_CORRECTION else train)[keep]
 
     def _forecast(self, x_now: float, loss_now: float) -> Forecast:
         forecast = Forecast(x_now, loss_now)
@@ -212,11 +219,12 @@ class BasinForecaster:
     def _decide(self, forecast: Forecast, x, loss, train, draws: np.ndarray, method: str) -> None:
         """Band, probability and decisions from Monte Carlo draws of D* (inf: no basin in that draw)."""
         x_now = x[-1]
+        draws = np.where(draws <= x_now * (1 + 1e-9), np.minimum(draws, x_now), draws)  # crossed: no rounding
         tail = (1 - self.confidence) / 2
         forecast.method = method
-        forecast.d_star = float(np.median(draws))
-        forecast.d_star_low = float(np.quantile(draws, tail))
-        forecast.d_star_high = float(np.quantile(draws, 1 - tail))
+        # Quantiles without interpolation: draws may be inf (no basin in that draw).
+        low, median, high = np.quantile(draws, [tail, 0.5, 1 - tail], method="inverted_cdf")
+        forecast.d_star, forecast.d_star_low, forecast.d_star_high = float(median), float(low), float(high)
         forecast.steps_to_basin = max(forecast.d_star - x_now, 0.0)
         forecast.p_basin = float(np.mean(draws <= x_now * (1 + self.horizon)))
         # Before stopping, the monitored curve must agree: it no longer falls significantly.
@@ -229,11 +237,14 @@ class BasinForecaster:
             # one (noise in the training loss pulls the regression slope toward zero). A basin shows more:
             # over a longer window the training loss still falls and the generalization gap widens, both
             # significantly.
-            long = slice(-2 * self.window, None)
+            long = slice(-EVIDENCE_WINDOWS * self.window, None)
             u = np.log(x[long])
             train_slope, train_se = _slope(u, train[long])
             gap, gap_se = _slope(u, loss[long] - train[long])
-            evidence = train_slope + 2 * train_se < 0 and gap - 2 * gap_se > 0
+            # Standard errors from a dozen points are themselves uncertain: the t quantile with the same tail
+            # probability as Z_EVIDENCE normal standard deviations.
+            z = float(student_t.ppf(norm.cdf(Z_EVIDENCE), df=max(len(u) - 2, 1)))
+            evidence = train_slope + z * train_se < 0 and gap - z * gap_se > 0
         forecast.loss_at_d_star = self._loss_at(forecast.d_star, x, loss)
         entered = forecast.p_basin >= self.confidence and forecast.d_star <= x_now
         # A decision must hold at `persist` consecutive points: one lucky window is not a basin.
@@ -348,6 +359,23 @@ class BasinForecaster:
         return np.array([values[name] for name in law.param_names])
 
 
+def _train_at_points(x: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """The training loss at each point from its mean over the interval before it.
+
+    A mean over (x[i-1], x[i]] describes the model at the interval's middle, not at x[i]: while the loss
+    falls it lags behind, and the lag shrinks as the curve flattens, which alone would look like a widening
+    generalization gap. Move each mean to its point along the line through it and the previous mean.
+    """
+    edges = np.concatenate([[0.0], x])
+    middle = (edges[:-1] + edges[1:]) / 2
+    corrected = train.copy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = np.diff(train) / np.diff(middle)
+    step = slope * (x[1:] - middle[1:])
+    corrected[1:] = np.where(np.isfinite(step), train[1:] + step, train[1:])
+    return corrected
+
+
 def _run_basin(theta: np.ndarray) -> float:
     _, c, d, e, beta, gamma, delta = theta
     try:
@@ -368,9 +396,11 @@ def _slope(u: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def _zero_crossing_draws(u: np.ndarray, r: np.ndarray, rng) -> np.ndarray:
-    """Draws of exp(u*) where the line r = a + b·(u − u_now) crosses zero, the line's two coefficients drawn
-    from their least-squares covariance. A line already below zero at u_now has crossed (D* ≤ now, taken as
-    the current x); one that stays positive gives inf."""
+    """Draws of exp(u*) where the line r = a + b·(u − u_now) crosses zero going down, its two coefficients
+    drawn from their least-squares covariance. A falling line crosses at u_now − a/b: ahead while r is still
+    positive, behind (the basin entered) once it is negative, then kept within the window. A line already
+    below zero and rising has entered the basin at an unknown point: taken as now. One that stays positive
+    gives inf."""
     centred = u - u[-1]
     design = np.stack([np.ones_like(centred), centred], axis=1)
     coefficients, *_ = np.linalg.lstsq(design, r, rcond=None)
@@ -379,9 +409,9 @@ def _zero_crossing_draws(u: np.ndarray, r: np.ndarray, rng) -> np.ndarray:
     covariance = sigma2 * np.linalg.pinv(design.T @ design)
     a, b = rng.multivariate_normal(coefficients, covariance, size=SAMPLES, method="eigh").T
     with np.errstate(divide="ignore", invalid="ignore"):
-        ahead = np.where(b < 0, -a / b, np.inf)  # distance in log x to the crossing, for a falling line
-    ahead = np.where(a <= 0, 0.0, ahead)
-    return np.exp(u[-1] + np.minimum(ahead, 700.0)) * np.where(np.isinf(ahead), np.inf, 1.0)
+        ahead = np.where(b < 0, -a / b, np.where(a <= 0, 0.0, np.inf))
+    ahead = np.clip(ahead, centred[0], 700.0)
+    return np.where(np.isinf(ahead), np.inf, np.exp(u[-1] + np.minimum(ahead, 700.0)))
 
 
 def load_prior(prior: dict | str | Path) -> dict[str, float]:
