@@ -1,0 +1,239 @@
+r"""
+Basin early stopping
+^^^^^^^^^^^^^^^^^^^^
+
+Forecast where a monitored loss turns up (the basin of the Shannon law, T9-T10) and warn, or stop, before
+training goes far past it. The forecaster is framework-free (:class:`snrmon.forecast.BasinForecaster`); this
+module is its Lightning adapter.
+
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from snrmon.forecast import BasinForecaster, Forecast
+from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS
+
+log = logging.getLogger(__name__)
+
+
+class BasinEarlyStopping(Callback):
+    r"""Forecast the basin of a monitored loss and stop training once it is reached, or about to be.
+
+    At every check (each validation, or every ``check_every_n_steps`` optimizer steps) the monitored value and
+    the mean training loss since the previous check (taken from what ``training_step`` returns) are fed to a
+    :class:`~snrmon.forecast.BasinForecaster`. It forecasts the basin D* with a band and decides:
+
+    * **warning**: the basin is probably within ``horizon`` times the training done so far, or entered. A
+      rank-zero warning names it (and a TensorBoard text entry records it), repeated only when the state
+      changes;
+    * **stop**: the same with probability ``confidence``, and the monitored curve no longer falls
+      significantly. Then ``trainer.should_stop`` is set (agreed across ranks: one rank deciding is enough,
+      as in Lightning's ``EarlyStopping``).
+
+    Logged each check: ``snr/forecast/<monitor>/d_star``, ``d_star_low``, ``d_star_high``, ``steps_to_basin``
+    and ``p_basin`` (finite values only). The defaults were chosen on runs the forecaster was not tuned on
+    (docs/forecast.md); ``BasinEarlyStopping(monitor="val_loss")`` is the intended use.
+
+    Args:
+        monitor: the logged metric to forecast, e.g. ``"val_loss"`` (lower is better).
+        horizon: warn when the basin is forecast within ``horizon`` × the steps done so far, or entered.
+        confidence: the probability of that needed to stop training.
+        min_points: checks needed before the first forecast (no warning and no stop before).
+        check_every_n_steps: check every n optimizer steps (for metrics logged during training, e.g. a probe)
+            instead of after each validation. ``None``: after each validation.
+        verbose: log each forecast at INFO level (rank zero).
+        prior: a fit of earlier runs (the path or dict of ``snrmon fit --json``, law ``shannon`` or
+            ``shannon-run``) whose shape starts the law fit; see :func:`snrmon.forecast.load_prior`.
+        strict: raise when ``monitor`` is not among the logged metrics at a check (else warn and skip).
+
+    Raises:
+        RuntimeError: at a check, if ``monitor`` was never logged (``strict``); the message lists the metrics
+            that exist.
+        ValueError: invalid ``horizon``, ``confidence``, ``min_points`` or ``check_every_n_steps``.
+
+    Attributes:
+        stopping_reason: why training was stopped (``None`` while it was not).
+        stopped_step: the global step at which it was stopped (0 while it was not).
+        forecaster: the forecaster, whose ``history`` holds every forecast.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning.pytorch.callbacks import ModelCheckpoint
+        >>> from snrmon.callbacks import BasinEarlyStopping
+        >>> # Stopping happens a little after the basin: keep the best weights with a checkpoint.
+        >>> best = ModelCheckpoint(monitor="val_loss", mode="min", save_top_k=1)
+        >>> trainer = Trainer(callbacks=[BasinEarlyStopping(monitor="val_loss"), best])
+        >>> # after trainer.fit(...): the model at the basin is best.best_model_path
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        horizon: float = HORIZON,
+        confidence: float = CONFIDENCE,
+        min_points: int = MIN_POINTS,
+        check_every_n_steps: int | None = None,
+        verbose: bool = False,
+        prior: dict | str | None = None,
+        strict: bool = True,
+    ) -> None:
+        super().__init__()
+        if check_every_n_steps is not None and check_every_n_steps < 1:
+            raise ValueError(
+                f"check_every_n_steps must be a positive integer or None, got {check_every_n_steps}"
+            )
+        self.monitor = monitor
+        self.check_every_n_steps = check_every_n_steps
+        self.verbose, self.strict = verbose, strict
+        self.forecaster = BasinForecaster(
+            horizon=horizon, confidence=confidence, min_points=min_points, prior=prior
+        )
+        self.stopping_reason: str | None = None
+        self.stopped_step = 0
+        self._state = "no forecast"  # the last state announced, so a warning repeats only when it changes
+        self._train_sum: torch.Tensor | None = None  # training loss summed on its device: no sync per step
+        self._train_count = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor)
+
+    # -- collecting the training loss ------------------------------------------------------------------
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            loss = loss.detach().float()
+            self._train_sum = loss if self._train_sum is None else self._train_sum + loss
+            self._train_count += 1
+        n = self.check_every_n_steps
+        if n is not None and trainer.global_step % n == 0 and not self._should_skip(trainer):
+            self._check(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.check_every_n_steps is None and not self._should_skip(trainer):
+            self._check(trainer)
+
+    @staticmethod
+    def _should_skip(trainer: pl.Trainer) -> bool:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
+
+    def _mean_train_loss(self) -> float | None:
+        if self._train_sum is None or self._train_count == 0:
+            return None
+        value = float(self._train_sum.item()) / self._train_count
+        self._train_sum, self._train_count = None, 0
+        return value if math.isfinite(value) else None
+
+    # -- one check ---------------------------------------------------------------------------------------
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            names = ", ".join(f"`{k}`" for k in metrics) or "(none yet)"
+            message = (
+                f"BasinEarlyStopping is conditioned on metric `{self.monitor}`, which is not available. Pass "
+                f"`monitor=` one of the logged metrics: {names}"
+            )
+            if self.strict:
+                raise RuntimeError(message)
+            rank_zero_warn(message, category=RuntimeWarning)
+            return
+        x = float(trainer.global_step)
+        points = self.forecaster.points.x
+        if x <= 0 or (points and x <= points[-1]):
+            return  # no new training since the last check (e.g. two validations at the same step)
+        value = float(metrics[self.monitor].squeeze().float().item())
+        forecast = self.forecaster.update(x, value, self._mean_train_loss())
+        if not math.isfinite(value):
+            log.debug("BasinEarlyStopping: %s is %s at step %d: skipped", self.monitor, value, int(x))
+        elif forecast.d_star is None:
+            log.debug("BasinEarlyStopping: no forecast at step %d (%s)", int(x), forecast.note)
+        self._log(trainer, forecast)
+        self._announce(trainer, forecast)
+
+        should_stop = trainer.strategy.reduce_boolean_decision(bool(forecast.stop), all=False)
+        if should_stop and not trainer.should_stop:
+            trainer.should_stop = True
+            self.stopped_step = trainer.global_step
+            self.stopping_reason = (
+                f"{self.monitor}: {_describe(forecast)} (probability {forecast.p_basin:.2f} that it lies "
+                f"within {self.forecaster.horizon:.0%} more training or has been entered)"
+                if forecast.p_basin is not None
+                else f"{self.monitor}: another rank forecast the basin"
+            )
+            rank_zero_info(
+                f"BasinEarlyStopping: stopping at step {self.stopped_step}: {self.stopping_reason}"
+            )
+
+    def _log(self, trainer: pl.Trainer, forecast: Forecast) -> None:
+        prefix = f"snr/forecast/{self.monitor}"
+        values = {
+            f"{prefix}/{name}": getattr(forecast, name)
+            for name in ("d_star", "d_star_low", "d_star_high", "steps_to_basin", "p_basin")
+        }
+        values = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+        if values and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+        if self.verbose:
+            rank_zero_info(f"BasinEarlyStopping: step {trainer.global_step}: {_describe(forecast)}")
+
+    def _announce(self, trainer: pl.Trainer, forecast: Forecast) -> None:
+        state = forecast.state if forecast.warning or forecast.stop else "improving"
+        if state == self._state or forecast.d_star is None:
+            return
+        self._state = state
+        if state == "improving":
+            return
+        text = f"BasinEarlyStopping: {self.monitor}: {_describe(forecast)}"
+        rank_zero_warn(text)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_text"):  # TensorBoard: a text entry beside the charts
+                    experiment.add_text(f"snr/forecast/{self.monitor}", text, trainer.global_step)
+
+    # -- checkpointing -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "forecaster": self.forecaster.state_dict(),
+            "stopping_reason": self.stopping_reason,
+            "stopped_step": self.stopped_step,
+            "announced": self._state,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.forecaster.load_state_dict(state_dict["forecaster"])
+        self.stopping_reason = state_dict["stopping_reason"]
+        self.stopped_step = state_dict["stopped_step"]
+        self._state = state_dict["announced"]
+
+
+def _describe(forecast: Forecast) -> str:
+    """One sentence naming the basin, e.g. 'basin ahead at step 1.2e+03 (band 1e+03 to 1.5e+03), ...'."""
+    if forecast.d_star is None:
+        return f"no forecast yet ({forecast.note})"
+    if forecast.d_star == math.inf:
+        return f"no basin in sight at step {forecast.x:.4g} (loss {forecast.loss:.4g})"
+    where = f"{forecast.d_star:.4g} (band {forecast.d_star_low:.4g} to {forecast.d_star_high:.4g})"
+    at = f", loss there ≈ {forecast.loss_at_d_star:.4g}" if forecast.loss_at_d_star is not None else ""
+    if forecast.state == "basin entered":
+        return f"basin entered: forecast at step {where}{at}; now at step {forecast.x:.4g}"
+    away = f"{forecast.steps_to_basin:.4g} steps from step {forecast.x:.4g}"
+    return f"{forecast.state} at step {where}{at}, {away}"

@@ -1,0 +1,172 @@
+"""BasinEarlyStopping through real (small, CPU, seconds) Trainer.fit runs.
+
+The overfitting run: a 128-unit MLP regressing a smooth target with heavy label noise on 64 samples; its
+validation loss (512 clean-distribution samples) falls, then rises as the noise is memorised. The improving
+run: the same model on fresh samples every step (no memorisation, no basin).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from snrmon.callbacks import BasinEarlyStopping
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = torch.sin(2 * x[:, :1]) + x[:, 1:2] + 0.5 * torch.randn(n, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+class _Fresh(Dataset):
+    """A new sample at every index: training never sees a sample twice."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int):
+        self.count = getattr(self, "count", 0) + 1
+        return tuple(t[0] for t in _data(1, 10_000 + self.count).tensors)
+
+
+class Regressor(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 128), nn.Tanh(), nn.Linear(128, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class Recorder(Logger):
+    """Keeps every logged metric: what TensorBoard would chart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[tuple[int, dict]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def _fit(callback, train_data, max_epochs: int, logger=None, ckpt_path=None, model=None, **trainer_options):
+    torch.manual_seed(0)
+    model = model or Regressor()
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        callbacks=[callback],
+        logger=logger or False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        **trainer_options,
+    )
+    train = DataLoader(train_data, batch_size=32, shuffle=not isinstance(train_data, _Fresh))
+    trainer.fit(model, train, DataLoader(_data(512, 1), batch_size=512), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stops_an_overfitting_run_near_its_minimum_and_logs_the_forecast():
+    callback, recorder = BasinEarlyStopping(monitor="val_loss"), Recorder()
+    max_epochs = 200
+    with pytest.warns(UserWarning, match="basin") as caught:
+        trainer, _ = _fit(callback, _data(64, 0), max_epochs, logger=recorder)
+    steps = callback.forecaster.points.x
+    assert trainer.should_stop and 0 < callback.stopped_step < 2 * max_epochs  # 2 steps an epoch
+    assert callback.stopped_step == steps[-1] and "basin" in callback.stopping_reason
+    # The same run to the end (a callback that never forecasts only records the curve): a real basin, and
+    # the loss at the stop is within 1% of its minimum.
+    reference = BasinEarlyStopping(monitor="val_loss", min_points=10**9)
+    _fit(reference, _data(64, 0), max_epochs)
+    full = np.array(reference.forecaster.points.loss)
+    assert reference.forecaster.points.x[: len(steps)] == steps  # the same run up to the stop
+    assert np.argmin(full) < len(full) - 1 and full[-1] > 1.01 * full.min()
+    assert callback.forecaster.points.loss[-1] <= 1.01 * full.min()
+    # The warning names the basin and is not repeated while the state stays the same.
+    texts = [str(w.message) for w in caught if "BasinEarlyStopping" in str(w.message)]
+    assert len(texts) == len(set(texts)) and all("step" in t for t in texts)
+    logged = {k for _, metrics in recorder.metrics for k in metrics}
+    for name in ("d_star", "d_star_low", "d_star_high", "steps_to_basin"):
+        assert f"snr/forecast/val_loss/{name}" in logged
+    assert all(math.isfinite(v) for _, m in recorder.metrics for v in m.values())
+
+
+def test_an_improving_run_is_not_stopped():
+    callback = BasinEarlyStopping(monitor="val_loss")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no basin warning either
+        warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec|log_every_n_steps).*")
+        trainer, _ = _fit(callback, _Fresh(), max_epochs=40)
+    assert callback.stopped_step == 0 and callback.stopping_reason is None
+    assert trainer.current_epoch == 40
+    assert len(callback.forecaster.history) == 40
+
+
+def test_a_missing_metric_names_the_logged_ones():
+    with pytest.raises(RuntimeError, match="`val_los`.*`val_loss`"):
+        _fit(BasinEarlyStopping(monitor="val_los"), _data(64, 0), max_epochs=2)
+    callback = BasinEarlyStopping(monitor="val_los", strict=False)
+    with pytest.warns(RuntimeWarning, match="not available"):
+        _fit(callback, _data(64, 0), max_epochs=2)
+    assert not callback.forecaster.points.x
+
+
+def test_checks_every_n_steps_on_a_training_metric():
+    callback = BasinEarlyStopping(monitor="train_loss", check_every_n_steps=3)
+    _fit(callback, _data(64, 0), max_epochs=5, log_every_n_steps=1)
+    assert callback.forecaster.points.x == [3.0, 6.0, 9.0]
+    with pytest.raises(ValueError, match="check_every_n_steps"):
+        BasinEarlyStopping(check_every_n_steps=0)
+
+
+def test_forecast_history_survives_resume(tmp_path):
+    first = BasinEarlyStopping(monitor="val_loss")
+    trainer, model = _fit(first, _data(64, 0), max_epochs=8)
+    path = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = BasinEarlyStopping(monitor="val_loss")
+    _fit(resumed, _data(64, 0), max_epochs=12, ckpt_path=str(path), model=Regressor())
+    before = first.forecaster.state_dict()["points"]
+    after = resumed.forecaster.points
+    assert after.x[: len(before["x"])] == before["x"] and after.loss[: len(before["loss"])] == before["loss"]
+    assert len(after.x) == 12  # the four new validations continue the same curve
