@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+_WRITTEN: weakref.WeakSet = weakref.WeakSet()  # the SummaryWriters that hold the layout already
 BAND_SE = 2.0  # a band of ±2 standard errors holds the truth about 95% of the time
 LOWER, UPPER = "_lower", "_upper"
 
@@ -65,29 +67,31 @@ def log_bands(loggers: Iterable[Logger], values: Mapping[str, float], step: int,
             logger.log_metrics(bands, step=step)
 
 
-def snr_layout(prefix: str = "snr") -> dict:
+def snr_layout(prefixes: Sequence[str] = ("snr",)) -> dict:
     """The layout as plain data: ``{category: {"closed": bool, "charts": {title: (kind, series)}}}``.
 
     ``kind`` is ``"Margin"`` (``series``: a list of ``(value, lower, upper)`` tag triples) or
-    ``"Multiline"`` (``series``: a list of tag regexes). Category titles name a prefix other than ``snr``
-    (TensorBoard merges categories of the same title across runs and monitors).
+    ``"Multiline"`` (``series``: a list of tag regexes). ``prefixes``: those of the monitors on the trainer
+    (TensorBoard reads one layout per run, so one layout holds them all); category titles name a prefix
+    other than ``snr``.
     """
-    p = re.escape(prefix)
-    # The user's loss tags are not known to the monitor: any tag with "loss" in its name outside <prefix>/.
-    loss = rf"(?i)(?!{p}/).*loss"
-    group = rf"{p}/(?!forecast/)[^/]+/"  # a per-group tag <prefix>/<group>/<name>, not the forecast's tags
-    totals: dict[str, tuple[str, list]] = {"loss": ("Multiline", [loss])}
-    for name, title in TOTALS:
-        tag = f"{prefix}/{name}"
-        series = [(tag, tag + LOWER, tag + UPPER)]
-        if name == "noise_scale":  # B as a band of zero width: where the two lines cross, SNR = 1
-            batch = f"{prefix}/batch_size"
-            series.append((batch, batch, batch))
-        totals[title] = ("Margin", series)
-    title = "snrmon" if prefix == "snr" else f"snrmon {prefix}"
-    return {
-        title: {"closed": False, "charts": totals},
-        f"{title} per group": {
+    categories, errors = {}, {}
+    for prefix in prefixes:
+        p = re.escape(prefix)
+        # The user's loss tags are not known to the monitor: any tag with "loss" in its name outside snr/.
+        loss = rf"(?i)(?!{p}/).*loss"
+        group = rf"{p}/(?!forecast/)[^/]+/"  # a group's tag <prefix>/<group>/<name>, not a forecast's
+        totals: dict[str, tuple[str, list]] = {"loss": ("Multiline", [loss])}
+        for name, title in TOTALS:
+            tag = f"{prefix}/{name}"
+            series = [(tag, tag + LOWER, tag + UPPER)]
+            if name == "noise_scale":  # B as a band of zero width: where the two lines cross, SNR = 1
+                batch = f"{prefix}/batch_size"
+                series.append((batch, batch, batch))
+            totals[title] = ("Margin", series)
+        title = "snrmon" if prefix == "snr" else f"snrmon {prefix}"
+        categories[title] = {"closed": False, "charts": totals}
+        categories[f"{title} per group"] = {
             "closed": False,
             "charts": {
                 "SNR per group": ("Multiline", [group + "ratio$"]),
@@ -95,25 +99,26 @@ def snr_layout(prefix: str = "snr") -> dict:
                 "signal |G|² per group": ("Multiline", [group + "signal$"]),
                 "noise tr(Σ) per group": ("Multiline", [group + "noise$"]),
             },
-        },
-        f"{title} basin forecast": {
-            "closed": False,
-            "charts": {
-                "basin D* (with its low and high estimates)": (
-                    "Multiline",
-                    [rf"{p}/forecast/.*/d_star(_low|_high)?$"],
-                ),
-                "steps to the basin": ("Multiline", [rf"{p}/forecast/.*/steps_to_basin$"]),
-            },
-        },
-        f"{title} standard errors": {
+        }
+        errors[f"{title} standard errors"] = {
             "closed": True,
             "charts": {
                 f"standard error of {name}": ("Multiline", [rf"{p}/(.*/)?{name}_se$"])
                 for name in ("ratio", "noise_scale", "signal", "noise")
             },
+        }
+    # BasinEarlyStopping logs snr/forecast/<monitored metric>/<name> (the metric's name may hold slashes),
+    # whatever the monitors' prefixes; the charts stay empty without it.
+    forecast = r"snr/forecast/.*/"
+    categories["snrmon basin forecast"] = {
+        "closed": False,
+        "charts": {
+            "basin D* (with its low and high estimates)": ("Multiline", [forecast + "d_star(_low|_high)?$"]),
+            "steps to the basin": ("Multiline", [forecast + "steps_to_basin$"]),
+            "probability of the basin within the horizon": ("Multiline", [forecast + "p_basin$"]),
         },
     }
+    return {**categories, **errors}
 
 
 def layout_summary(layout: dict):
@@ -153,11 +158,21 @@ def layout_summary(layout: dict):
     return Summary(value=[Summary.Value(tag=metadata.CONFIG_SUMMARY_TAG, tensor=tensor, metadata=plugin)])
 
 
-def add_snr_layout(trainer: Trainer, prefix: str = "snr") -> None:
-    """Write snrmon's Custom Scalars layout to every TensorBoard logger (call on global rank zero)."""
-    tensorboards = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-    if not tensorboards:
+def add_snr_layout(trainer: Trainer) -> None:
+    """Write the Custom Scalars layout of all the trainer's SNRMonitors to each TensorBoard logger, once per
+    writer (call on global rank zero). Every monitor may call it: TensorBoard reads a run's first layout only.
+    """
+    from snrmon.callbacks.snr_monitor import SNRMonitor  # here: that module imports this one
+
+    writers = [
+        logger.experiment
+        for logger in trainer.loggers
+        if isinstance(logger, TensorBoardLogger) and logger.experiment not in _WRITTEN
+    ]
+    if not writers:
         return
-    summary = layout_summary(snr_layout(prefix))
-    for logger in tensorboards:
-        logger.experiment._get_file_writer().add_summary(summary)
+    prefixes = [callback.prefix for callback in trainer.callbacks if isinstance(callback, SNRMonitor)]
+    summary = layout_summary(snr_layout(prefixes or ["snr"]))
+    for writer in writers:
+        writer._get_file_writer().add_summary(summary)
+        _WRITTEN.add(writer)

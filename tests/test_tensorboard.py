@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -65,7 +66,8 @@ class Regression(L.LightningModule):
 
 
 def train(root: Path) -> SNRMonitor:
-    """12 optimizer steps of 4 microbatches, logged to TensorBoard (run ``tiny/version_0``) and to a CSV."""
+    """12 optimizer steps of 4 microbatches, logged to TensorBoard (run ``tiny/version_0``) and to a CSV, with
+    a second monitor (prefix ``all``, no groups) as two monitors on one trainer."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(512, 4, generator=gen)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 0.5 * torch.randn(512, 1, generator=gen)
@@ -77,7 +79,7 @@ def train(root: Path) -> SNRMonitor:
         log_every_n_steps=1,
         val_check_interval=16,  # microbatches: every 4 optimizer steps
         limit_val_batches=2,
-        callbacks=[monitor],
+        callbacks=[monitor, SNRMonitor(prefix="all", prog_bar=False)],
         logger=[
             TensorBoardLogger(root, name="tiny", default_hp_metric=False),
             CSVLogger(root, name="csv"),
@@ -166,11 +168,17 @@ def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
         assert "tiny/version_0" in get_json(base, "/data/runs")
         assert "hp_metric" not in tags
 
+        # One layout holds both monitors' charts (TensorBoard reads only a run's first layout).
         layout = get_json(base, "/data/plugin/custom_scalars/layout")
         categories = {category["title"]: category for category in layout["category"]}
-        assert list(categories) == list(snr_layout())
+        assert list(categories) == list(snr_layout(["snr", "all"]))
+        assert {"snrmon", "snrmon all", "snrmon basin forecast", "snrmon all per group"} <= set(categories)
         assert not categories["snrmon"].get("closed") and categories["snrmon standard errors"]["closed"]
-        charts = {chart["title"]: chart for category in layout["category"] for chart in category["chart"]}
+        charts = {  # (category, chart title): chart
+            (category["title"], chart["title"]): chart
+            for category in layout["category"]
+            for chart in category["chart"]
+        }
 
         # Every band chart draws series the run logged, at the same steps (else TensorBoard shows an error
         # instead of the chart); asked for as the web page asks. The totals known only with the training set
@@ -185,23 +193,26 @@ def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
                     continue
                 steps = [[step for _, step, _ in events[name]] for name in names]
                 assert steps[0] and steps[1] == steps[0] and steps[2] == steps[0], (chart["title"], names)
-        noise_scale = charts["noise scale B_simple (±2 se) and batch size B"]["margin"]["series"]
+        noise_scale = charts["snrmon", "noise scale B_simple (±2 se) and batch size B"]["margin"]["series"]
         assert [s["value"] for s in noise_scale] == ["snr/noise_scale", "snr/batch_size"]
 
         # Regex charts, asked for their data as the web page does: loss in both naming styles, one line
         # per group (never the totals), standard errors apart.
-        def matched(title: str) -> set[str]:
-            (regex,) = charts[title]["multiline"]["tag"]
+        def matched(category: str, title: str) -> set[str]:
+            (regex,) = charts[category, title]["multiline"]["tag"]
             reply = get_json(base, "/data/plugin/custom_scalars/scalars", run="tiny/version_0", tag=regex)
             assert reply["regex_valid"], regex
             return set(reply["tag_to_events"])
 
-        assert matched("loss") == {"train/loss", "val_loss"}
-        assert matched("SNR per group") == {"snr/hidden/ratio", "snr/out/ratio"}
-        assert matched("noise scale per group (samples)") == {"snr/hidden/noise_scale", "snr/out/noise_scale"}
+        assert matched("snrmon", "loss") == {"train/loss", "val_loss"}
+        assert matched("snrmon per group", "SNR per group") == {"snr/hidden/ratio", "snr/out/ratio"}
+        scales = {"snr/hidden/noise_scale", "snr/out/noise_scale"}
+        assert matched("snrmon per group", "noise scale per group (samples)") == scales
+        assert matched("snrmon all per group", "SNR per group") == set()  # that monitor has no groups
         errors = {"snr/noise_se", "snr/hidden/noise_se", "snr/out/noise_se"}
-        assert matched("standard error of noise") == errors
-        assert matched("steps to the basin") == set()  # no forecast logged: an empty chart, not an error
+        assert matched("snrmon standard errors", "standard error of noise") == errors
+        # No forecast logged: an empty chart, not an error.
+        assert matched("snrmon basin forecast", "steps to the basin") == set()
 
         # The band edges are value ∓ 2 se, NaN where the se is not known yet (after a single step).
         def series(tag: str) -> dict[int, float]:
@@ -222,6 +233,10 @@ def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
         columns = next(csv.reader(handle))
     assert "snr/signal" in columns and not [c for c in columns if c.endswith(("_lower", "_upper"))]
     assert not [key for key in latest if key.endswith(("_lower", "_upper"))]
+    # Each monitor calls add_snr_layout; the layout is written once.
+    events = EventAccumulator(str(tmp_path / "logs" / "tiny" / "version_0"))
+    events.Reload()
+    assert len(events.Tensors("custom_scalars__config__")) == 1
 
 
 def test_band_values():
@@ -238,3 +253,36 @@ def test_band_values():
     assert (bands["snr/signal_lower"], bands["snr/signal_upper"]) == (1.5, 2.5)
     assert math.isnan(bands["snr/ratio_lower"]) and math.isnan(bands["snr/ratio_upper"])
     assert band_values(values, prefix="other") == {}
+
+
+def test_layout_regexes_match_as_tensorboard_matches():
+    """TensorBoard picks a Multiline chart's tags with Python's ``re.match`` (anchored at the start only)."""
+    charts = {
+        (category, title): chart
+        for category, c in snr_layout().items()
+        for title, chart in c["charts"].items()
+    }
+
+    def picks(category: str, title: str, tags: list[str]) -> list[str]:
+        kind, (regex,) = charts[category, title]
+        assert kind == "Multiline"
+        return [tag for tag in tags if re.match(regex, tag)]
+
+    tags = [
+        "train/loss",
+        "val_loss",
+        "Loss/val",
+        "snr/ratio",
+        "snr/blocks.0/ratio",
+        "snr/forecast/val/loss/d_star",
+    ]
+    assert picks("snrmon", "loss", tags) == ["train/loss", "val_loss", "Loss/val"]
+    assert picks("snrmon per group", "SNR per group", tags) == ["snr/blocks.0/ratio"]
+    # BasinEarlyStopping's tags hold the monitored metric's name, slashes and all.
+    forecast = [
+        "snr/forecast/val/loss/d_star",
+        "snr/forecast/val_loss/d_star_low",
+        "snr/forecast/val_loss/p_basin",
+    ]
+    title = "basin D* (with its low and high estimates)"
+    assert picks("snrmon basin forecast", title, forecast) == forecast[:2]
