@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     compare.set_defaults(run=run_compare)
+    from snrmon.forecast.cli import add_parser as add_forecast  # here: other commands never load it
+
+    add_forecast(commands)
     return parser
 
 
