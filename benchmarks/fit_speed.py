@@ -6,15 +6,27 @@ row per case: rows, starting points, median wall time over the repeats, the targ
 
     python benchmarks/fit_speed.py              # the figures in docs/performance.md
     python benchmarks/fit_speed.py --repeats 9
+    python benchmarks/fit_speed.py --large      # the snrmon command on 25,000 to 200,000 rows
+
+``--large`` writes CSV files of continuous model sizes (every row its own N, as in a log of many small
+runs) and times the ``snrmon`` command on them in a fresh process each (``python -m snrmon.cli``, run from a
+temporary directory, so ``PYTHONPATH`` chooses the code measured): ``fit --bootstrap 0``, ``compare`` and
+``fit`` with its default bootstrap, with a time limit per command.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import scipy
@@ -55,14 +67,84 @@ def timed(function, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+# The synthetic data of docs/law.md (examples/make_law_data.py): a, α, c, d, e, β, γ, δ.
+SYNTHETIC = np.array([0.02, 0.08, 1.6e-11, 1e-3, 1.0, 0.3, 0.6, 0.2])
+
+
+def large_csv(path: Path, rows: int, seed: int = 0) -> Path:
+    """``rows`` rows of the Shannon law at log-uniform N in [1e7, 3e9] and D in [1e8, 1e12], 1% noise."""
+    rng = np.random.default_rng(seed)
+    columns = {"N": np.exp(rng.uniform(np.log(1e7), np.log(3e9), rows))}
+    columns["D"] = np.exp(rng.uniform(np.log(1e8), np.log(1e12), rows))
+    loss = noisy(get_law("shannon"), SYNTHETIC, columns, seed)
+    np.savetxt(path, np.column_stack([columns["N"], columns["D"], loss]), delimiter=",", header="N,D,loss",
+               comments="", fmt="%.8g")  # fmt: skip
+    return path
+
+
+def command_time(arguments: list[str], limit: float) -> tuple[float | None, float, int, int]:
+    """Wall time of ``snrmon ARGUMENTS`` in a fresh process (None: over ``limit`` s), its CPU time (user +
+    system: less sensitive than wall time to other work on a shared machine), its exit status and its number
+    of output lines."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "snrmon.cli", *arguments],
+            capture_output=True,
+            text=True,
+            timeout=limit,
+            cwd=tempfile.gettempdir(),  # not the repository: PYTHONPATH, else the installed snrmon, is timed
+        )
+    except subprocess.TimeoutExpired:
+        return None, math.nan, -1, 0
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, cpu, done.returncode, len(done.stdout.splitlines())
+
+
+def large(sizes: list[int], limit: float, bootstrap: bool = True) -> None:
+    """Time the command on large CSV files: fit without and with the bootstrap, and compare."""
+    cases = [
+        ("fit --law shannon --bootstrap 0", ["fit", "--law", "shannon", "--bootstrap", "0"]),
+        ("compare", ["compare"]),
+    ]
+    if bootstrap:
+        cases.append(("fit --law shannon (100 bootstrap resamples)", ["fit", "--law", "shannon"]))
+    print()
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
+    print("| command | rows | wall time | CPU time | exit status | output lines |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as directory:
+        for rows in sizes:
+            path = large_csv(Path(directory) / f"large_{rows}.csv", rows)
+            for name, arguments in cases:
+                seconds, cpu, code, lines = command_time([arguments[0], str(path), *arguments[1:]], limit)
+                wall = f"> {limit:.0f} s (stopped)" if seconds is None else f"{seconds:.1f} s"
+                print(f"| snrmon {name} | {rows:,} | {wall} | {cpu:.1f} s | {code} | {lines:,} |", flush=True)
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the warm refits (cold: 3)")
+    parser.add_argument("--large", action="store_true", help="time the snrmon command on large CSV files")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=[25_000, 50_000, 100_000, 200_000], help="--large: row counts"
+    )
+    parser.add_argument("--limit", type=float, default=600.0, help="--large: seconds allowed per command")
+    parser.add_argument(
+        "--no-bootstrap", action="store_true", help="--large: skip the (slowest) fit with the bootstrap"
+    )
     args = parser.parse_args()
 
     print(f"machine: {platform.platform()}, processor {platform.processor()!r} ({cpu_model()}), ", end="")
     print(f"{os.cpu_count()} CPUs")
     print(f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}")
+    if args.large:
+        large(args.rows, args.limit, bootstrap=not args.no_bootstrap)
+        return
     rows = []
 
     # (i) One run (T9) on 10,000 points: cold multi-start, then the warm polish of the live monitor.
