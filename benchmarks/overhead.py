@@ -1,21 +1,29 @@
-"""Step-time and memory overhead of SNRMonitor on the demo GPT, against a baseline in the same process.
+"""What SNRMonitor costs per optimizer step on the demo GPT, measured inside one fit.
 
-Trains the example byte-level GPT with gradient accumulation, alternating fits without and with the monitor
-(same initial weights, same data), and prints the median step time of each, their ratio, and the monitor's
-extra peak memory (measured on CUDA; on CPU, the monitor's own tensors are counted).
+Two fits of the example byte-level GPT with gradient accumulation:
 
-    python benchmarks/overhead.py                # CPU, the figures in docs/performance.md
-    python benchmarks/overhead.py --device cuda  # GPU
+1. *Ratio*: ``SNRMonitor(every_n_steps=2)`` measures every other step and installs nothing on the others, so
+   the ratio of the median CPU time of measured to unmeasured steps is the monitor's cost, free of the drift
+   between separate fits (several percent on a shared VM).
+2. *Breakdown*: an instrumented ``SNRMonitor()`` that times, per step, its norm reads (the tensor hooks, one
+   norm kernel per parameter per microbatch, and the one fused norm of the applied gradient: each gradient
+   read once), the rest of its callback hooks (the bookkeeping), and its logging (on logging steps only,
+   reported per logging step).
+
+The target of the hot path is bookkeeping + norm reads ≤ 1.5 × the norm reads.
+
+    python benchmarks/overhead.py                # CPU, one thread: the figures in docs/performance.md
+    python benchmarks/overhead.py --device cuda  # GPU (CPU times then measure the host side only)
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import platform
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import lightning as L
@@ -24,34 +32,80 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from char_gpt import CharDataModule, CharGPT  # noqa: E402
 from snrmon.callbacks import SNRMonitor  # noqa: E402
+from snrmon.taps import GradientTaps  # noqa: E402
+
+CALLBACK_HOOKS = (
+    "on_train_epoch_start",
+    "on_train_batch_start",
+    "on_before_zero_grad",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+)
 
 
 class StepTimer(L.Callback):
-    """Wall time of each optimizer step (all its microbatches), device work included."""
+    """CPU time of each optimizer step (all its microbatches and the optimizer step), device work included."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.times: list[float] = []
+        self.steps: list[tuple[int, float]] = []  # (global step, seconds)
         self._last: float | None = None
 
     def _now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.fit_loop._should_accumulate():
             return
         now = self._now()
         if self._last is not None:
-            self.times.append(now - self._last)
+            self.steps.append((trainer.global_step - 1, now - self._last))
         self._last = now
 
 
-def fit(args, model: CharGPT, data: CharDataModule, monitor: SNRMonitor | None) -> tuple[list[float], int]:
+class Stopwatch:
+    """Seconds spent in wrapped callables, by name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+
+        return timed
+
+
+class ResetAfterWarmup(L.Callback):
+    def __init__(self, stopwatch: Stopwatch, warmup: int):
+        self.stopwatch, self.warmup = stopwatch, warmup
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.warmup and not trainer.fit_loop._should_accumulate():
+            self.stopwatch.seconds.clear()
+
+
+def instrument(monitor: SNRMonitor, stopwatch: Stopwatch) -> None:
+    """Time the monitor's callback hooks, its logging, every tensor hook its taps install, and the read of
+    the applied gradient."""
+    for name in CALLBACK_HOOKS:
+        setattr(monitor, name, stopwatch.wrap("hooks", getattr(monitor, name)))
+    monitor._log = stopwatch.wrap("logging", monitor._log)
+    original = GradientTaps._hook
+    GradientTaps._hook = lambda taps, index: stopwatch.wrap("tensor hooks", original(taps, index))
+    GradientTaps.accumulated_sq_norms = stopwatch.wrap("applied read", GradientTaps.accumulated_sq_norms)
+
+
+def fit(args, monitor: SNRMonitor, *extra: L.Callback) -> StepTimer:
     device = torch.device(args.device)
     timer = StepTimer(device)
-    callbacks = [timer] + ([monitor] if monitor else [])
     trainer = L.Trainer(
         accelerator=device.type,
         devices=1,
@@ -61,94 +115,67 @@ def fit(args, model: CharGPT, data: CharDataModule, monitor: SNRMonitor | None) 
         limit_val_batches=0,
         log_every_n_steps=args.log_every,
         logger=False,
-        callbacks=callbacks,
+        callbacks=[timer, monitor, *extra],
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
     )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    L.seed_everything(0, verbose=False)
+    model = CharGPT(n_layer=args.n_layer, n_embd=args.n_embd)
+    data = CharDataModule(batch_size=args.batch_size, train_samples=args.batch_size * args.accumulate * 400)
     trainer.fit(model, datamodule=data)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return timer.times[args.warmup :], peak
-
-
-def monitor_bytes(monitor: SNRMonitor) -> int:
-    """Bytes of the tensors the monitor keeps (its whole persistent memory)."""
-    taps, estimator = monitor._taps, monitor._estimator
-    tensors = [taps.norms, taps.membership, estimator.moments, estimator._step_stats]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return timer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per fit")
-    parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each fit")
-    parser.add_argument("--reps", type=int, default=6, help="baseline/monitor pairs")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per fit")
+    parser.add_argument("--warmup", type=int, default=10, help="steps dropped at the start of each fit")
     parser.add_argument("--accumulate", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--groups", type=int, default=None, help="SNRMonitor groups depth")
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args()
     if args.device == "cpu":
-        torch.set_num_threads(torch.get_num_threads())
+        torch.set_num_threads(args.threads)
 
-    L.seed_everything(0, verbose=False)
-    data = CharDataModule(batch_size=args.batch_size, train_samples=args.batch_size * args.accumulate * 400)
-    initial = CharGPT(n_layer=args.n_layer, n_embd=args.n_embd)
-    gradient_bytes = sum(p.numel() * p.element_size() for p in initial.parameters())
+    # 1. measured against unmeasured steps of one fit
+    timer = fit(args, SNRMonitor(every_n_steps=2))
+    steps = timer.steps[args.warmup :]
+    measured = [seconds for step, seconds in steps if step % 2 == 0]
+    unmeasured = [seconds for step, seconds in steps if step % 2 == 1]
+    base, with_monitor = statistics.median(unmeasured), statistics.median(measured)
 
-    baseline_times: list[float] = []
-    monitor_times: list[float] = []
-    pair_ratios: list[float] = []
-    peaks = {"baseline": 0, "monitor": 0}
-    for rep in range(args.reps):
-        monitor = SNRMonitor(groups=args.groups)
-        if rep % 2 == 0:  # alternate which run goes first, so that drift does not favour either
-            base, base_peak = fit(args, copy.deepcopy(initial), data, None)
-            mon, mon_peak = fit(args, copy.deepcopy(initial), data, monitor)
-        else:
-            mon, mon_peak = fit(args, copy.deepcopy(initial), data, monitor)
-            base, base_peak = fit(args, copy.deepcopy(initial), data, None)
-        baseline_times += base
-        monitor_times += mon
-        pair_ratios.append(statistics.median(mon) / statistics.median(base))
-        peaks["baseline"] = max(peaks["baseline"], base_peak)
-        peaks["monitor"] = max(peaks["monitor"], mon_peak)
-        print(
-            f"rep {rep}: baseline {statistics.median(base) * 1e3:.1f} ms/step, "
-            f"monitor {statistics.median(mon) * 1e3:.1f} ms/step, ratio {pair_ratios[-1]:.4f}"
-        )
+    # 2. where the time goes
+    stopwatch = Stopwatch()
+    monitor = SNRMonitor()
+    instrument(monitor, stopwatch)
+    fit(args, monitor, ResetAfterWarmup(stopwatch, args.warmup))
+    n_steps = args.steps - args.warmup
+    n_logs = sum(1 for step in range(args.warmup, args.steps) if (step + 1) % args.log_every == 0)
+    seconds = stopwatch.seconds
+    reads = (seconds["tensor hooks"] + seconds["applied read"]) / n_steps
+    logging = seconds["logging"]
+    bookkeeping = (seconds["hooks"] - seconds["applied read"] - logging) / n_steps
 
-    base_median = statistics.median(baseline_times)
-    mon_median = statistics.median(monitor_times)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    print()
-    print(
-        f"device            {args.device} ({device_name}, "
-        f"{torch.get_num_threads()} threads), precision {args.precision}, torch {torch.__version__}"
-    )
-    print(
-        f"model             {sum(p.numel() for p in initial.parameters()):,} parameters, "
-        f"{args.n_layer} layers, microbatch {args.batch_size}x128, accumulate {args.accumulate}"
-    )
-    print(f"steps measured    {len(baseline_times)} baseline, {len(monitor_times)} monitor")
-    print(f"median step       baseline {base_median * 1e3:.1f} ms, monitor {mon_median * 1e3:.1f} ms")
-    print(
-        f"step-time ratio   {mon_median / base_median:.4f} (pooled), "
-        f"{statistics.median(pair_ratios):.4f} (median of pairs)"
-    )
-    if args.device.startswith("cuda"):
-        extra = peaks["monitor"] - peaks["baseline"]
-        print(f"extra peak memory {extra:,} bytes = {100 * extra / gradient_bytes:.3f}% of the gradient size")
-    print(
-        f"monitor state     {monitor_bytes(monitor):,} bytes = "
-        f"{100 * monitor_bytes(monitor) / gradient_bytes:.3f}% of the gradient ({gradient_bytes:,} bytes)"
-    )
+    parameters = sum(p.numel() for p in CharGPT(n_layer=args.n_layer, n_embd=args.n_embd).parameters())
+    print(f"device            {args.device} ({device_name}, {torch.get_num_threads()} threads),"
+          f" precision {args.precision}, torch {torch.__version__}")  # fmt: skip
+    print(f"model             {parameters:,} parameters, {args.n_layer} layers,"
+          f" microbatch {args.batch_size}x128, accumulate {args.accumulate}")  # fmt: skip
+    print(f"steps             {len(measured)} measured, {len(unmeasured)} unmeasured (every_n_steps=2)")
+    print(f"median step       unmeasured {base * 1e3:.1f} ms, measured {with_monitor * 1e3:.1f} ms CPU")
+    print(f"step-time ratio   {with_monitor / base:.4f}")
+    hooks, applied = (seconds[key] / n_steps * 1e3 for key in ("tensor hooks", "applied read"))
+    print(f"norm reads        {reads * 1e3:.3f} ms/step (tensor hooks {hooks:.3f}, applied {applied:.3f})")
+    print(f"bookkeeping       {bookkeeping * 1e3:.3f} ms/step (callback hooks, logging excluded)")
+    print(f"logging           {logging / max(n_logs, 1) * 1e3:.3f} ms per logging step")
+    print(f"hot path / reads  {(reads + bookkeeping) / reads:.3f} (target <= 1.5)")
 
 
 if __name__ == "__main__":

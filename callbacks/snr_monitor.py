@@ -152,6 +152,8 @@ class SNRMonitor(Callback):
         self._reduced = False  # whether this rank joined the step's all-reduce
         self._closed_step = -1  # global step of the last on_before_optimizer_step
         self._population: Population | None = None
+        self._named: list[tuple[str, torch.nn.Parameter]] | None = None  # all parameters, walked each epoch
+        self._trainable: tuple[bool, ...] | None = None  # which of them the taps watch
         self._batch: Any = None
         self._batch_idx = 0
 
@@ -193,6 +195,7 @@ class SNRMonitor(Callback):
 
     @_never_crash
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._named = None  # walk the module again at the next measured window: it may have new tensors
         # Dataloaders exist by now, and may be reloaded between epochs.
         if self.dataset_size is not None:
             population = Population(self.dataset_size, f"dataset_size={self.dataset_size} was given")
@@ -258,7 +261,15 @@ class SNRMonitor(Callback):
         return True
 
     def _watch_trainable_parameters(self, pl_module: LightningModule) -> None:
-        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad and not is_lazy(p)]
+        # The module is walked once an epoch (a walk costs about as much as the norm reads of a small model);
+        # each measured window only re-reads which of those tensors train and which exist yet.
+        if self._named is None:
+            self._named, self._trainable = list(pl_module.named_parameters()), None
+        trainable = tuple(p.requires_grad and not is_lazy(p) for _, p in self._named)
+        if trainable == self._trainable:
+            return
+        self._trainable = trainable
+        named = [pair for pair, keep in zip(self._named, trainable, strict=True) if keep]
         watched = self._taps.parameters if self._taps is not None else []
         if len(named) == len(watched) and all(p is q for (_, p), q in zip(named, watched, strict=True)):
             return  # identity, not `==`: equal values say nothing about which tensors train
@@ -491,6 +502,15 @@ class SNRMonitor(Callback):
 def count_samples(batch: Any) -> int:
     """The default ``batch_size_fn``: the leading dimension of the batch's first tensor that has one (0-dim
     tensors, such as a per-batch scalar, are skipped)."""
+    # The usual batch (a tensor, or a tuple, list or dict starting with one) without the generic tree walk:
+    # this runs once per microbatch.
+    first = batch
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+    elif isinstance(batch, dict) and batch:
+        first = next(iter(batch.values()))
+    if isinstance(first, Tensor) and first.ndim:
+        return len(first)
     sizes: list[int] = []
     apply_to_collection(batch, Tensor, lambda t: sizes.append(len(t)) if t.ndim else None)
     if not sizes:

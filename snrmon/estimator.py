@@ -126,7 +126,7 @@ class GradientNoiseEstimator:
     def add_applied(self, size: float | Tensor, weight: float = 1.0) -> None:
         """Declare that the applied gradient contains ``weight`` × a mean gradient over ``size`` samples."""
         self._weight = self._weight + weight
-        self._weight_sq_over_size = self._weight_sq_over_size + weight * weight / size
+        self._weight_sq_over_size = self._weight_sq_over_size + _divide(weight * weight, size)
 
     # ------------------------------------------------------------------ per optimizer step
     def step(self, applied_sq_norms: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -141,38 +141,42 @@ class GradientNoiseEstimator:
         A step with non-finite values, a single small gradient, or no usable second batch size leaves
         the EMAs untouched; non-finite steps are counted in ``skipped``.
         """
-        groups = self.num_groups
-        # One vector per step (a single all-reduce under DDP); filling it from Python numbers needs no copy.
-        stats = torch.zeros(groups + 4, dtype=self.dtype, device=self.device)
-        stats[:groups] = self._small_sq
-        stats[groups] = self._small_size
-        stats[groups + 1] = self._small_count
-        stats[groups + 2] = self._weight
-        stats[groups + 3] = self._weight_sq_over_size
+        small_sum, small_size, small_count = self._small_sq, self._small_size, self._small_count
+        weight, weight_sq_over_size = self._weight, self._weight_sq_over_size
         self.discard_step()
         if all_reduce is not None:
+            # One vector, one all-reduce; filling it from Python numbers needs no host-device copy.
+            groups = self.num_groups
+            stats = torch.zeros(groups + 4, dtype=self.dtype, device=self.device)
+            stats[:groups] = small_sum
+            for offset, value in enumerate((small_size, small_count, weight, weight_sq_over_size)):
+                stats[groups + offset] = value
             stats = all_reduce(stats)
-        small_sum = stats[:groups]
-        small_size, small_count, weight, weight_sq_over_size = stats[groups:]
-        x_small = small_sum / small_size
-        x_big = applied_sq_norms.to(stats.dtype) / (weight * weight)
-        inv_small = small_count / small_size
-        inv_big = weight_sq_over_size / (weight * weight)
+            small_sum = stats[:groups]
+            small_size, small_count, weight, weight_sq_over_size = stats[groups:]
+        # The scalars are Python numbers on a single process with numeric sizes (most runs): then only the
+        # per-group arithmetic below issues device ops, about fifteen tiny ones per step.
+        inv_small = _divide(small_count, small_size)
+        inv_big = _divide(weight_sq_over_size, weight * weight)
         gap = inv_small - inv_big
+        # Two batch sizes that coincide (one microbatch, or pathological weights) carry no information.
+        informative = (small_count > 1) & (abs(gap) > 1e-6 * inv_small)
+        if informative is False:
+            return
+        x_small = small_sum / small_size
+        x_big = applied_sq_norms.to(self.dtype) / (weight * weight)  # (both divisors are non-zero here)
         noise = (x_small - x_big) / gap
         # T2 estimates |G|² − S²/N for disjoint draws from N samples (F3): adding noise/N undoes it.
         signal = (x_big * inv_small - x_small * inv_big) / gap + noise / self.dataset_size
         per_step = torch.stack([signal, noise, signal * signal, noise * noise, signal * noise], 1)
-
-        finite = torch.isfinite(stats).all() & torch.isfinite(applied_sq_norms).all()
-        # Two batch sizes that coincide (one microbatch, or pathological weights) carry no information.
-        informative = (small_count > 1) & (gap.abs() > 1e-6 * inv_small)
-        valid = finite & informative & torch.isfinite(per_step).all()
+        # Non-finite gradients (NaN/Inf, an fp16 overflow) or sizes make the per-step values non-finite.
+        finite = torch.isfinite(per_step).all()
+        valid = finite & informative
         beta = self.ema_decay
         updated = beta * self.moments + (1.0 - beta) * torch.nan_to_num(per_step)
         self.moments = torch.where(valid, updated, self.moments)
-        self.updates += valid.to(stats.dtype)
-        self.skipped += (~finite).to(stats.dtype)
+        self.updates += valid
+        self.skipped += ~finite
         self.batch_size = torch.where(valid, 1.0 / inv_big, self.batch_size)
 
     # ------------------------------------------------------------------ results
@@ -245,3 +249,10 @@ class GradientNoiseEstimator:
             if name not in state:  # a checkpoint from before this counter existed
                 continue
             setattr(self, name, state[name].to(device=self.device, dtype=self.dtype, copy=True))
+
+
+def _divide(numerator: float | Tensor, denominator: float | Tensor) -> float | Tensor:
+    """``numerator / denominator``, NaN (as a tensor would give) instead of ZeroDivisionError for numbers."""
+    if isinstance(denominator, Tensor) or denominator != 0:
+        return numerator / denominator
+    return math.nan

@@ -32,7 +32,8 @@ class GradientTaps:
         self._slots = list(self.norms.unbind())
         # Σ over this step's backwards of weight × |g|², per parameter: one fused op per backward, and the
         # group sums (a matrix product) once per step.
-        self.window = torch.zeros(len(parameters), dtype=torch.float64, device=device)
+        # float32 like the norms themselves; the group sums are formed in float64.
+        self.window = torch.zeros(len(parameters), dtype=torch.float32, device=device)
         self._handles: list[RemovableHandle] = []
         self._calls = [0] * len(parameters)  # hook calls per parameter in the current backward
         self.error: BaseException | None = None
@@ -98,7 +99,7 @@ class GradientTaps:
 
     def take_window(self, scale: Tensor | float = 1.0) -> Tensor:
         """Per-group Σ weight × |g|² over the step's backwards, divided by ``scale``²; clears the window."""
-        sums = self.membership @ self.window
+        sums = self.membership @ self.window.double()
         self.window.zero_()
         return sums if isinstance(scale, float) and scale == 1.0 else sums / scale**2
 
