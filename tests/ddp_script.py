@@ -8,7 +8,9 @@ g = 2(x·w − y)x has |G|² = 4|Δ|² and tr Σ = E|g|² − |G|² = 4((d + 1)|
 Lightning relaunches this file once per rank with the same arguments; every rank writes its
 ``monitor.latest`` to ``<out>/rank<global_rank>.json``, with the estimator's state and the SNRMonitor
 warnings the rank emitted. ``--fail-rank1-from-step S`` makes rank 1's ``batch_size_fn`` raise from
-optimizer step S on (a monitor failure on one rank only).
+optimizer step S on (a monitor failure on one rank only). ``--finite N`` trains on a fixed data set of N such
+samples instead, shuffled (Lightning shards it with a ``DistributedSampler``), and writes the data set's exact
+|G|² and S² (per-sample variance, N − 1 denominator) as ``truth``.
 
     python tests/ddp_script.py --out DIR [--accumulate K] [--steps N] [--fail-rank1-from-step S] ...
 """
@@ -26,7 +28,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from snrmon.callbacks import SNRMonitor
 
@@ -61,8 +63,24 @@ class LeastSquares(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         args = self.args
+        if args.finite:
+            return DataLoader(finite_dataset(args), batch_size=args.batch_size, shuffle=True)
         data = GaussianLeastSquares(args.dim, args.sigma, args.batch_size, args.seed + self.global_rank)
         return DataLoader(data, batch_size=None)
+
+
+def finite_dataset(args: argparse.Namespace) -> TensorDataset:
+    """The same N samples on every rank (the DistributedSampler gives each rank its shard)."""
+    x, y = next(iter(GaussianLeastSquares(args.dim, args.sigma, args.finite, args.seed)))
+    return TensorDataset(x, y)
+
+
+def finite_truth(weight: Tensor, dataset: TensorDataset) -> dict[str, float]:
+    x, y = (t.double() for t in dataset.tensors)
+    per_sample = 2 * (x @ weight.detach().double() - y)[:, None] * x
+    mean = per_sample.mean(0)
+    noise = (per_sample - mean).square().sum() / (len(x) - 1)
+    return {"signal": float(mean.square().sum()), "noise": float(noise)}
 
 
 def main() -> None:
@@ -77,6 +95,7 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fail-rank1-from-step", type=int, default=None)
+    parser.add_argument("--finite", type=int, default=0, help="train on a fixed data set of N samples")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -102,9 +121,10 @@ def main() -> None:
         enable_model_summary=False,
         enable_checkpointing=False,
     )
+    module = LeastSquares(args)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        trainer.fit(LeastSquares(args))
+        trainer.fit(module)
     estimator = monitor._estimator
     result = {
         "global_rank": trainer.global_rank,
@@ -116,6 +136,7 @@ def main() -> None:
         "skipped": float(estimator.skipped),
         "moments": estimator.moments.tolist(),
         "warnings": [str(w.message) for w in record if "SNRMonitor" in str(w.message)],
+        "truth": finite_truth(module.weight, finite_dataset(args)) if args.finite else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

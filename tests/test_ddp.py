@@ -90,3 +90,21 @@ def test_ddp_monitor_failure_on_one_rank_neither_hangs_nor_diverges(tmp_path: Pa
     # The failing rank says why (rank 0 only sees skipped steps).
     assert ranks[0]["warnings"] == []
     assert any("disabled itself" in message and "rank 1" in message for message in ranks[1]["warnings"])
+
+
+@pytest.mark.ddp
+def test_ddp_distributed_sampler_shards_a_finite_training_set(tmp_path: Path):
+    """A shuffled map-style data set of N = 64 samples: Lightning gives each rank a disjoint shard, so the
+    microbatches of a step, across ranks too, are disjoint draws. The signal must be the data set's exact |G|²
+    (T2 alone is low by S²/N), the noise its S²."""
+    n = 64  # two steps an epoch (global batch 32): the bias S²/N is several standard errors
+    ranks = run_ddp(tmp_path, 2, "--finite", str(n), "--steps", "400")
+    assert all(not r["disabled"] and not r["warnings"] for r in ranks)
+    latest, truth = ranks[0]["latest"], ranks[0]["truth"]
+    assert ranks[1]["latest"] == latest
+    assert latest["snr/dataset_size"] == n
+    for key in ("signal", "noise"):
+        value, se = latest[f"snr/{key}"], latest[f"snr/{key}_se"]
+        assert 0 < se < 0.1 * truth[key] and abs(value - truth[key]) < 4 * se, (key, value, se, truth)
+    uncorrected = latest["snr/signal"] - latest["snr/noise"] / n
+    assert abs(uncorrected - truth["signal"]) > 4 * latest["snr/signal_se"], "the band misses the bias"
