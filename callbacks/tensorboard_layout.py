@@ -1,6 +1,7 @@
 """What snrmon shows in TensorBoard's Custom Scalars tab, and the band series its charts need.
 
-The layout is written once per run, at fit start (TensorBoard reads the first one a run holds). Charts:
+The layout is written once per TensorBoard writer, at fit start, for all the SNRMonitors on the trainer
+(TensorBoard reads only the first layout a run holds). Charts:
 
 * **snrmon** (open): the loss beside the total SNR, noise scale (with the batch size B, where SNR = 1),
   signal and noise, each total drawn with a ±2 standard error band; the dataset-level quantities when the

@@ -3,8 +3,8 @@
     .venv/bin/python examples/train_char_gpt.py            # ~3 min on 2 CPU cores
     .venv/bin/python examples/train_char_gpt.py --fast     # seconds; smoke test
 
-(`make demo` from a clean clone, .venv already built: 2 min 50 s wall, 146 s of CPU, on 2 cores that other
-jobs kept busy, load average 4-6; 200 steps of 8,192 tokens and 20 validations.)
+(`make demo` from a clean clone, .venv already built: 2 min 50 s and 3 min 10 s wall, 145 s of CPU each, on
+2 cores that other jobs kept busy, load average 3.6-6; 200 steps of 8,192 tokens and 20 validations.)
 
 At the end it prints a short report (also written to ``report.md`` in the run's log directory) and the
 commands that open the run in TensorBoard and fit a scaling law to its validation loss.
