@@ -47,7 +47,7 @@ from snrmon.laws import ShannonRunLaw
 HORIZON = 0.25  # warn when the basin is forecast within 25% more training than done so far
 CONFIDENCE = 0.9  # stop when the basin is within the horizon (or entered) with this probability
 MIN_POINTS = 10  # no forecast before this many finite points (the law has 7 constants)
-WINDOW = 6  # points in the sliding window of the local slopes and of the ratio
+WINDOW = 8  # points in the sliding window of the local slopes and of the ratio
 PERSIST = 1  # consecutive points a warning or stop condition must hold
 # The evidence tests run at every point of a long run: at 3 standard errors a chance pass is rare (0.1% a
 # test) where 2 would pass every few dozen points on a noisy plateau.
