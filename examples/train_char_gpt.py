@@ -7,7 +7,8 @@
 2 cores that other jobs kept busy, load average 3.6-6; 200 steps of 8,192 tokens and 20 validations.)
 
 At the end it prints a short report (also written to ``report.md`` in the run's log directory) and the
-commands that open the run in TensorBoard and fit a scaling law to its validation loss.
+commands that open the run in TensorBoard, fit a scaling law to its validation loss and replay the basin
+forecast over it.
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ def fit_command(log_dir: str, tokens_per_step: int) -> str:
     )
 
 
+def forecast_command(log_dir: str) -> str:
+    """The command that replays the basin forecast of ``BasinEarlyStopping`` over the validation loss."""
+    return f"{tool('snrmon')} forecast {shlex.quote(log_dir)} --tag val/loss"
+
+
 def build_report(
     metrics: dict[str, float],
     latest: dict[str, float],
@@ -132,6 +138,10 @@ def build_report(
         "Fit the single-run Shannon law to its validation loss (D in tokens; see docs/law.md):",
         "",
         f"    {commands['fit']}",
+        "",
+        "Replay what the basin forecast would have said during training (snrmon forecast --help):",
+        "",
+        f"    {commands['forecast']}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -202,7 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
         figure = str(plot_run(log_dir, Path(log_dir) / "snr_curves.png"))
     except ImportError:  # matplotlib is optional (the `plot` extra)
         figure = None
-    commands = {"tensorboard": tensorboard_command(args.out), "fit": fit_command(log_dir, tokens_per_step)}
+    commands = {
+        "tensorboard": tensorboard_command(args.out),
+        "fit": fit_command(log_dir, tokens_per_step),
+        "forecast": forecast_command(log_dir),
+    }
     report = build_report(metrics, latest, trainer.global_step, seconds, log_dir, commands, figure)
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     (Path(log_dir) / "report.md").write_text(report, encoding="utf-8")

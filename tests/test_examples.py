@@ -55,12 +55,13 @@ def test_demo_fast_run(fast_run):
 
 def test_demo_prints_commands_that_work(fast_run, capsys):
     """The printed commands: TensorBoard over the log root (so the run is named ``char_gpt/version_0``,
-    not "."), and ``snrmon fit`` on the run's validation loss, which must succeed as printed."""
+    not "."), and ``snrmon fit`` and ``snrmon forecast`` on the run's validation loss, which must succeed
+    as printed."""
     from snrmon.cli import main as snrmon
 
     tmp_path, results, printed = fast_run
     commands = results["commands"]
-    assert commands["tensorboard"] in printed and commands["fit"] in printed
+    assert all(command in printed for command in commands.values())
 
     tensorboard = shlex.split(commands["tensorboard"])
     assert Path(tensorboard[0]).name == "tensorboard" and tensorboard[1:] == ["--logdir", str(tmp_path)]
@@ -74,3 +75,8 @@ def test_demo_prints_commands_that_work(fast_run, capsys):
     assert "--tokens-per-step 512" in commands["fit"]
     hparams = (tmp_path / "char_gpt" / "version_0" / "hparams.yaml").read_text()
     assert "n_params: 21984" in hparams  # where `snrmon fit` reads the model size
+
+    forecast = shlex.split(commands["forecast"])
+    assert Path(forecast[0]).name == "snrmon" and forecast[1] == "forecast"
+    assert snrmon(forecast[1:]) == 0, capsys.readouterr().err
+    assert "observed minimum" in capsys.readouterr().out
