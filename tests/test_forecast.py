@@ -226,3 +226,28 @@ def test_replay_command_text_plot_and_bad_input(tmp_path, capsys):
     assert "no numeric column 'val_loss'" in capsys.readouterr().err
     assert main(["forecast", data, "--prior", str(tmp_path / "missing.json")]) == 2
     assert "cannot read the prior" in capsys.readouterr().err
+
+
+def test_replay_of_a_tensorboard_run_averages_the_training_loss_between_validations(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from snrmon.cli import main
+
+    val, train = u_curve(0)
+    writer = SummaryWriter(str(tmp_path))
+    for i, x in enumerate(X.astype(int)):
+        for step in range(
+            x - 20, x + 1, 10
+        ):  # the training loss every 10 steps, the same value in each interval
+            writer.add_scalar("train/loss", train[i], step)
+        writer.add_scalar("val/loss", val[i], x)
+    writer.close()
+    assert (
+        main(["forecast", str(tmp_path), "--tag", "val/loss", "--train-metric", "train/loss", "--json"]) == 0
+    )
+    document = json.loads(capsys.readouterr().out)
+    # TensorBoard stores float32: the replay equals the forecaster fed the rounded values.
+    rounded = [np.float32(v).item() for v in val], [np.float32(v).item() for v in train]
+    expected = BasinForecaster().replay(X, *rounded)
+    assert [p["warning"] for p in document["points"]] == [f.warning for f in expected]
+    assert document["stop"] == next(f.x for f in expected if f.stop)

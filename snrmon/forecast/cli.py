@@ -97,8 +97,7 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
     metric = "loss" if "group" in table and "step" in table else args.metric  # TensorBoard: the tag is loss
     if args.train_metric and "group" in table and "step" in table:
         train_table = read_table(args.data, tag=args.train_metric)
-        by_step = dict(zip(train_table["step"].tolist(), train_table["loss"].tolist(), strict=True))
-        table.columns["train"] = np.array([by_step.get(s, math.nan) for s in table["step"]], dtype=float)
+        table.columns["train"] = interval_means(table["step"], train_table["step"], train_table["loss"])
         train_name = "train"
     else:
         train_name = args.train_metric
@@ -124,6 +123,20 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
         raise LogError(f"no rows with a positive {x_name} in {args.data}")
     train = table[train_name][order] if train_name else None
     return x, table[metric][order], train, x_name
+
+
+def interval_means(steps: np.ndarray, train_steps: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """The mean training loss logged in (previous step, step] for each step of the monitored metric, as
+    BasinEarlyStopping collects it (NaN where none was logged)."""
+    order = np.argsort(steps)
+    means = np.full(len(steps), math.nan)
+    previous = -math.inf
+    for i in order:
+        inside = (train_steps > previous) & (train_steps <= steps[i]) & np.isfinite(train)
+        if inside.any():
+            means[i] = float(np.mean(train[inside]))
+        previous = steps[i]
+    return means
 
 
 def _one_run(table: Table, args: argparse.Namespace) -> None:
