@@ -7,6 +7,7 @@ breaks only this module.
 from __future__ import annotations
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -32,3 +33,8 @@ def unscales_in_step(optimizer: Optimizer) -> bool:
     """Whether the optimizer unscales fp16 gradients inside its own ``step`` (fused Adam): Lightning then
     hands it scaled gradients."""
     return getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def tensor_parallel_size(strategy: ModelParallelStrategy) -> int:
+    """The tensor-parallel size of a ``ModelParallelStrategy`` (its mesh exists once processes start)."""
+    return strategy.device_mesh["tensor_parallel"].size()

@@ -17,6 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
+    ModelParallelStrategy,
     SingleDeviceStrategy,
     SingleDeviceXLAStrategy,
     XLAStrategy,
@@ -24,14 +25,22 @@ from lightning.pytorch.strategies import (
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parameter import is_lazy
 
-from snrmon.callbacks._lightning import logging_step, loss_scale, should_log, unscales_in_step
+from snrmon.callbacks._lightning import (
+    logging_step,
+    loss_scale,
+    should_log,
+    tensor_parallel_size,
+    unscales_in_step,
+)
 from snrmon.callbacks.tensorboard_layout import add_snr_layout, log_bands
 from snrmon.estimator import GradientNoiseEstimator
 from snrmon.groups import TOTAL, check_groups, group_parameters
 from snrmon.sampling import Population, training_population
-from snrmon.taps import GradientTaps
+from snrmon.taps import GradientTaps, ShardedGradientTaps
 
 
 def _never_crash(hook: Callable) -> Callable:
@@ -151,6 +160,7 @@ class SNRMonitor(Callback):
         self._last_backward = False  # whether the window's latest microbatch ran a backward
         self._reduced = False  # whether this rank joined the step's all-reduce
         self._closed_step = -1  # global step of the last on_before_optimizer_step
+        self._taps_are_new = False  # FSDP2 taps made since the current window's first forward
         self._population: Population | None = None
         self._named: list[tuple[str, torch.nn.Parameter]] | None = None  # all parameters, walked each epoch
         self._trainable: tuple[bool, ...] | None = None  # which of them the taps watch
@@ -167,12 +177,21 @@ class SNRMonitor(Callback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        sharded = (DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, sharded):
+        supported = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
+        refused = (DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
+        if not isinstance(strategy, supported) or isinstance(strategy, refused):
             raise MisconfigurationException(
-                f"SNRMonitor supports single-device and DDP training, not {type(strategy).__name__}: sharded"
-                " or XLA gradients need a reduction of squared norms that this monitor does not do yet."
+                "SNRMonitor supports single-device, DDP, and FSDP2 (`fully_shard`) through"
+                " ModelParallelStrategy(tensor_parallel_size=1), not"
+                f" {type(strategy).__name__}: its gradients need a reduction of squared norms that this"
+                " monitor does not do."
             )
+        if isinstance(strategy, ModelParallelStrategy) and tensor_parallel_size(strategy) > 1:
+            raise MisconfigurationException(
+                "SNRMonitor supports ModelParallelStrategy with data parallelism (FSDP2) only, not tensor"
+                " parallelism: a tensor-parallel gradient is split over ranks that saw the same samples."
+            )
+        self._sharded = isinstance(strategy, ModelParallelStrategy)
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "SNRMonitor needs automatic optimization (it reads Lightning's accumulation scaling)."
@@ -192,6 +211,15 @@ class SNRMonitor(Callback):
         self._group_names = []
         if trainer.is_global_zero:
             add_snr_layout(trainer)
+
+    @_never_crash
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._sharded:
+            # FSDP2 taps find their hooks during a forward: they must be attached before the first one.
+            self._watch_trainable_parameters(pl_module)
+            self._taps_are_new = False
+            if self._taps is not None and trainer.global_step % self.every_n_steps == 0:
+                self._taps.attach()
 
     @_never_crash
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -242,7 +270,9 @@ class SNRMonitor(Callback):
             # Checked on every measured window, not at epoch start: another callback may unfreeze parameters
             # after this one's epoch hook, and lazy parameters exist only after the first forward.
             self._watch_trainable_parameters(pl_module)
-            self._measuring = self._taps is not None
+            # FSDP2 taps made after this window's first forward cannot see its first microbatch.
+            self._measuring = self._taps is not None and not self._taps_are_new
+            self._taps_are_new = False
         if self._taps is not None:
             self._taps.attach() if self._measuring else self._taps.detach()
 
@@ -281,7 +311,11 @@ class SNRMonitor(Callback):
             return
         names, parameters = zip(*named, strict=True)
         group_names, membership = group_parameters(list(names), self.groups)
-        self._taps = GradientTaps(list(parameters), membership)
+        if self._sharded:
+            self._taps = _fsdp2_taps(pl_module, list(names), list(parameters), membership)
+            self._taps_are_new = True
+        else:
+            self._taps = GradientTaps(list(parameters), membership)
         if self._estimator is not None and int(self._estimator.updates) > 0:
             # The total (and maybe the groups) now sums over other tensors: a new quantity, new EMAs.
             rank_zero_info(
@@ -363,6 +397,13 @@ class SNRMonitor(Callback):
             self._disable(f"{type(error).__name__} in on_before_optimizer_step: {error}")
         finally:
             self._backwards, self._window_size, self._batch, self._reduced = 0, 0.0, None, False
+            if not self._disabled:
+                self._attach_ahead_of_next_step(trainer)
+
+    def _attach_ahead_of_next_step(self, trainer: Trainer) -> None:
+        if self._taps is not None and self._taps.reads_shards:  # (the step counter moves after this hook)
+            measured = (trainer.global_step + 1) % self.every_n_steps == 0
+            self._taps.attach() if measured else self._taps.detach()
 
     def _finish_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
@@ -381,7 +422,8 @@ class SNRMonitor(Callback):
         # own step (fused Adam) and for steps whose last microbatch skipped its backward (returned None).
         unscaled = not unscales_in_step(optimizer) and self._last_backward
         applied = self._taps.accumulated_sq_norms(1.0 if unscaled else scale)
-        self._estimator.step(applied, all_reduce=_sum_over_ranks if trainer.world_size > 1 else None)
+        all_reduce = _sum_over_ranks if trainer.world_size > 1 else None
+        self._estimator.step(applied, all_reduce, applied_is_sharded=self._taps.reads_shards)
         self._reduced = True
 
     def _skip_step_on_all_ranks(self) -> None:
@@ -391,7 +433,8 @@ class SNRMonitor(Callback):
         nan = torch.full((estimator.num_groups,), math.nan, device=estimator.device)
         estimator.discard_step()
         estimator.add_small(nan, 1.0)
-        estimator.step(nan, all_reduce=_sum_over_ranks)
+        sharded = self._taps is not None and self._taps.reads_shards  # the vector's length must match
+        estimator.step(nan, all_reduce=_sum_over_ranks, applied_is_sharded=sharded)
 
     def _add_half_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The split-batch fallback: one extra small gradient from the first half of the batch."""
@@ -516,6 +559,25 @@ def count_samples(batch: Any) -> int:
     if not sizes:
         raise ValueError(f"the batch ({type(batch).__name__}) holds no tensor with a leading dimension")
     return sizes[0]
+
+
+def _fsdp2_taps(
+    pl_module: LightningModule, names: list[str], parameters: list[torch.nn.Parameter], membership: Tensor
+) -> ShardedGradientTaps:
+    """Taps for a module sharded with ``fully_shard`` on a 1-D data-parallel mesh; refuses anything else."""
+    plain = [name for name, p in zip(names, parameters, strict=True) if not isinstance(p, DTensor)]
+    if plain:
+        raise ValueError(
+            "under ModelParallelStrategy every trainable parameter must be sharded with `fully_shard` (apply"
+            f" it to the root module in `configure_model`); not sharded: {plain[:3]}"
+        )
+    if any(p.device_mesh.ndim != 1 for p in parameters):
+        raise ValueError(
+            "hybrid sharding (a 2-D mesh) is not supported: SNRMonitor measures FSDP2 on one data-parallel"
+            " mesh dimension"
+        )
+    modules = [(name, module) for name, module in pl_module.named_modules() if isinstance(module, FSDPModule)]
+    return ShardedGradientTaps(parameters, membership, names, modules)
 
 
 def _holds_metrics(pl_module: LightningModule) -> bool:

@@ -129,7 +129,12 @@ class GradientNoiseEstimator:
         self._weight_sq_over_size = self._weight_sq_over_size + _divide(weight * weight, size)
 
     # ------------------------------------------------------------------ per optimizer step
-    def step(self, applied_sq_norms: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+    def step(
+        self,
+        applied_sq_norms: Tensor,
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
+        applied_is_sharded: bool = False,
+    ) -> None:
         """Close the step: estimate T2/T3 from what was added, and update the EMAs.
 
         Args:
@@ -137,6 +142,8 @@ class GradientNoiseEstimator:
                 identical on all ranks under DDP).
             all_reduce: sums a tensor over distributed ranks (``None`` on a single process). Each rank
                 adds its own small gradients and its share of the applied weights.
+            applied_is_sharded: ``applied_sq_norms`` covers only this rank's shard of the applied gradient
+                (FSDP): the shards' squared norms are summed over ranks in the same all-reduce.
 
         A step with non-finite values, a single small gradient, or no usable second batch size leaves
         the EMAs untouched; non-finite steps are counted in ``skipped``.
@@ -147,13 +154,18 @@ class GradientNoiseEstimator:
         if all_reduce is not None:
             # One vector, one all-reduce; filling it from Python numbers needs no host-device copy.
             groups = self.num_groups
-            stats = torch.zeros(groups + 4, dtype=self.dtype, device=self.device)
+            size = groups + 4 + (groups if applied_is_sharded else 0)
+            stats = torch.zeros(size, dtype=self.dtype, device=self.device)
             stats[:groups] = small_sum
             for offset, value in enumerate((small_size, small_count, weight, weight_sq_over_size)):
                 stats[groups + offset] = value
+            if applied_is_sharded:
+                stats[groups + 4 :] = applied_sq_norms
             stats = all_reduce(stats)
             small_sum = stats[:groups]
-            small_size, small_count, weight, weight_sq_over_size = stats[groups:]
+            small_size, small_count, weight, weight_sq_over_size = stats[groups : groups + 4]
+            if applied_is_sharded:
+                applied_sq_norms = stats[groups + 4 :]
         # The scalars are Python numbers on a single process with numeric sizes (most runs): then only the
         # per-group arithmetic below issues device ops, about fifteen tiny ones per step.
         inv_small = _divide(small_count, small_size)

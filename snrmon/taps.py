@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
+
+
+def _local_values(grad: Tensor) -> Tensor:
+    """What of ``grad`` this process holds: the values of a sparse gradient, the local shard of a DTensor."""
+    if isinstance(grad, DTensor):
+        return grad.to_local()
+    return grad.coalesce()._values() if grad.is_sparse else grad
 
 
 class GradientTaps:
@@ -19,6 +27,10 @@ class GradientTaps:
         parameters: the parameters to watch (those with ``requires_grad``).
         membership: ``[num_groups, num_parameters]`` 0/1 matrix from :func:`snrmon.groups.group_parameters`.
     """
+
+    #: Whether :meth:`accumulated_sq_norms` gives this process's share of the applied gradient (local shards,
+    #: to be summed over processes) rather than the whole of it.
+    reads_shards = False
 
     def __init__(self, parameters: list[torch.nn.Parameter], membership: Tensor):
         if not parameters:
@@ -113,7 +125,7 @@ class GradientTaps:
         self.norms.zero_()
         if present:
             slots, grads = zip(*present, strict=True)
-            grads = [g.coalesce()._values() if g.is_sparse else g for g in grads]
+            grads = [_local_values(g) for g in grads]
             wide = [i for i, g in enumerate(grads) if g.dtype == torch.float64]
             narrow = [i for i, g in enumerate(grads) if g.dtype != torch.float64]
             if narrow:  # one fused kernel; float32 accumulation also for bf16/fp16 gradients
@@ -122,3 +134,73 @@ class GradientTaps:
             for i in wide:
                 slots[i].copy_(torch.linalg.vector_norm(grads[i]))
         return self.backward_sq_norms(scale)
+
+
+class ShardedGradientTaps(GradientTaps):
+    """The taps under FSDP2 (``fully_shard``), where a hook on a sharded DTensor parameter never fires.
+
+    For forward and backward, FSDP materialises each module's unsharded parameters: plain ``nn.Parameter``
+    objects, the same ones step after step. A forward pre-hook on each FSDP module, which runs after FSDP's
+    own unshard, finds them as the module's parameters that are not DTensors (those of nested FSDP modules are
+    still sharded then) and hooks each once: the hook sees this rank's local gradient of every microbatch,
+    before the reduce-scatter. The applied gradient is read from the local shards of the sharded ``.grad``;
+    the squared norms are then summed over ranks (``reads_shards``).
+
+    Hooks are found at the first forward after :meth:`attach`: attach before the forward of the first
+    microbatch that should be measured.
+
+    Args:
+        parameters: the sharded parameters to watch, named by ``names`` (as in ``module.named_parameters()``).
+        membership: as for :class:`GradientTaps`.
+        names: the parameters' qualified names.
+        fsdp_modules: ``(qualified name, module)`` of every module ``fully_shard`` was applied to.
+    """
+
+    reads_shards = True
+
+    def __init__(
+        self,
+        parameters: list[nn.Parameter],
+        membership: Tensor,
+        names: list[str],
+        fsdp_modules: list[tuple[str, nn.Module]],
+    ):
+        super().__init__(parameters, membership)
+        self._index = {name: index for index, name in enumerate(names)}
+        self._fsdp_modules = fsdp_modules
+        self._pre_hooks: list[RemovableHandle] = []
+        self._hooked: set[int] = set()  # ids of the unsharded parameters that carry a hook
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._pre_hooks)
+
+    def attach(self) -> None:
+        if not self._pre_hooks:
+            self._pre_hooks = [
+                module.register_forward_pre_hook(self._find_unsharded(f"{name}." if name else ""))
+                for name, module in self._fsdp_modules
+            ]
+
+    def detach(self) -> None:
+        for handle in self._pre_hooks:
+            handle.remove()
+        self._pre_hooks = []
+        self._hooked = set()
+        super().detach()
+
+    def _find_unsharded(self, prefix: str):  # prefix: the module's qualified name and a dot
+        def hook_unsharded_parameters(module: nn.Module, args: object) -> None:
+            try:
+                for name, parameter in module.named_parameters():
+                    if isinstance(parameter, DTensor) or id(parameter) in self._hooked:
+                        continue  # a nested FSDP module's (still sharded), or hooked at an earlier forward
+                    index = self._index.get(prefix + name)
+                    if index is not None:
+                        self._hooked.add(id(parameter))
+                        self._handles.append(parameter.register_hook(self._hook(index)))
+            except Exception as error:  # never break the user's forward; the owner reports it
+                self.error = error
+
+        return hook_unsharded_parameters
+

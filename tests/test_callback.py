@@ -604,7 +604,7 @@ class ShardedGradientsStrategy(Strategy):
 
 def test_unsupported_strategy_is_refused():
     trainer = make_trainer(SNRMonitor(), strategy=ShardedGradientsStrategy())
-    with pytest.raises(MisconfigurationException, match="single-device and DDP"):
+    with pytest.raises(MisconfigurationException, match="single-device, DDP, and FSDP2"):
         trainer.fit(Regression(), regression_loader())
 
 
@@ -1306,3 +1306,18 @@ def test_nothing_to_measure_installs_no_hook():
         make_trainer(model.monitor, max_steps=4).fit(model, regression_loader())
     assert sum("single batch size" in m for m in snr_warnings(record)) == 1
     assert model.hooks_seen == [(step, 0) for step in range(4)]
+
+
+def test_tensor_parallelism_is_refused_and_names_what_is_supported():
+    import types
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    def setup_with(tensor_parallel: int) -> None:
+        strategy = object.__new__(ModelParallelStrategy)
+        strategy._device_mesh = {"tensor_parallel": types.SimpleNamespace(size=lambda: tensor_parallel)}
+        SNRMonitor().setup(types.SimpleNamespace(strategy=strategy), Regression(), "fit")
+
+    setup_with(1)  # FSDP2 alone passes the gate
+    with pytest.raises(MisconfigurationException, match="FSDP2.*not tensor parallelism"):
+        setup_with(2)
