@@ -90,8 +90,8 @@ def one_blas_thread():
 
     The fits solve many small least-squares problems (8 constants by a few hundred or thousand rows; only the
     final polish sees every row): BLAS threads only add overhead there, and on a busy machine a great deal of
-    it (a 20,000-row Shannon fit took 2 s with one thread, 44 s with two while other work ran; see
-    docs/performance.md).
+    it (a 20,000-row Shannon fit run at low priority beside other work took 2 s with one thread, 44 s with
+    two; see docs/performance.md).
     """
     from threadpoolctl import threadpool_limits
 
