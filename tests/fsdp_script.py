@@ -12,7 +12,9 @@ Besides the monitor's values each rank writes, for the first measured steps, the
 for each microbatch next to a reference computed on an unsharded copy of w, and the applied gradient's squared
 norm (the shards' squared norms summed over ranks) next to the norm of the mean of the ranks' gradients.
 
-    python tests/fsdp_script.py --out DIR [--accumulate K] [--steps N] [--bf16]
+``--fail-rank1-from-step S`` makes rank 1's ``batch_size_fn`` raise from optimizer step S on.
+
+    python tests/fsdp_script.py --out DIR [--accumulate K] [--steps N] [--bf16] [--fail-rank1-from-step S]
 """
 
 from __future__ import annotations
@@ -156,10 +158,19 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="unsharded parameters in bfloat16")
+    parser.add_argument("--fail-rank1-from-step", type=int, default=None)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    monitor = SNRMonitor(ema_decay=args.ema_decay, groups=2)
+    trainer: L.Trainer | None = None
+
+    def batch_size_fn(batch: tuple[Tensor, Tensor]) -> int:
+        fail_from = args.fail_rank1_from_step
+        if fail_from is not None and trainer.global_rank == 1 and trainer.global_step >= fail_from:
+            raise RuntimeError(f"rank 1 batch_size_fn failed at step {trainer.global_step}")
+        return len(batch[0])
+
+    monitor = SNRMonitor(ema_decay=args.ema_decay, groups=2, batch_size_fn=batch_size_fn)
     reference = Reference(monitor, steps=3)
     trainer = L.Trainer(
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
@@ -185,6 +196,7 @@ def main() -> None:
         "disabled": monitor._disabled,
         "latest": monitor.latest,
         "updates": float(estimator.updates),
+        "skipped": float(estimator.skipped),
         "hook_calls": HOOK_CALLS[0],
         "small": reference.small,
         "applied": reference.applied,

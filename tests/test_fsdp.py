@@ -49,3 +49,16 @@ def test_fsdp2_matches_closed_form_per_group_on_every_rank(tmp_path: Path, bf16:
         for read, reference in rank["small"] + rank["applied"]:
             assert read == pytest.approx(reference, rel=tolerance), (read, reference)
         assert len(rank["small"]) == 3 * ACCUMULATE and len(rank["applied"]) == 3
+
+
+@pytest.mark.ddp
+def test_fsdp2_monitor_failure_on_one_rank_neither_hangs_nor_diverges(tmp_path: Path):
+    """As under DDP: the failing rank disables itself but keeps joining each measured step's all-reduce (whose
+    vector also carries the applied gradient's shards here), so both ranks skip the same steps."""
+    steps, fail_from = 12, 4
+    extra = ["--steps", str(steps), "--fail-rank1-from-step", str(fail_from)]
+    ranks = run_distributed(SCRIPT, tmp_path, ACCUMULATE, *extra)
+    assert [r["global_step"] for r in ranks] == [steps, steps]
+    assert [r["disabled"] for r in ranks] == [False, True]
+    assert ranks[0]["updates"] == ranks[1]["updates"] == fail_from
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == steps - fail_from
