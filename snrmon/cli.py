@@ -729,6 +729,7 @@ def run_compare(args: argparse.Namespace) -> int:
                 error=str(error),
                 basin_found=None,
                 d_star=None,
+                d_star_sampled=None,
                 params=None,
                 warnings=[],
                 **dict.fromkeys(("r2_train", "rmse_train", "r2_test", "rmse_test", "n_train", "n_test")),
