@@ -13,6 +13,7 @@ for each microbatch next to a reference computed on an unsharded copy of w, and 
 norm (the shards' squared norms summed over ranks) next to the norm of the mean of the ranks' gradients.
 
 ``--fail-rank1-from-step S`` makes rank 1's ``batch_size_fn`` raise from optimizer step S on.
+``--checkpoint-dir D`` saves a (distributed) checkpoint at the last step; ``--resume PATH`` resumes from one.
 
     python tests/fsdp_script.py --out DIR [--accumulate K] [--steps N] [--bf16] [--fail-rank1-from-step S]
 """
@@ -29,6 +30,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from ddp_script import GaussianLeastSquares
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -159,6 +161,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="unsharded parameters in bfloat16")
     parser.add_argument("--fail-rank1-from-step", type=int, default=None)
+    parser.add_argument("--checkpoint-dir", type=Path, default=None)
+    parser.add_argument("--resume", type=Path, default=None)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -172,23 +176,26 @@ def main() -> None:
 
     monitor = SNRMonitor(ema_decay=args.ema_decay, groups=2, batch_size_fn=batch_size_fn)
     reference = Reference(monitor, steps=3)
+    callbacks: list[L.Callback] = [monitor, reference]
+    if args.checkpoint_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, every_n_train_steps=args.steps))
     trainer = L.Trainer(
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         devices=2,
         accelerator="cpu",
         max_steps=args.steps,
         accumulate_grad_batches=args.accumulate,
-        callbacks=[monitor, reference],
+        callbacks=callbacks,
         logger=False,
         log_every_n_steps=args.steps,  # the last step is a logging step
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=args.checkpoint_dir is not None,
     )
     module = ShardedLeastSquares(args)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        trainer.fit(module)
+        trainer.fit(module, ckpt_path=args.resume)
     estimator = monitor._estimator
     result = {
         "global_rank": trainer.global_rank,

@@ -62,3 +62,13 @@ def test_fsdp2_monitor_failure_on_one_rank_neither_hangs_nor_diverges(tmp_path: 
     assert [r["disabled"] for r in ranks] == [False, True]
     assert ranks[0]["updates"] == ranks[1]["updates"] == fail_from
     assert ranks[0]["skipped"] == ranks[1]["skipped"] == steps - fail_from
+
+
+@pytest.mark.ddp
+def test_fsdp2_resume_continues_the_estimates(tmp_path: Path):
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    first.mkdir(), resumed.mkdir()
+    run_distributed(SCRIPT, first, ACCUMULATE, "--steps", "6", "--checkpoint-dir", str(tmp_path / "ckpt"))
+    (checkpoint,) = (tmp_path / "ckpt").iterdir()
+    ranks = run_distributed(SCRIPT, resumed, ACCUMULATE, "--steps", "12", "--resume", str(checkpoint))
+    assert all(not r["warnings"] and r["updates"] == 12 for r in ranks)  # 6 restored, 6 new
