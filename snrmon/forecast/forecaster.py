@@ -13,11 +13,12 @@ that chose them and the defaults:
   of points the monitored loss is regressed on the training loss; the slope r = dL_val / dL_train says how
   much of each training improvement still reaches held-out data (near 1 while the model generalises,
   falling toward 0 as it starts to memorise, negative once the monitored loss rises while the training
-  loss still falls). A straight line through the recent values of r against log x, extrapolated to r = 0,
-  places the basin; drawing its two coefficients from their least-squares covariance gives the band and
-  the probability that the basin lies within the horizon. A ratio near zero also comes from a plateau, so
-  a decision needs evidence of memorisation too: over twice the window, the training loss still falls and
-  the generalization gap widens, both significantly.
+  loss still falls). A straight line through the recent values of r against log x, extrapolated to
+  r = 0.1, places the basin: its edge, where held-out gains fall below a tenth of the training gains (the
+  minimum, r = 0, lies at or just beyond it). Drawing the line's two coefficients from their least-squares
+  covariance gives the band and the probability that the basin lies within the horizon. A ratio near zero
+  also comes from a plateau, so a decision needs evidence of memorisation too: over twice the window, the
+  training loss still falls and the generalization gap widens, both significantly.
 * ``"law"`` (the loss alone): the single-run Shannon law (T9) fitted to the whole curve as it grows (warm
   started from the previous fit, a fresh multi-start search when the curve has grown by half), with the
   basin from T10 and its band from the fit's Laplace approximation.
@@ -52,7 +53,10 @@ PERSIST = 1  # consecutive points a warning or stop condition must hold
 # The evidence tests run at every point of a long run: at 3 standard errors a chance pass is rare (0.1% a
 # test) where 2 would pass every few dozen points on a noisy plateau.
 Z_EVIDENCE = 3.0
-LAG_CORRECTION = True
+# The basin's edge: where held-out gains fall below a tenth of the training gains. The minimum itself (r = 0)
+# lies at or just beyond it; on the tuning runs a ratio hovering near 0.1 for many checks before its minimum
+# (label noise) otherwise kept every zero-crossing forecast at infinity (docs/forecast.md).
+RATIO_FLOOR = 0.1
 EVIDENCE_WINDOWS = 2  # the evidence tests look back this many windows
 SAMPLES = 400  # Monte Carlo draws for the band and the probabilities
 STATES = ("no forecast", "improving", "basin ahead", "basin entered")
@@ -190,7 +194,7 @@ class BasinForecaster:
             np.asarray(v, dtype=float) for v in (self.points.x, self.points.loss, self.points.train)
         )
         keep = np.isfinite(loss) & (x > 0)
-        return x[keep], loss[keep], (_train_at_points(x, train) if LAG_CORRECTION else train)[keep]
+        return x[keep], loss[keep], _train_at_points(x, train)[keep]
 
     def _forecast(self, x_now: float, loss_now: float) -> Forecast:
         forecast = Forecast(x_now, loss_now)
@@ -290,7 +294,7 @@ class BasinForecaster:
         if len(ratios) < 3:
             return None
         u, ratios = np.asarray(u[-w:]), np.asarray(ratios[-w:])
-        return _zero_crossing_draws(u, ratios, rng)
+        return _zero_crossing_draws(u, ratios - RATIO_FLOOR, rng)  # where r crosses the floor
 
     # -- the law signal ---------------------------------------------------------------------------------
 
