@@ -16,7 +16,7 @@ import pytest
 
 from snrmon.basin import basin_tokens
 from snrmon.forecast import BasinForecaster, PriorError, load_prior
-from snrmon.forecast.forecaster import CONFIDENCE, MIN_POINTS
+from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS
 from snrmon.laws import ShannonRunLaw
 
 L_INF, B, BETA, K = 0.5, 2.0, 0.5, 4e-5  # the basin at x* ≈ 860
@@ -67,6 +67,11 @@ def test_u_curve_warns_by_the_basin_and_stops_near_it():
         first = next(f for f in forecasts if f.stop)
         assert first.d_star_low <= first.d_star <= first.d_star_high
         assert first.p_basin >= CONFIDENCE
+        # At the first warning the forecast basin lies within one horizon of the true one, and the loss
+        # forecast there within 1% of the true minimum.
+        warned = next(f for f in forecasts if f.warning)
+        assert x_star / (1 + HORIZON) <= warned.d_star <= x_star * (1 + HORIZON)
+        assert abs(warned.loss_at_d_star / clean.min() - 1) <= 0.01
 
 
 @pytest.mark.parametrize("sigma", [0.002, 0.02])  # 0.02: noise about 3% of the loss

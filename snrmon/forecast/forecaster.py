@@ -265,15 +265,16 @@ class BasinForecaster:
             )
 
     def _loss_at(self, d_star: float, x: np.ndarray, loss: np.ndarray) -> float | None:
-        """The monitored loss at D*: a quadratic in log x through the window, read at D* (or the lowest loss
-        seen once D* is behind us)."""
+        """The monitored loss at D*: the lowest value of a quadratic in log x through the window between now
+        and D* (the curve's minimum is its basin, and a parabola through a flattening window turns up too
+        soon to be read at D* itself); once D* is behind us, the lowest loss seen in the last two windows."""
         if not math.isfinite(d_star):
             return None
         if d_star <= x[-1]:
-            return float(np.min(loss[x <= x[-1]][-2 * self.window :]))
+            return float(np.min(loss[-2 * self.window :]))
         u = np.log(x[-self.window :])
         coefficients = np.polyfit(u - u[-1], loss[-self.window :], 2)
-        value = float(np.polyval(coefficients, math.log(d_star) - u[-1]))
+        value = float(np.min(np.polyval(coefficients, np.linspace(0.0, math.log(d_star) - u[-1], 32))))
         return value if math.isfinite(value) else None
 
     # -- the ratio signal -------------------------------------------------------------------------------
