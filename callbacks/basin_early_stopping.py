@@ -52,7 +52,11 @@ class BasinEarlyStopping(Callback):
             instead of after each validation. ``None``: after each validation.
         verbose: log each forecast at INFO level (rank zero).
         prior: a fit of earlier runs (the path or dict of ``snrmon fit --json``, law ``shannon`` or
-            ``shannon-run``) whose shape starts the law fit; see :func:`snrmon.forecast.load_prior`.
+            ``shannon-run``): it starts the law fit and, when it gives every constant of this run, forecasts
+            D* from the first check; see :func:`snrmon.forecast.load_prior`.
+        n_params: this run's parameter count, to carry a ``shannon`` prior of other model sizes over to it.
+        tokens_per_step: tokens per optimizer step (across ranks and accumulation), the unit of a prior's D;
+            the forecast itself is in steps.
         strict: raise when ``monitor`` is not among the logged metrics at a check (else warn and skip).
 
     Raises:
@@ -85,6 +89,8 @@ class BasinEarlyStopping(Callback):
         check_every_n_steps: int | None = None,
         verbose: bool = False,
         prior: dict | str | None = None,
+        n_params: float | None = None,
+        tokens_per_step: float = 1.0,
         strict: bool = True,
     ) -> None:
         super().__init__()
@@ -96,7 +102,12 @@ class BasinEarlyStopping(Callback):
         self.check_every_n_steps = check_every_n_steps
         self.verbose, self.strict = verbose, strict
         self.forecaster = BasinForecaster(
-            horizon=horizon, confidence=confidence, min_points=min_points, prior=prior
+            horizon=horizon,
+            confidence=confidence,
+            min_points=min_points,
+            prior=prior,
+            n_params=n_params,
+            tokens_per_x=tokens_per_step,
         )
         self.stopping_reason: str | None = None
         self.stopped_step = 0
@@ -231,6 +242,8 @@ def _describe(forecast: Forecast) -> str:
         return f"no forecast yet ({forecast.note})"
     if forecast.d_star == math.inf:
         return f"no basin in sight at step {forecast.x:.4g} (loss {forecast.loss:.4g})"
+    if forecast.method == "prior":
+        return f"the prior puts the basin at step {forecast.d_star:.4g} ({forecast.note})"
     where = f"{forecast.d_star:.4g} (band {forecast.d_star_low:.4g} to {forecast.d_star_high:.4g})"
     at = f", loss there ≈ {forecast.loss_at_d_star:.4g}" if forecast.loss_at_d_star is not None else ""
     if forecast.state == "basin entered":

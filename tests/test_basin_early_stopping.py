@@ -170,3 +170,31 @@ def test_forecast_history_survives_resume(tmp_path):
     after = resumed.forecaster.points
     assert after.x[: len(before["x"])] == before["x"] and after.loss[: len(before["loss"])] == before["loss"]
     assert len(after.x) == 12  # the four new validations continue the same curve
+
+
+def test_a_prior_of_the_family_forecasts_from_the_first_check(caplog):
+    # A Shannon-law family (the constants of examples/make_law_data.py) and this run's size: the basin in
+    # steps of a million tokens is logged from the first check, before the data could place it.
+    family = {
+        "a": 0.02,
+        "alpha": 0.08,
+        "c": 1.6e-11,
+        "d": 1e-3,
+        "e": 1.0,
+        "beta": 0.3,
+        "gamma": 0.6,
+        "delta": 0.2,
+    }
+    callback = BasinEarlyStopping(
+        prior={"law": "shannon", "params": family}, n_params=1e8, tokens_per_step=1e6, verbose=True
+    )
+    recorder = Recorder()
+    with caplog.at_level("INFO"):
+        _fit(callback, _data(64, 0), max_epochs=2, logger=recorder)
+    first = callback.forecaster.history[0]
+    assert first.method == "prior" and first.d_star > 0 and not first.warning
+    logged = [
+        m["snr/forecast/val_loss/d_star"] for _, m in recorder.metrics if "snr/forecast/val_loss/d_star" in m
+    ]
+    assert logged[0] == pytest.approx(first.d_star)
+    assert "the prior puts the basin" in caplog.text

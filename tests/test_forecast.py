@@ -17,7 +17,7 @@ import pytest
 from snrmon.basin import basin_tokens
 from snrmon.forecast import BasinForecaster, PriorError, load_prior
 from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS
-from snrmon.laws import ShannonRunLaw
+from snrmon.laws import ShannonLaw, ShannonRunLaw
 
 L_INF, B, BETA, K = 0.5, 2.0, 0.5, 4e-5  # the basin at x* ≈ 860
 X = np.arange(1, 81) * 25.0  # 80 validations, 25 steps apart
@@ -148,33 +148,45 @@ def test_law_forecast_finds_a_known_basin_from_the_loss_alone():
 
 
 def test_prior_from_a_fit_document(tmp_path):
-    document = {
-        "law": "shannon",
-        "params": {
-            "a": 1.0,
-            "alpha": 0.1,
-            "c": 1e-9,
-            "d": 1.0,
-            "e": 1.0,
-            "beta": 0.3,
-            "gamma": 0.6,
-            "delta": 0.2,
-        },
+    # The constants of examples/make_law_data.py (data/shannon_synthetic.csv): a family of model sizes.
+    family = {
+        "a": 0.02,
+        "alpha": 0.08,
+        "c": 1.6e-11,
+        "d": 1e-3,
+        "e": 1.0,
+        "beta": 0.3,
+        "gamma": 0.6,
+        "delta": 0.2,
     }
     path = tmp_path / "fit.json"
-    path.write_text(json.dumps(document))
-    assert load_prior(path) == {"beta": 0.3, "gamma": 0.6, "delta": 0.2}  # only the shape carries over
+    path.write_text(json.dumps({"law": "shannon", "params": family}))
+    # Without N only the constants that do not depend on it carry over.
+    assert load_prior(path) == {k: family[k] for k in ("d", "e", "beta", "gamma", "delta")}
     with pytest.raises(PriorError, match="chinchilla"):
         load_prior({"law": "chinchilla", "params": {"E": 1.0}})
     with pytest.raises(PriorError, match="cannot read"):
         load_prior(tmp_path / "missing.json")
-    # A prior starts the law fit; the forecast still comes from the data.
+    # With this run's N the prior gives its whole curve: D* (T10) from the first point, in tokens or in steps
+    # of a million tokens, and no decision before the data can make one.
+    n = 1e8
+    theta = np.array([family[k] for k in ("a", "alpha", "c", "d", "e", "beta", "gamma", "delta")])
+    true = ShannonLaw().d_star(theta, n)
+    for tokens_per_x in (1.0, 1e6):
+        forecaster = BasinForecaster(prior=str(path), n_params=n, tokens_per_x=tokens_per_x)
+        x = 1e8 / tokens_per_x
+        first = forecaster.update(
+            x, float(ShannonLaw().loss(theta, {"N": np.array([n]), "D": np.array([1e8])})[0])
+        )
+        assert math.isclose(first.d_star * tokens_per_x, true, rel_tol=1e-9)
+        assert first.method == "prior" and not first.warning and not first.stop
+    # A prior of this run's own constants starts the law fit; the forecast then comes from the data.
     law = ShannonRunLaw()
-    theta = np.array([0.5, 1e-3, 1e-6, 1.0, 0.5, 0.9, 0.1])
-    x = np.geomspace(10, 3000, 30)
-    forecaster = BasinForecaster(method="law", prior=dict(zip(law.param_names, theta, strict=True)))
-    last = forecaster.replay(x, law.loss(theta, {"D": x}))[-1]
-    assert math.isclose(last.d_star, basin_tokens(*theta[1:]), rel_tol=0.05)
+    run = np.array([0.5, 1e-3, 1e-6, 1.0, 0.5, 0.9, 0.1])
+    x = np.geomspace(10, 3000, 16)
+    forecaster = BasinForecaster(method="law", prior=dict(zip(law.param_names, run, strict=True)))
+    last = forecaster.replay(x, law.loss(run, {"D": x}))[-1]
+    assert last.method == "law" and math.isclose(last.d_star, basin_tokens(*run[1:]), rel_tol=0.05)
 
 
 # -- snrmon forecast ---------------------------------------------------------------------------------------
@@ -231,6 +243,32 @@ def test_replay_command_text_plot_and_bad_input(tmp_path, capsys):
     assert "no numeric column 'val_loss'" in capsys.readouterr().err
     assert main(["forecast", data, "--prior", str(tmp_path / "missing.json")]) == 2
     assert "cannot read the prior" in capsys.readouterr().err
+    # A prior of the family with this run's N forecasts from the first point (D = step x tokens per step).
+    prior = tmp_path / "fit.json"
+    prior.write_text(
+        json.dumps(
+            {
+                "law": "shannon",
+                "params": {
+                    "a": 0.02,
+                    "alpha": 0.08,
+                    "c": 1.6e-11,
+                    "d": 1e-3,
+                    "e": 1.0,
+                    "beta": 0.3,
+                    "gamma": 0.6,
+                    "delta": 0.2,
+                },
+            }
+        )
+    )
+    steps = _csv(tmp_path / "steps.csv", {"step": X[:3], "loss": val[:3]})
+    assert (
+        main(["forecast", steps, "--prior", str(prior), "--N", "1e8", "--tokens-per-step", "1e6", "--json"])
+        == 0
+    )
+    first = json.loads(capsys.readouterr().out)["points"][0]
+    assert first["state"] == "no forecast" and first["d_star"] > 0 and not first["warning"]
 
 
 def test_replay_of_a_tensorboard_run_averages_the_training_loss_between_validations(tmp_path, capsys):

@@ -56,6 +56,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--min-points", type=int, default=MIN_POINTS, help=f"before a forecast ({MIN_POINTS})"
     )
     parser.add_argument("--prior", metavar="FIT.json", help="a snrmon fit --json of the shannon(-run) law")
+    parser.add_argument(
+        "--N", type=float, metavar="X", help="this run's parameter count, for a shannon prior"
+    )
+    parser.add_argument(
+        "--tokens-per-step",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="tokens per step, when x is step and the prior is in tokens (1)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     parser.add_argument(
         "--plot", metavar="FILE", help="write a PNG of the curve, the forecast band and the stop"
@@ -78,7 +88,12 @@ def run(args: argparse.Namespace) -> int:
     x, loss, train, x_name = load_curve(args)
     try:
         forecaster = BasinForecaster(
-            horizon=args.horizon, confidence=args.confidence, min_points=args.min_points, prior=args.prior
+            horizon=args.horizon,
+            confidence=args.confidence,
+            min_points=args.min_points,
+            prior=args.prior,
+            n_params=args.N,
+            tokens_per_x=args.tokens_per_step if x_name == "step" else 1.0,
         )
     except (PriorError, ValueError) as error:
         raise LogError(str(error)) from None

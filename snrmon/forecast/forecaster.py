@@ -107,9 +107,13 @@ class BasinForecaster:
         persist: consecutive points at which a warning (or stop) condition must hold before it is given.
         method: ``"auto"`` (``"ratio"`` when training losses are given, else ``"law"``), ``"ratio"`` or
             ``"law"``.
-        prior: constants of the single-run law (a dict, or the path or dict of ``snrmon fit --json`` with
-            ``--law shannon`` or ``shannon-run``) whose shape (β, γ, δ) starts the law fit; see
-            :func:`load_prior`.
+        prior: a fit of earlier runs: the path or dict of ``snrmon fit --json`` with ``--law shannon`` (runs
+            of other sizes) or ``shannon-run``, or a dict of constants; see :func:`load_prior`. It starts the
+            law fit, and when it gives every constant of this run (``shannon-run``, or ``shannon`` with
+            ``n_params``) it forecasts D* from the first point, before ``min_points`` (no warning, no stop).
+        n_params: this run's parameter count N, to carry a ``shannon`` prior over to it (T10: D* ∝ 1/N when
+            the cross-term dominates).
+        tokens_per_x: tokens D per unit of x (e.g. tokens per optimizer step), the unit of a prior's D.
         max_seconds: time allowed for one law fit; a slower multi-start search is skipped (the warm refit is
             kept), so a forecast never holds up training for long.
         seed: seeds the Monte Carlo draws, so replays are reproducible.
@@ -124,6 +128,8 @@ class BasinForecaster:
         method: str = "auto",
         persist: int = PERSIST,
         prior: dict | str | Path | None = None,
+        n_params: float | None = None,
+        tokens_per_x: float = 1.0,
         max_seconds: float = 2.0,
         seed: int = 0,
     ) -> None:
@@ -142,7 +148,10 @@ class BasinForecaster:
         if persist < 1:
             raise ValueError(f"persist must be at least 1, got {persist}")
         self.persist = persist
-        self.prior = load_prior(prior) if prior is not None else None
+        if not tokens_per_x > 0:
+            raise ValueError(f"tokens_per_x must be positive, got {tokens_per_x}")
+        self.tokens_per_x = tokens_per_x
+        self.prior = load_prior(prior, n_params) if prior is not None else None
         self.points = _Points()
         self.history: list[Forecast] = []
         self._theta: np.ndarray | None = None  # the last law fit, in natural units of x / x_scale
@@ -204,6 +213,7 @@ class BasinForecaster:
         x, loss, train = self._finite()
         if len(x) < self.min_points:
             forecast.note = f"{len(x)} finite points of {self.min_points} needed"
+            self._prior_forecast(forecast)
             return forecast
         method = self.method
         recent_train = train[-self.window :]
@@ -350,18 +360,33 @@ class BasinForecaster:
         return fit
 
     def _prior_theta(self, law: ShannonRunLaw, scale: float) -> np.ndarray | None:
-        """The prior's constants in the units of the fit (x / scale); missing ones from the law's starts."""
+        """The prior's constants in the units of the fit (x / scale, with the prior's D = x·tokens_per_x);
+        missing ones from the law's starts."""
         if self.prior is None:
             return None
         values = dict(zip(law.param_names, law.starts(1)[0], strict=True))
         values.update({k: v for k, v in self.prior.items() if k in values})
-        if "c" in self.prior:
-            # D = scale·D' turns D^β / (c D^γ + d D^δ + e) into the same form in D' with these constants.
-            beta, gamma, delta = values["beta"], values["gamma"], values["delta"]
-            values["c"] *= scale ** (gamma - beta)
-            values["d"] *= scale ** (delta - beta)
-            values["e"] *= scale ** (-beta)
+        # D = s·D' turns D^β / (c D^γ + d D^δ + e) into the same form in D' with c·s^(γ−β), d·s^(δ−β), e·s^−β.
+        s = scale * self.tokens_per_x
+        beta, gamma, delta = values["beta"], values["gamma"], values["delta"]
+        for name, exponent in (("c", gamma - beta), ("d", delta - beta), ("e", -beta)):
+            if name in self.prior:
+                values[name] *= s**exponent
         return np.array([values[name] for name in law.param_names])
+
+    def _prior_forecast(self, forecast: Forecast) -> None:
+        """Before the data can speak: D* and the loss there from a prior that gives every constant."""
+        law = ShannonRunLaw()
+        if self.prior is None or not all(name in self.prior for name in law.param_names):
+            return
+        theta = np.array([self.prior[name] for name in law.param_names])
+        d_star = _run_basin(theta)  # in the prior's tokens
+        forecast.method = "prior"
+        forecast.d_star = d_star / self.tokens_per_x
+        if math.isfinite(d_star):
+            forecast.loss_at_d_star = float(law.loss(theta, {"D": np.array([d_star])})[0])
+            forecast.steps_to_basin = max(forecast.d_star - forecast.x, 0.0)
+        forecast.note += "; D* from the prior"
 
 
 def _train_at_points(x: np.ndarray, train: np.ndarray) -> np.ndarray:
@@ -419,12 +444,16 @@ def _zero_crossing_draws(u: np.ndarray, r: np.ndarray, rng) -> np.ndarray:
     return np.where(np.isinf(ahead), np.inf, np.exp(u[-1] + np.minimum(ahead, 700.0)))
 
 
-def load_prior(prior: dict | str | Path) -> dict[str, float]:
-    """Shape constants (β, γ, δ, and the rest where given) of the single-run law from a prior.
+def load_prior(prior: dict | str | Path, n_params: float | None = None) -> dict[str, float]:
+    """Constants of the single-run law (T9: A, c, d, e, β, γ, δ, in tokens D) that a prior carries over.
 
-    ``prior`` is a dict of constants, or the JSON (path or parsed) of ``snrmon fit --json`` with ``--law
-    shannon-run`` or ``--law shannon``. Only the exponents carry over between model sizes unchanged (T9 folds
-    N into A and c), so a ``shannon`` fit gives β, γ, δ; a ``shannon-run`` fit of one run gives everything.
+    ``prior`` is the JSON (path or parsed) of ``snrmon fit --json`` with ``--law shannon-run`` (every
+    constant; with several runs, the first run's) or ``--law shannon``, or a dict of either law's constants. A
+    ``shannon`` fit of runs of other sizes carries over d, e, β, γ, δ, which do not depend on N; with this
+    run's ``n_params`` also A = a·N^α and c = c·N^γ (T9 folds N into them), so T10 gives this run's basin.
+
+    Raises:
+        PriorError: unreadable, a fit of another law, or no positive constants.
     """
     if isinstance(prior, (str, Path)):
         try:
@@ -433,14 +462,30 @@ def load_prior(prior: dict | str | Path) -> dict[str, float]:
             raise PriorError(f"cannot read the prior {prior}: {error}") from None
     if not isinstance(prior, dict):
         raise PriorError("a prior is a JSON object of constants or the output of snrmon fit --json")
-    law = prior.get("law")
     params = prior.get("params", prior)
-    if law not in (None, "shannon", "shannon-run"):
-        raise PriorError(f"the prior is a fit of the {law} law; the forecaster needs shannon or shannon-run")
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
         params = next(iter(params.values()))  # per-run constants (single-run law): take the first run's
-    shape = ("beta", "gamma", "delta") if law == "shannon" else ("A", "c", "d", "e", "beta", "gamma", "delta")
-    values = {k: float(params[k]) for k in shape if isinstance(params, dict) and k in params}
+    if not isinstance(params, dict):
+        raise PriorError("the prior's params are not an object of constants")
+    law = prior.get("law") or ("shannon" if "alpha" in params else "shannon-run")
+    if law not in ("shannon", "shannon-run"):
+        raise PriorError(f"the prior is a fit of the {law} law; the forecaster needs shannon or shannon-run")
+    try:
+        values = {k: float(v) for k, v in params.items() if k in SHANNON_CONSTANTS}
+    except (TypeError, ValueError):
+        raise PriorError("the prior's constants are not numbers") from None
+    if law == "shannon":
+        n = n_params
+        carried = {k: values[k] for k in ("d", "e", "beta", "gamma", "delta") if k in values}
+        if n is not None and {"a", "alpha", "c", "gamma"} <= set(values):
+            carried["A"] = values["a"] * n ** values["alpha"]
+            carried["c"] = values["c"] * n ** values["gamma"]
+        values = carried
+    values = {k: v for k, v in values.items() if k in RUN_CONSTANTS}
     if not values or not all(math.isfinite(v) and v > 0 for v in values.values()):
         raise PriorError("the prior holds no positive constants of the Shannon law (beta, gamma, delta, ...)")
     return values
+
+
+RUN_CONSTANTS = ("A", "c", "d", "e", "beta", "gamma", "delta")
+SHANNON_CONSTANTS = RUN_CONSTANTS + ("a", "alpha")
