@@ -14,6 +14,7 @@ The target of the hot path is bookkeeping + norm reads ≤ 1.5 × the norm reads
 
     python benchmarks/overhead.py                # CPU, one thread: the figures in docs/performance.md
     python benchmarks/overhead.py --device cuda  # GPU (CPU times then measure the host side only)
+    python benchmarks/overhead.py --fsdp         # the ratio under FSDP2 on 2 CPU processes (gloo)
 """
 
 from __future__ import annotations
@@ -103,12 +104,31 @@ def instrument(monitor: SNRMonitor, stopwatch: Stopwatch) -> None:
     GradientTaps.accumulated_sq_norms = stopwatch.wrap("applied read", GradientTaps.accumulated_sq_norms)
 
 
+class ShardedCharGPT(CharGPT):
+    """The demo GPT with ``fully_shard`` applied to each block and to the whole (FSDP2)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
 def fit(args, monitor: SNRMonitor, *extra: L.Callback) -> StepTimer:
     device = torch.device(args.device)
     timer = StepTimer(device)
+    strategy, devices, model_class = "auto", 1, CharGPT
+    if args.fsdp:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        devices, model_class = 2, ShardedCharGPT
     trainer = L.Trainer(
         accelerator=device.type,
-        devices=1,
+        devices=devices,
+        strategy=strategy,
         precision=args.precision,
         max_steps=args.steps,
         accumulate_grad_batches=args.accumulate,
@@ -121,7 +141,7 @@ def fit(args, monitor: SNRMonitor, *extra: L.Callback) -> StepTimer:
         enable_model_summary=False,
     )
     L.seed_everything(0, verbose=False)
-    model = CharGPT(n_layer=args.n_layer, n_embd=args.n_embd)
+    model = model_class(n_layer=args.n_layer, n_embd=args.n_embd)
     data = CharDataModule(batch_size=args.batch_size, train_samples=args.batch_size * args.accumulate * 400)
     trainer.fit(model, datamodule=data)
     return timer
@@ -139,6 +159,7 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 on 2 processes: the step-time ratio only")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -149,6 +170,12 @@ def main() -> None:
     measured = [seconds for step, seconds in steps if step % 2 == 0]
     unmeasured = [seconds for step, seconds in steps if step % 2 == 1]
     base, with_monitor = statistics.median(unmeasured), statistics.median(measured)
+    if args.fsdp:  # (each rank gets here; one prints)
+        if torch.distributed.get_rank() == 0:
+            print(f"FSDP2, 2 processes, rank 0: {len(measured)} measured, {len(unmeasured)} unmeasured steps;"
+                  f" median CPU unmeasured {base * 1e3:.1f} ms, measured {with_monitor * 1e3:.1f} ms;"
+                  f" step-time ratio {with_monitor / base:.4f}")  # fmt: skip
+        return
 
     # 2. where the time goes
     stopwatch = Stopwatch()

@@ -150,6 +150,7 @@ class SNRMonitor(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._warned: set[str] = set()
         self._rank = 0
+        self._sharded = False  # FSDP2, known at setup
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -224,6 +225,10 @@ class SNRMonitor(Callback):
     @_never_crash
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._named = None  # walk the module again at the next measured window: it may have new tensors
+        if self._sharded:
+            # Walked now, between steps, when FSDP2 holds every parameter sharded: after a forward the root
+            # module's parameters are its unsharded ones, which only the taps should see.
+            self._watch_trainable_parameters(pl_module)
         # Dataloaders exist by now, and may be reloaded between epochs.
         if self.dataset_size is not None:
             population = Population(self.dataset_size, f"dataset_size={self.dataset_size} was given")

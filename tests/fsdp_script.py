@@ -1,8 +1,9 @@
 """Worker for tests/test_fsdp.py: SNRMonitor under FSDP2 (``fully_shard``) through Lightning's
 ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` on CPU (gloo, 2 ranks).
 
-Model: least squares y_hat = x·w at lr = 0, with w = (a, b) split over two linear layers, each sharded with
-``fully_shard`` (their weights have one row: rank 1's shards are empty). Data: fresh samples x ~ N(0, I_d),
+Model: least squares y_hat = x·w at lr = 0, with w = (a, b) split over two linear layers; ``fully_shard`` is
+applied to ``a`` and to the root, which then holds ``b`` (a root keeps its parameters unsharded between
+forward and backward). The weights have one row: rank 1's shards are empty. Data: fresh samples x ~ N(0, I_d),
 y = ε ~ N(0, σ²) (w* = 0), each rank its own stream. With Δ = w, the per-sample gradient g = 2(x·w − y)x has,
 over the coordinates of a block of d_a of them (Isserlis),
 
@@ -83,8 +84,7 @@ class ShardedLeastSquares(L.LightningModule):
     def configure_model(self) -> None:
         mesh = self.device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.args.bf16 else None)
-        for layer in (self.net.a, self.net.b):
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(self.net.a, mesh=mesh, mp_policy=policy)
         fully_shard(self.net, mesh=mesh, mp_policy=policy)
 
     def forward(self, x: Tensor) -> Tensor:
