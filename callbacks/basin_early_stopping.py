@@ -143,11 +143,17 @@ class BasinEarlyStopping(Callback):
 
         return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
 
-    def _mean_train_loss(self) -> float | None:
+    def _mean_train_loss(self, trainer: pl.Trainer) -> float | None:
+        """The training loss since the last check, averaged over the steps and across ranks: every rank then
+        forecasts from the same curve (and a rank's small shard adds less noise). NaN, hence None, when a
+        ``training_step`` returned no loss; every rank joins the reduction either way."""
+        device = trainer.strategy.root_device
         if self._train_sum is None or self._train_count == 0:
-            return None
-        value = float(self._train_sum.item()) / self._train_count
+            local = torch.tensor(math.nan, device=device)
+        else:
+            local = (self._train_sum / self._train_count).to(device)
         self._train_sum, self._train_count = None, 0
+        value = float(trainer.strategy.reduce(local, reduce_op="mean").item())
         return value if math.isfinite(value) else None
 
     # -- one check ---------------------------------------------------------------------------------------
@@ -169,7 +175,7 @@ class BasinEarlyStopping(Callback):
         if x <= 0 or (points and x <= points[-1]):
             return  # no new training since the last check (e.g. two validations at the same step)
         value = float(metrics[self.monitor].squeeze().float().item())
-        forecast = self.forecaster.update(x, value, self._mean_train_loss())
+        forecast = self.forecaster.update(x, value, self._mean_train_loss(trainer))
         if not math.isfinite(value):
             log.debug("BasinEarlyStopping: %s is %s at step %d: skipped", self.monitor, value, int(x))
         elif forecast.d_star is None:

@@ -74,6 +74,20 @@ def test_u_curve_warns_by_the_basin_and_stops_near_it():
         assert abs(warned.loss_at_d_star / clean.min() - 1) <= 0.01
 
 
+def test_a_rise_of_the_monitored_loss_stops_even_when_the_training_loss_is_noise():
+    # A training loss lost in noise (e.g. one small shard per rank) gives no evidence of memorisation; the
+    # monitored loss rising significantly over two windows is evidence enough, after the minimum.
+    clean = L_INF + B * X**-BETA + K * X
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        val = clean + SIGMA * rng.normal(size=len(X))
+        stop = next(
+            f.x for f in BasinForecaster().replay(X, val, 0.5 + 0.2 * rng.normal(size=len(X))) if f.stop
+        )
+        assert stop > X[np.argmin(clean)]
+        assert L_INF + B * stop**-BETA + K * stop <= clean.min() * 1.01
+
+
 @pytest.mark.parametrize("sigma", [0.002, 0.02])  # 0.02: noise about 3% of the loss
 def test_improving_curves_raise_no_alarm(sigma):
     for seed in range(3):

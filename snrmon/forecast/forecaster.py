@@ -259,6 +259,18 @@ class BasinForecaster:
             # probability as Z_EVIDENCE normal standard deviations.
             z = float(student_t.ppf(norm.cdf(Z_EVIDENCE), df=max(len(u) - 2, 1)))
             evidence = train_slope + z * train_se < 0 and gap - z * gap_se > 0
+        # Whatever the signal says: a monitored loss that has risen significantly over the long window has
+        # passed its basin (a noisy training loss, e.g. a small shard per rank, can hide the evidence above).
+        long = slice(-EVIDENCE_WINDOWS * self.window, None)
+        rise, rise_se = _slope(np.log(x[long]), loss[long])
+        z = float(student_t.ppf(norm.cdf(Z_EVIDENCE), df=max(len(x[long]) - 2, 1)))
+        if rise - z * rise_se > 0:
+            lowest = float(x[long][np.argmin(loss[long])])
+            if forecast.d_star > x_now or forecast.p_basin < self.confidence:
+                forecast.d_star = forecast.d_star_low = forecast.d_star_high = lowest
+                forecast.steps_to_basin, forecast.p_basin = 0.0, 1.0
+                forecast.note = "the monitored loss has risen significantly: basin entered"
+            evidence = flat_or_rising = True
         forecast.loss_at_d_star = self._loss_at(forecast.d_star, x, loss)
         entered = forecast.p_basin >= self.confidence and forecast.d_star <= x_now
         # A decision must hold at `persist` consecutive points: one lucky window is not a basin.
