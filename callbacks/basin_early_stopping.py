@@ -196,6 +196,7 @@ class BasinEarlyStopping(Callback):
             rank_zero_info(
                 f"BasinEarlyStopping: stopping at step {self.stopped_step}: {self.stopping_reason}"
             )
+            self._draw(trainer)
 
     def _log(self, trainer: pl.Trainer, forecast: Forecast) -> None:
         prefix = f"snr/forecast/{self.monitor}"
@@ -224,6 +225,24 @@ class BasinEarlyStopping(Callback):
                 experiment = getattr(logger, "experiment", None)
                 if hasattr(experiment, "add_text"):  # TensorBoard: a text entry beside the charts
                     experiment.add_text(f"snr/forecast/{self.monitor}", text, trainer.global_step)
+        self._draw(trainer)
+
+    def _draw(self, trainer: pl.Trainer) -> None:
+        """The forecast so far as a TensorBoard figure (curve, basin forecast with its band, warning, stop).
+        Drawn when the state changes and at the stop only: a figure costs about 0.3 s on a 2-core CPU."""
+        experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
+        experiments = [e for e in experiments if hasattr(e, "add_figure")]
+        if not experiments or not trainer.is_global_zero:
+            return
+        try:
+            from snrmon.forecast.plot import forecast_figure
+
+            figure = forecast_figure(self.forecaster.history, self.monitor)
+        except ImportError:  # matplotlib is optional (the plot extra)
+            log.debug("BasinEarlyStopping: no matplotlib, no forecast figure")
+            return
+        for experiment in experiments:
+            experiment.add_figure(f"snr/forecast/{self.monitor}/figure", figure, trainer.global_step)
 
     # -- checkpointing -----------------------------------------------------------------------------------
 

@@ -65,11 +65,23 @@ class Regressor(L.LightningModule):
 
 
 class Recorder(Logger):
-    """Keeps every logged metric: what TensorBoard would chart."""
+    """Keeps every logged metric, text and figure: what TensorBoard would show."""
 
     def __init__(self) -> None:
         super().__init__()
         self.metrics: list[tuple[int, dict]] = []
+        self.texts: list[tuple[str, str, int]] = []
+        self.figures: list[tuple[str, object, int]] = []
+
+    @property
+    def experiment(self):
+        return self
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        self.texts.append((tag, text, step))
+
+    def add_figure(self, tag: str, figure, step: int) -> None:
+        self.figures.append((tag, figure, step))
 
     @property
     def name(self) -> str:
@@ -131,6 +143,10 @@ def test_stops_an_overfitting_run_near_its_minimum_and_logs_the_forecast():
     # The warning names the basin and is not repeated while the state stays the same.
     texts = [str(w.message) for w in caught if "BasinEarlyStopping" in str(w.message)]
     assert len(texts) == len(set(texts)) and all("step" in t for t in texts)
+    # Each announced state is also a TensorBoard text entry with a figure, and the stop draws the last one.
+    assert [text for _, text, _ in recorder.texts] == texts
+    assert len(recorder.figures) == len(texts) + 1 and recorder.figures[-1][2] == callback.stopped_step
+    assert all(tag == "snr/forecast/val_loss/figure" for tag, _, _ in recorder.figures)
     logged = {k for _, metrics in recorder.metrics for k in metrics}
     for name in ("d_star", "d_star_low", "d_star_high", "steps_to_basin"):
         assert f"snr/forecast/val_loss/{name}" in logged

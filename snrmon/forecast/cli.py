@@ -228,42 +228,8 @@ def replay_report(forecasts: list[Forecast], document: dict, x_name: str) -> str
 
 def plot_replay(path: str, forecasts: list[Forecast], document: dict, x_name: str) -> None:
     """The curve, the forecast basin with its band at every point, the first warning and the stop."""
+    from snrmon.forecast.plot import forecast_figure
     from snrmon.plot import check_plot_target
 
     check_plot_target(path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = np.array([f.x for f in forecasts])
-    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
-    top.plot(x, [f.loss for f in forecasts], "o-", ms=3, label=document["metric"])
-    top.set_ylabel(document["metric"])
-    has = [f for f in forecasts if f.d_star is not None]
-    if has:
-        cap = 10 * x.max()  # an infinite or far-off forecast is drawn at the top of the chart
-        bottom.fill_between(
-            [f.x for f in has],
-            [min(f.d_star_low, cap) for f in has],
-            [min(f.d_star_high, cap) for f in has],
-            alpha=0.3,
-            label="band",
-        )
-        bottom.plot([f.x for f in has], [min(f.d_star, cap) for f in has], "-", label="forecast D*")
-    bottom.plot(x, x, "k:", lw=1, label=f"{x_name} = D*")
-    bottom.set_yscale("log")
-    bottom.set_xlabel(x_name)
-    bottom.set_ylabel("forecast basin")
-    for axis in (top, bottom):
-        for value, style, label in (
-            (document["first_warning"], "--", "first warning"),
-            (document["stop"], "-", "stop"),
-        ):
-            if value is not None:
-                axis.axvline(value, color="tab:red", ls=style, lw=1, label=label if axis is top else None)
-    top.legend()
-    bottom.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    forecast_figure(forecasts, document["metric"], x_name).savefig(path, dpi=120)

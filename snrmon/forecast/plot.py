@@ -1,0 +1,47 @@
+"""The forecast as a picture: the monitored curve with the first warning and the stop, and the forecast
+basin D* with its band at every point. Drawn on a bare matplotlib ``Figure`` (no pyplot state), so the replay
+command can save it and BasinEarlyStopping can hand it to TensorBoard."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from snrmon.forecast.forecaster import Forecast
+
+
+def forecast_figure(forecasts: list[Forecast], metric: str, x_name: str = "step"):
+    """A two-panel ``matplotlib.figure.Figure`` of ``forecasts`` (the history of one forecaster)."""
+    from matplotlib.figure import Figure
+
+    x = np.array([f.x for f in forecasts])
+    first_warning = next((f.x for f in forecasts if f.warning or f.stop), None)
+    stop = next((f.x for f in forecasts if f.stop), None)
+    figure = Figure(figsize=(7, 6))
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    top.plot(x, [f.loss for f in forecasts], "o-", ms=3, label=metric)
+    top.set_ylabel(metric)
+    has = [f for f in forecasts if f.d_star is not None]
+    if has:
+        cap = 10 * x.max()  # an infinite or far-off forecast is drawn at the top of the chart
+
+        def capped(values):
+            return [min(v, cap) for v in values]
+
+        at = [f.x for f in has]
+        # A forecast from the prior alone has no band: draw its point as the band.
+        low = [f.d_star if f.d_star_low is None else f.d_star_low for f in has]
+        high = [f.d_star if f.d_star_high is None else f.d_star_high for f in has]
+        bottom.fill_between(at, capped(low), capped(high), alpha=0.3, label="band")
+        bottom.plot(at, capped([f.d_star for f in has]), "-", label="forecast D*")
+    bottom.plot(x, x, "k:", lw=1, label=f"{x_name} = D*")
+    bottom.set_yscale("log")
+    bottom.set_xlabel(x_name)
+    bottom.set_ylabel("forecast basin")
+    for axis in (top, bottom):
+        for value, style, label in ((first_warning, "--", "first warning"), (stop, "-", "stop")):
+            if value is not None:
+                axis.axvline(value, color="tab:red", ls=style, lw=1, label=label if axis is top else None)
+    top.legend()
+    bottom.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
