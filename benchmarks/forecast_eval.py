@@ -5,14 +5,14 @@ validation by validation, through the forecaster behind ``BasinEarlyStopping`` (
 baselines: Lightning-style patience early stopping (3 and 5 validations), a monotone power-law fit and the
 loss-only single-run Shannon law (T9). Also replays the shipped Pythia LAMBADA curves run by run.
 
-    python benchmarks/forecast_eval.py            # record (once, ~10 min, cached) and replay
+    python benchmarks/forecast_eval.py            # record (once, ~8 min, cached) and replay (~2 min)
     python benchmarks/forecast_eval.py --record   # re-record the curves
     python benchmarks/forecast_eval.py --markdown # the table of docs/forecast.md
 
 Scenarios whose validation loss turns up (U-shaped): an MLP on a small data set trained for many epochs, an
-MLP on labels 30% flipped (validated on clean labels), a tiny byte-level GPT overfitting 16 KB of text.
+MLP on labels 30% flipped (validated on clean labels), a tiny byte-level GPT overfitting 32 KB of text.
 Scenarios that keep improving: an MLP on fresh samples every step, the same with a small, noisy validation
-set and small batches, a tiny GPT on a large corpus. Two seeds each.
+set and small batches, a tiny GPT on a large corpus. Three seeds each; the defaults were chosen on seed 0.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ SCENARIOS = {
         "char-improving", seed, corpus_bytes=1_000_000, steps=1500, val_every=50
     ),
 }
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2)  # defaults chosen on seed 0 only
 
 
 def label(curve: Curve) -> str:
@@ -188,13 +188,17 @@ def label(curve: Curve) -> str:
     return "U" if best < len(val) - 3 and rise > 3 * noise else "improving"
 
 
-def record() -> list[Curve]:
+def record(cached: list[Curve] | None = None) -> list[Curve]:
+    """Record every scenario and seed not in ``cached``; cache them all."""
     import torch
 
     torch.set_num_threads(1)
-    curves = []
+    curves = list(cached or [])
+    have = {c.name for c in curves}
     for name, run in SCENARIOS.items():
         for seed in SEEDS:
+            if f"{name}/{seed}" in have:
+                continue
             start = time.perf_counter()
             curve = run(seed)
             curve.name = f"{name}/{seed}"
@@ -205,6 +209,8 @@ def record() -> list[Curve]:
                 f"{time.perf_counter() - start:.0f} s",
                 flush=True,
             )
+    order = {f"{name}/{seed}": i for i, (name, seed) in enumerate((n, s) for n in SCENARIOS for s in SEEDS)}
+    curves.sort(key=lambda c: order[c.name])
     CACHE.write_text(json.dumps([c.as_dict() for c in curves]))
     return curves
 
@@ -228,9 +234,13 @@ def pythia_curves() -> list[Curve]:
 
 
 def load_curves(force: bool = False) -> list[Curve]:
-    if force or not CACHE.exists():
-        return record()
-    return [Curve(**entry) for entry in json.loads(CACHE.read_text())]
+    """The cached curves, recording whatever scenario and seed is missing (everything with ``force``)."""
+    cached = (
+        [] if force or not CACHE.exists() else [Curve(**entry) for entry in json.loads(CACHE.read_text())]
+    )
+    if len(cached) < len(SCENARIOS) * len(SEEDS):
+        return record(cached)
+    return cached
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,7 +405,12 @@ def markdown(rows: list[Row]) -> str:
             + " | ".join(_cell(mine[m]) for m in methods)
             + " |"
         )
-    for title, subset in (("all runs", rows), ("held-out runs only", [r for r in rows if held_out(r.curve)])):
+    subsets = (
+        ("all runs", rows),
+        ("held-out runs only (seeds 1 and 2, Pythia)", [r for r in rows if held_out(r.curve)]),
+        ("seed 2 only (recorded after every default was fixed)", [r for r in rows if r.curve.endswith("/2")]),
+    )
+    for title, subset in subsets:
         lines += [
             "",
             f"Summary, {title}:",
