@@ -127,6 +127,8 @@ class BasinEarlyStopping(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             loss = loss.detach().float()
+            if pl_module.automatic_optimization:  # Lightning hands over loss / accumulate_grad_batches
+                loss = loss * trainer.accumulate_grad_batches
             self._train_sum = loss if self._train_sum is None else self._train_sum + loss
             self._train_count += 1
         n = self.check_every_n_steps

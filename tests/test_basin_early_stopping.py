@@ -245,3 +245,19 @@ def test_ranks_stop_together_under_ddp(tmp_path):
     assert ranks[0]["stopped_step"] > 0
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == ranks[0]["stopped_step"]
     assert any(r["stops"][-1] for r in ranks)
+
+
+def test_the_training_loss_is_collected_unscaled_under_gradient_accumulation():
+    class Recording(Regressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.returned.append(loss.item())
+            return loss
+
+    model = Recording()
+    model.returned = []
+    callback = BasinEarlyStopping(monitor="val_loss")
+    _fit(callback, _data(64, 0), max_epochs=2, model=model, accumulate_grad_batches=2)
+    # Two micro-batches an epoch, one optimizer step: each check's training loss is their plain mean.
+    expected = [np.mean(model.returned[0:2]), np.mean(model.returned[2:4])]
+    assert callback.forecaster.points.train == pytest.approx(expected, rel=1e-6)
