@@ -33,6 +33,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,7 +81,7 @@ class Forecast:
     p_basin: float | None = None  # probability that the basin lies within the horizon (or is entered)
     warning: bool = False
     stop: bool = False
-    state: str = "no forecast"
+    state: str = "no forecast"  # one of STATES
     method: str | None = None
     note: str = ""
 
@@ -173,7 +174,12 @@ class BasinForecaster:
         self.history.append(forecast)
         return forecast
 
-    def replay(self, x, loss, train_loss=None) -> list[Forecast]:
+    def replay(
+        self,
+        x: Sequence[float],
+        loss: Sequence[float],
+        train_loss: Sequence[float | None] | None = None,
+    ) -> list[Forecast]:
         """Feed a whole curve point by point; the forecast after each point."""
         train_loss = [None] * len(x) if train_loss is None else train_loss
         return [self.update(*point) for point in zip(x, loss, train_loss, strict=True)]
