@@ -92,8 +92,8 @@ def fit_command(log_dir: str, tokens_per_step: int) -> str:
 
 
 def forecast_command(log_dir: str) -> str:
-    """The command that replays the basin forecast of ``BasinEarlyStopping`` over the validation loss."""
-    return f"{tool('snrmon')} forecast {shlex.quote(log_dir)} --tag val/loss"
+    """The command that replays ``BasinEarlyStopping``'s forecast over the validation (and training) loss."""
+    return f"{tool('snrmon')} forecast {shlex.quote(log_dir)} --tag val/loss --train-metric train/loss"
 
 
 def build_report(
