@@ -1,6 +1,13 @@
 """Lightning callbacks of snrmon (installed as ``snrmon.callbacks``)."""
 
 from snrmon.callbacks.basin_early_stopping import BasinEarlyStopping
+from snrmon.callbacks.perturbation_probe import GaussianNoiseProbe, PerturbationProbe, QuantizationProbe
 from snrmon.callbacks.snr_monitor import SNRMonitor
 
-__all__ = ["BasinEarlyStopping", "SNRMonitor"]
+__all__ = [
+    "BasinEarlyStopping",
+    "GaussianNoiseProbe",
+    "PerturbationProbe",
+    "QuantizationProbe",
+    "SNRMonitor",
+]
