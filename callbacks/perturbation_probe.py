@@ -58,8 +58,8 @@ class PerturbationProbe(Callback):
         every_n_validations: probe every n-th validation only. The metric then keeps its last value in
             between; a ``BasinEarlyStopping`` watching it would see repeats, so keep 1 for that use.
         loss_fn: ``(pl_module, batch, batch_idx) -> scalar loss``; default: ``validation_step``'s return.
-        layer_types: perturb the ``weight`` of these layers (default ``Linear``, ``Conv*``, ``Embedding``;
-            biases and norms untouched).
+        layer_types: perturb the weights of these layers (default ``Linear``, ``Conv*``, ``Embedding``,
+            ``MultiheadAttention``'s input projection; biases and norms untouched).
         include: instead, perturb each parameter for which ``include(name, parameter)`` is true.
         name: the metric suffix (default the perturbation's name, e.g. ``gaussian_10db``, ``int4``).
 

@@ -10,8 +10,9 @@ Two perturbations of the paper's regimes, applied in place to a module's weights
 
 :func:`perturbed` applies one draw of a perturbation inside a ``with`` block (``torch.no_grad``, eval mode)
 and restores the weights and every submodule's train/eval flag on exit; :func:`perturbed_loss` averages a
-loss over a perturbation's draws. By default the weights of ``Linear``, ``Conv*`` and ``Embedding`` layers
-are perturbed (biases and normalisation layers are left alone, as weight quantization usually does).
+loss over a perturbation's draws. By default the weights of ``Linear``, ``Conv*``, ``Embedding`` and
+``MultiheadAttention`` layers are perturbed (biases and normalisation layers are left alone, as weight
+quantization usually does).
 
 Example::
 
@@ -31,8 +32,15 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-#: The layers whose ``weight`` is perturbed by default.
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+#: The layers whose weights are perturbed by default (``MultiheadAttention``: its input projection, which is
+#: no ``Linear`` of its own; its output projection is one).
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,
+    nn.Embedding,
+    nn.MultiheadAttention,
+)
+_WEIGHT_NAMES = ("weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 def probe_parameters(
@@ -44,7 +52,8 @@ def probe_parameters(
 
     Args:
         module: the model.
-        layer_types: perturb the ``weight`` of every submodule of these types (the default).
+        layer_types: perturb the weights (``weight``; a ``MultiheadAttention``'s ``in_proj_weight`` or
+            ``q/k/v_proj_weight``) of every submodule of these types (the default).
         include: instead, perturb every parameter ``p`` named ``name`` (as in ``named_parameters``) for which
             ``include(name, p)`` is true; its channel dimension is 0.
 
@@ -56,12 +65,16 @@ def probe_parameters(
     found: list[tuple[str, nn.Parameter, int]] = []
     seen: set[int] = set()
     for name, layer in module.named_modules():
-        weight = getattr(layer, "weight", None)
-        if not isinstance(layer, layer_types) or not isinstance(weight, nn.Parameter) or id(weight) in seen:
+        if not isinstance(layer, layer_types):
             continue
-        seen.add(id(weight))  # tied weights (an embedding shared with the output layer) are perturbed once
         channel_dim = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
-        found.append((f"{name}.weight" if name else "weight", weight, channel_dim))
+        for attribute in _WEIGHT_NAMES:
+            weight = getattr(layer, attribute, None)
+            if not isinstance(weight, nn.Parameter) or id(weight) in seen:
+                continue
+            # Tied weights (an embedding shared with the output layer) are perturbed once.
+            seen.add(id(weight))
+            found.append((f"{name}.{attribute}" if name else attribute, weight, channel_dim))
     return found
 
 

@@ -85,6 +85,17 @@ def test_weights_and_modes_restored_bit_exactly(perturbation):
     assert torch.is_grad_enabled() and model.training and not model.norm.training
 
 
+def test_attention_projections_are_perturbed_by_default():
+    attention = nn.TransformerEncoderLayer(8, 2, 16)
+    names = [name for name, _, _ in probe_parameters(attention)]
+    assert names == [
+        "self_attn.in_proj_weight",  # the query, key and value projections: no Linear of their own
+        "self_attn.out_proj.weight",
+        "linear1.weight",
+        "linear2.weight",
+    ]
+
+
 def test_own_generator_fixed_draws_and_global_rng_untouched():
     torch.manual_seed(0)
     model, noise = nn.Linear(50, 40), GaussianNoise(10, draws=3, seed=7)
