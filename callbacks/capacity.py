@@ -1,0 +1,96 @@
+"""Logs the Shannon law's capacity term (T6) from an ``SNRMonitor``'s measurements: ``snr/capacity``.
+
+A thin adapter: the arithmetic is ``snrmon.forecast.capacity.CapacityMeter`` (framework-free; the derivation
+and its assumptions in docs/theory.md, "The capacity term"). At each step where the monitor has logged a new
+estimate it adds the steps since the previous one, at the optimizer's current learning rate and the monitor's
+batch size, and logs ``<prefix>/capacity`` with the terms it uses: ``<prefix>/capacity/snr``,
+``signal_sum``, ``noise_sum``, ``tokens`` and, with a finite training set, ``dataset_snr`` and
+``dataset_capacity``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+
+from snrmon.callbacks._lightning import logging_step
+from snrmon.callbacks.snr_monitor import SNRMonitor, count_samples
+from snrmon.forecast.capacity import CapacityMeter
+
+
+class CapacityLogger(Callback):
+    """Log the capacity term measured by ``monitor`` (which must be in the trainer's callbacks too).
+
+    Args:
+        monitor: the ``SNRMonitor`` whose signal, noise, batch size and dataset size are used.
+        tokens_per_sample: tokens D per sample, the unit of ``capacity/tokens`` (default 1: samples seen,
+            across ranks and accumulation).
+        count_tokens: a function of a training batch returning its tokens (e.g. non-padding tokens); summed
+            over micro-batches and ranks. Overrides ``tokens_per_sample``.
+    """
+
+    def __init__(
+        self,
+        monitor: SNRMonitor,
+        tokens_per_sample: float = 1.0,
+        count_tokens: Callable[[Any], int | float] | None = None,
+    ) -> None:
+        if not tokens_per_sample > 0:
+            raise ValueError(f"tokens_per_sample must be positive, got {tokens_per_sample}")
+        self.monitor = monitor
+        self.tokens_per_sample = tokens_per_sample
+        self.count_tokens = count_tokens
+        self.meter: CapacityMeter | None = None
+        self.latest: dict[str, float] = {}
+        self._seen: dict | None = None  # the monitor's last `latest` used: it builds a new dict per estimate
+        self._step = 0  # optimizer steps accounted for
+        self._tokens = 0.0  # tokens of this rank since the last estimate
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.count_tokens is not None:
+            self._tokens += float(self.count_tokens(batch))
+        else:
+            self._tokens += count_samples(batch) * self.tokens_per_sample
+        latest = self.monitor.latest
+        if latest is self._seen or trainer.global_step <= self._step:
+            return
+        prefix = self.monitor.prefix
+        signal, noise = latest.get(f"{prefix}/signal"), latest.get(f"{prefix}/noise")
+        batch_size = latest.get(f"{prefix}/batch_size")
+        if signal is None or noise is None or batch_size is None:
+            return
+        self._seen = latest
+        if self.meter is None:
+            self.meter = CapacityMeter(latest.get(f"{prefix}/dataset_size"))
+        # Every rank saw its own batches: the tokens of the interval are the sum over ranks.
+        tokens = float(trainer.strategy.reduce(torch.tensor(self._tokens), reduce_op="sum"))
+        self._tokens = 0.0
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        terms = self.meter.update(trainer.global_step - self._step, signal, noise, lr, batch_size, tokens)
+        self._step = trainer.global_step
+        if terms is None:
+            return
+        names = {"capacity": prefix + "/capacity"}
+        self.latest = {
+            names.get(key, f"{prefix}/capacity/{key}"): value
+            for key, value in terms.as_dict().items()
+            if key != "steps" and math.isfinite(value)
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(self.latest, step=logging_step(trainer))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"meter": None if self.meter is None else self.meter.state_dict(), "step": self._step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["meter"] is not None:
+            self.meter = CapacityMeter()
+            self.meter.load_state_dict(state_dict["meter"])
+        self._step = state_dict["step"]
