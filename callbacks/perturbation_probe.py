@@ -165,9 +165,12 @@ class PerturbationProbe(Callback):
             local = torch.tensor(float("nan"), device=pl_module.device)
         else:
             params = probe_parameters(pl_module, self.layer_types, self.include)
-            local = perturbed_loss(
-                pl_module, self.perturbation, lambda: self._mean_loss(pl_module, batches), params
-            )
+            # Lightning runs validation_step under the precision plugin's autocast; so does the probe, or a
+            # bf16-mixed run would be probed in fp32.
+            with trainer.precision_plugin.val_step_context():
+                local = perturbed_loss(
+                    pl_module, self.perturbation, lambda: self._mean_loss(pl_module, batches), params
+                )
         local = local.to(pl_module.device)
         self.local_value = float(local)
         pl_module.log(self.metric, local, sync_dist=True, on_epoch=True, on_step=False)

@@ -249,26 +249,31 @@ def test_training_is_bit_identical_with_and_without_probes():
     assert all(p.metric in trainer.callback_metrics for p in probes)
 
 
-def test_logs_the_perturbed_validation_loss_under_its_name():
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_logs_the_perturbed_validation_loss_under_its_name(precision):
     probe = GaussianNoiseProbe(snr_db=5, draws=2, num_batches=2)
     quant = QuantizationProbe(bits=3, num_batches=2)
-    trainer, model = _fit([probe, quant], max_epochs=2)
+    trainer, model = _fit([probe, quant], max_epochs=2, precision=precision)
     assert probe.metric == "snr/probe/gaussian_5db" and quant.metric == "snr/probe/int3"
     # The last validation ran after the last step: the logged value is the loss of the final weights on the
-    # first two validation batches, under the probe's two fixed draws.
-    batches = list(DataLoader(_data(64, 1), batch_size=16))[:2]
+    # first two validation batches, under the probe's two fixed draws (and Lightning's autocast, if any).
+    batches = list(DataLoader(_data(64, 1), batch_size=16))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
-    def loss() -> torch.Tensor:
-        return torch.stack([nn.functional.mse_loss(model.net(x), y) for x, y in batches]).mean()
+    def loss(n: int = 2) -> torch.Tensor:
+        with autocast:
+            return torch.stack([nn.functional.mse_loss(model.net(x), y) for x, y in batches[:n]]).mean()
 
     for p in (probe, quant):
         expected = perturbed_loss(model, p.perturbation, loss).item()
         assert trainer.callback_metrics[p.metric].item() == pytest.approx(expected, rel=1e-6)
         assert p.last_value == p.local_value == pytest.approx(expected, rel=1e-6)
-    clean = trainer.callback_metrics["val_loss"].item()
+    # The muted validation_step did not log the perturbed loss as val_loss: it is the clean loss of all 4.
+    model.eval()  # no dropout, as in validation
+    with torch.no_grad():
+        clean = loss(4).item()
+    assert trainer.callback_metrics["val_loss"].item() == pytest.approx(clean, rel=1e-6)
     assert probe.last_value > clean  # 5 dB of noise hurts
-    assert "val_loss" in trainer.callback_metrics  # the muted validation_step did not overwrite it
-    assert trainer.callback_metrics["val_loss"].item() < probe.last_value
 
 
 def test_basin_early_stopping_can_monitor_a_probe():
