@@ -102,7 +102,6 @@ class PerturbationProbe(Callback):
         self.last_value: float | None = None
         self.local_value: float | None = None
         self._validations = 0  # validations seen (sanity checks excluded), for every_n_validations
-        self._probes = 0
         self._batches: list[tuple[Any, int]] = []
         self._warned_no_validation = False
 
@@ -119,7 +118,7 @@ class PerturbationProbe(Callback):
             self._warn_no_validation()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._probes == 0 and self._validations == 0:
+        if self._validations == 0:
             self._warn_no_validation()  # e.g. a validation_step without a val_dataloader: Lightning skips it
 
     def _warn_no_validation(self) -> None:
@@ -177,7 +176,6 @@ class PerturbationProbe(Callback):
         # The value Lightning's sync_dist mean will put in callback_metrics (read here so it is known on
         # every rank now, not only after the epoch's metrics are gathered).
         self.last_value = float(trainer.strategy.reduce(local.clone(), reduce_op="mean"))
-        self._probes += 1
 
     def _mean_loss(self, pl_module: pl.LightningModule, batches: list[tuple[Any, int]]) -> Tensor:
         losses = [
