@@ -8,6 +8,8 @@ loss-only single-run Shannon law (T9). Also replays the shipped Pythia LAMBADA c
     python benchmarks/forecast_eval.py            # record (once, ~8 min, cached) and replay (~2 min)
     python benchmarks/forecast_eval.py --record   # re-record the curves
     python benchmarks/forecast_eval.py --markdown # the table of docs/forecast.md
+    python benchmarks/forecast_eval.py --record-stats  # add gradient statistics to the cache (~6 min)
+    python benchmarks/forecast_eval.py --capacity      # the capacity candidates of docs/forecast.md (~20 s)
 
 Scenarios whose validation loss turns up (U-shaped): an MLP on a small data set trained for many epochs, an
 MLP on labels 30% flipped (validated on clean labels), a tiny byte-level GPT overfitting 32 KB of text.
@@ -46,9 +48,15 @@ class Curve:
     x: list[float]  # optimizer steps at each validation
     val: list[float]
     train: list[float] | None  # mean training loss over the steps since the previous validation
+    # Gradient statistics at each validation (see grad_stats): "signal" |G|², "noise" tr(Σ) per sample, and
+    # the run's constants "lr", "batch", "n_train" (None: fresh samples), "tokens_per_sample".
+    stats: dict | None = None
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "x": self.x, "val": self.val, "train": self.train}
+        out = {"name": self.name, "kind": self.kind, "x": self.x, "val": self.val, "train": self.train}
+        if self.stats is not None:
+            out["stats"] = self.stats
+        return out
 
 
 def _teacher(torch, d_in: int, classes: int, seed: int):
@@ -64,6 +72,31 @@ def _teacher(torch, d_in: int, classes: int, seed: int):
     return sample
 
 
+STAT_BATCHES = 8  # micro-batches per measurement of the gradient statistics
+
+
+def grad_stats(model, loss_on, batches: list) -> tuple[float, float]:
+    """|G|² and per-sample tr(Σ) of the training loss from K independent micro-batches of B samples each
+    (theory T1–T3 with K draws instead of two batch sizes): with ḡ their mean gradient,
+    tr(Σ) = B·Σ_k|g_k − ḡ|²/(K − 1) and |G|² = |ḡ|² − tr(Σ)/(K·B), both unbiased for draws with replacement.
+
+    Run at a validation, on batches from a generator of its own, with the gradients cleared by the next
+    step's ``zero_grad``: training is unchanged (the recorded curves replay bit for bit)."""
+    import torch
+
+    grads = []
+    for inputs, targets in batches:
+        model.zero_grad(set_to_none=True)
+        loss_on(inputs, targets).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    g = torch.stack(grads).double()
+    k, b = len(batches), len(batches[0][1])
+    mean = g.mean(0)
+    trace = b * float(((g - mean) ** 2).sum()) / (k - 1)
+    return float(mean @ mean) - trace / (k * b), trace
+
+
 def mlp_run(
     name: str,
     seed: int,
@@ -75,6 +108,7 @@ def mlp_run(
     n_val: int = 2000,
     lr: float = 1e-3,
     width: int = 256,
+    stats: bool = False,
 ) -> Curve:
     """An MLP classifier on a teacher's labels; ``n_train=None`` draws fresh samples every step."""
     import torch
@@ -95,6 +129,14 @@ def mlp_run(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     xs, vals, trains, window = [], [], [], []
+    signals, noises, stats_gen = [], [], torch.Generator().manual_seed(7000 + seed)
+
+    def stat_batch() -> tuple:
+        if n_train is None:
+            return sample(batch, stats_gen)
+        idx = torch.randint(0, n_train, (batch,), generator=stats_gen)
+        return x_train[idx], y_train[idx]
+
     for step in range(1, steps + 1):
         if n_train is None:
             xb, yb = sample(batch, gen)
@@ -112,10 +154,19 @@ def mlp_run(
             xs.append(float(step))
             trains.append(float(np.mean(window)))
             window = []
-    return Curve(name, "", xs, vals, trains)
+            if stats:
+                batches = [stat_batch() for _ in range(STAT_BATCHES)]
+                signal, noise = grad_stats(model, lambda i, t: loss_fn(model(i), t), batches)
+                signals.append(signal)
+                noises.append(noise)
+    constants = {"lr": lr, "batch": batch, "n_train": n_train, "tokens_per_sample": 1}
+    recorded = {"signal": signals, "noise": noises, **constants} if stats else None
+    return Curve(name, "", xs, vals, trains, recorded)
 
 
-def gpt_run(name: str, seed: int, corpus_bytes: int, steps: int, val_every: int, lr: float = 1e-3) -> Curve:
+def gpt_run(
+    name: str, seed: int, corpus_bytes: int, steps: int, val_every: int, lr: float = 1e-3, stats: bool = False
+) -> Curve:
     """A tiny byte-level GPT (examples/char_gpt.py) on the first ``corpus_bytes`` of the stdlib corpus."""
     import torch
     import torch.nn.functional as F
@@ -138,6 +189,11 @@ def gpt_run(name: str, seed: int, corpus_bytes: int, steps: int, val_every: int,
 
     val_x, val_y = windows(val_data, 64, torch.Generator().manual_seed(99))
     xs, vals, trains, window = [], [], [], []
+    signals, noises, stats_gen = [], [], torch.Generator().manual_seed(7000 + seed)
+
+    def loss_on(inputs, targets):
+        return F.cross_entropy(model(inputs).reshape(-1, 256), targets.reshape(-1))
+
     for step in range(1, steps + 1):
         xb, yb = windows(train_data, 16, gen)
         logits = model(xb)
@@ -155,24 +211,38 @@ def gpt_run(name: str, seed: int, corpus_bytes: int, steps: int, val_every: int,
             xs.append(float(step))
             trains.append(float(np.mean(window)))
             window = []
-    return Curve(name, "", xs, vals, trains)
+            if stats:
+                batches = [windows(train_data, 16, stats_gen) for _ in range(STAT_BATCHES)]
+                signal, noise = grad_stats(model, loss_on, batches)
+                signals.append(signal)
+                noises.append(noise)
+    # A sample is one window of `block` tokens; N counts the distinct windows of the training text.
+    constants = {"lr": lr, "batch": 16, "n_train": corpus_bytes - block - 1, "tokens_per_sample": block}
+    recorded = {"signal": signals, "noise": noises, **constants} if stats else None
+    return Curve(name, "", xs, vals, trains, recorded)
 
 
 SCENARIOS = {
     # U-shaped: few samples, many epochs; label noise memorised; a tiny GPT memorising 32 KB of text.
-    "small-data": lambda seed: mlp_run("small-data", seed, n_train=512, lr=2e-4, steps=2400, val_every=30),
-    "label-noise": lambda seed: mlp_run(
-        "label-noise", seed, n_train=2000, flip=0.3, lr=2e-4, steps=4000, val_every=50
+    "small-data": lambda seed, **kw: mlp_run(
+        "small-data", seed, n_train=512, lr=2e-4, steps=2400, val_every=30, **kw
     ),
-    "char-overfit": lambda seed: gpt_run("char-overfit", seed, corpus_bytes=32_000, steps=1800, val_every=30),
+    "label-noise": lambda seed, **kw: mlp_run(
+        "label-noise", seed, n_train=2000, flip=0.3, lr=2e-4, steps=4000, val_every=50, **kw
+    ),
+    "char-overfit": lambda seed, **kw: gpt_run(
+        "char-overfit", seed, corpus_bytes=32_000, steps=1800, val_every=30, **kw
+    ),
     # Improving: fresh samples every step; the same with a 100-sample validation set and batches of 8 (noisy,
     # nearly flat after a while); a tiny GPT on 1 MB of text.
-    "fresh-data": lambda seed: mlp_run("fresh-data", seed, n_train=None, lr=3e-4, steps=3000, val_every=50),
-    "fresh-noisy": lambda seed: mlp_run(
-        "fresh-noisy", seed, n_train=None, batch=8, lr=5e-4, n_val=100, steps=3000, val_every=50
+    "fresh-data": lambda seed, **kw: mlp_run(
+        "fresh-data", seed, n_train=None, lr=3e-4, steps=3000, val_every=50, **kw
     ),
-    "char-improving": lambda seed: gpt_run(
-        "char-improving", seed, corpus_bytes=1_000_000, steps=1500, val_every=50
+    "fresh-noisy": lambda seed, **kw: mlp_run(
+        "fresh-noisy", seed, n_train=None, batch=8, lr=5e-4, n_val=100, steps=3000, val_every=50, **kw
+    ),
+    "char-improving": lambda seed, **kw: gpt_run(
+        "char-improving", seed, corpus_bytes=1_000_000, steps=1500, val_every=50, **kw
     ),
 }
 SEEDS = (0, 1, 2)  # defaults chosen on seed 0 only
@@ -212,6 +282,26 @@ def record(cached: list[Curve] | None = None) -> list[Curve]:
     order = {f"{name}/{seed}": i for i, (name, seed) in enumerate((n, s) for n in SCENARIOS for s in SEEDS)}
     curves.sort(key=lambda c: order[c.name])
     CACHE.write_text(json.dumps([c.as_dict() for c in curves]))
+    return curves
+
+
+def record_stats(curves: list[Curve]) -> list[Curve]:
+    """Rerun every recorded scenario with the gradient statistics measured at each validation (about 10%
+    more time) and cache them with the curves; the losses must come out exactly as recorded before."""
+    import torch
+
+    torch.set_num_threads(1)
+    for curve in curves:
+        if curve.stats is not None:
+            continue
+        name, seed = curve.name.split("/")
+        start = time.perf_counter()
+        again = SCENARIOS[name](int(seed), stats=True)
+        if again.val != curve.val or again.train != curve.train:
+            raise RuntimeError(f"{curve.name}: the losses differ from the recorded ones; not caching")
+        curve.stats = again.stats
+        CACHE.write_text(json.dumps([c.as_dict() for c in curves]))
+        print(f"gradient statistics of {curve.name}: {time.perf_counter() - start:.0f} s", flush=True)
     return curves
 
 
@@ -310,6 +400,94 @@ METHODS = {
     "patience 3": lambda curve: run_patience(curve, 3),
     "patience 5": lambda curve: run_patience(curve, 5),
 }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The capacity term (T6) from the recorded gradient statistics: candidate mappings, judged by the forecast
+# (docs/theory.md, "The capacity term"; docs/forecast.md, "The capacity term, measured")
+
+
+def capacity_series(curve: Curve) -> dict[str, np.ndarray]:
+    """At each validation, the two candidate capacities of snrmon.forecast.capacity: ``"cumulative"``,
+    log2(1 + Σ η|G|² / Σ η² tr(Σ)/B), and ``"dataset"``, log2(1 + N|G|²/tr(Σ)) (NaN with fresh samples)."""
+    from snrmon.forecast.capacity import CapacityMeter
+
+    stats = curve.stats
+    meter = CapacityMeter(stats["n_train"])
+    cumulative, dataset, previous = [], [], 0.0
+    for x, signal, noise in zip(curve.x, stats["signal"], stats["noise"], strict=True):
+        terms = meter.update(x - previous, signal, noise, stats["lr"], stats["batch"])
+        previous = x
+        cumulative.append(terms.capacity if terms else math.nan)
+        dataset.append(terms.dataset_capacity if terms else math.nan)
+    return {"cumulative": np.asarray(cumulative), "dataset": np.asarray(dataset)}
+
+
+def _capacity_forecaster(series: np.ndarray, signal: str, combine: str, **options):
+    """The forecaster behind BasinEarlyStopping with a capacity candidate's draws of D* in place of its
+    ratio draws (``combine="replace"``), or joined to them: the earlier (``"either"``) or the later
+    (``"both"``) of the two draws. Everything else (evidence, the rise rule, the decisions) is unchanged.
+
+    ``signal="peak"``: the basin is where the capacity peaks (T8: L = 1/(A·C) is lowest where C is highest),
+    the zero crossing of the trend of its local slope against log x. ``signal="one-bit"``: where it falls
+    to one bit (dataset SNR 1, the signal beyond chance gone), the zero crossing of the trend of C − 1."""
+    from snrmon.forecast import BasinForecaster
+    from snrmon.forecast.forecaster import _slope, _zero_crossing_draws
+
+    class CapacityCandidate(BasinForecaster):
+        def _capacity_draws(self, x: np.ndarray, rng) -> np.ndarray:
+            w = self.window
+            c = series[: len(x)]
+            if signal == "peak":
+                u = np.log(x[w - 1 :])
+                ends = range(w, len(x) + 1)
+                values = np.array([_slope(np.log(x[e - w : e]), c[e - w : e])[0] for e in ends])
+            else:
+                u, values = np.log(x), c - 1.0
+            keep = np.isfinite(values)
+            u, values = u[keep][-w:], values[keep][-w:]
+            if len(values) < 3:
+                return np.full(100, np.inf)  # no finite training set (fresh samples): no basin from it
+            return _zero_crossing_draws(u, values, rng)
+
+        def _ratio_draws(self, x, loss, train, rng):
+            capacity = self._capacity_draws(x, rng)
+            if combine == "replace":
+                return capacity
+            ratio = super()._ratio_draws(x, loss, train, rng)
+            if ratio is None:
+                return None
+            capacity = rng.choice(capacity, size=len(ratio))  # pair the draws at random
+            return np.minimum(ratio, capacity) if combine == "either" else np.maximum(ratio, capacity)
+
+    return CapacityCandidate(**options)
+
+
+CAPACITY_CANDIDATES = {
+    f"{name} {signal} ({combine})": (name, signal, combine)
+    for name, signal in (("cumulative", "peak"), ("dataset", "peak"), ("dataset", "one-bit"))
+    for combine in ("replace", "either", "both")
+}
+
+
+def run_capacity(curve: Curve, name: str, signal: str, combine: str) -> Outcome:
+    series = capacity_series(curve)[name]
+    forecaster = _capacity_forecaster(series, signal, combine)
+    warning = None
+    for x, val, train in zip(curve.x, curve.val, curve.train, strict=True):
+        forecast = forecaster.update(x, val, train)
+        if forecast.warning and warning is None:
+            warning = x
+        if forecast.stop:
+            return Outcome(warning if warning is not None else x, x)
+    return Outcome(warning, None)
+
+
+def capacity_methods() -> dict:
+    methods = {"forecaster": METHODS["forecaster"]}
+    for label_, args in CAPACITY_CANDIDATES.items():
+        methods[label_] = lambda curve, args=args: run_capacity(curve, *args)
+    return methods
 
 
 @dataclass
@@ -429,13 +607,76 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def capacity_markdown(curves: list[Curve]) -> str:
+    """The capacity candidates against the forecaster's defaults: on the tuning seed, then on the held-out
+    seeds; and how the measured capacity follows the law's 1/L = A·C (T8) along each run."""
+    from scipy.stats import spearmanr
+
+    curves = [c for c in curves if c.stats is not None]
+    by_name = {c.name: c for c in curves}
+    lines = []
+    for title, chosen in (
+        ("tuning seed 0", [c for c in curves if not held_out(c.name)]),
+        ("held-out seeds 1 and 2", [c for c in curves if held_out(c.name)]),
+    ):
+        rows = evaluate(chosen, capacity_methods())
+        lines += [
+            "",
+            f"Capacity candidates, {title}:",
+            "",
+            "| method | warned at or before the minimum (U) | loss at the stop within 1% (U) "
+            "| mean loss at the stop vs the minimum (U) | median validations past the minimum (U) "
+            "| median validations from the first warning to the minimum (U) | false alarms (improving) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for method, m in summary(rows).items():
+            leads = [
+                by_name[r.curve].x.index(r.x_min) - by_name[r.curve].x.index(r.warning)
+                for r in rows
+                if r.method == method and r.kind == "U" and r.warning is not None
+            ]
+            lines.append(
+                f"| {method} | {m['warned_in_time']:.0%} of {m['n_u']} | {m['within_1pct']:.0%} | "
+                f"{100 * m['mean_gap']:+.2f}% | {m['median_past_min']:.1f} | "
+                f"{np.median(leads) if leads else math.nan:.1f} | {m['false_alarms']} of {m['n_improving']} |"
+            )
+    lines += [
+        "",
+        "Spearman correlation along each run between 1/L (validation) and the measured capacity: T8 wants it "
+        "positive on every run.",
+        "",
+        "| run | kind | C_a (cumulative) | C_b (dataset) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for curve in curves:
+        series, inverse = capacity_series(curve), 1 / np.asarray(curve.val)
+        cells = [
+            "–" if np.all(np.isnan(series[k])) else f"{spearmanr(inverse, series[k]).statistic:+.2f}"
+            for k in ("cumulative", "dataset")
+        ]
+        lines.append(f"| {curve.name} | {curve.kind} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--record", action="store_true", help="re-record the training curves")
     parser.add_argument("--markdown", action="store_true", help="print the per-run table as Markdown")
+    parser.add_argument(
+        "--record-stats", action="store_true", help="add the gradient statistics to the cached curves"
+    )
+    parser.add_argument(
+        "--capacity", action="store_true", help="replay the capacity candidates (Markdown tables) and exit"
+    )
     args = parser.parse_args()
-    curves = load_curves(args.record) + pythia_curves()
+    curves = load_curves(args.record)
+    if args.record_stats:
+        curves = record_stats(curves)
+    if args.capacity:
+        print(capacity_markdown(curves))
+        sys.exit(0)
+    curves += pythia_curves()
     began = time.perf_counter()
     rows = evaluate(curves)
     if args.markdown:
