@@ -17,6 +17,11 @@ def should_log(trainer: Trainer) -> bool:
     return trainer._logger_connector.should_update_logs
 
 
+def window_ends(trainer: Trainer) -> bool:
+    """Whether the current training batch is the last microbatch of its accumulation window."""
+    return not trainer.fit_loop._should_accumulate()
+
+
 def logging_step(trainer: Trainer) -> int:
     """The step Lightning attaches to ``self.log`` values, so the monitor's points line up with the user's."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped

@@ -35,6 +35,7 @@ from snrmon.callbacks._lightning import (
     should_log,
     tensor_parallel_size,
     unscales_in_step,
+    window_ends,
 )
 from snrmon.callbacks.tensorboard_layout import add_snr_layout, log_bands
 from snrmon.estimator import GradientNoiseEstimator
@@ -95,10 +96,12 @@ class SNRMonitor(Callback):
             Python and NumPy random states and buffers restored, ``self.log`` muted) to get one: about half a
             forward and backward extra per measured step. Off by default: the monitor then warns once, logs
             nothing and installs no hook.
-        dataset_size: N, the number of samples the training batches are drawn from without replacement;
-            ``None`` reads it off the training dataloader (map-style dataset with a ``RandomSampler`` without
-            replacement, ``SequentialSampler``, ``SubsetRandomSampler`` or ``DistributedSampler``; no
-            correction for iterable datasets, sampling with replacement, or samplers it cannot read).
+        dataset_size: N, the number of samples (in the unit ``batch_size_fn`` counts) the training batches
+            are drawn from without replacement, or ``math.inf`` for independent draws; ``None`` reads it off
+            the training dataloader (map-style dataset with a ``RandomSampler`` without replacement,
+            ``SequentialSampler``, ``SubsetRandomSampler`` or ``DistributedSampler``, and the default
+            ``batch_size_fn``; no correction for iterable datasets, sampling with replacement, datasets that
+            yield whole batches, a custom ``batch_size_fn``, or samplers it cannot read).
         prefix: the first component of every logged name (``"snr"``): give two monitors on one trainer
             different prefixes.
         prog_bar: show ``<prefix>/ratio`` in the progress bar.
@@ -130,8 +133,9 @@ class SNRMonitor(Callback):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         check_groups(groups)
-        if dataset_size is not None and not dataset_size > 1:
-            raise ValueError(f"dataset_size must be > 1 (None: read off the dataloader), got {dataset_size}")
+        whole = dataset_size is None or dataset_size == math.inf or float(dataset_size).is_integer()
+        if not whole or (dataset_size is not None and not dataset_size > 1):
+            raise ValueError(f"dataset_size must be a whole number > 1, math.inf or None: {dataset_size!r}")
         if not isinstance(prefix, str) or not prefix.strip("/"):
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
         self.every_n_steps = every_n_steps
@@ -217,7 +221,7 @@ class SNRMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._sharded:
             # FSDP2 taps find their hooks during a forward: they must be attached before the first one.
-            self._watch_trainable_parameters(pl_module)
+            self._watch_trainable_parameters(trainer, pl_module)
             self._taps_are_new = False
             if self._taps is not None and trainer.global_step % self.every_n_steps == 0:
                 self._taps.attach()
@@ -228,25 +232,33 @@ class SNRMonitor(Callback):
         if self._sharded:
             # Walked now, between steps, when FSDP2 holds every parameter sharded: after a forward the root
             # module's parameters are its unsharded ones, which only the taps should see.
-            self._watch_trainable_parameters(pl_module)
+            self._watch_trainable_parameters(trainer, pl_module)
         # Dataloaders exist by now, and may be reloaded between epochs.
         if self.dataset_size is not None:
-            population = Population(self.dataset_size, f"dataset_size={self.dataset_size} was given")
+            size = None if self.dataset_size == math.inf else int(self.dataset_size)
+            population = Population(size, f"dataset_size={self.dataset_size} was given")
         else:
             population = training_population(trainer.train_dataloader)
+            if population.size is not None and self.batch_size_fn is not count_samples:
+                # N counts the dataset's items; a batch_size_fn may count tokens or other units.
+                population = Population(
+                    None,
+                    f"{population.description}, N = {population.size} items, but `batch_size_fn` counts"
+                    " samples in its own unit (tokens?), in which N is unknown",
+                )
         if population != self._population:
             self._population = population
             if population.size is None:
                 rank_zero_info(
                     f"SNRMonitor: {population.description}, so the microbatches of a step are taken as"
                     " independent draws: no finite-training-set correction. Pass `dataset_size=N` if they are"
-                    " disjoint draws from N samples."
+                    " disjoint draws from N samples (in the unit `batch_size_fn` counts)."
                 )
             else:
                 rank_zero_info(
                     f"SNRMonitor: {population.description}: the microbatches of a step are disjoint draws"
-                    f" from a training set of N = {population.size} samples. `signal` is the training-set"
-                    " |G|² (finite-population corrected); signal_beyond_chance and dataset_snr are logged."
+                    f" from a training set of N = {population.size} samples: `signal` is the training-set"
+                    " |G|² (finite-population corrected), with `signal_beyond_chance` and `dataset_snr`."
                 )
             if self._estimator is not None:
                 self._estimator.dataset_size = population.size or math.inf
@@ -274,7 +286,7 @@ class SNRMonitor(Callback):
         if self._measuring:
             # Checked on every measured window, not at epoch start: another callback may unfreeze parameters
             # after this one's epoch hook, and lazy parameters exist only after the first forward.
-            self._watch_trainable_parameters(pl_module)
+            self._watch_trainable_parameters(trainer, pl_module)
             # FSDP2 taps made after this window's first forward cannot see its first microbatch.
             self._measuring = self._taps is not None and not self._taps_are_new
             self._taps_are_new = False
@@ -295,14 +307,24 @@ class SNRMonitor(Callback):
             return False
         return True
 
-    def _watch_trainable_parameters(self, pl_module: LightningModule) -> None:
+    def _watch_trainable_parameters(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The module is walked once an epoch (a walk costs about as much as the norm reads of a small model);
-        # each measured window only re-reads which of those tensors train and which exist yet.
+        # each measured window only re-reads which of those tensors train and which exist yet. A tensor
+        # trains if it requires a gradient and an optimizer holds it: Lightning clears only the optimizers'
+        # gradients, so any other `.grad` grows from step to step and is never applied.
         if self._named is None:
             self._named, self._trainable = list(pl_module.named_parameters()), None
-        trainable = tuple(p.requires_grad and not is_lazy(p) for _, p in self._named)
+        optimized = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        trainable = tuple(p.requires_grad and not is_lazy(p) and id(p) in optimized for _, p in self._named)
         if trainable == self._trainable:
             return
+        outside = [n for n, p in self._named if p.requires_grad and id(p) not in optimized]
+        if outside:
+            self._warn_once(
+                "outside_optimizer",
+                f"SNRMonitor: {len(outside)} parameter tensors require a gradient but are in no optimizer"
+                f" (e.g. {outside[0]!r}); they are left out: their gradient is never applied, nor cleared.",
+            )
         self._trainable = trainable
         named = [pair for pair, keep in zip(self._named, trainable, strict=True) if keep]
         watched = self._taps.parameters if self._taps is not None else []
@@ -323,8 +345,12 @@ class SNRMonitor(Callback):
             self._taps = GradientTaps(list(parameters), membership)
         if self._estimator is not None and int(self._estimator.updates) > 0:
             # The total (and maybe the groups) now sums over other tensors: a new quantity, new EMAs.
+            before = {id(p) for p in watched}
+            added = [n for n, p in named if id(p) not in before]
+            removed = len(watched) - (len(named) - len(added))
             rank_zero_info(
-                f"SNRMonitor: the trainable parameters changed ({len(watched)} -> {len(parameters)} tensors,"
+                f"SNRMonitor: the trainable parameters changed ({len(watched)} -> {len(parameters)} tensors:"
+                f" {len(added)} added{' (' + ', '.join(added[:3]) + ')' if added else ''}, {removed} removed;"
                 f" groups {group_names}); the EMAs restart."
             )
         self._group_names = group_names
@@ -391,19 +417,32 @@ class SNRMonitor(Callback):
                     " line-search optimizers): each evaluation is a new gradient at new parameters, not a"
                     " microbatch of one step, so signal and noise cannot be separated"
                 )
-            self._closed_step = trainer.global_step
             if self._measuring:
+                if trainer.global_step == self._closed_step:
+                    raise RuntimeError(
+                        "the optimizer evaluated its closure more than once in one step (LBFGS and other"
+                        " line-search optimizers): each evaluation is a new gradient at new parameters, not a"
+                        " microbatch of one step, so signal and noise cannot be separated"
+                    )
+                self._closed_step = trainer.global_step
                 self._finish_step(trainer, pl_module, optimizer)
-            if should_log(trainer):
-                self._log(trainer, pl_module)
         except Exception as error:
             if distributed and measured and not self._reduced:
                 self._skip_step_on_all_ranks()  # the other ranks are waiting in the all-reduce
             self._disable(f"{type(error).__name__} in on_before_optimizer_step: {error}")
         finally:
-            self._backwards, self._window_size, self._batch, self._reduced = 0, 0.0, None, False
+            self._backwards, self._window_size, self._reduced = 0, 0.0, False
             if not self._disabled:
                 self._attach_ahead_of_next_step(trainer)
+
+    @_never_crash
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # At the end of every window, stepped or not (a window whose `optimizer.step()` was skipped is still a
+        # logging step for Lightning), where Lightning logs the module's own step metrics.
+        if window_ends(trainer) and should_log(trainer):
+            self._log(trainer, pl_module)
 
     def _attach_ahead_of_next_step(self, trainer: Trainer) -> None:
         if self._taps is not None and self._taps.reads_shards:  # (the step counter moves after this hook)

@@ -41,12 +41,13 @@ def training_population(loader: object) -> Population:
     if isinstance(loader.dataset, IterableDataset):
         return Population(None, "an iterable dataset streams its samples: no finite training set")
     batch_sampler = loader.batch_sampler
-    if batch_sampler is None:  # batch_size=None: the sampler yields whole samples, the dataset batches
-        sampler = loader.sampler
-    elif type(batch_sampler) is BatchSampler:
-        sampler = batch_sampler.sampler
-    else:
+    if batch_sampler is None:
+        # batch_size=None: each item the sampler picks is a whole batch, of a number of samples only the
+        # dataset knows; N in samples cannot be read off the loader.
+        return Population(None, "the dataset yields whole batches (batch_size=None): N in samples is unknown")
+    if type(batch_sampler) is not BatchSampler:
         return Population(None, f"cannot tell how the batch sampler {type(batch_sampler).__name__} draws")
+    sampler = batch_sampler.sampler
     name = type(sampler).__name__
     if isinstance(sampler, RandomSampler):
         if sampler.replacement:

@@ -1249,7 +1249,7 @@ class WithLBFGS(Regression):
 
 def test_closure_reevaluating_optimizer_gets_a_clear_reason():
     monitor = SNRMonitor()
-    trainer = make_trainer(monitor, max_steps=4, accumulate_grad_batches=1, devices=1)
+    trainer = make_trainer(monitor, max_steps=4, accumulate_grad_batches=2)
     with record_warnings() as record:
         trainer.fit(WithLBFGS(), regression_loader())
     assert trainer.global_step == 4
@@ -1321,3 +1321,74 @@ def test_tensor_parallelism_is_refused_and_names_what_is_supported():
     setup_with(1)  # FSDP2 alone passes the gate
     with pytest.raises(MisconfigurationException, match="FSDP2.*not tensor parallelism"):
         setup_with(2)
+
+
+@pytest.mark.parametrize("case", ["custom_batch_size_fn", "whole_batches"])
+def test_no_finite_set_correction_when_n_is_in_another_unit(case: str):
+    """N read off the loader counts the dataset's items; a custom batch_size_fn (tokens) or a dataset that
+    yields whole batches counts samples in another unit: no correction then, unless dataset_size gives N."""
+    loader = regression_loader(shuffle=True)
+    if case == "whole_batches":
+        x, y = loader.dataset.tensors
+        batches = TensorDataset(x.view(32, 8, 4), y.view(32, 8))
+        loader = DataLoader(batches, batch_size=None, shuffle=True)
+    tokens = (lambda batch: 3 * len(batch[0])) if case == "custom_batch_size_fn" else None
+    monitor = SNRMonitor(batch_size_fn=tokens)
+    make_trainer(monitor, accumulate_grad_batches=2).fit(Regression(), loader)
+    assert_finite_estimates(monitor.latest)
+    assert "snr/dataset_size" not in monitor.latest and "snr/dataset_snr" not in monitor.latest
+
+    told = SNRMonitor(dataset_size=256)
+    make_trainer(told, accumulate_grad_batches=2).fit(Regression(), loader)
+    assert told.latest["snr/dataset_size"] == 256
+
+
+class HeadOnlyOptimizer(Regression):
+    """Fine-tuning that hands only the head to the optimizer but leaves the backbone requiring gradients:
+    Lightning never clears the backbone's `.grad`, which grows from step to step."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.out.parameters(), lr=0.0)
+
+
+def test_parameters_outside_every_optimizer_are_left_out_with_a_warning():
+    def run(model: Regression) -> tuple[SNRMonitor, list[str]]:
+        torch.manual_seed(0)
+        monitor = SNRMonitor()
+        with record_warnings() as record:
+            make_trainer(monitor, max_steps=20, accumulate_grad_batches=2).fit(model, regression_loader())
+        return monitor, snr_warnings(record)
+
+    torch.manual_seed(1)
+    model = HeadOnlyOptimizer()
+    frozen = HeadOnlyOptimizer()
+    frozen.load_state_dict(model.state_dict())
+    frozen.hidden.requires_grad_(False)
+    monitor, messages = run(model)
+    reference, _ = run(frozen)
+    assert len(messages) == 1 and "in no optimizer" in messages[0] and "hidden.weight" in messages[0]
+    assert set(monitor._taps.parameters) == set(model.out.parameters())
+    assert monitor.latest == pytest.approx(reference.latest, rel=1e-12, nan_ok=True)
+
+
+class SkipsOddWindows(Regression):
+    """Steps the optimizer only on even windows; the logging steps below fall on skipped windows."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        if self.trainer.global_step % 2:
+            optimizer_closure()
+        else:
+            optimizer.step(closure=optimizer_closure)
+
+
+def test_logging_steps_on_skipped_windows_still_log(tmp_path: Path):
+    monitor = SNRMonitor()
+    logger = CSVLogger(tmp_path, name="csv")
+    make_trainer(monitor, logger=logger, max_steps=20, log_every_n_steps=4, accumulate_grad_batches=2).fit(
+        SkipsOddWindows(), regression_loader()
+    )
+    rows = csv_rows(logger)
+    loss_steps = [int(row["step"]) for row in rows if row.get("train/loss")]
+    snr_steps = [int(row["step"]) for row in rows if row.get("snr/signal")]
+    assert loss_steps == snr_steps == [3, 7, 11, 15, 19]  # every one of them a skipped (odd) window
+    assert monitor.latest["snr/dropped_windows"] == 9  # the tenth skipped window was still open at the end

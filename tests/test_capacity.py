@@ -116,3 +116,18 @@ def test_capacity_logged_through_trainer_fit() -> None:
     expected_noise = steps * 0.05**2 * measured["snr/noise"] / measured["snr/batch_size"]
     assert first["snr/capacity/noise_sum"] == pytest.approx(expected_noise)
     assert first["snr/capacity/signal_sum"] == pytest.approx(steps * 0.05 * max(measured["snr/signal"], 0))
+
+
+def test_logger_state_survives_a_resume() -> None:
+    logger = CapacityLogger(SNRMonitor())
+    logger.meter = CapacityMeter(dataset_size=500)
+    logger.meter.update(4, signal=1.0, noise=10.0, lr=0.1, batch_size=8)
+    logger._step = 4
+    restored = CapacityLogger(SNRMonitor())
+    restored.load_state_dict(logger.state_dict())
+    assert restored.meter.state_dict() == logger.meter.state_dict()
+    assert restored._step == 4
+    # The next estimate continues the sums instead of starting over.
+    terms = restored.meter.update(2, signal=1.0, noise=10.0, lr=0.1, batch_size=8)
+    assert terms.signal_sum == pytest.approx(6 * 0.1 * 1.0)
+    assert terms.dataset_snr == pytest.approx(500 * 1.0 / 10.0)

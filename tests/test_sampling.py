@@ -37,7 +37,7 @@ class OddBatches(BatchSampler):
         (DataLoader(DATA, batch_size=8), 100),  # in order: disjoint microbatches too
         (DataLoader(DATA, batch_size=8, sampler=SubsetRandomSampler(range(30))), 30),
         (DataLoader(DATA, batch_size=8, sampler=DistributedSampler(DATA, num_replicas=2, rank=1)), 100),
-        (DataLoader(DATA, batch_size=None, sampler=RandomSampler(DATA)), 100),  # the dataset batches
+        (DataLoader(DATA, batch_size=None, sampler=RandomSampler(DATA)), None),  # items are whole batches
         (DataLoader(DATA, batch_size=8, sampler=RandomSampler(DATA, replacement=True)), None),
         (DataLoader(DATA, batch_size=8, sampler=WeightedRandomSampler([1.0] * 100, 50)), None),
         (DataLoader(Stream(), batch_size=2), None),
