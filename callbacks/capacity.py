@@ -31,7 +31,8 @@ class CapacityLogger(Callback):
         tokens_per_sample: tokens D per sample, the unit of ``capacity/tokens`` (default 1: samples seen,
             across ranks and accumulation).
         count_tokens: a function of a training batch returning its tokens (e.g. non-padding tokens); summed
-            over micro-batches and ranks. Overrides ``tokens_per_sample``.
+            over micro-batches and ranks. Overrides ``tokens_per_sample``. A tensor it returns is read on the
+            host at every micro-batch (a device sync): return a Python number where one is at hand.
     """
 
     def __init__(
