@@ -52,6 +52,14 @@ class CapacityLogger(Callback):
         self._step = 0  # optimizer steps accounted for
         self._tokens = 0.0  # tokens of this rank since the last estimate
 
+    @property
+    def state_key(self) -> str:
+        # Unique per monitor and token unit, so two loggers (e.g. samples and tokens) can be checkpointed.
+        counter = getattr(self.count_tokens, "__qualname__", None) if self.count_tokens else None
+        return self._generate_state_key(
+            prefix=self.monitor.prefix, tokens_per_sample=self.tokens_per_sample, count_tokens=counter
+        )
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -76,24 +76,28 @@ class _Recorder(Logger):
         self.metrics.append((step, dict(metrics)))
 
 
-def test_capacity_logged_through_trainer_fit() -> None:
+def _fit(callbacks: list, max_steps: int, recorder: Logger | None = None) -> None:
     torch.manual_seed(0)
     x = torch.randn(256, 8)
     y = x[:, :1] + 0.3 * torch.randn(256, 1)
-    monitor = SNRMonitor()
-    capacity = CapacityLogger(monitor, tokens_per_sample=10)
-    recorder = _Recorder()
     trainer = L.Trainer(
-        max_steps=40,
+        max_steps=max_steps,
         accumulate_grad_batches=2,  # two micro-batches per step: the monitor measures
-        callbacks=[monitor, capacity],
-        logger=recorder,
+        callbacks=callbacks,
+        logger=recorder or False,
         log_every_n_steps=5,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(_Model(), DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True))
+
+
+def test_capacity_logged_through_trainer_fit() -> None:
+    monitor = SNRMonitor()
+    capacity = CapacityLogger(monitor, tokens_per_sample=10)
+    recorder = _Recorder()
+    _fit([monitor, capacity], max_steps=40, recorder=recorder)
     logged = [m for _, m in recorder.metrics if "snr/capacity" in m]
     assert len(logged) >= 5
     last = logged[-1]
@@ -131,3 +135,16 @@ def test_logger_state_survives_a_resume() -> None:
     terms = restored.meter.update(2, signal=1.0, noise=10.0, lr=0.1, batch_size=8)
     assert terms.signal_sum == pytest.approx(6 * 0.1 * 1.0)
     assert terms.dataset_snr == pytest.approx(500 * 1.0 / 10.0)
+
+
+def test_tokens_from_a_counting_function() -> None:
+    monitor = SNRMonitor()
+    # Two loggers on one monitor (samples and tokens) are checkpointed side by side: distinct state keys.
+    samples = CapacityLogger(monitor)
+    tokens = CapacityLogger(monitor, count_tokens=lambda batch: 3 * len(batch[0]))
+    assert samples.state_key != tokens.state_key
+    _fit([monitor, samples, tokens], max_steps=15)
+    assert tokens.meter.steps == samples.meter.steps >= 5
+    assert tokens.latest["snr/capacity/tokens"] == pytest.approx(tokens.meter.steps * 32 * 3)
+    assert samples.latest["snr/capacity/tokens"] == pytest.approx(samples.meter.steps * 32)
+    assert tokens.latest["snr/capacity"] == pytest.approx(samples.latest["snr/capacity"])
