@@ -407,15 +407,20 @@ METHODS = {
 # (docs/theory.md, "The capacity term"; docs/forecast.md, "The capacity term, measured")
 
 
-def capacity_series(curve: Curve) -> dict[str, np.ndarray]:
+def capacity_series(curve: Curve, smooth: int = 1) -> dict[str, np.ndarray]:
     """At each validation, the two candidate capacities of snrmon.forecast.capacity: ``"cumulative"``,
-    log2(1 + Σ η|G|² / Σ η² tr(Σ)/B), and ``"dataset"``, log2(1 + N|G|²/tr(Σ)) (NaN with fresh samples)."""
+    log2(1 + Σ η|G|² / Σ η² tr(Σ)/B), and ``"dataset"``, log2(1 + N|G|²/tr(Σ)) (NaN with fresh samples).
+    ``smooth``: |G|² and tr Σ averaged over the last this many measurements (the monitor smooths with an EMA
+    of the steps; here each validation has 8 micro-batches of its own)."""
     from snrmon.forecast.capacity import CapacityMeter
 
     stats = curve.stats
     meter = CapacityMeter(stats["n_train"])
     cumulative, dataset, previous = [], [], 0.0
-    for x, signal, noise in zip(curve.x, stats["signal"], stats["noise"], strict=True):
+    signals, noises = np.asarray(stats["signal"]), np.asarray(stats["noise"])
+    for i, x in enumerate(curve.x):
+        first = max(i + 1 - smooth, 0)
+        signal, noise = signals[first : i + 1].mean(), noises[first : i + 1].mean()
         terms = meter.update(x - previous, signal, noise, stats["lr"], stats["batch"])
         previous = x
         cumulative.append(terms.capacity if terms else math.nan)
@@ -470,8 +475,8 @@ CAPACITY_CANDIDATES = {
 }
 
 
-def run_capacity(curve: Curve, name: str, signal: str, combine: str) -> Outcome:
-    series = capacity_series(curve)[name]
+def run_capacity(curve: Curve, name: str, signal: str, combine: str, smooth: int = 1) -> Outcome:
+    series = capacity_series(curve, smooth)[name]
     forecaster = _capacity_forecaster(series, signal, combine)
     warning = None
     for x, val, train in zip(curve.x, curve.val, curve.train, strict=True):
@@ -483,10 +488,10 @@ def run_capacity(curve: Curve, name: str, signal: str, combine: str) -> Outcome:
     return Outcome(warning, None)
 
 
-def capacity_methods() -> dict:
+def capacity_methods(smooth: int = 1) -> dict:
     methods = {"forecaster": METHODS["forecaster"]}
     for label_, args in CAPACITY_CANDIDATES.items():
-        methods[label_] = lambda curve, args=args: run_capacity(curve, *args)
+        methods[label_] = lambda curve, args=args: run_capacity(curve, *args, smooth=smooth)
     return methods
 
 
@@ -607,22 +612,23 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def capacity_markdown(curves: list[Curve]) -> str:
+def capacity_markdown(curves: list[Curve], smooth: int = 1) -> str:
     """The capacity candidates against the forecaster's defaults: on the tuning seed, then on the held-out
     seeds; and how the measured capacity follows the law's 1/L = A·C (T8) along each run."""
     from scipy.stats import spearmanr
 
     curves = [c for c in curves if c.stats is not None]
     by_name = {c.name: c for c in curves}
+    averaged = f", |G|² and tr Σ averaged over {smooth} validations" if smooth > 1 else ""
     lines = []
     for title, chosen in (
         ("tuning seed 0", [c for c in curves if not held_out(c.name)]),
         ("held-out seeds 1 and 2", [c for c in curves if held_out(c.name)]),
     ):
-        rows = evaluate(chosen, capacity_methods())
+        rows = evaluate(chosen, capacity_methods(smooth))
         lines += [
             "",
-            f"Capacity candidates, {title}:",
+            f"Capacity candidates, {title}{averaged}:",
             "",
             "| method | warned at or before the minimum (U) | loss at the stop within 1% (U) "
             "| mean loss at the stop vs the minimum (U) | median validations past the minimum (U) "
@@ -640,6 +646,8 @@ def capacity_markdown(curves: list[Curve]) -> str:
                 f"{100 * m['mean_gap']:+.2f}% | {m['median_past_min']:.1f} | "
                 f"{np.median(leads) if leads else math.nan:.1f} | {m['false_alarms']} of {m['n_improving']} |"
             )
+    if smooth > 1:
+        return "\n".join(lines)
     lines += [
         "",
         "Spearman correlation along each run between 1/L (validation) and the measured capacity: T8 wants it "
@@ -669,12 +677,13 @@ if __name__ == "__main__":
     parser.add_argument(
         "--capacity", action="store_true", help="replay the capacity candidates (Markdown tables) and exit"
     )
+    parser.add_argument("--smooth", type=int, default=1, help="with --capacity: average over this many")
     args = parser.parse_args()
     curves = load_curves(args.record)
     if args.record_stats:
         curves = record_stats(curves)
     if args.capacity:
-        print(capacity_markdown(curves))
+        print(capacity_markdown(curves, args.smooth))
         sys.exit(0)
     curves += pythia_curves()
     began = time.perf_counter()
