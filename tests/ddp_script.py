@@ -107,7 +107,9 @@ def main() -> None:
             raise RuntimeError(f"rank 1 batch_size_fn failed at step {trainer.global_step}")
         return extract_batch_size(batch)
 
-    monitor = SNRMonitor(ema_decay=args.ema_decay, batch_size_fn=batch_size_fn)
+    # Default batch_size_fn unless a failure is injected: a custom one turns the finite-set correction off.
+    failing = batch_size_fn if args.fail_rank1_from_step is not None else None
+    monitor = SNRMonitor(ema_decay=args.ema_decay, batch_size_fn=failing)
     trainer = L.Trainer(
         strategy="ddp",
         devices=2,
