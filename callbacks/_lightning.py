@@ -9,6 +9,7 @@ from __future__ import annotations
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 
@@ -43,3 +44,10 @@ def unscales_in_step(optimizer: Optimizer) -> bool:
 def tensor_parallel_size(strategy: ModelParallelStrategy) -> int:
     """The tensor-parallel size of a ``ModelParallelStrategy`` (its mesh exists once processes start)."""
     return strategy.device_mesh["tensor_parallel"].size()
+
+
+def ddp_comm_hooks(trainer: Trainer) -> list:
+    """The communication hooks registered on the DDP-wrapped model (PowerSGD, fp16 compression, ...): they
+    change what the all-reduce makes of the ranks' gradients. Torch keeps them in a private list."""
+    model = trainer.strategy.model
+    return list(getattr(model, "_comm_hooks", [])) if isinstance(model, DistributedDataParallel) else []

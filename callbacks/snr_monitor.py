@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parameter import is_lazy
 
 from snrmon.callbacks._lightning import (
+    ddp_comm_hooks,
     logging_step,
     loss_scale,
     should_log,
@@ -130,13 +131,16 @@ class SNRMonitor(Callback):
     ):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be a number in [0, 1), got {ema_decay!r}")
         check_groups(groups)
+        numeric = isinstance(dataset_size, (int, float)) and not isinstance(dataset_size, bool)
+        if dataset_size is not None and not numeric:
+            raise TypeError(f"dataset_size must be a number (or None), got {dataset_size!r}")
         whole = dataset_size is None or dataset_size == math.inf or float(dataset_size).is_integer()
         if not whole or (dataset_size is not None and not dataset_size > 1):
             raise ValueError(f"dataset_size must be a whole number > 1, math.inf or None: {dataset_size!r}")
-        if not isinstance(prefix, str) or not prefix.strip("/"):
+        if not isinstance(prefix, str) or not prefix.strip("/ "):
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
         self.every_n_steps = every_n_steps
         self.ema_decay = ema_decay
@@ -144,7 +148,7 @@ class SNRMonitor(Callback):
         self.batch_size_fn = batch_size_fn or count_samples
         self.split_batch = split_batch
         self.dataset_size = dataset_size
-        self.prefix = prefix.strip("/")
+        self.prefix = prefix.strip("/ ")
         self.prog_bar = prog_bar
         self.latest: dict[str, float] = {}
 
@@ -169,6 +173,7 @@ class SNRMonitor(Callback):
         self._population: Population | None = None
         self._named: list[tuple[str, torch.nn.Parameter]] | None = None  # all parameters, walked each epoch
         self._trainable: tuple[bool, ...] | None = None  # which of them the taps watch
+        self._known: set[int] = set()  # their ids
         self._batch: Any = None
         self._batch_idx = 0
 
@@ -210,6 +215,7 @@ class SNRMonitor(Callback):
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.latest = {}  # values of an earlier fit must not pass for this one's
         self._reset_fit_state()
         self._rank = trainer.global_rank
         self._estimator = self._taps = None
@@ -238,7 +244,7 @@ class SNRMonitor(Callback):
             size = None if self.dataset_size == math.inf else int(self.dataset_size)
             population = Population(size, f"dataset_size={self.dataset_size} was given")
         else:
-            population = training_population(trainer.train_dataloader)
+            population = training_population(trainer.train_dataloader, trainer.world_size)
             if population.size is not None and self.batch_size_fn is not count_samples:
                 # N counts the dataset's items; a batch_size_fn may count tokens or other units.
                 population = Population(
@@ -312,9 +318,12 @@ class SNRMonitor(Callback):
         # each measured window only re-reads which of those tensors train and which exist yet. A tensor
         # trains if it requires a gradient and an optimizer holds it: Lightning clears only the optimizers'
         # gradients, so any other `.grad` grows from step to step and is never applied.
+        optimized = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        if self._named is not None and not self._sharded and not optimized <= self._known:
+            self._named = None  # the optimizer holds a tensor the last walk missed: a module was replaced
         if self._named is None:
             self._named, self._trainable = list(pl_module.named_parameters()), None
-        optimized = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+            self._known = {id(p) for _, p in self._named}
         trainable = tuple(p.requires_grad and not is_lazy(p) and id(p) in optimized for _, p in self._named)
         if trainable == self._trainable:
             return
@@ -393,12 +402,18 @@ class SNRMonitor(Callback):
 
     def _batch_size(self, batch: Any) -> float | Tensor:
         try:
-            return self.batch_size_fn(batch)
+            size = self.batch_size_fn(batch)
         except Exception as error:
             raise ValueError(
                 f"could not count the samples of a training batch ({error}); pass"
                 " `SNRMonitor(batch_size_fn=...)` returning what the training loss is a mean over"
             ) from error
+        if self.batch_size_fn is count_samples and "ambiguous_batch" not in self._warned:
+            self._check_unambiguous(batch, size)
+        # A device tensor is not checked (that would sync); a bad one makes the step non-finite (skipped).
+        if not isinstance(size, Tensor) and not (isinstance(size, (int, float)) and 0 < size < math.inf):
+            raise ValueError(f"batch_size_fn returned {size!r} for a batch: it must count its samples (> 0)")
+        return size
 
     # ------------------------------------------------------------------ per optimizer step
     def on_before_optimizer_step(
@@ -408,8 +423,8 @@ class SNRMonitor(Callback):
         distributed = trainer.world_size > 1
         try:
             if self._disabled:
-                if distributed and measured and self._estimator is not None:
-                    self._skip_step_on_all_ranks()
+                if distributed and measured:
+                    self._skip_step_on_all_ranks(trainer, pl_module)
                 return
             if trainer.global_step == self._closed_step:
                 raise RuntimeError(
@@ -420,15 +435,16 @@ class SNRMonitor(Callback):
             if self._measuring:
                 if trainer.global_step == self._closed_step:
                     raise RuntimeError(
-                        "the optimizer evaluated its closure more than once in one step (LBFGS and other"
-                        " line-search optimizers): each evaluation is a new gradient at new parameters, not a"
-                        " microbatch of one step, so signal and noise cannot be separated"
+                        "the optimizer stepped more than once in one step (LBFGS and other line searches"
+                        " evaluate their closure again; an `optimizer_step` may call `optimizer.step()`"
+                        " twice): each is a gradient at new parameters, not a microbatch of one step, so"
+                        " signal and noise cannot be separated"
                     )
                 self._closed_step = trainer.global_step
                 self._finish_step(trainer, pl_module, optimizer)
         except Exception as error:
             if distributed and measured and not self._reduced:
-                self._skip_step_on_all_ranks()  # the other ranks are waiting in the all-reduce
+                self._skip_step_on_all_ranks(trainer, pl_module)  # the other ranks wait in the all-reduce
             self._disable(f"{type(error).__name__} in on_before_optimizer_step: {error}")
         finally:
             self._backwards, self._window_size, self._reduced = 0, 0.0, False
@@ -459,6 +475,19 @@ class SNRMonitor(Callback):
             self._taps.clear_window()
             self._estimator.discard_step()
             return
+        if trainer.world_size > 1 and ddp_comm_hooks(trainer):
+            raise RuntimeError(
+                "a DDP communication hook is registered (PowerSGD, gradient compression, ...): the applied"
+                " gradient is then not the mean of the ranks' gradients, so signal and noise cannot be"
+                " separated"
+            )
+        step_samples = self._window_size * trainer.world_size  # (an explicit dataset_size may be wrong)
+        if self.dataset_size is not None and isinstance(step_samples, (int, float)):
+            if step_samples > self.dataset_size:
+                raise ValueError(
+                    f"this step drew {step_samples:g} samples, more than dataset_size={self.dataset_size}:"
+                    " the microbatches of a step cannot be disjoint draws from that many samples"
+                )
         self._estimator.add_small_sum(self._taps.take_window(scale), self._window_size, self._backwards)
         if self._backwards * trainer.world_size == 1:
             self._add_half_batch(trainer, pl_module)
@@ -470,15 +499,22 @@ class SNRMonitor(Callback):
         self._estimator.step(applied, all_reduce, applied_is_sharded=self._taps.reads_shards)
         self._reduced = True
 
-    def _skip_step_on_all_ranks(self) -> None:
-        """A rank whose monitor failed still joins each measured step's all-reduce, with non-finite values:
-        no rank waits for it, and every rank skips the step alike (counted in ``snr/skipped_steps``)."""
-        estimator = self._estimator
-        nan = torch.full((estimator.num_groups,), math.nan, device=estimator.device)
-        estimator.discard_step()
-        estimator.add_small(nan, 1.0)
-        sharded = self._taps is not None and self._taps.reads_shards  # the vector's length must match
-        estimator.step(nan, all_reduce=_sum_over_ranks, applied_is_sharded=sharded)
+    def _skip_step_on_all_ranks(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A rank whose monitor failed still joins each measured step's all-reduce, with non-finite values: no
+        rank waits for it, and every rank skips the step alike (counted in ``snr/skipped_steps``). The vector
+        has the length the healthy ranks use now, for the parameters that train now (they may have changed
+        since this rank failed, or this rank may have failed before it built its estimator)."""
+        optimized = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        names = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) in optimized]
+        if not names:
+            return  # the healthy ranks have nothing to measure either
+        groups = len(group_parameters(names, self.groups)[0])
+        length = groups + 4 + (groups if self._sharded else 0)
+        dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
+        _sum_over_ranks(torch.full((length,), math.nan, dtype=dtype, device=pl_module.device))
+        if self._estimator is not None:
+            self._estimator.discard_step()
+            self._estimator.skipped += 1
 
     def _add_half_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The split-batch fallback: one extra small gradient from the first half of the batch."""
@@ -509,6 +545,19 @@ class SNRMonitor(Callback):
             # autograd.grad leaves `.grad` untouched; the tensor hooks still see the gradient.
             torch.autograd.grad(loss * scale, self._taps.parameters, allow_unused=True)
         self._estimator.add_small(self._taps.backward_sq_norms(scale), self.batch_size_fn(half))
+
+    def _check_unambiguous(self, batch: Any, size: int) -> None:
+        """Once a fit: say so if the batch's tensors disagree on their leading dimension (e.g. a list of
+        per-sample tensors beside a target), since the default count may then be wrong."""
+        self._warned.add("ambiguous_batch")  # checked once (a tree walk), warned at most once
+        leading: set[int] = set()
+        apply_to_collection(batch, Tensor, lambda t: leading.add(len(t)) if t.ndim else None)
+        if len(leading) > 1:
+            rank_zero_warn(
+                f"SNRMonitor: the batch's tensors have leading dimensions {sorted(leading)}; it counts {size}"
+                " samples (the first tensor's). If the loss is a mean over another count, pass"
+                " `SNRMonitor(batch_size_fn=...)`."
+            )
 
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
@@ -571,19 +620,29 @@ class SNRMonitor(Callback):
     def _load_estimator(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        saved_decay = state["estimator"]["ema_decay"]
+        try:
+            saved_decay = state["estimator"]["ema_decay"]
+            if state.get("group_names") != self._group_names:
+                rank_zero_warn(
+                    f"SNRMonitor: the checkpoint's groups {state.get('group_names')} differ from this run's"
+                    f" {self._group_names}; the EMAs start afresh."
+                )
+                return
+            self._estimator.load_state_dict(state["estimator"])
+            if not bool(torch.isfinite(self._estimator.moments).all()):  # once, at resume
+                raise ValueError("its moments are not finite")
+        except Exception as error:
+            self._estimator.reset()
+            rank_zero_warn(
+                "SNRMonitor: the checkpoint's monitor state could not be used"
+                f" ({type(error).__name__}: {error}); the EMAs start afresh."
+            )
+            return
         if saved_decay != self.ema_decay:
             rank_zero_warn(
                 f"SNRMonitor: the checkpoint was smoothed with ema_decay={saved_decay}, this run uses"
                 f" {self.ema_decay}; the bias correction of the restored EMAs is approximate."
             )
-        if state.get("group_names") != self._group_names:
-            rank_zero_warn(
-                f"SNRMonitor: the checkpoint's groups {state.get('group_names')} differ from this run's"
-                f" {self._group_names}; the EMAs start afresh."
-            )
-            return
-        self._estimator.load_state_dict(state["estimator"])
 
 
 def count_samples(batch: Any) -> int:

@@ -34,8 +34,25 @@ class Population:
     description: str
 
 
-def training_population(loader: object) -> Population:
-    """The population a training ``DataLoader`` samples from (``None`` size: no correction applies)."""
+def training_population(loader: object, world_size: int = 1) -> Population:
+    """The population a training ``DataLoader`` samples from (``None`` size: no correction applies).
+
+    With several processes the loaders' draws are disjoint across ranks only through a ``DistributedSampler``
+    over one dataset; ranks with loaders of their own are not known to share one population.
+    """
+    population = _population(loader)
+    if population.size is None:
+        return population
+    if population.size < 2:
+        return Population(None, f"{population.description}, but of {population.size} sample")
+    if world_size > 1 and not isinstance(getattr(loader, "sampler", None), DistributedSampler):
+        return Population(
+            None, f"{population.description}, but each of the {world_size} ranks has a loader of its own"
+        )
+    return population
+
+
+def _population(loader: object) -> Population:
     if not isinstance(loader, DataLoader):
         return Population(None, f"cannot tell how a {type(loader).__name__} draws samples")
     if isinstance(loader.dataset, IterableDataset):

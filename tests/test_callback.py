@@ -1392,3 +1392,81 @@ def test_logging_steps_on_skipped_windows_still_log(tmp_path: Path):
     snr_steps = [int(row["step"]) for row in rows if row.get("snr/signal")]
     assert loss_steps == snr_steps == [3, 7, 11, 15, 19]  # every one of them a skipped (odd) window
     assert monitor.latest["snr/dropped_windows"] == 9  # the tenth skipped window was still open at the end
+
+
+def test_a_reused_monitor_does_not_report_an_earlier_fits_values():
+    monitor = SNRMonitor()
+    make_trainer(monitor, accumulate_grad_batches=2).fit(Regression(), regression_loader())
+    assert monitor.latest
+    # Nothing to measure in the second fit (one device, no accumulation): nothing to report either.
+    make_trainer(monitor, accumulate_grad_batches=1).fit(Regression(), regression_loader())
+    assert monitor.latest == {}
+
+
+@pytest.mark.parametrize("state", [{"estimator": "garbage"}, [1, 2], "nan_moments"])
+def test_unusable_checkpoint_state_starts_afresh_with_a_warning(state: Any):
+    if state == "nan_moments":
+        donor = SNRMonitor()
+        make_trainer(donor, max_steps=3, accumulate_grad_batches=2).fit(Regression(), regression_loader())
+        state = donor.state_dict()
+        state["estimator"]["moments"].fill_(math.nan)
+    monitor = SNRMonitor()
+    monitor.load_state_dict(state)
+    with record_warnings() as record:
+        make_trainer(monitor, accumulate_grad_batches=2).fit(Regression(), regression_loader())
+    assert any("could not be used" in m for m in snr_warnings(record))
+    assert not monitor._disabled and int(monitor._estimator.updates) == 10
+    assert_finite_estimates(monitor.latest)
+
+
+@pytest.mark.parametrize("size", [0, -8, math.nan, math.inf])
+def test_a_batch_size_fn_that_does_not_count_samples_is_named(size: float):
+    monitor = SNRMonitor(batch_size_fn=lambda batch: size)
+    with record_warnings() as record:
+        make_trainer(monitor, accumulate_grad_batches=2).fit(Regression(), regression_loader())
+    assert monitor._disabled
+    assert any("batch_size_fn returned" in m for m in snr_warnings(record))
+
+
+def test_a_dataset_size_smaller_than_a_step_is_named():
+    monitor = SNRMonitor(dataset_size=10)
+    with record_warnings() as record:
+        make_trainer(monitor, accumulate_grad_batches=2).fit(Regression(), regression_loader(shuffle=True))
+    assert monitor._disabled and any("more than dataset_size=10" in m for m in snr_warnings(record))
+
+
+class ListOfSamples(Regression):
+    """Batches ``([x_0, ..., x_7], y)``: a list of per-sample tensors beside the target."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        xs, y = batch
+        return F.mse_loss(self(torch.stack(xs)), y)
+
+
+def test_ambiguous_leading_dimensions_are_warned_about_once():
+    dataset = regression_loader().dataset
+    def collate(rows: list) -> tuple[list[Tensor], Tensor]:
+        return [x for x, _ in rows], torch.stack([y for _, y in rows])
+
+    loader = DataLoader(dataset, batch_size=8, collate_fn=collate)
+    with record_warnings() as record:
+        make_trainer(SNRMonitor(), accumulate_grad_batches=2).fit(ListOfSamples(), loader)
+    assert sum("leading dimensions [4, 8]" in m for m in snr_warnings(record)) == 1
+
+
+class ReplacesTheHead(Callback):
+    """Replaces ``out`` by a new layer mid-epoch and hands it to the optimizer in place of the old one."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int):
+        if trainer.global_step == 3 and idx % 2 == 0:
+            pl_module.out = nn.Linear(16, 1)
+            trainer.optimizers[0].param_groups[0]["params"] = list(pl_module.parameters())
+
+
+def test_a_module_replaced_mid_epoch_is_watched_at_the_next_step():
+    monitor = SNRMonitor()
+    model = Regression()
+    trainer = make_trainer(monitor, accumulate_grad_batches=2, callbacks=[ReplacesTheHead()])
+    trainer.fit(model, regression_loader())
+    assert set(monitor._taps.parameters) == set(model.parameters())
+    assert int(monitor._estimator.updates) == 7  # steps 3..9 with the new head, the EMAs restarted
