@@ -159,6 +159,7 @@ class SNRMonitor(Callback):
         self._warned: set[str] = set()
         self._rank = 0
         self._sharded = False  # FSDP2, known at setup
+        self._ended_at_step = -1  # global step at the end of this monitor's last fit
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -218,8 +219,11 @@ class SNRMonitor(Callback):
         self.latest = {}  # values of an earlier fit must not pass for this one's
         self._reset_fit_state()
         self._rank = trainer.global_rank
-        self._estimator = self._taps = None
-        self._group_names = []
+        # A `fit` that goes on where this monitor's last one ended (the same Trainer fitted again) keeps the
+        # EMAs; any other starts afresh (a checkpoint's state, if any, is loaded at the first watch).
+        if trainer.global_step == 0 or trainer.global_step != self._ended_at_step:
+            self._estimator = self._taps = None
+            self._group_names = []
         if trainer.is_global_zero:
             add_snr_layout(trainer)
 
@@ -314,6 +318,12 @@ class SNRMonitor(Callback):
         return True
 
     def _watch_trainable_parameters(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._rewatch(trainer, pl_module)
+        if self._pending_state is not None and self._estimator is not None:  # resumed from a checkpoint
+            self._load_estimator(self._pending_state)
+            self._pending_state = None
+
+    def _rewatch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The module is walked once an epoch (a walk costs about as much as the norm reads of a small model);
         # each measured window only re-reads which of those tensors train and which exist yet. A tensor
         # trains if it requires a gradient and an optimizer holds it: Lightning clears only the optimizers'
@@ -367,16 +377,16 @@ class SNRMonitor(Callback):
         self._estimator = GradientNoiseEstimator(
             len(group_names), self.ema_decay, parameters[0].device, dataset_size
         )
-        if self._pending_state is not None:  # resumed from a checkpoint
-            self._load_estimator(self._pending_state)
-            self._pending_state = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ended_at_step = trainer.global_step
         if self._taps is not None:
             self._taps.detach()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.on_fit_end(trainer, pl_module)  # never leave hooks on the user's model
+        self._ended_at_step = -1  # a failed fit is not one to go on from
+        if self._taps is not None:
+            self._taps.detach()  # never leave hooks on the user's model
 
     # ------------------------------------------------------------------ per microbatch
     @_never_crash

@@ -1470,3 +1470,15 @@ def test_a_module_replaced_mid_epoch_is_watched_at_the_next_step():
     trainer.fit(model, regression_loader())
     assert set(monitor._taps.parameters) == set(model.parameters())
     assert int(monitor._estimator.updates) == 7  # steps 3..9 with the new head, the EMAs restarted
+
+
+def test_the_same_trainer_fitted_again_goes_on_with_the_emas():
+    monitor = SNRMonitor()
+    model = Regression(lr=0.0)
+    trainer = make_trainer(monitor, max_steps=4, accumulate_grad_batches=2)
+    trainer.fit(model, regression_loader())
+    trainer.fit_loop.epoch_loop.max_steps = 8
+    with record_warnings() as record:
+        trainer.fit(model, regression_loader())
+    assert trainer.global_step == 8 and not snr_warnings(record)
+    assert int(monitor._estimator.updates) == 8
