@@ -89,7 +89,8 @@ def test_hot_path_is_sync_free_and_correct_on_gpu(monkeypatch, precision, fused)
     original_hook = GradientTaps._hook
     monkeypatch.setattr(GradientTaps, "_hook", lambda self, slot: guard(original_hook(self, slot)))
     monitor = SNRMonitor(ema_decay=0.99)
-    for name in ("on_train_batch_start", "on_after_backward", "on_before_optimizer_step"):
+    hooks = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward")
+    for name in hooks + ("on_before_optimizer_step", "on_train_batch_end"):
         setattr(monitor, name, guard(getattr(monitor, name)))
     data = GaussianRegression(length=400 * 4 * 16)
     trainer = L.Trainer(
