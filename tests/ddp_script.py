@@ -21,12 +21,11 @@ import argparse
 import json
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
@@ -83,10 +82,11 @@ def finite_truth(weight: Tensor, dataset: TensorDataset) -> dict[str, float]:
     return {"signal": float(mean.square().sum()), "noise": float(noise)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def common_arguments(description: str, accumulate: int) -> argparse.ArgumentParser:
+    """The arguments this script shares with tests/fsdp_script.py."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--accumulate", type=int, default=accumulate)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8, help="per rank, per microbatch")
     parser.add_argument("--dim", type=int, default=8)
@@ -95,21 +95,32 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fail-rank1-from-step", type=int, default=None)
+    return parser
+
+
+def failing_batch_size_fn(args: argparse.Namespace, trainer: Callable[[], L.Trainer]) -> Callable | None:
+    """With ``--fail-rank1-from-step S``, a batch_size_fn that raises on rank 1 from step S on; else None (the
+    default, since a custom batch_size_fn turns the finite-set correction off)."""
+    fail_from = args.fail_rank1_from_step
+    if fail_from is None:
+        return None
+
+    def batch_size_fn(batch: tuple[Tensor, Tensor]) -> int:
+        if trainer().global_rank == 1 and trainer().global_step >= fail_from:
+            raise RuntimeError(f"rank 1 batch_size_fn failed at step {trainer().global_step}")
+        return len(batch[0])
+
+    return batch_size_fn
+
+
+def main() -> None:
+    parser = common_arguments(__doc__, accumulate=1)
     parser.add_argument("--finite", type=int, default=0, help="train on a fixed data set of N samples")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     trainer: L.Trainer | None = None
-
-    def batch_size_fn(batch: tuple[Tensor, Tensor]) -> int:
-        fail_from = args.fail_rank1_from_step
-        if fail_from is not None and trainer.global_rank == 1 and trainer.global_step >= fail_from:
-            raise RuntimeError(f"rank 1 batch_size_fn failed at step {trainer.global_step}")
-        return extract_batch_size(batch)
-
-    # Default batch_size_fn unless a failure is injected: a custom one turns the finite-set correction off.
-    failing = batch_size_fn if args.fail_rank1_from_step is not None else None
-    monitor = SNRMonitor(ema_decay=args.ema_decay, batch_size_fn=failing)
+    monitor = SNRMonitor(ema_decay=args.ema_decay, batch_size_fn=failing_batch_size_fn(args, lambda: trainer))
     trainer = L.Trainer(
         strategy="ddp",
         devices=2,

@@ -30,7 +30,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
-from ddp_script import GaussianLeastSquares
+from ddp_script import GaussianLeastSquares, common_arguments, failing_batch_size_fn
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
@@ -149,31 +149,15 @@ class Reference(L.Callback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--accumulate", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8, help="per rank, per microbatch")
-    parser.add_argument("--dim", type=int, default=8)
-    parser.add_argument("--sigma", type=float, default=1.0)
-    parser.add_argument("--delta-sq", type=float, default=1.0)
-    parser.add_argument("--ema-decay", type=float, default=0.99)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = common_arguments(__doc__, accumulate=2)
     parser.add_argument("--bf16", action="store_true", help="unsharded parameters in bfloat16")
-    parser.add_argument("--fail-rank1-from-step", type=int, default=None)
     parser.add_argument("--checkpoint-dir", type=Path, default=None)
     parser.add_argument("--resume", type=Path, default=None)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     trainer: L.Trainer | None = None
-
-    def batch_size_fn(batch: tuple[Tensor, Tensor]) -> int:
-        fail_from = args.fail_rank1_from_step
-        if fail_from is not None and trainer.global_rank == 1 and trainer.global_step >= fail_from:
-            raise RuntimeError(f"rank 1 batch_size_fn failed at step {trainer.global_step}")
-        return len(batch[0])
-
+    batch_size_fn = failing_batch_size_fn(args, lambda: trainer)
     monitor = SNRMonitor(ema_decay=args.ema_decay, groups=2, batch_size_fn=batch_size_fn)
     reference = Reference(monitor, steps=3)
     callbacks: list[L.Callback] = [monitor, reference]
