@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 
-from snrmon.callbacks._lightning import logging_step
+from snrmon.callbacks._lightning import logging_step, should_log, window_ends
 from snrmon.callbacks.snr_monitor import SNRMonitor, count_samples
 from snrmon.forecast.capacity import CapacityMeter
 
@@ -67,20 +67,23 @@ class CapacityLogger(Callback):
             self._tokens += float(self.count_tokens(batch))
         else:
             self._tokens += count_samples(batch) * self.tokens_per_sample
-        latest = self.monitor.latest
-        if latest is self._seen or trainer.global_step <= self._step:
+        # Only on logging steps, which every rank reaches alike (the monitor logs there too), so that every
+        # rank joins the token count's all-reduce whatever its monitor did (a monitor that failed on one rank
+        # must not leave the others waiting).
+        if not (window_ends(trainer) and should_log(trainer)) or trainer.global_step <= self._step:
             return
+        # Every rank saw its own batches: the tokens of the interval are the sum over ranks.
+        tokens = float(trainer.strategy.reduce(torch.tensor(self._tokens), reduce_op="sum"))
+        latest = self.monitor.latest
         prefix = self.monitor.prefix
         signal, noise = latest.get(f"{prefix}/signal"), latest.get(f"{prefix}/noise")
         batch_size = latest.get(f"{prefix}/batch_size")
-        if signal is None or noise is None or batch_size is None:
-            return
+        if latest is self._seen or signal is None or noise is None or batch_size is None:
+            return  # no new estimate: the tokens count toward the next one
+        self._tokens = 0.0
         self._seen = latest
         if self.meter is None:
             self.meter = CapacityMeter(latest.get(f"{prefix}/dataset_size"))
-        # Every rank saw its own batches: the tokens of the interval are the sum over ranks.
-        tokens = float(trainer.strategy.reduce(torch.tensor(self._tokens), reduce_op="sum"))
-        self._tokens = 0.0
         lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         terms = self.meter.update(trainer.global_step - self._step, signal, noise, lr, batch_size, tokens)
         self._step = trainer.global_step
