@@ -1,10 +1,11 @@
 """Demo: train a small byte-level GPT on the Python stdlib sources with SNRMonitor attached.
 
-    .venv/bin/python examples/train_char_gpt.py            # ~3 min on 2 CPU cores
+    .venv/bin/python examples/train_char_gpt.py            # ~2 min on 2 CPU cores
     .venv/bin/python examples/train_char_gpt.py --fast     # seconds; smoke test
 
-(`make demo` from a clean clone, .venv already built: 2 min 50 s and 3 min 10 s wall, 145 s of CPU each, on
-2 cores that other jobs kept busy, load average 3.6-6; 200 steps of 8,192 tokens and 20 validations.)
+(`make demo` from a clean clone on the 2-core VM, 200 steps of 8,192 tokens and 20 validations: 1 min 40 s
+wall on a quiet machine, after 46 s for the first .venv build; 2 min 50 s and 3 min 10 s wall while other
+jobs kept both cores busy.)
 
 At the end it prints a short report (also written to ``report.md`` in the run's log directory) and the
 commands that open the run in TensorBoard, fit a scaling law to its validation loss and replay the basin
