@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
+from test_forecast import SHANNON_FAMILY
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -197,16 +198,7 @@ def test_forecast_history_survives_resume(tmp_path):
 def test_a_prior_of_the_family_forecasts_from_the_first_check(caplog):
     # A Shannon-law family (the constants of examples/make_law_data.py) and this run's size: the basin in
     # steps of a million tokens is logged from the first check, before the data could place it.
-    family = {
-        "a": 0.02,
-        "alpha": 0.08,
-        "c": 1.6e-11,
-        "d": 1e-3,
-        "e": 1.0,
-        "beta": 0.3,
-        "gamma": 0.6,
-        "delta": 0.2,
-    }
+    family = SHANNON_FAMILY
     callback = BasinEarlyStopping(
         prior={"law": "shannon", "params": family}, n_params=1e8, tokens_per_step=1e6, verbose=True
     )

@@ -24,6 +24,11 @@ X = np.arange(1, 81) * 25.0  # 80 validations, 25 steps apart
 # Validation noise, about 0.17% of the loss at the basin: a clear signal (docs/forecast.md has noisier runs).
 SIGMA = 0.001
 
+# The constants of examples/make_law_data.py (data/shannon_synthetic.csv): a Shannon-law family of sizes.
+SHANNON_FAMILY = {
+    "a": 0.02, "alpha": 0.08, "c": 1.6e-11, "d": 1e-3, "e": 1.0, "beta": 0.3, "gamma": 0.6, "delta": 0.2,
+}  # fmt: skip
+
 
 def basin_x() -> float:
     return (BETA * B / K) ** (1 / (1 + BETA))
@@ -162,17 +167,7 @@ def test_law_forecast_finds_a_known_basin_from_the_loss_alone():
 
 
 def test_prior_from_a_fit_document(tmp_path):
-    # The constants of examples/make_law_data.py (data/shannon_synthetic.csv): a family of model sizes.
-    family = {
-        "a": 0.02,
-        "alpha": 0.08,
-        "c": 1.6e-11,
-        "d": 1e-3,
-        "e": 1.0,
-        "beta": 0.3,
-        "gamma": 0.6,
-        "delta": 0.2,
-    }
+    family = SHANNON_FAMILY
     path = tmp_path / "fit.json"
     path.write_text(json.dumps({"law": "shannon", "params": family}))
     # Without N only the constants that do not depend on it carry over.
@@ -261,19 +256,7 @@ def test_replay_command_text_plot_and_bad_input(tmp_path, capsys):
     prior = tmp_path / "fit.json"
     prior.write_text(
         json.dumps(
-            {
-                "law": "shannon",
-                "params": {
-                    "a": 0.02,
-                    "alpha": 0.08,
-                    "c": 1.6e-11,
-                    "d": 1e-3,
-                    "e": 1.0,
-                    "beta": 0.3,
-                    "gamma": 0.6,
-                    "delta": 0.2,
-                },
-            }
+            {"law": "shannon", "params": SHANNON_FAMILY}
         )
     )
     steps = _csv(tmp_path / "steps.csv", {"step": X[:3], "loss": val[:3]})
