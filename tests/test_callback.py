@@ -125,6 +125,26 @@ def record_warnings() -> Iterator[list[warnings.WarningMessage]]:
         yield record
 
 
+def train_with_and_without(
+    make_model: Callable[[], Regression], monitor: SNRMonitor, **trainer_kwargs: Any
+) -> tuple[Regression, Regression]:
+    """Two 8-step fits from the same seeds (torch, Python, NumPy: init, dropout, shuffled order), without and
+    with ``monitor``: the models, whose ``losses`` must be bit-identical."""
+    import random
+
+    import numpy as np
+
+    def train(callback: SNRMonitor | None) -> Regression:
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        model = make_model()
+        make_trainer(callback, max_steps=8, **trainer_kwargs).fit(model, regression_loader(shuffle=True))
+        return model
+
+    return train(None), train(monitor)
+
+
 def snr_warnings(record: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in record if "SNRMonitor" in str(w.message)]
 
@@ -220,15 +240,10 @@ def test_csv_logger_receives_values(tmp_path: Path):
     ("accumulate", "split_batch"), [(4, False), (1, True)], ids=["accumulate4", "split_batch"]
 )
 def test_training_is_bit_identical_with_and_without_monitor(accumulate: int, split_batch: bool):
-    def train(monitor: SNRMonitor | None) -> Regression:
-        torch.manual_seed(0)  # model init, dropout masks and the shuffled data order
-        model = Regression(dropout=0.2)
-        trainer = make_trainer(monitor, max_steps=8, accumulate_grad_batches=accumulate)
-        trainer.fit(model, regression_loader(shuffle=True))
-        return model
-
     monitor = SNRMonitor(split_batch=split_batch)
-    plain, monitored = train(None), train(monitor)
+    plain, monitored = train_with_and_without(
+        lambda: Regression(dropout=0.2), monitor, accumulate_grad_batches=accumulate
+    )
 
     assert int(monitor._estimator.updates) == 8  # the monitor really measured every step
     assert len(plain.losses) == len(monitored.losses) == 8 * accumulate
@@ -929,14 +944,8 @@ class BatchNormRegression(Regression):
 
 
 def test_split_batch_leaves_batchnorm_buffers_and_training_unchanged():
-    def train(monitor: SNRMonitor | None) -> BatchNormRegression:
-        torch.manual_seed(0)
-        model = BatchNormRegression()
-        make_trainer(monitor, max_steps=8).fit(model, regression_loader(shuffle=True))
-        return model
-
     monitor = SNRMonitor(split_batch=True)
-    plain, monitored = train(None), train(monitor)
+    plain, monitored = train_with_and_without(BatchNormRegression, monitor)
 
     assert int(monitor._estimator.updates) == 8
     assert all(torch.equal(a, b) for a, b in zip(plain.losses, monitored.losses, strict=True))
@@ -1136,20 +1145,8 @@ class DrawsFromPythonAndNumpy(Regression):
 
 
 def test_split_batch_leaves_python_and_numpy_random_streams_alone():
-    import random
-
-    import numpy as np
-
-    def train(monitor: SNRMonitor | None) -> DrawsFromPythonAndNumpy:
-        torch.manual_seed(0)
-        random.seed(0)
-        np.random.seed(0)
-        model = DrawsFromPythonAndNumpy()
-        make_trainer(monitor, max_steps=8).fit(model, regression_loader(shuffle=True))
-        return model
-
     monitor = SNRMonitor(split_batch=True)
-    plain, monitored = train(None), train(monitor)
+    plain, monitored = train_with_and_without(DrawsFromPythonAndNumpy, monitor)
     assert int(monitor._estimator.updates) == 8
     assert all(torch.equal(a, b) for a, b in zip(plain.losses, monitored.losses, strict=True))
 
