@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from snrmon.arguments import number
 from snrmon.fitting import Fit, FitError, fit_law, r2_score, rmse
 from snrmon.laws import LAWS, Law, get_law
 from snrmon.logs import LogError, Table, read_table
@@ -112,12 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tag", help="TensorBoard: the scalar tag holding the loss (e.g. val/loss)")
     data.add_argument(
         "--tokens-per-step",
-        type=_positive(float),
+        type=number(float),
         default=1.0,
         metavar="X",
         help="TensorBoard: D = step x X (default 1: D in steps)",
     )
-    data.add_argument("--N", type=_positive(float), metavar="X", help="TensorBoard: model size of every run")
+    data.add_argument("--N", type=number(float), metavar="X", help="TensorBoard: model size of every run")
     method = data.add_mutually_exclusive_group()
     method.add_argument(
         "--robust",
@@ -129,12 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument(
         "--plain", dest="robust", action="store_false", help="ordinary least squares on the loss itself"
     )
-    data.add_argument("--starts", type=_positive(int), default=256, help="starting points screened (256)")
+    data.add_argument("--starts", type=number(int), default=256, help="starting points screened (256)")
     data.add_argument(
-        "--refine", type=_positive(int), default=8, help="best screened starts optimised to the end (8)"
+        "--refine", type=number(int), default=8, help="best screened starts optimised to the end (8)"
     )
     data.add_argument(
-        "--seed", type=_non_negative_int, default=0, help="seed of the start grid and bootstrap (0)"
+        "--seed",
+        type=number(int, zero_allowed=True),
+        default=0,
+        help="seed of the start grid and bootstrap (0)",
     )
     data.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     data.add_argument(
@@ -159,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--law", required=True, choices=list(LAWS), help="the law to fit")
     fit.add_argument(
         "--bootstrap",
-        type=_non_negative_int,
+        type=number(int, zero_allowed=True),
         default=100,
         metavar="N",
         help="bootstrap resamples (100; 0: none)",
@@ -182,27 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0 or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-        return value
-
-    return parse
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return value
 
 
 # --- Data: read, clean, filter, split -------------------------------------------------------------------

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from snrmon.arguments import number
 from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS, BasinForecaster, Forecast, PriorError
 from snrmon.logs import LogError, Table, read_table
 
@@ -47,7 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--where", metavar="EXPR", help="keep only the rows where EXPR holds (pick one run)")
     parser.add_argument(
         "--horizon",
-        type=_non_negative,
+        type=number(float, zero_allowed=True),
         default=HORIZON,
         help=f"warn within this share more training ({HORIZON})",
     )
@@ -72,16 +73,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.set_defaults(run=run)
     return parser
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
