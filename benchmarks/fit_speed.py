@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import scipy
 
-from snrmon.fitting import fit_law
 from snrmon.laws import get_law
+from snrmon.laws.fitting import fit_law
 
 SIGMA = 0.01
 # Shannon design (tests/test_fitting.py): a, α, c, d, e, β, γ, δ with D* ≈ 4.5e10 at N = 1e8.

@@ -374,8 +374,8 @@ def run_patience(curve: Curve, patience: int) -> Outcome:
 def run_power(curve: Curve, min_points: int = 10, run_length: int = 3) -> Outcome:
     """The monotone baseline: fit L = E + B/x^β to the curve so far; stop when its last ``run_length``
     points all lie above the fit by more than two robust standard deviations of the residuals."""
-    from snrmon.fitting import FitError, fit_law
     from snrmon.laws import PowerLaw
+    from snrmon.laws.fitting import FitError, fit_law
 
     law, theta = PowerLaw(), None
     x, val = np.asarray(curve.x), np.asarray(curve.val)

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from char_gpt import CharDataModule, CharGPT  # noqa: E402
 from snrmon.callbacks import SNRMonitor  # noqa: E402
-from snrmon.taps import GradientTaps  # noqa: E402
+from snrmon.measure.taps import GradientTaps  # noqa: E402
 
 CALLBACK_HOOKS = (
     "on_train_epoch_start",

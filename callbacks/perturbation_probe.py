@@ -5,7 +5,7 @@ Perturbation probes
 Log the validation loss of the model under a weight perturbation (Gaussian noise at an SNR in dB, or k-bit
 quantization; theory §4) at each validation: the perturbed loss turns U-shaped before the clean one, so a
 forecaster watching it sees the basin coming earlier. The perturbations are framework-free
-(:mod:`snrmon.probes`); this module is their Lightning adapter.
+(:mod:`snrmon.measure.probes`); this module is their Lightning adapter.
 
 """
 
@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from snrmon.probes import (
+from snrmon.measure.probes import (
     DEFAULT_LAYER_TYPES,
     GaussianNoise,
     Perturbation,
@@ -51,8 +51,8 @@ class PerturbationProbe(Callback):
     ``validation_step`` with other side effects (updating a ``torchmetrics`` metric) needs a ``loss_fn``.
 
     Args:
-        perturbation: what to apply (:class:`~snrmon.probes.GaussianNoise`,
-            :class:`~snrmon.probes.Quantization` or your own :class:`~snrmon.probes.Perturbation`).
+        perturbation: what to apply (:class:`~snrmon.measure.GaussianNoise`,
+            :class:`~snrmon.measure.Quantization` or your own :class:`~snrmon.measure.Perturbation`).
         num_batches: validation batches the probe evaluates (fewer is cheaper; the same batches each time
             when the validation dataloader is not shuffled).
         every_n_validations: probe every n-th validation only. The metric then keeps its last value in
@@ -244,7 +244,7 @@ class QuantizationProbe(PerturbationProbe):
     r"""Log the validation loss under ``bits``-bit weight quantization as ``snr/probe/int<bits>``.
 
     Symmetric per-output-channel round-to-nearest fake quantization in float (deterministic: one draw; see
-    :class:`~snrmon.probes.Quantization` and :class:`PerturbationProbe`).
+    :class:`~snrmon.measure.Quantization` and :class:`PerturbationProbe`).
 
     Args:
         bits: bits per weight, ≥ 2 (3, 4 and 8 are typical).

@@ -39,10 +39,10 @@ from snrmon.callbacks._lightning import (
     window_ends,
 )
 from snrmon.callbacks.tensorboard_layout import add_snr_layout, log_bands
-from snrmon.estimator import GradientNoiseEstimator
-from snrmon.groups import TOTAL, check_groups, group_parameters
-from snrmon.sampling import Population, training_population
-from snrmon.taps import GradientTaps, ShardedGradientTaps
+from snrmon.measure.estimator import GradientNoiseEstimator
+from snrmon.measure.groups import TOTAL, check_groups, group_parameters
+from snrmon.measure.sampling import Population, training_population
+from snrmon.measure.taps import GradientTaps, ShardedGradientTaps
 
 
 def _never_crash(hook: Callable) -> Callable:

@@ -1,7 +1,10 @@
 """snrmon: live gradient signal-to-noise monitoring and the Shannon scaling law.
 
-The core (this package, without ``snrmon.callbacks``) is framework-free: plain torch for the estimator and
-numpy/scipy for the laws. Torch is imported only when the estimator is used, so ``snrmon fit`` starts fast.
+The core (this package, without ``snrmon.callbacks``) is framework-free, one subpackage per concern:
+``measure`` (gradient taps, the signal/noise estimator, probes: torch), ``laws`` (the scaling laws, fitting,
+basins: numpy/scipy), ``forecast`` (the online basin forecaster), ``logs`` (reading CSV and TensorBoard runs)
+and ``cli`` (the ``snrmon`` command). Torch is imported only when ``measure`` is used, so ``snrmon fit``
+starts fast.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "GradientNoiseEstimator": "snrmon.estimator",
-    "GradientTaps": "snrmon.taps",
-    "group_parameters": "snrmon.groups",
+    "GradientNoiseEstimator": "snrmon.measure",
+    "GradientTaps": "snrmon.measure",
+    "group_parameters": "snrmon.measure",
     "LAWS": "snrmon.laws",
     "get_law": "snrmon.laws",
-    "fit_law": "snrmon.fitting",
-    "FitError": "snrmon.fitting",
-    "basin_tokens": "snrmon.basin",
+    "fit_law": "snrmon.laws",
+    "FitError": "snrmon.laws",
+    "basin_tokens": "snrmon.laws",
+    "BasinForecaster": "snrmon.forecast",
 }
 __all__ = list(_LAZY)
 

@@ -38,7 +38,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.data import DataLoader
 
 from snrmon.callbacks import SNRMonitor
-from snrmon.taps import GradientTaps
+from snrmon.measure.taps import GradientTaps
 
 HOOK_CALLS = [0]
 _original_hook = GradientTaps._hook

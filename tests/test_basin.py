@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from snrmon.basin import basin_tokens, basin_tokens_data_limit, basin_tokens_model_limit
 from snrmon.laws import ShannonLaw, ShannonRunLaw
+from snrmon.laws.basin import basin_tokens, basin_tokens_data_limit, basin_tokens_model_limit
 
 
 def t10_residual(dstar, c, d, e, beta, gamma, delta):

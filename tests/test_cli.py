@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snrmon import cli
-from snrmon.cli import BASIN_GRID, applicable_laws, main
-from snrmon.fitting import FitError
+from snrmon.cli import fit as fit_verb
+from snrmon.cli import main
 from snrmon.laws import LAWS, get_law
+from snrmon.laws.fitting import FitError
+from snrmon.laws.study import BASIN_GRID, applicable_laws
 from snrmon.logs import Table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +174,7 @@ def test_single_run_law_fits_each_run(chinchilla, capsys, tmp_path):
     runs = {str(int(v)) for v in np.unique(n)}  # no group column: one run per N
     assert set(doc["params"]) == runs
     assert all(list(p) == get_law("power").param_names for p in doc["params"].values())
-    assert doc["d_star"] == dict.fromkeys(runs)  # the power law never turns up: null
+    assert doc["d_star"] is None  # the power law has no basin (it never turns up)
     assert doc["n_train"] + doc["n_test"] == len(loss)
     assert doc["r2_test"] is not None
 
@@ -188,7 +189,7 @@ def test_plot_problems_fail_before_the_fit(chinchilla, capsys, monkeypatch, tmp_
     def no_fit(*args, **kwargs):
         raise FitError("the fit ran")  # a --plot problem must be reported before this
 
-    monkeypatch.setattr(cli, "fit_data", no_fit)
+    monkeypatch.setattr(fit_verb, "fit_data", no_fit)
     code, out, err = run(
         capsys, "fit", chinchilla[0], "--law", "chinchilla", "--plot", tmp_path / "no" / "x.png"
     )
@@ -274,7 +275,7 @@ def test_warning_when_a_bootstrap_interval_excludes_its_estimate(chinchilla, cap
         theta = np.exp(log_theta)
         return {name: (2 * v, 3 * v) for name, v in zip(problem.law.param_names, theta, strict=True)}
 
-    monkeypatch.setattr("snrmon.fitting._bootstrap", beside)
+    monkeypatch.setattr("snrmon.laws.fitting._bootstrap", beside)
     doc = run_json(capsys, "fit", chinchilla[0], "--law", "chinchilla", *FAST, "--bootstrap", "20")
     excluded = [w for w in doc["warnings"] if "excludes its estimate" in w]
     assert len(excluded) == len(get_law("chinchilla").params)
@@ -344,13 +345,13 @@ def test_the_command_runs_blas_on_one_thread(chinchilla, capsys, monkeypatch):
     from threadpoolctl import threadpool_info
 
     threads = []
-    fit_data = cli.fit_data
+    fit_data = fit_verb.fit_data
 
     def recording(*args, **kwargs):  # BLAS threads as the fit starts
         threads.extend(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
         return fit_data(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "fit_data", recording)
+    monkeypatch.setattr(fit_verb, "fit_data", recording)
     code, _, err = run(capsys, "fit", chinchilla[0], "--law", "chinchilla", *FAST, "--bootstrap", "0")
     assert code == 0, err
     assert threads and set(threads) == {1}

@@ -23,9 +23,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from snrmon import fitting
-from snrmon.fitting import FitError, fit_law, r2_score, rmse
-from snrmon.laws import Law, Param, get_law
+from snrmon.laws import Law, Param, fitting, get_law
+from snrmon.laws.fitting import FitError, fit_law, r2_score, rmse
 
 SIGMA = 0.01
 WIDEN = NormalDist().inv_cdf(1 - 0.001 / 2) / NormalDist().inv_cdf(0.975)

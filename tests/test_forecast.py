@@ -14,10 +14,10 @@ import math
 import numpy as np
 import pytest
 
-from snrmon.basin import basin_tokens
 from snrmon.forecast import BasinForecaster, PriorError, load_prior
 from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS
 from snrmon.laws import ShannonLaw, ShannonRunLaw
+from snrmon.laws.basin import basin_tokens
 
 L_INF, B, BETA, K = 0.5, 2.0, 0.5, 4e-5  # the basin at x* ≈ 860
 X = np.arange(1, 81) * 25.0  # 80 validations, 25 steps apart

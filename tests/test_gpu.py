@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from snrmon.callbacks import SNRMonitor
-from snrmon.taps import GradientTaps
+from snrmon.measure.taps import GradientTaps
 
 pytestmark = [
     pytest.mark.gpu,

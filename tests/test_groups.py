@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from snrmon import group_parameters
-from snrmon.groups import TOTAL
+from snrmon.measure.groups import TOTAL
 
 NAMES = [
     "embed.weight",

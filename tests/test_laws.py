@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from snrmon.basin import basin_tokens
 from snrmon.laws import LAWS, ShannonLaw, ShannonRunLaw, get_law
+from snrmon.laws.basin import basin_tokens
 
 RTOL = 1e-10
 ROWS = 500
@@ -245,7 +245,6 @@ def test_b_is_redundant():
 
 def test_power_law_never_has_a_basin():
     law = get_law("power")
-    assert law.d_star(np.array([1.5, 300.0, 0.3])) == np.inf
     tokens = np.geomspace(1e3, 1e20, 200)
     assert np.all(np.diff(law.loss(np.array([1.5, 300.0, 0.3]), {"D": tokens})) < 0)
 
@@ -269,7 +268,13 @@ def test_analytic_jacobian_matches_central_differences(name):
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-7 * np.abs(numeric).max())
 
 
-def test_laws_without_a_jacobian_say_so():
+def test_laws_declare_what_they_can_do():
+    """has_basin and has_jacobian are declared, and a law asked for what it does not declare says so."""
+    assert {name for name, law in LAWS.items() if law.has_basin} == {"shannon", "shannon-run"}
+    assert {name for name, law in LAWS.items() if law.has_jacobian} == {"shannon", "shannon-run"}
     law = get_law("chinchilla")
     columns = {"N": np.full(3, 1e9), "D": np.full(3, 1e10)}
-    assert law.log_loss_jacobian(law.starts(limit=1)[0], columns) is None
+    with pytest.raises(NotImplementedError, match="chinchilla gives no Jacobian"):
+        law.log_loss_jacobian(law.starts(limit=1)[0], columns)
+    with pytest.raises(NotImplementedError, match="power has no basin"):
+        get_law("power").d_star(np.array([1.5, 300.0, 0.3]))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from snrmon.logs import LogError, Table, read_csv, read_table, read_tensorboard
-from snrmon.where import WhereError, where
+from snrmon.logs.where import WhereError, where
 
 TOKENS_PER_STEP = 1000.0
 STEPS = list(range(0, 500, 50))  # step 0 included: it must be skipped (D = 0)

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_subpackage_is_listed_for_the_wheel():
     # (tomllib is Python 3.11+; the project supports 3.10)
-    line = re.search(r"^packages = (\[.*\])$", (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    line = re.search(r"^packages = (\[.*?\])$", pyproject, re.MULTILINE | re.DOTALL)
     listed = set(ast.literal_eval(line.group(1)))
     found = {
         ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "snrmon").rglob("__init__.py")

@@ -1,5 +1,5 @@
-"""Perturbation probes: the framework-free perturbations (snrmon.probes) and their callbacks through real
-(small, CPU, sub-second) Trainer.fit runs.
+"""Perturbation probes: the framework-free perturbations (snrmon.measure.probes) and their callbacks through
+real (small, CPU, sub-second) Trainer.fit runs.
 
 Run as a script, this file is also the worker of the DDP test (Lightning relaunches it for rank 1):
 ``python tests/test_probes.py --out DIR`` writes each rank's probe values to ``DIR/rank<r>.json``.
@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from snrmon.callbacks import BasinEarlyStopping, GaussianNoiseProbe, QuantizationProbe
-from snrmon.probes import (
+from snrmon.measure.probes import (
     GaussianNoise,
     Quantization,
     fake_quantize,

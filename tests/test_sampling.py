@@ -16,7 +16,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from snrmon.sampling import training_population
+from snrmon.measure.sampling import training_population
 
 DATA = TensorDataset(torch.arange(100.0))
 

@@ -41,9 +41,9 @@ import numpy as np
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
-from snrmon.basin import basin_tokens
-from snrmon.fitting import FitError, fit_law
-from snrmon.laws import ShannonRunLaw
+from snrmon.laws.basin import basin_tokens
+from snrmon.laws.equations import ShannonRunLaw
+from snrmon.laws.fitting import FitError, fit_law
 
 # Defaults chosen by benchmarks/forecast_eval.py (docs/forecast.md): they are the product.
 HORIZON = 0.25  # warn when the basin is forecast within 25% more training than done so far

@@ -16,7 +16,8 @@ import math
 
 import numpy as np
 
-from snrmon.arguments import number
+from snrmon.cli.arguments import number
+from snrmon.cli.render import aligned, format_number
 from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS, BasinForecaster, Forecast, PriorError
 from snrmon.logs import LogError, Table, read_table
 
@@ -108,7 +109,7 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
     else:
         train_name = args.train_metric
     if args.where:
-        from snrmon.where import where
+        from snrmon.logs.where import where
 
         table = table.select(where(table, args.where))
     x_name = args.x or ("step" if "step" in table else "D")
@@ -191,28 +192,20 @@ def replay_document(forecasts: list[Forecast], metric: str, x_name: str) -> dict
     }
 
 
-def _num(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return "inf" if value == math.inf else f"{value:.4g}"
-
-
 def replay_report(forecasts: list[Forecast], document: dict, x_name: str) -> str:
+    show = format_number
     rows = [[x_name, document["metric"], "D*", "band", "P(basin)", "state", ""]]
     for f in forecasts:
-        band = "-" if f.d_star_low is None else f"{_num(f.d_star_low)} .. {_num(f.d_star_high)}"
+        band = "-" if f.d_star_low is None else f"{show(f.d_star_low)} .. {show(f.d_star_high)}"
         action = "STOP" if f.stop else "warning" if f.warning else ""
         p = "-" if f.p_basin is None else f"{f.p_basin:.2f}"
-        rows.append([_num(f.x), _num(f.loss), _num(f.d_star), band, p, f.state, action])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
-    minimum = document["minimum"]
+        rows.append([show(f.x), show(f.loss), show(f.d_star), band, p, f.state, action])
+    lines = aligned(rows)
+    minimum = document["minimum"] or {"x": None, "loss": None}
     lines.append("")
     lines.append(
-        f"first warning: {_num(document['first_warning'])}; stop: {_num(document['stop'])}; "
-        f"observed minimum: {_num(minimum and minimum['loss'])} at {x_name} {_num(minimum and minimum['x'])}"
+        f"first warning: {show(document['first_warning'])}; stop: {show(document['stop'])}; "
+        f"observed minimum: {show(minimum['loss'])} at {x_name} {show(minimum['x'])}"
     )
     return "\n".join(lines)
 
@@ -220,7 +213,7 @@ def replay_report(forecasts: list[Forecast], document: dict, x_name: str) -> str
 def plot_replay(path: str, forecasts: list[Forecast], document: dict, x_name: str) -> None:
     """The curve, the forecast basin with its band at every point, the first warning and the stop."""
     from snrmon.forecast.plot import forecast_figure
-    from snrmon.plot import check_plot_target
+    from snrmon.laws.plot import check_plot_target
 
     check_plot_target(path)
     forecast_figure(forecasts, document["metric"], x_name).savefig(path, dpi=120)

@@ -4,7 +4,7 @@ A :class:`Table` is a dict of equal-length numpy columns: numeric columns as flo
 NaN), any other column (model names, run names) as a string array. The scaling laws read the columns ``N``
 (parameters), ``D`` (tokens) and ``bits``; the observed loss is the column ``loss``.
 
-Rows are selected with :func:`snrmon.where.where`.
+Rows are selected with :func:`snrmon.logs.where.where`.
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ class Law:
     inputs: tuple[str, ...] = ("N", "D")
     params: tuple[Param, ...] = ()
     single_run: bool = False  # a law of D alone, fitted to one run (one N) at a time
+    has_basin: bool = False  # the law can turn up (T10): ``d_star`` gives the loss-minimising D
+    has_jacobian: bool = False  # ``log_loss_jacobian`` gives d log L / d log θ in closed form
 
     @property
     def param_names(self) -> list[str]:
@@ -65,10 +67,15 @@ class Law:
     def loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
         return np.exp(self.log_loss(np.asarray(theta, dtype=float), columns))
 
-    def log_loss_jacobian(self, theta: np.ndarray, columns: Columns) -> np.ndarray | None:
-        """d log L / d log θ, shape [rows, constants], where a law gives it (else the fitter differentiates
-        numerically)."""
-        return None
+    def log_loss_jacobian(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
+        """d log L / d log θ, shape [rows, constants], for laws that declare ``has_jacobian`` (the fitter
+        differentiates the others numerically)."""
+        raise NotImplementedError(f"{self.name} gives no Jacobian (has_jacobian is False)")
+
+    def d_star(self, theta: np.ndarray, n: float | None = None) -> float:
+        """The basin D* (T10) at model size ``n`` (single-run laws: their own run), inf where the loss keeps
+        falling; for laws that declare ``has_basin``."""
+        raise NotImplementedError(f"{self.name} has no basin (has_basin is False)")
 
     def as_dict(self, theta: np.ndarray) -> dict[str, float]:
         return {name: float(value) for name, value in zip(self.param_names, theta, strict=True)}
@@ -126,6 +133,8 @@ class ShannonLaw(Law):
     name = "shannon"
     equation = "T6–T8"
     formula = "1 / (a N^alpha log2(1 + D^beta / (c (D N)^gamma + d D^delta + e)))"
+    has_basin = True
+    has_jacobian = True
     params = (
         _coefficient("a", "loss^-1 · N^-alpha", "bandwidth scale of the capacity", (1e-6, 1.0)),
         _exponent("alpha", "how capacity grows with parameters N", (0.01, 1.0)),
@@ -170,7 +179,7 @@ class ShannonLaw(Law):
 
     def d_star(self, theta: np.ndarray, n: float) -> float:
         """Loss-minimising token count D* at model size N (T10); ``inf`` when the curve never turns up."""
-        from snrmon.basin import basin_tokens
+        from snrmon.laws.basin import basin_tokens
 
         a, alpha, c, d, e, beta, gamma, delta = theta
         return basin_tokens(c * n**gamma, d, e, beta, gamma, delta)
@@ -187,6 +196,8 @@ class ShannonRunLaw(Law):
     formula = "1 / (A log2(1 + D^beta / (c D^gamma + d D^delta + e)))"
     inputs = ("D",)
     single_run = True
+    has_basin = True
+    has_jacobian = True
     params = (
         _coefficient("A", "loss^-1", "capacity scale of this run", (1e-4, 1.0)),
         _coefficient("c", "D^(beta-gamma)", "model-data noise at this N", (1e-12, 1e2)),
@@ -277,9 +288,6 @@ class PowerLaw(Law):
     def log_loss(self, theta: np.ndarray, columns: Columns) -> np.ndarray:
         big_e, big_b, beta = theta
         return _log_sum_exp(np.log(big_e), np.log(big_b) - beta * np.log(columns["D"]))
-
-    def d_star(self, theta: np.ndarray, n: float | None = None) -> float:
-        return np.inf
 
 
 class KumarLaw(Law):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from snrmon.logs import Table
+from snrmon.logs.tables import Table
 
 COMPARISONS: dict[type, Callable] = {
     ast.Lt: operator.lt,

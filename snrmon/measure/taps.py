@@ -25,7 +25,8 @@ class GradientTaps:
 
     Args:
         parameters: the parameters to watch (those with ``requires_grad``).
-        membership: ``[num_groups, num_parameters]`` 0/1 matrix from :func:`snrmon.groups.group_parameters`.
+        membership: ``[num_groups, num_parameters]`` 0/1 matrix from
+            :func:`snrmon.measure.groups.group_parameters`.
     """
 
     #: Whether :meth:`accumulated_sq_norms` gives this process's share of the applied gradient (local shards,

@@ -17,7 +17,7 @@ quantization usually does).
 Example::
 
     >>> import torch
-    >>> from snrmon.probes import GaussianNoise, perturbed_loss
+    >>> from snrmon.measure.probes import GaussianNoise, perturbed_loss
     >>> model = torch.nn.Linear(4, 1)
     >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
     >>> loss = perturbed_loss(model, GaussianNoise(snr_db=10, draws=4), lambda: ((model(x) - y) ** 2).mean())

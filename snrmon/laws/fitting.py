@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import least_squares
 
-from snrmon.laws import Columns, Law
+from snrmon.laws.equations import Columns, Law
 
 EXPLORE_ROWS = 256  # rows used to explore the starting points of a large data set
 EXPLORE_HUBER_DELTA = 0.05  # the smoother objective explored before polishing a robust fit
@@ -286,7 +286,7 @@ class _Problem:
     def jacobian(self, rows: np.ndarray | slice):
         """The residuals' Jacobian in log θ where the law gives d log L / d log θ, else finite differences."""
         columns = {name: values[rows] for name, values in self.columns.items()}
-        if self.law.log_loss_jacobian(np.exp((self.lower + self.upper) / 2), columns) is None:
+        if not self.law.has_jacobian:
             return "2-point"
 
         def jacobian(log_theta: np.ndarray) -> np.ndarray:

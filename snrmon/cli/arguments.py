@@ -1,10 +1,22 @@
-"""Number types for the command line's options, shared by every verb (argparse ``type=`` callables)."""
+"""Parsing the command line, shared by every verb: a parser whose errors are one line, and number types for
+options (argparse ``type=`` callables)."""
 
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
+
+
+class UsageError(ValueError):
+    """A bad command line or unusable data; reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message + sys.exit
+        # main() prints "snrmon: error: "; a subcommand's parser adds its name ("fit: ...").
+        command = self.prog.split()[1:]
+        raise UsageError(f"{command[-1]}: {message}" if command else message)
 
 
 def number(kind: type = float, *, zero_allowed: bool = False) -> Callable[[str], float]:
