@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from snrmon.forecast import BasinForecaster, PriorError, load_prior
-from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS
+from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS, PRIOR_MIN_POINTS
 from snrmon.laws import ShannonLaw, ShannonRunLaw
 from snrmon.laws.basin import basin_tokens
 
@@ -196,6 +196,62 @@ def test_prior_from_a_fit_document(tmp_path):
     forecaster = BasinForecaster(method="law", prior=dict(zip(law.param_names, run, strict=True)))
     last = forecaster.replay(x, law.loss(run, {"D": x}))[-1]
     assert last.method == "law" and math.isclose(last.d_star, basin_tokens(*run[1:]), rel_tol=0.05)
+
+
+def _family_run(seed: int, n: float, x: np.ndarray, relative_noise: float) -> np.ndarray:
+    """The loss of the SHANNON_FAMILY model of size n at tokens x, with log-normal noise."""
+    theta = np.array([SHANNON_FAMILY[k] for k in ("a", "alpha", "c", "d", "e", "beta", "gamma", "delta")])
+    loss = ShannonLaw().loss(theta, {"N": np.full(len(x), n), "D": x})
+    return loss * np.exp(relative_noise * np.random.default_rng(seed).normal(size=len(x)))
+
+
+def test_a_family_prior_is_refitted_to_the_run_from_its_first_points():
+    """With the loss alone and a prior that gives every constant, the forecaster carries the family's law over
+    and refits this run's scale A and cross-term c: from PRIOR_MIN_POINTS points on, with a band that covers
+    the true basin as often as it claims, even when the prior alone is far off (c three times too large: a
+    family fit's error moves D* by a factor of six)."""
+    n = 1e8
+    theta = np.array([SHANNON_FAMILY[k] for k in ("a", "alpha", "c", "d", "e", "beta", "gamma", "delta")])
+    true = ShannonLaw().d_star(theta, n)
+    wrong = SHANNON_FAMILY | {"c": 3 * SHANNON_FAMILY["c"], "a": 1.1 * SHANNON_FAMILY["a"]}
+    prior = {"law": "shannon", "params": wrong}
+    x = np.geomspace(true / 20, 2 * true, 16)[:12]  # up to 0.9 D*: before the basin
+    seeds = range(20)
+    covered, widths = [], []
+    for seed in seeds:
+        forecasts = BasinForecaster(prior=prior, n_params=n).replay(x, _family_run(seed, n, x, 0.003))
+        early, later = forecasts[: PRIOR_MIN_POINTS - 1], forecasts[PRIOR_MIN_POINTS - 1 :]
+        assert all(f.method == "prior" and f.d_star_low is None for f in early)  # the prior alone, no band
+        assert all(f.method == "prior" and f.d_star_low is not None for f in later)  # refitted from 4 points
+        assert not any(f.warning or f.stop for f in forecasts)  # the basin is not yet within the horizon
+        last = forecasts[-1]
+        covered.append(last.d_star_low <= true <= last.d_star_high)
+        widths.append(last.d_star_high / last.d_star_low)
+    prior_alone = forecasts[0].d_star
+    assert prior_alone < true / 5  # the prior alone is far off ...
+    # ... the refit is not: its 90% band covers the truth in at least 0.9 - 2.2 binomial sd of the seeds
+    assert np.mean(covered) >= 0.9 - 2.2 * math.sqrt(0.9 * 0.1 / len(seeds))
+    assert np.median(widths) < 2.0  # and is narrow enough to act on
+
+
+def test_a_family_prior_warns_and_stops_past_min_points_only():
+    """Through the basin: a warning once the band reaches the horizon and the curve flattens, a stop only
+    from MIN_POINTS on; a run of the same family far before its basin never warns."""
+    n = 1e8
+    theta = np.array([SHANNON_FAMILY[k] for k in ("a", "alpha", "c", "d", "e", "beta", "gamma", "delta")])
+    true = ShannonLaw().d_star(theta, n)
+    prior = {"law": "shannon", "params": SHANNON_FAMILY}
+    x = np.geomspace(true / 20, 2 * true, 16)
+    forecasts = BasinForecaster(prior=prior, n_params=n).replay(x, _family_run(0, n, x, 0.003))
+    stops = [i for i, f in enumerate(forecasts) if f.stop]
+    warnings_ = [i for i, f in enumerate(forecasts) if f.warning]
+    assert stops and stops[0] >= MIN_POINTS - 1 and x[stops[0]] >= true / (1 + HORIZON)
+    assert warnings_ and warnings_[0] <= stops[0]
+    early = np.geomspace(true / 400, true / 10, 16)  # a tenth of the way to the basin at most
+    quiet = BasinForecaster(prior=prior, n_params=n).replay(early, _family_run(1, n, early, 0.003))
+    assert not any(f.warning or f.stop for f in quiet)
+    with pytest.raises(ValueError, match="method='prior' needs a prior"):
+        BasinForecaster(method="prior", prior={"law": "shannon", "params": SHANNON_FAMILY})  # no n_params
 
 
 # -- snrmon forecast ---------------------------------------------------------------------------------------

@@ -22,6 +22,10 @@ that chose them and the defaults:
 * ``"law"`` (the loss alone): the single-run Shannon law (T9) fitted to the whole curve as it grows (warm
   started from the previous fit, a fresh multi-start search when the curve has grown by half), with the
   basin from T10 and its band from the fit's Laplace approximation.
+* ``"prior"`` (the loss alone, and a prior that gives every constant of this run): the family's law carried
+  over to this run (T6–T8 at its N: the exponents and the data and irreducible noise are the family's), with
+  only this run's scale A and model-data noise c refitted to its points; from its first few points, since two
+  constants need few. Measured on Pythia (a prior fitted to the other sizes): docs/forecast.md.
 
 A stop also needs the monitored curve itself to agree (its slope against log x over the window is no
 longer significantly negative), and every decision must hold at ``persist`` consecutive points.
@@ -38,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import least_squares
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
@@ -58,6 +63,9 @@ Z_EVIDENCE = 3.0
 # lies at or just beyond it; on the tuning runs a ratio hovering near 0.1 for many checks before its minimum
 # (label noise) otherwise kept every zero-crossing forecast at infinity (docs/forecast.md).
 RATIO_FLOOR = 0.1
+# With a prior that gives every constant, two are refitted (A, c): a forecast from this many points on. A stop
+# still waits for min_points (the curve's own slope must be measurable to agree).
+PRIOR_MIN_POINTS = 4
 EVIDENCE_WINDOWS = 2  # the evidence tests look back this many windows
 SAMPLES = 400  # Monte Carlo draws for the band and the probabilities
 STATES = ("no forecast", "improving", "basin ahead", "basin entered")
@@ -103,15 +111,19 @@ class BasinForecaster:
         horizon: warn (and, with ``confidence``, stop) when the basin is forecast within ``horizon`` times the
             training done so far (x·(1 + horizon)), or has been entered.
         confidence: the probability the basin must have (within the horizon or entered) to stop.
-        min_points: finite points needed before any forecast; before that, no warning and no stop.
+        min_points: finite points needed before any forecast; before that, no warning and no stop (with a
+            prior that gives every constant: forecasts and warnings from ``PRIOR_MIN_POINTS`` points on,
+            stops from ``min_points``).
         window: points in the sliding window of the local slopes and the ratio.
         persist: consecutive points at which a warning (or stop) condition must hold before it is given.
-        method: ``"auto"`` (``"ratio"`` when training losses are given, else ``"law"``), ``"ratio"`` or
-            ``"law"``.
+        method: ``"auto"``: ``"prior"`` when the prior gives every constant of this run, until ``min_points``
+            and from then on when there is no training loss; else ``"ratio"`` when training losses are
+            given, ``"law"`` when not. Or one of ``"ratio"``, ``"law"``, ``"prior"``.
         prior: a fit of earlier runs: the path or dict of ``snrmon fit --json`` with ``--law shannon`` (runs
             of other sizes) or ``shannon-run``, or a dict of constants; see :func:`load_prior`. It starts the
-            law fit, and when it gives every constant of this run (``shannon-run``, or ``shannon`` with
-            ``n_params``) it forecasts D* from the first point, before ``min_points`` (no warning, no stop).
+            law fit; when it gives every constant of this run (``shannon-run``, or ``shannon`` with
+            ``n_params``) it forecasts D* from the first point, and the ``"prior"`` method refits this run's
+            A and c from ``PRIOR_MIN_POINTS`` points on.
         n_params: this run's parameter count N, to carry a ``shannon`` prior over to it (T10: D* ∝ 1/N when
             the cross-term dominates).
         tokens_per_x: tokens D per unit of x (e.g. tokens per optimizer step), the unit of a prior's D.
@@ -142,8 +154,8 @@ class BasinForecaster:
             raise ValueError(f"window must be at least 3 points, got {window}")
         if min_points < window + 2:
             raise ValueError(f"min_points must be at least window + 2 = {window + 2}, got {min_points}")
-        if method not in ("auto", "ratio", "law"):
-            raise ValueError(f"method must be 'auto', 'ratio' or 'law', got {method!r}")
+        if method not in ("auto", "ratio", "law", "prior"):
+            raise ValueError(f"method must be 'auto', 'ratio', 'law' or 'prior', got {method!r}")
         self.horizon, self.confidence, self.min_points, self.window = horizon, confidence, min_points, window
         self.method, self.max_seconds, self.seed = method, max_seconds, seed
         if persist < 1:
@@ -153,6 +165,12 @@ class BasinForecaster:
             raise ValueError(f"tokens_per_x must be positive, got {tokens_per_x}")
         self.tokens_per_x = tokens_per_x
         self.prior = load_prior(prior, n_params) if prior is not None else None
+        self.full_prior = self.prior is not None and all(name in self.prior for name in RUN_CONSTANTS)
+        if method == "prior" and not self.full_prior:
+            raise ValueError(
+                "method='prior' needs a prior that gives every constant of this run: a shannon-run fit, or a "
+                "shannon fit with n_params"
+            )
         self.points = _Points()
         self.history: list[Forecast] = []
         self._theta: np.ndarray | None = None  # the last law fit, in natural units of x / x_scale
@@ -217,24 +235,38 @@ class BasinForecaster:
             forecast.note = "non-finite loss: skipped"
             return forecast
         x, loss, train = self._finite()
-        if len(x) < self.min_points:
-            forecast.note = f"{len(x)} finite points of {self.min_points} needed"
+        method = self._method(train[-self.window :], len(x))
+        needed = PRIOR_MIN_POINTS if method == "prior" else self.min_points
+        if len(x) < needed:
+            forecast.note = f"{len(x)} finite points of {needed} needed"
             self._prior_forecast(forecast)
             return forecast
-        method = self.method
-        recent_train = train[-self.window :]
-        if method == "auto":
-            method = "ratio" if np.all(np.isfinite(recent_train)) else "law"
-        if method == "ratio" and not np.all(np.isfinite(recent_train)):
+        if method == "ratio" and not np.all(np.isfinite(train[-self.window :])):
             forecast.note = "no training loss in the window: no ratio forecast"
             return forecast
         rng = np.random.default_rng(self.seed + len(x))
-        draws = self._ratio_draws(x, loss, train, rng) if method == "ratio" else self._law_draws(x, loss, rng)
+        if method == "ratio":
+            draws = self._ratio_draws(x, loss, train, rng)
+        elif method == "prior":
+            draws = self._prior_draws(x, loss, rng)
+        else:
+            draws = self._law_draws(x, loss, rng)
         if draws is None:
             forecast.note = f"{method}: no forecast at this point"
             return forecast
         self._decide(forecast, x, loss, train, draws, method)
+        if len(x) < self.min_points:  # the prior's early forecast warns; a stop waits for the curve's own say
+            forecast.stop = False
+            self._streaks[1] = 0
         return forecast
+
+    def _method(self, recent_train: np.ndarray, points: int) -> str:
+        if self.method != "auto":
+            return self.method
+        with_train = len(recent_train) > 0 and bool(np.all(np.isfinite(recent_train)))
+        if self.full_prior and (points < self.min_points or not with_train):
+            return "prior"  # the family's law refitted: from a few points, and whenever the loss is alone
+        return "ratio" if with_train else "law"
 
     def _decide(self, forecast: Forecast, x, loss, train, draws: np.ndarray, method: str) -> None:
         """Band, probability and decisions from Monte Carlo draws of D* (inf: no basin in that draw)."""
@@ -251,7 +283,7 @@ class BasinForecaster:
         short = np.log(x[-self.window :])
         slope, slope_se = _slope(short, loss[-self.window :])
         flat_or_rising = slope + 2 * slope_se >= 0
-        evidence = flat_or_rising  # the law alone: a warning, too, waits for the curve to flatten
+        evidence = flat_or_rising  # the loss alone (law, prior): a warning, too, waits for a flat curve
         if method == "ratio":
             # A ratio near zero also comes from a plateau where the training loss is as flat as the monitored
             # one (noise in the training loss pulls the regression slope toward zero). A basin shows more:
@@ -392,10 +424,45 @@ class BasinForecaster:
                 values[name] *= s**exponent
         return np.array([values[name] for name in law.param_names])
 
+    def _prior_draws(self, x, loss, rng) -> np.ndarray | None:
+        """Draws of D* from the prior's law with this run's A and c refitted to its points (least squares on
+        log losses), c drawn from the fit's Student-t Laplace approximation (few points: t, not normal)."""
+        law = ShannonRunLaw()
+        scale = x[0]
+        columns = {"D": x / scale}
+        theta = self._prior_theta(law, scale)
+        free = [law.param_names.index("A"), law.param_names.index("c")]
+
+        def constants(log_free: np.ndarray) -> np.ndarray:
+            values = theta.copy()
+            values[free] = np.exp(log_free)
+            return values
+
+        def residuals(log_free: np.ndarray) -> np.ndarray:
+            return law.log_loss(constants(log_free), columns) - np.log(loss)
+
+        def jacobian(log_free: np.ndarray) -> np.ndarray:
+            return law.log_loss_jacobian(constants(log_free), columns)[:, free]
+
+        with np.errstate(all="ignore"):
+            solution = least_squares(residuals, np.log(theta[free]), jac=jacobian, method="trf")
+        if not (solution.success and np.all(np.isfinite(solution.x))):
+            return None
+        dof = max(len(loss) - len(free), 1)
+        sigma2 = float(np.sum(solution.fun**2) / dof)
+        covariance = sigma2 * np.linalg.pinv(solution.jac.T @ solution.jac)
+        covariance = (covariance + covariance.T) / 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            normal = rng.multivariate_normal(np.zeros(len(free)), covariance, size=SAMPLES, method="eigh")
+        samples = solution.x + normal / np.sqrt(rng.chisquare(dof, size=(SAMPLES, 1)) / dof)
+        draws = np.array([_run_basin(constants(s)) for s in samples])
+        return np.where(np.isnan(draws), np.inf, draws) * scale
+
     def _prior_forecast(self, forecast: Forecast) -> None:
         """Before the data can speak: D* and the loss there from a prior that gives every constant."""
         law = ShannonRunLaw()
-        if self.prior is None or not all(name in self.prior for name in law.param_names):
+        if not self.full_prior:
             return
         theta = np.array([self.prior[name] for name in law.param_names])
         d_star = _run_basin(theta)  # in the prior's tokens
