@@ -239,7 +239,9 @@ class BasinEarlyStopping(Callback):
         try:
             from snrmon.forecast.plot import forecast_figure
 
-            figure = forecast_figure(self.forecaster.history, self.monitor)
+            figure = forecast_figure(
+                self.forecaster.history, self.monitor, projection=self.forecaster.projection
+            )
         except ImportError:  # matplotlib is optional (the plot extra)
             log.debug("BasinEarlyStopping: no matplotlib, no forecast figure")
             return

@@ -254,6 +254,28 @@ def test_a_family_prior_warns_and_stops_past_min_points_only():
         BasinForecaster(method="prior", prior={"law": "shannon", "params": SHANNON_FAMILY})  # no n_params
 
 
+def test_the_projection_follows_the_curve_and_reaches_past_the_basin():
+    """``forecaster.projection`` (the figure's curve ahead): the law's projection on the points it was fitted
+    to lies within the noise of the clean curve; every method's grid reaches past a basin ahead, with
+    low <= central <= high; and it goes with the latest forecast's basin."""
+    clean = L_INF + B * X**-BETA + K * X
+    val, train = u_curve(0)
+    for method, curve in (("ratio", (X, val, train)), ("law", (X[:30], val[:30]))):
+        forecaster = BasinForecaster(method=method)
+        forecasts = forecaster.replay(*curve)
+        projection = forecaster.projection
+        assert projection is not None and projection.method == method
+        assert projection.d_star == forecasts[-1].d_star
+        low, central, high = (np.array(v) for v in (projection.low, projection.loss, projection.high))
+        assert np.all(low <= central) and np.all(central <= high)
+        if math.isfinite(projection.d_star) and projection.d_star > curve[0][-1]:
+            assert projection.x[-1] >= min(projection.d_star, 4 * curve[0][-1])
+    # The law's central curve against the noise-free truth, where it was fitted (X[:30]): within 4 sigma.
+    seen = np.array(projection.x) <= X[29]
+    truth = L_INF + B * np.array(projection.x)[seen] ** -BETA + K * np.array(projection.x)[seen]
+    assert np.max(np.abs(central[seen] - truth)) <= 4 * SIGMA + 0.002 * clean.min()
+
+
 # -- snrmon forecast ---------------------------------------------------------------------------------------
 
 

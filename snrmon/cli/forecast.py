@@ -18,7 +18,15 @@ import numpy as np
 
 from snrmon.cli.arguments import number
 from snrmon.cli.render import aligned, format_number
-from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS, BasinForecaster, Forecast, PriorError
+from snrmon.forecast.forecaster import (
+    CONFIDENCE,
+    HORIZON,
+    MIN_POINTS,
+    BasinForecaster,
+    Forecast,
+    PriorError,
+    Projection,
+)
 from snrmon.logs import LogError, Table, read_table
 
 RUN_COLUMNS = ("group", "model", "run")  # columns that name the run a row belongs to
@@ -89,10 +97,14 @@ def run(args: argparse.Namespace) -> int:
         )
     except (PriorError, ValueError) as error:
         raise LogError(str(error)) from None
-    forecasts = forecaster.replay(x, loss, train)
+    forecasts, projection = [], None
+    for point in zip(x, loss, [None] * len(x) if train is None else train, strict=True):
+        forecasts.append(forecaster.update(*point))
+        if not any(f.stop for f in forecasts[:-1]):  # the picture shows the curve ahead as seen at the stop
+            projection = forecaster.projection
     document = replay_document(forecasts, args.metric if args.tag is None else args.tag, x_name)
     if args.plot:
-        plot_replay(args.plot, forecasts, document, x_name)
+        plot_replay(args.plot, forecasts, document, x_name, projection)
     print(json.dumps(document, indent=2) if args.json else replay_report(forecasts, document, x_name))
     return 0
 
@@ -210,10 +222,13 @@ def replay_report(forecasts: list[Forecast], document: dict, x_name: str) -> str
     return "\n".join(lines)
 
 
-def plot_replay(path: str, forecasts: list[Forecast], document: dict, x_name: str) -> None:
-    """The curve, the forecast basin with its band at every point, the first warning and the stop."""
+def plot_replay(
+    path: str, forecasts: list[Forecast], document: dict, x_name: str, projection: Projection | None = None
+) -> None:
+    """The curve with its projection at the stop (else at the last point), the forecast basin with its band
+    at every point, the first warning and the stop."""
     from snrmon.forecast.plot import forecast_figure
     from snrmon.laws.plot import check_plot_target
 
     check_plot_target(path)
-    forecast_figure(forecasts, document["metric"], x_name).savefig(path, dpi=120)
+    forecast_figure(forecasts, document["metric"], x_name, projection).savefig(path, dpi=120)

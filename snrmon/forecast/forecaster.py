@@ -98,6 +98,21 @@ class Forecast:
 
 
 @dataclass
+class Projection:
+    """The monitored curve ahead, as the latest forecast sees it: a central line and a band (the central
+    ``confidence`` interval of the curve's mean) on a grid of x reaching past the forecast basin. From the
+    fitted law's draws (methods ``law`` and ``prior``) or from the window's quadratic in log x (``ratio``,
+    which forecasts from the generalization ratio, not from a law of the loss)."""
+
+    x: list[float]
+    loss: list[float]
+    low: list[float]
+    high: list[float]
+    method: str
+    d_star: float  # the forecast basin it goes with (inf: none)
+
+
+@dataclass
 class _Points:
     x: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
@@ -173,6 +188,9 @@ class BasinForecaster:
             )
         self.points = _Points()
         self.history: list[Forecast] = []
+        self.projection: Projection | None = None  # of the latest forecast (not saved: rebuilt at the next)
+        # The law's fitted constants, draws of them, and their x scale: the projection's curve and band.
+        self._curve_draws: tuple[np.ndarray, np.ndarray, float] | None = None
         self._theta: np.ndarray | None = None  # the last law fit, in natural units of x / x_scale
         self._searched_at = 0  # points at the last multi-start search
         self._streaks = [0, 0]  # consecutive points meeting the warning and the stop condition
@@ -245,6 +263,7 @@ class BasinForecaster:
             forecast.note = "no training loss in the window: no ratio forecast"
             return forecast
         rng = np.random.default_rng(self.seed + len(x))
+        self.projection = self._curve_draws = None
         if method == "ratio":
             draws = self._ratio_draws(x, loss, train, rng)
         elif method == "prior":
@@ -255,6 +274,7 @@ class BasinForecaster:
             forecast.note = f"{method}: no forecast at this point"
             return forecast
         self._decide(forecast, x, loss, train, draws, method)
+        self.projection = self._project(forecast, x, loss, method)
         if len(x) < self.min_points:  # the prior's early forecast warns; a stop waits for the curve's own say
             forecast.stop = False
             self._streaks[1] = 0
@@ -337,6 +357,41 @@ class BasinForecaster:
         value = float(np.min(np.polyval(coefficients, np.linspace(0.0, math.log(d_star) - u[-1], 32))))
         return value if math.isfinite(value) else None
 
+    def _project(self, forecast: Forecast, x: np.ndarray, loss: np.ndarray, method: str) -> Projection | None:
+        """The curve ahead for the figure: to 1.5 horizons past now, and on to just past a basin ahead
+        (at most 4x the training done)."""
+        x_now = x[-1]
+        end = x_now * (1 + self.horizon) * 1.5
+        if math.isfinite(forecast.d_star) and forecast.d_star > x_now:
+            end = max(end, min(forecast.d_star * 1.2, 4 * x_now))
+        tail = (1 - self.confidence) / 2
+        if self._curve_draws is not None:
+            fitted, drawn, scale = self._curve_draws
+            grid = np.geomspace(x[0], end, 64)
+            law = ShannonRunLaw()
+            with np.errstate(all="ignore"):
+                middle = law.loss(fitted, {"D": grid / scale})
+                curves = np.array([law.loss(theta, {"D": grid / scale}) for theta in drawn])
+                low, high = np.nanquantile(curves, [tail, 1 - tail], axis=0)
+            low, high = np.fmin(low, middle), np.fmax(high, middle)  # the fit itself is in its band
+        else:  # the ratio: a quadratic in log x through the window, the band of its mean
+            u = np.log(x[-self.window :]) - math.log(x_now)
+            try:
+                coefficients, covariance = np.polyfit(u, loss[-self.window :], 2, cov=True)
+            except (ValueError, np.linalg.LinAlgError):
+                return None
+            grid = np.geomspace(x[-self.window], end, 32)
+            v = np.log(grid) - math.log(x_now)
+            basis = np.stack([v**2, v, np.ones_like(v)], axis=1)
+            middle = basis @ coefficients
+            spread = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", basis, covariance, basis), 0.0))
+            quantile = float(student_t.ppf(1 - tail, df=max(len(u) - 3, 1)))
+            low, high = middle - quantile * spread, middle + quantile * spread
+        if not np.all(np.isfinite(middle)):
+            return None
+        curve = (grid.tolist(), middle.tolist(), low.tolist(), high.tolist())
+        return Projection(*curve, method=method, d_star=forecast.d_star)
+
     # -- the ratio signal -------------------------------------------------------------------------------
 
     def _ratio_draws(self, x, loss, train, rng) -> np.ndarray | None:
@@ -382,6 +437,7 @@ class BasinForecaster:
             return None
         lower, upper = law.bounds
         samples = np.clip(samples, np.log(lower), np.log(upper))
+        self._curve_draws = (theta, np.exp(samples), scale)
         draws = np.array([_run_basin(np.exp(s)) for s in samples])
         return np.where(np.isnan(draws), np.inf, draws) * scale
 
@@ -456,6 +512,11 @@ class BasinForecaster:
             warnings.simplefilter("ignore", RuntimeWarning)
             normal = rng.multivariate_normal(np.zeros(len(free)), covariance, size=SAMPLES, method="eigh")
         samples = solution.x + normal / np.sqrt(rng.chisquare(dof, size=(SAMPLES, 1)) / dof)
+        self._curve_draws = (
+            constants(solution.x),
+            np.array([constants(s) for s in samples[: SAMPLES // 4]]),
+            scale,
+        )
         draws = np.array([_run_basin(constants(s)) for s in samples])
         return np.where(np.isnan(draws), np.inf, draws) * scale
 

@@ -1,16 +1,20 @@
-"""The forecast as a picture: the monitored curve with the first warning and the stop, and the forecast
-basin D* with its band at every point. Drawn on a bare matplotlib ``Figure`` (no pyplot state), so the replay
-command can save it and BasinEarlyStopping can hand it to TensorBoard."""
+"""The forecast as a picture: the monitored curve with the latest projection ahead (its band and the
+predicted basin), the first warning and the stop; below, the forecast basin D* with its band at every point.
+Drawn on a bare matplotlib ``Figure`` (no pyplot state), so the replay command can save it and
+BasinEarlyStopping can hand it to TensorBoard."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from snrmon.forecast.forecaster import Forecast
+from snrmon.forecast.forecaster import Forecast, Projection
 
 
-def forecast_figure(forecasts: list[Forecast], metric: str, x_name: str = "step"):
-    """A two-panel ``matplotlib.figure.Figure`` of ``forecasts`` (the history of one forecaster)."""
+def forecast_figure(
+    forecasts: list[Forecast], metric: str, x_name: str = "step", projection: Projection | None = None
+):
+    """A two-panel ``matplotlib.figure.Figure`` of ``forecasts`` (the history of one forecaster) and the
+    latest ``projection`` of the curve (``BasinForecaster.projection``)."""
     from matplotlib.figure import Figure
 
     x = np.array([f.x for f in forecasts])
@@ -20,6 +24,15 @@ def forecast_figure(forecasts: list[Forecast], metric: str, x_name: str = "step"
     top, bottom = figure.subplots(2, 1, sharex=True)
     top.plot(x, [f.loss for f in forecasts], "o-", ms=3, label=metric)
     top.set_ylabel(metric)
+    if projection is not None:
+        kind = "law fit" if projection.method in ("law", "prior") else "local trend"
+        top.plot(projection.x, projection.loss, "--", color="tab:green", label=f"projection ({kind})")
+        top.fill_between(projection.x, projection.low, projection.high, color="tab:green", alpha=0.2)
+        basin = projection.d_star
+        if projection.x[0] <= basin <= projection.x[-1]:  # the predicted basin, on the projected curve
+            at = np.interp(np.log(basin), np.log(projection.x), projection.loss)
+            top.scatter([basin], [at], marker="*", s=160, color="tab:green", edgecolors="black", zorder=4,
+                        label="forecast basin")  # fmt: skip
     has = [f for f in forecasts if f.d_star is not None]
     if has:
         cap = 10 * x.max()  # an infinite or far-off forecast is drawn at the top of the chart
