@@ -10,6 +10,8 @@ loss-only single-run Shannon law (T9). Also replays the shipped Pythia LAMBADA c
     python benchmarks/forecast_eval.py --markdown # the table of docs/forecast.md
     python benchmarks/forecast_eval.py --record-stats  # add gradient statistics to the cache (~6 min)
     python benchmarks/forecast_eval.py --capacity      # the capacity candidates of docs/forecast.md (~20 s)
+    python benchmarks/forecast_eval.py --probes        # the forecaster on the perturbation probe curves
+                                                       # (recorded where missing, ~5 min; replay ~6 s)
 
 Scenarios whose validation loss turns up (U-shaped): an MLP on a small data set trained for many epochs, an
 MLP on labels 30% flipped (validated on clean labels), a tiny byte-level GPT overfitting 32 KB of text.
@@ -51,11 +53,17 @@ class Curve:
     # Gradient statistics at each validation (see grad_stats): "signal" |G|², "noise" tr(Σ) per sample, and
     # the run's constants "lr", "batch", "n_train" (None: fresh samples), "tokens_per_sample".
     stats: dict | None = None
+    # Perturbation probes at each validation (see probe_losses): the validation loss of the first
+    # PROBE_BATCHES validation batches under each probe ("gaussian_10db", "int4") and unperturbed ("clean"),
+    # with the validation batch size "batch_size" and the number of batches "batches".
+    probes: dict | None = None
 
     def as_dict(self) -> dict:
         out = {"name": self.name, "kind": self.kind, "x": self.x, "val": self.val, "train": self.train}
         if self.stats is not None:
             out["stats"] = self.stats
+        if self.probes is not None:
+            out["probes"] = self.probes
         return out
 
 
@@ -97,6 +105,52 @@ def grad_stats(model, loss_on, batches: list) -> tuple[float, float]:
     return float(mean @ mean) - trace / (k * b), trace
 
 
+PROBE_BATCHES = 4  # PerturbationProbe's num_batches default
+
+
+def probe_signals() -> list:
+    """The probes of docs/forecast.md, as GaussianNoiseProbe(snr_db=10) and QuantizationProbe(bits=4) build
+    them with their defaults (draws=4, seed=0)."""
+    from snrmon.measure.probes import GaussianNoise, Quantization
+
+    return [GaussianNoise(snr_db=10, draws=4, seed=0), Quantization(bits=4)]
+
+
+def probe_losses(model, loss_on, batches: list) -> dict[str, float]:
+    """What GaussianNoiseProbe and QuantizationProbe log at a validation: the mean loss of ``batches`` (the
+    first PROBE_BATCHES validation batches) under each perturbation, averaged over its draws
+    (snrmon.measure.probes.perturbed_loss: torch.no_grad, eval mode, the probe's own generator, the weights
+    restored bit-exactly from a copy); and, as a control, their unperturbed mean loss (``"clean"``).
+    Training is unchanged (the recorded curves replay bit for bit)."""
+    import torch
+
+    from snrmon.measure.probes import perturbed_loss, probe_parameters
+
+    params = probe_parameters(model)
+
+    def mean_loss():
+        return torch.stack([loss_on(inputs, targets).detach().float() for inputs, targets in batches]).mean()
+
+    out = {p.name: float(perturbed_loss(model, p, mean_loss, params)) for p in probe_signals()}
+    training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    with torch.no_grad():
+        out["clean"] = float(mean_loss())
+    for m, mode in training:
+        m.training = mode
+    return out
+
+
+def _probed(probes: dict | None, batch_size: int, measured: list[dict]) -> dict | None:
+    if not probes:
+        return None
+    return {
+        "batches": PROBE_BATCHES,
+        "batch_size": batch_size,
+        **{key: [m[key] for m in measured] for key in measured[0]},
+    }
+
+
 def mlp_run(
     name: str,
     seed: int,
@@ -109,8 +163,11 @@ def mlp_run(
     lr: float = 1e-3,
     width: int = 256,
     stats: bool = False,
+    probes: bool = False,
 ) -> Curve:
-    """An MLP classifier on a teacher's labels; ``n_train=None`` draws fresh samples every step."""
+    """An MLP classifier on a teacher's labels; ``n_train=None`` draws fresh samples every step. The probes
+    see the validation set as a loader with the training batch size would serve it: its first
+    PROBE_BATCHES batches of ``batch`` samples."""
     import torch
     from torch import nn
 
@@ -130,6 +187,10 @@ def mlp_run(
     loss_fn = nn.CrossEntropyLoss()
     xs, vals, trains, window = [], [], [], []
     signals, noises, stats_gen = [], [], torch.Generator().manual_seed(7000 + seed)
+    probed: list[dict] = []
+    probe_batches = [
+        (x_val[i * batch : (i + 1) * batch], y_val[i * batch : (i + 1) * batch]) for i in range(PROBE_BATCHES)
+    ]
 
     def stat_batch() -> tuple:
         if n_train is None:
@@ -159,15 +220,26 @@ def mlp_run(
                 signal, noise = grad_stats(model, lambda i, t: loss_fn(model(i), t), batches)
                 signals.append(signal)
                 noises.append(noise)
+            if probes:
+                probed.append(probe_losses(model, lambda i, t: loss_fn(model(i), t), probe_batches))
     constants = {"lr": lr, "batch": batch, "n_train": n_train, "tokens_per_sample": 1}
     recorded = {"signal": signals, "noise": noises, **constants} if stats else None
-    return Curve(name, "", xs, vals, trains, recorded)
+    return Curve(name, "", xs, vals, trains, recorded, _probed(probes, batch, probed))
 
 
 def gpt_run(
-    name: str, seed: int, corpus_bytes: int, steps: int, val_every: int, lr: float = 1e-3, stats: bool = False
+    name: str,
+    seed: int,
+    corpus_bytes: int,
+    steps: int,
+    val_every: int,
+    lr: float = 1e-3,
+    stats: bool = False,
+    probes: bool = False,
 ) -> Curve:
-    """A tiny byte-level GPT (examples/char_gpt.py) on the first ``corpus_bytes`` of the stdlib corpus."""
+    """A tiny byte-level GPT (examples/char_gpt.py) on the first ``corpus_bytes`` of the stdlib corpus. The
+    probes see the 64 validation windows as char_gpt's val_dataloader serves them, in batches of 16 (the
+    training batch size): PROBE_BATCHES of them are the whole validation set."""
     import torch
     import torch.nn.functional as F
 
@@ -190,6 +262,10 @@ def gpt_run(
     val_x, val_y = windows(val_data, 64, torch.Generator().manual_seed(99))
     xs, vals, trains, window = [], [], [], []
     signals, noises, stats_gen = [], [], torch.Generator().manual_seed(7000 + seed)
+    probed: list[dict] = []
+    probe_batches = [
+        (val_x[i * 16 : (i + 1) * 16], val_y[i * 16 : (i + 1) * 16]) for i in range(PROBE_BATCHES)
+    ]
 
     def loss_on(inputs, targets):
         return F.cross_entropy(model(inputs).reshape(-1, 256), targets.reshape(-1))
@@ -216,10 +292,12 @@ def gpt_run(
                 signal, noise = grad_stats(model, loss_on, batches)
                 signals.append(signal)
                 noises.append(noise)
+            if probes:
+                probed.append(probe_losses(model, loss_on, probe_batches))
     # A sample is one window of `block` tokens; N counts the distinct windows of the training text.
     constants = {"lr": lr, "batch": 16, "n_train": corpus_bytes - block - 1, "tokens_per_sample": block}
     recorded = {"signal": signals, "noise": noises, **constants} if stats else None
-    return Curve(name, "", xs, vals, trains, recorded)
+    return Curve(name, "", xs, vals, trains, recorded, _probed(probes, 16, probed))
 
 
 SCENARIOS = {
@@ -270,7 +348,7 @@ def record(cached: list[Curve] | None = None) -> list[Curve]:
             if f"{name}/{seed}" in have:
                 continue
             start = time.perf_counter()
-            curve = run(seed)
+            curve = run(seed, probes=True)
             curve.name = f"{name}/{seed}"
             curve.kind = label(curve)
             curves.append(curve)
@@ -302,6 +380,32 @@ def record_stats(curves: list[Curve]) -> list[Curve]:
         curve.stats = again.stats
         CACHE.write_text(json.dumps([c.as_dict() for c in curves]))
         print(f"gradient statistics of {curve.name}: {time.perf_counter() - start:.0f} s", flush=True)
+    return curves
+
+
+def record_probes(curves: list[Curve]) -> list[Curve]:
+    """Rerun every recorded scenario without probe curves, with the probes measured at each validation, and
+    cache them with the curves; the clean losses must come out exactly as recorded before."""
+    import torch
+
+    torch.set_num_threads(1)
+    began = time.perf_counter()
+    for curve in curves:
+        if curve.probes is not None:
+            continue
+        name, seed = curve.name.split("/")
+        start = time.perf_counter()
+        again = SCENARIOS[name](int(seed), probes=True)
+        if again.val != curve.val or again.train != curve.train:
+            raise RuntimeError(f"{curve.name}: the losses differ from the recorded ones; not caching")
+        curve.probes = again.probes
+        CACHE.write_text(json.dumps([c.as_dict() for c in curves]))
+        print(
+            f"probes of {curve.name} (clean curves identical): {time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(f"probes recorded in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     return curves
 
 
@@ -495,6 +599,88 @@ def capacity_methods(smooth: int = 1) -> dict:
     return methods
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Perturbation probes as the forecaster's curve (docs/forecast.md, "Perturbation probes")
+
+#: The recorded probe curves, and the control: the same validation batches, unperturbed.
+PROBE_LABELS = {"gaussian_10db": "10 dB noise", "int4": "4-bit", "clean": "clean, probe batches"}
+
+
+def probe_curve(curve: Curve, signal: str) -> Curve:
+    """``curve`` with the probe curve ``signal`` in place of the validation loss (the training loss as
+    recorded): what BasinEarlyStopping(monitor=probe.metric) sees."""
+    return Curve(curve.name, curve.kind, curve.x, list(curve.probes[signal]), curve.train)
+
+
+def probe_methods() -> dict:
+    """The forecaster with its defaults (run_forecaster) watching the validation loss, then each probe
+    curve. evaluate() judges every stop by the clean validation loss."""
+    methods = {"val_loss": METHODS["forecaster"]}
+    for signal, name in PROBE_LABELS.items():
+        methods[name] = lambda curve, signal=signal: run_forecaster(probe_curve(curve, signal))
+    return methods
+
+
+def probes_markdown(curves: list[Curve]) -> str:
+    """Where each probe curve has its minimum against the clean one, and the forecaster watching it: the
+    first warning and the stop, with the clean validation loss at the stop against its minimum."""
+    curves = [c for c in curves if c.probes is not None]
+    rows = evaluate(curves, probe_methods())
+    methods = list(PROBE_LABELS.values())
+    lines = [
+        "Minimum of each curve: step (validations from the clean minimum; negative: earlier), and whether "
+        "the probe curve itself is U-shaped (label()).",
+        "",
+        "| run | kind | val_loss minimum at | " + " | ".join(methods) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |",
+    ]
+    for curve in curves:
+        best = int(np.argmin(curve.val))
+        cells = []
+        for signal in PROBE_LABELS:
+            probe = probe_curve(curve, signal)
+            at = int(np.argmin(probe.val))
+            cells.append(f"{curve.x[at]:.4g} ({at - best:+d}, {label(probe)})")
+        lines.append(f"| {curve.name} | {curve.kind} | {curve.x[best]:.4g} | " + " | ".join(cells) + " |")
+    names = list(probe_methods())
+    lines += [
+        "",
+        "The forecaster (defaults) watching each curve, with the training loss: first warning, stop, then "
+        "the *clean* validation loss at the stop against the clean minimum and the validations from the "
+        "clean minimum to the stop.",
+        "",
+        "| run | kind | " + " | ".join(names) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in names) + " |",
+    ]
+    for curve in curves:
+        mine = {r.method: r for r in rows if r.curve == curve.name}
+        lines.append(f"| {curve.name} | {curve.kind} | " + " | ".join(_cell(mine[m]) for m in names) + " |")
+    by_name = {c.name: c for c in curves}
+    lines += [
+        "",
+        "Summary, judged by the clean validation loss:",
+        "",
+        "| forecaster watching | warned at or before the minimum (U) | stopped (U) "
+        "| loss at the stop within 1% (U) | mean loss at the stop vs the minimum (U) "
+        "| best kept within 1% (U) | median validations past the minimum (U) "
+        "| median validations from the first warning to the minimum (U) | false alarms (improving) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, m in summary(rows).items():
+        leads = [
+            by_name[r.curve].x.index(r.x_min) - by_name[r.curve].x.index(r.warning)
+            for r in rows
+            if r.method == method and r.kind == "U" and r.warning is not None
+        ]
+        lines.append(
+            f"| {method} | {m['warned_in_time']:.0%} of {m['n_u']} | {m['stopped']:.0%} | "
+            f"{m['within_1pct']:.0%} | {100 * m['mean_gap']:+.2f}% | {m['kept_within_1pct']:.0%} | "
+            f"{m['median_past_min']:.1f} | {np.median(leads) if leads else math.nan:.1f} | "
+            f"{m['false_alarms']} of {m['n_improving']} |"
+        )
+    return "\n".join(lines)
+
+
 @dataclass
 class Row:
     curve: str
@@ -678,12 +864,24 @@ if __name__ == "__main__":
         "--capacity", action="store_true", help="replay the capacity candidates (Markdown tables) and exit"
     )
     parser.add_argument("--smooth", type=int, default=1, help="with --capacity: average over this many")
+    parser.add_argument(
+        "--probes",
+        action="store_true",
+        help="replay the forecaster on the perturbation probe curves (Markdown tables; recorded where "
+        "missing) and exit",
+    )
     args = parser.parse_args()
     curves = load_curves(args.record)
     if args.record_stats:
         curves = record_stats(curves)
     if args.capacity:
         print(capacity_markdown(curves, args.smooth))
+        sys.exit(0)
+    if args.probes:
+        curves = record_probes(curves)
+        began = time.perf_counter()
+        print(probes_markdown(curves))
+        print(f"replayed the probe curves in {time.perf_counter() - began:.0f} s", file=sys.stderr)
         sys.exit(0)
     curves += pythia_curves()
     began = time.perf_counter()
