@@ -18,8 +18,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 
+from snrmon.callbacks._batch_size import count_samples
 from snrmon.callbacks._lightning import logging_step, should_log, window_ends
-from snrmon.callbacks.snr_monitor import SNRMonitor, count_samples
+from snrmon.callbacks.snr_monitor import SNRMonitor
 from snrmon.forecast.capacity import CapacityMeter
 
 

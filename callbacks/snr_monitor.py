@@ -2,47 +2,42 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    ModelParallelStrategy,
-    SingleDeviceStrategy,
-    SingleDeviceXLAStrategy,
-    XLAStrategy,
-)
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
-from torch.nn.parameter import is_lazy
 
+from snrmon.callbacks._all_reduce import skip_step_on_all_ranks, sum_over_ranks
+from snrmon.callbacks._batch_size import (
+    check_sample_count,
+    count_samples,
+    samples_in,
+    warn_if_leading_dimensions_differ,
+)
 from snrmon.callbacks._lightning import (
     ddp_comm_hooks,
     logging_step,
     loss_scale,
     should_log,
-    tensor_parallel_size,
     unscales_in_step,
     window_ends,
 )
+from snrmon.callbacks._split_batch import backward_aside, first_half
+from snrmon.callbacks._supported import check_supported_run
+from snrmon.callbacks._trainable import TrainableParameters, make_taps
+from snrmon.callbacks._training_set import announce, run_population
 from snrmon.callbacks.tensorboard_layout import add_snr_layout, log_bands
 from snrmon.measure.estimator import GradientNoiseEstimator
-from snrmon.measure.groups import TOTAL, check_groups, group_parameters
-from snrmon.measure.sampling import Population, training_population
-from snrmon.measure.taps import GradientTaps, ShardedGradientTaps
+from snrmon.measure.groups import TOTAL, check_groups
+from snrmon.measure.sampling import Population
+from snrmon.measure.taps import GradientTaps
 
 
 def _never_crash(hook: Callable) -> Callable:
@@ -172,9 +167,7 @@ class SNRMonitor(Callback):
         self._closed_step = -1  # global step of the last on_before_optimizer_step
         self._taps_are_new = False  # FSDP2 taps made since the current window's first forward
         self._population: Population | None = None
-        self._named: list[tuple[str, torch.nn.Parameter]] | None = None  # all parameters, walked each epoch
-        self._trainable: tuple[bool, ...] | None = None  # which of them the taps watch
-        self._known: set[int] = set()  # their ids
+        self._trainable = TrainableParameters()  # which parameters the taps watch
         self._batch: Any = None
         self._batch_idx = 0
 
@@ -187,33 +180,8 @@ class SNRMonitor(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = trainer.strategy
-        supported = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
-        refused = (DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
-        if not isinstance(strategy, supported) or isinstance(strategy, refused):
-            raise MisconfigurationException(
-                "SNRMonitor supports single-device, DDP, and FSDP2 (`fully_shard`) through"
-                " ModelParallelStrategy(tensor_parallel_size=1), not"
-                f" {type(strategy).__name__}: its gradients need a reduction of squared norms that this"
-                " monitor does not do."
-            )
-        if isinstance(strategy, ModelParallelStrategy) and tensor_parallel_size(strategy) > 1:
-            raise MisconfigurationException(
-                "SNRMonitor supports ModelParallelStrategy with data parallelism (FSDP2) only, not tensor"
-                " parallelism: a tensor-parallel gradient is split over ranks that saw the same samples."
-            )
-        self._sharded = isinstance(strategy, ModelParallelStrategy)
-        if not pl_module.automatic_optimization:
-            raise MisconfigurationException(
-                "SNRMonitor needs automatic optimization (it reads Lightning's accumulation scaling)."
-            )
-        if self.split_batch and _holds_metrics(pl_module):
-            raise MisconfigurationException(
-                "SNRMonitor(split_batch=True) runs `training_step` once more on half of each measured batch;"
-                " the module holds torchmetrics metrics, whose updates in that extra call would count the"
-                " half batch twice and cannot be undone in general. Use gradient accumulation or several"
-                " devices instead of split_batch."
-            )
+        check_supported_run(trainer.strategy, pl_module, self.split_batch)
+        self._sharded = isinstance(trainer.strategy, ModelParallelStrategy)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.latest = {}  # values of an earlier fit must not pass for this one's
@@ -238,38 +206,16 @@ class SNRMonitor(Callback):
 
     @_never_crash
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._named = None  # walk the module again at the next measured window: it may have new tensors
+        self._trainable.walk_again()  # at the next measured window: it may have new tensors
         if self._sharded:
             # Walked now, between steps, when FSDP2 holds every parameter sharded: after a forward the root
             # module's parameters are its unsharded ones, which only the taps should see.
             self._watch_trainable_parameters(trainer, pl_module)
         # Dataloaders exist by now, and may be reloaded between epochs.
-        if self.dataset_size is not None:
-            size = None if self.dataset_size == math.inf else int(self.dataset_size)
-            population = Population(size, f"dataset_size={self.dataset_size} was given")
-        else:
-            population = training_population(trainer.train_dataloader, trainer.world_size)
-            if population.size is not None and self.batch_size_fn is not count_samples:
-                # N counts the dataset's items; a batch_size_fn may count tokens or other units.
-                population = Population(
-                    None,
-                    f"{population.description}, N = {population.size} items, but `batch_size_fn` counts"
-                    " samples in its own unit (tokens?), in which N is unknown",
-                )
+        population = run_population(trainer, self.dataset_size, self.batch_size_fn)
         if population != self._population:
             self._population = population
-            if population.size is None:
-                rank_zero_info(
-                    f"SNRMonitor: {population.description}, so the microbatches of a step are taken as"
-                    " independent draws: no finite-training-set correction. Pass `dataset_size=N` if they are"
-                    " disjoint draws from N samples (in the unit `batch_size_fn` counts)."
-                )
-            else:
-                rank_zero_info(
-                    f"SNRMonitor: {population.description}: the microbatches of a step are disjoint draws"
-                    f" from a training set of N = {population.size} samples: `signal` is the training-set"
-                    " |G|² (finite-population corrected), with `signal_beyond_chance` and `dataset_snr`."
-                )
+            announce(population)
             if self._estimator is not None:
                 self._estimator.dataset_size = population.size or math.inf
 
@@ -318,34 +264,24 @@ class SNRMonitor(Callback):
         return True
 
     def _watch_trainable_parameters(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Tap the parameters that train now; a checkpoint's EMAs are restored into the first estimator."""
         self._rewatch(trainer, pl_module)
         if self._pending_state is not None and self._estimator is not None:  # resumed from a checkpoint
             self._load_estimator(self._pending_state)
             self._pending_state = None
 
     def _rewatch(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # The module is walked once an epoch (a walk costs about as much as the norm reads of a small model);
-        # each measured window only re-reads which of those tensors train and which exist yet. A tensor
-        # trains if it requires a gradient and an optimizer holds it: Lightning clears only the optimizers'
-        # gradients, so any other `.grad` grows from step to step and is never applied.
-        optimized = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-        if self._named is not None and not self._sharded and not optimized <= self._known:
-            self._named = None  # the optimizer holds a tensor the last walk missed: a module was replaced
-        if self._named is None:
-            self._named, self._trainable = list(pl_module.named_parameters()), None
-            self._known = {id(p) for _, p in self._named}
-        trainable = tuple(p.requires_grad and not is_lazy(p) and id(p) in optimized for _, p in self._named)
-        if trainable == self._trainable:
+        """If other tensors train than the taps watch: new taps on them, and a new estimator."""
+        change = self._trainable.read(trainer, pl_module, self._sharded)
+        if change is None:
             return
-        outside = [n for n, p in self._named if p.requires_grad and id(p) not in optimized]
+        named, outside = change
         if outside:
             self._warn_once(
                 "outside_optimizer",
                 f"SNRMonitor: {len(outside)} parameter tensors require a gradient but are in no optimizer"
                 f" (e.g. {outside[0]!r}); they are left out: their gradient is never applied, nor cleared.",
             )
-        self._trainable = trainable
-        named = [pair for pair, keep in zip(self._named, trainable, strict=True) if keep]
         watched = self._taps.parameters if self._taps is not None else []
         if len(named) == len(watched) and all(p is q for (_, p), q in zip(named, watched, strict=True)):
             return  # identity, not `==`: equal values say nothing about which tensors train
@@ -355,38 +291,25 @@ class SNRMonitor(Callback):
         if not named:
             self._disable("the model has no trainable parameters")
             return
-        names, parameters = zip(*named, strict=True)
-        group_names, membership = group_parameters(list(names), self.groups)
+        group_names, taps = make_taps(pl_module, named, self.groups, self._sharded)
+        self._taps = taps
         if self._sharded:
-            self._taps = _fsdp2_taps(pl_module, list(names), list(parameters), membership)
             self._taps_are_new = True
-        else:
-            self._taps = GradientTaps(list(parameters), membership)
         if self._estimator is not None and int(self._estimator.updates) > 0:
             # The total (and maybe the groups) now sums over other tensors: a new quantity, new EMAs.
             before = {id(p) for p in watched}
             added = [n for n, p in named if id(p) not in before]
             removed = len(watched) - (len(named) - len(added))
             rank_zero_info(
-                f"SNRMonitor: the trainable parameters changed ({len(watched)} -> {len(parameters)} tensors:"
+                f"SNRMonitor: the trainable parameters changed ({len(watched)} -> {len(named)} tensors:"
                 f" {len(added)} added{' (' + ', '.join(added[:3]) + ')' if added else ''}, {removed} removed;"
                 f" groups {group_names}); the EMAs restart."
             )
         self._group_names = group_names
         dataset_size = (self._population.size if self._population else None) or math.inf
         self._estimator = GradientNoiseEstimator(
-            len(group_names), self.ema_decay, parameters[0].device, dataset_size
+            len(group_names), self.ema_decay, named[0][1].device, dataset_size
         )
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._ended_at_step = trainer.global_step
-        if self._taps is not None:
-            self._taps.detach()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._ended_at_step = -1  # a failed fit is not one to go on from
-        if self._taps is not None:
-            self._taps.detach()  # never leave hooks on the user's model
 
     # ------------------------------------------------------------------ per microbatch
     @_never_crash
@@ -411,18 +334,11 @@ class SNRMonitor(Callback):
         self._last_backward = True
 
     def _batch_size(self, batch: Any) -> float | Tensor:
-        try:
-            size = self.batch_size_fn(batch)
-        except Exception as error:
-            raise ValueError(
-                f"could not count the samples of a training batch ({error}); pass"
-                " `SNRMonitor(batch_size_fn=...)` returning what the training loss is a mean over"
-            ) from error
+        size = samples_in(batch, self.batch_size_fn)
         if self.batch_size_fn is count_samples and "ambiguous_batch" not in self._warned:
-            self._check_unambiguous(batch, size)
-        # A device tensor is not checked (that would sync); a bad one makes the step non-finite (skipped).
-        if not isinstance(size, Tensor) and not (isinstance(size, (int, float)) and 0 < size < math.inf):
-            raise ValueError(f"batch_size_fn returned {size!r} for a batch: it must count its samples (> 0)")
+            self._warned.add("ambiguous_batch")  # checked once (a tree walk), warned at most once
+            warn_if_leading_dimensions_differ(batch, size)
+        check_sample_count(size)
         return size
 
     # ------------------------------------------------------------------ per optimizer step
@@ -434,7 +350,7 @@ class SNRMonitor(Callback):
         try:
             if self._disabled:
                 if distributed and measured:
-                    self._skip_step_on_all_ranks(trainer, pl_module)
+                    skip_step_on_all_ranks(trainer, pl_module, self.groups, self._sharded, self._estimator)
                 return
             if trainer.global_step == self._closed_step:
                 raise RuntimeError(
@@ -454,21 +370,13 @@ class SNRMonitor(Callback):
                 self._finish_step(trainer, pl_module, optimizer)
         except Exception as error:
             if distributed and measured and not self._reduced:
-                self._skip_step_on_all_ranks(trainer, pl_module)  # the other ranks wait in the all-reduce
+                # The other ranks wait in the all-reduce.
+                skip_step_on_all_ranks(trainer, pl_module, self.groups, self._sharded, self._estimator)
             self._disable(f"{type(error).__name__} in on_before_optimizer_step: {error}")
         finally:
             self._backwards, self._window_size, self._reduced = 0, 0.0, False
             if not self._disabled:
                 self._attach_ahead_of_next_step(trainer)
-
-    @_never_crash
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        # At the end of every window, stepped or not (a window whose `optimizer.step()` was skipped is still a
-        # logging step for Lightning), where Lightning logs the module's own step metrics.
-        if window_ends(trainer) and should_log(trainer):
-            self._log(trainer, pl_module)
 
     def _attach_ahead_of_next_step(self, trainer: Trainer) -> None:
         if self._taps is not None and self._taps.reads_shards:  # (the step counter moves after this hook)
@@ -505,26 +413,9 @@ class SNRMonitor(Callback):
         # own step (fused Adam) and for steps whose last microbatch skipped its backward (returned None).
         unscaled = not unscales_in_step(optimizer) and self._last_backward
         applied = self._taps.accumulated_sq_norms(1.0 if unscaled else scale)
-        all_reduce = _sum_over_ranks if trainer.world_size > 1 else None
+        all_reduce = sum_over_ranks if trainer.world_size > 1 else None
         self._estimator.step(applied, all_reduce, applied_is_sharded=self._taps.reads_shards)
         self._reduced = True
-
-    def _skip_step_on_all_ranks(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """A rank whose monitor failed still joins each measured step's all-reduce, with non-finite values: no
-        rank waits for it, and every rank skips the step alike (counted in ``snr/skipped_steps``). The vector
-        has the length the healthy ranks use now, for the parameters that train now (they may have changed
-        since this rank failed, or this rank may have failed before it built its estimator)."""
-        optimized = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-        names = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) in optimized]
-        if not names:
-            return  # the healthy ranks have nothing to measure either
-        groups = len(group_parameters(names, self.groups)[0])
-        length = groups + 4 + (groups if self._sharded else 0)
-        dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
-        _sum_over_ranks(torch.full((length,), math.nan, dtype=dtype, device=pl_module.device))
-        if self._estimator is not None:
-            self._estimator.discard_step()
-            self._estimator.skipped += 1
 
     def _add_half_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The split-batch fallback: one extra small gradient from the first half of the batch."""
@@ -536,45 +427,21 @@ class SNRMonitor(Callback):
                 " steps are not measured.",
             )
             return
-        half = apply_to_collection(
-            self._batch, Tensor, lambda t: t[: full_size // 2] if t.ndim and len(t) == full_size else t
-        )
+        half = first_half(self._batch, full_size)
         scale = loss_scale(trainer)
-        device = pl_module.device
-        rng_devices = [device] if device.type == "cuda" else []
-        with (
-            torch.random.fork_rng(devices=rng_devices),
-            _restored_python_and_numpy_random(),
-            _muted_logging(pl_module),
-            _restored_buffers(pl_module),
-            trainer.precision_plugin.train_step_context(),
-        ):
-            output = pl_module.training_step(half, self._batch_idx)
-            loss = output["loss"] if isinstance(output, dict) else output
-            self._taps.start_backward()
-            # autograd.grad leaves `.grad` untouched; the tensor hooks still see the gradient.
-            torch.autograd.grad(loss * scale, self._taps.parameters, allow_unused=True)
+        backward_aside(trainer, pl_module, half, self._batch_idx, self._taps, scale)
         self._estimator.add_small(self._taps.backward_sq_norms(scale), self.batch_size_fn(half))
 
-    def _check_unambiguous(self, batch: Any, size: int) -> None:
-        """Once a fit: say so if the batch's tensors disagree on their leading dimension (e.g. a list of
-        per-sample tensors beside a target), since the default count may then be wrong."""
-        self._warned.add("ambiguous_batch")  # checked once (a tree walk), warned at most once
-        leading: set[int] = set()
-        apply_to_collection(batch, Tensor, lambda t: leading.add(len(t)) if t.ndim else None)
-        if len(leading) > 1:
-            rank_zero_warn(
-                f"SNRMonitor: the batch's tensors have leading dimensions {sorted(leading)}; it counts {size}"
-                " samples (the first tensor's). If the loss is a mean over another count, pass"
-                " `SNRMonitor(batch_size_fn=...)`."
-            )
-
-    def _warn_once(self, topic: str, message: str) -> None:
-        if topic not in self._warned:
-            self._warned.add(topic)
-            rank_zero_warn(message)
-
     # ------------------------------------------------------------------ logging
+    @_never_crash
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # At the end of every window, stepped or not (a window whose `optimizer.step()` was skipped is still a
+        # logging step for Lightning), where Lightning logs the module's own step metrics.
+        if window_ends(trainer) and should_log(trainer):
+            self._log(trainer, pl_module)
+
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._estimator is None:
             return
@@ -608,7 +475,23 @@ class SNRMonitor(Callback):
         if self.prog_bar and ratio == ratio:
             pl_module.log(f"{self.prefix}/ratio", ratio, prog_bar=True, logger=False)
 
+    # ------------------------------------------------------------------ end of fit
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ended_at_step = trainer.global_step
+        if self._taps is not None:
+            self._taps.detach()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._ended_at_step = -1  # a failed fit is not one to go on from
+        if self._taps is not None:
+            self._taps.detach()  # never leave hooks on the user's model
+
     # ------------------------------------------------------------------ failure and state
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            rank_zero_warn(message)
+
     def _disable(self, reason: str) -> None:
         self._disabled = True
         if self._taps is not None:
@@ -653,89 +536,3 @@ class SNRMonitor(Callback):
                 f"SNRMonitor: the checkpoint was smoothed with ema_decay={saved_decay}, this run uses"
                 f" {self.ema_decay}; the bias correction of the restored EMAs is approximate."
             )
-
-
-def count_samples(batch: Any) -> int:
-    """The default ``batch_size_fn``: the leading dimension of the batch's first tensor that has one (0-dim
-    tensors, such as a per-batch scalar, are skipped)."""
-    # The usual batch (a tensor, or a tuple, list or dict starting with one) without the generic tree walk:
-    # this runs once per microbatch.
-    first = batch
-    if isinstance(batch, (tuple, list)) and batch:
-        first = batch[0]
-    elif isinstance(batch, dict) and batch:
-        first = next(iter(batch.values()))
-    if isinstance(first, Tensor) and first.ndim:
-        return len(first)
-    sizes: list[int] = []
-    apply_to_collection(batch, Tensor, lambda t: sizes.append(len(t)) if t.ndim else None)
-    if not sizes:
-        raise ValueError(f"the batch ({type(batch).__name__}) holds no tensor with a leading dimension")
-    return sizes[0]
-
-
-def _fsdp2_taps(
-    pl_module: LightningModule, names: list[str], parameters: list[torch.nn.Parameter], membership: Tensor
-) -> ShardedGradientTaps:
-    """Taps for a module sharded with ``fully_shard`` on a 1-D data-parallel mesh; refuses anything else."""
-    plain = [name for name, p in zip(names, parameters, strict=True) if not isinstance(p, DTensor)]
-    if plain:
-        raise ValueError(
-            "under ModelParallelStrategy every trainable parameter must be sharded with `fully_shard` (apply"
-            f" it to the root module in `configure_model`); not sharded: {plain[:3]}"
-        )
-    if any(p.device_mesh.ndim != 1 for p in parameters):
-        raise ValueError(
-            "hybrid sharding (a 2-D mesh) is not supported: SNRMonitor measures FSDP2 on one data-parallel"
-            " mesh dimension"
-        )
-    modules = [(name, module) for name, module in pl_module.named_modules() if isinstance(module, FSDPModule)]
-    return ShardedGradientTaps(parameters, membership, names, modules)
-
-
-def _holds_metrics(pl_module: LightningModule) -> bool:
-    try:
-        from torchmetrics import Metric
-    except ImportError:
-        return False
-    return any(isinstance(module, Metric) for module in pl_module.modules())
-
-
-@contextlib.contextmanager
-def _restored_python_and_numpy_random() -> Iterator[None]:
-    """`torch.random.fork_rng` covers torch only; a `training_step` may also draw from `random` or NumPy."""
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-
-
-@contextlib.contextmanager
-def _muted_logging(pl_module: LightningModule) -> Iterator[None]:
-    """Let the split-batch fallback call `training_step` without its `self.log` calls reaching the logs."""
-    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del pl_module.log, pl_module.log_dict
-
-
-@contextlib.contextmanager
-def _restored_buffers(pl_module: LightningModule) -> Iterator[None]:
-    """Keep the split-batch fallback's extra forward out of buffers such as BatchNorm's running statistics."""
-    saved = [buffer.clone() for buffer in pl_module.buffers()]
-    try:
-        yield
-    finally:
-        for buffer, value in zip(pl_module.buffers(), saved, strict=True):
-            buffer.copy_(value)
-
-
-def _sum_over_ranks(tensor: Tensor) -> Tensor:
-    """Sum over DDP ranks in place. A plain all-reduce: Lightning's ``strategy.reduce`` adds a barrier, which
-    would block the host on every measured step."""
-    torch.distributed.all_reduce(tensor)
-    return tensor
