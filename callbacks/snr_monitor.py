@@ -355,17 +355,11 @@ class SNRMonitor(Callback):
             if trainer.global_step == self._closed_step:
                 raise RuntimeError(
                     "the optimizer evaluated its closure more than once in one step (LBFGS and other"
-                    " line-search optimizers): each evaluation is a new gradient at new parameters, not a"
-                    " microbatch of one step, so signal and noise cannot be separated"
+                    " line-search optimizers, or an `optimizer_step` that calls `optimizer.step()` twice):"
+                    " each evaluation is a new gradient at new parameters, not a microbatch of one step, so"
+                    " signal and noise cannot be separated"
                 )
             if self._measuring:
-                if trainer.global_step == self._closed_step:
-                    raise RuntimeError(
-                        "the optimizer stepped more than once in one step (LBFGS and other line searches"
-                        " evaluate their closure again; an `optimizer_step` may call `optimizer.step()`"
-                        " twice): each is a gradient at new parameters, not a microbatch of one step, so"
-                        " signal and noise cannot be separated"
-                    )
                 self._closed_step = trainer.global_step
                 self._finish_step(trainer, pl_module, optimizer)
         except Exception as error:
