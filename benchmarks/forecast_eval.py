@@ -389,10 +389,8 @@ def record_probes(curves: list[Curve]) -> list[Curve]:
     import torch
 
     torch.set_num_threads(1)
-    began = time.perf_counter()
-    for curve in curves:
-        if curve.probes is not None:
-            continue
+    began, missing = time.perf_counter(), [c for c in curves if c.probes is None]
+    for curve in missing:
         name, seed = curve.name.split("/")
         start = time.perf_counter()
         again = SCENARIOS[name](int(seed), probes=True)
@@ -405,7 +403,8 @@ def record_probes(curves: list[Curve]) -> list[Curve]:
             file=sys.stderr,
             flush=True,
         )
-    print(f"probes recorded in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    if missing:
+        print(f"probes recorded in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     return curves
 
 
@@ -628,8 +627,8 @@ def probes_markdown(curves: list[Curve]) -> str:
     rows = evaluate(curves, probe_methods())
     methods = list(PROBE_LABELS.values())
     lines = [
-        "Minimum of each curve: step (validations from the clean minimum; negative: earlier), and whether "
-        "the probe curve itself is U-shaped (label()).",
+        "Minimum of each curve: step (validations from the clean minimum, negative: earlier; U: the curve "
+        "itself turns up, by the rule of the evaluation above).",
         "",
         "| run | kind | val_loss minimum at | " + " | ".join(methods) + " |",
         "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |",
