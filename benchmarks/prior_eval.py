@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,10 +133,17 @@ def table(rows: list[Row]) -> str:
         "| best kept within 1% (U) | median validations past the minimum (U) | false alarms (improving) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for method, m in summary(rows).items():
+    with warnings.catch_warnings():  # means over an empty set of U-shaped runs: NaN, shown as "–"
+        warnings.simplefilter("ignore", RuntimeWarning)
+        stats = summary(rows)
+    for method, m in stats.items():
+        if not m["n_u"]:  # no U-shaped run in the set: only the false alarms say anything
+            lines.append(f"| {method} | – | – | – | – | – | {m['false_alarms']} of {m['n_improving']} |")
+            continue
+        past = "–" if np.isnan(m["median_past_min"]) else f"{m['median_past_min']:.1f}"
         lines.append(
             f"| {method} | {m['warned_in_time']:.0%} of {m['n_u']} | {m['stopped']:.0%} | "
-            f"{m['within_1pct']:.0%} | {m['kept_within_1pct']:.0%} | {m['median_past_min']:.1f} | "
+            f"{m['within_1pct']:.0%} | {m['kept_within_1pct']:.0%} | {past} | "
             f"{m['false_alarms']} of {m['n_improving']} |"
         )
     return "\n".join(lines)
