@@ -184,15 +184,18 @@ def test_checks_every_n_steps_on_a_training_metric():
 
 def test_forecast_history_survives_resume(tmp_path):
     first = BasinEarlyStopping(monitor="val_loss")
-    trainer, model = _fit(first, _data(64, 0), max_epochs=8)
+    trainer, model = _fit(first, _data(64, 0), max_epochs=12)
+    assert any(f.d_star is not None for f in first.forecaster.history)  # past min_points: forecasts to save
     path = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(path)
+    torch.load(path, weights_only=True)  # torch's default: plain Python values and tensors only
     resumed = BasinEarlyStopping(monitor="val_loss")
-    _fit(resumed, _data(64, 0), max_epochs=12, ckpt_path=str(path), model=Regressor())
+    _fit(resumed, _data(64, 0), max_epochs=16, ckpt_path=str(path), model=Regressor())
     before = first.forecaster.state_dict()["points"]
     after = resumed.forecaster.points
     assert after.x[: len(before["x"])] == before["x"] and after.loss[: len(before["loss"])] == before["loss"]
-    assert len(after.x) == 12  # the four new validations continue the same curve
+    assert len(after.x) == 16  # the four new validations continue the same curve
+    assert [f.as_dict() for f in resumed.forecaster.history[:12]] == [f.as_dict() for f in first.forecaster.history]
 
 
 def test_a_prior_of_the_family_forecasts_from_the_first_check(caplog):

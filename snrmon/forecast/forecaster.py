@@ -94,7 +94,9 @@ class Forecast:
     note: str = ""
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Plain Python values only (no numpy scalars), so a checkpoint holding it loads with
+        ``torch.load(weights_only=True)``, torch's default."""
+        return {k: float(v) if isinstance(v, np.floating) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -290,8 +292,9 @@ class BasinForecaster:
 
     def _decide(self, forecast: Forecast, x, loss, train, draws: np.ndarray, method: str) -> None:
         """Band, probability and decisions from Monte Carlo draws of D* (inf: no basin in that draw)."""
-        x_now = x[-1]
+        x_now = float(x[-1])
         draws = np.where(draws <= x_now * (1 + 1e-9), np.minimum(draws, x_now), draws)  # crossed: no rounding
+        draws = np.maximum(draws, x[0])  # a basin before the first point is one at the first point
         tail = (1 - self.confidence) / 2
         forecast.method = method
         # Quantiles without interpolation: draws may be inf (no basin in that draw).
@@ -340,8 +343,9 @@ class BasinForecaster:
         if forecast.d_star == math.inf:
             forecast.state = "improving"
         else:
+            behind = forecast.warning and forecast.d_star <= x_now  # warned, and the forecast is behind us
             forecast.state = (
-                "basin entered" if entered else "basin ahead" if forecast.warning else "improving"
+                "basin entered" if entered or behind else "basin ahead" if forecast.warning else "improving"
             )
 
     def _loss_at(self, d_star: float, x: np.ndarray, loss: np.ndarray) -> float | None:
