@@ -40,8 +40,9 @@ class BasinEarlyStopping(Callback):
       as in Lightning's ``EarlyStopping``).
 
     Logged each check: ``snr/forecast/<monitor>/d_star``, ``d_star_low``, ``d_star_high``, ``steps_to_basin``
-    and ``p_basin`` (finite values only). The defaults were chosen on runs the forecaster was not tuned on
-    (docs/forecast.md); ``BasinEarlyStopping(monitor="val_loss")`` is the intended use.
+    and ``p_basin`` (finite values only). The defaults were chosen by a benchmark of real runs and checked
+    on runs recorded after they were fixed (docs/forecast.md, which also says where they fall short);
+    ``BasinEarlyStopping(monitor="val_loss")`` is the intended use.
 
     Args:
         monitor: the logged metric to forecast, e.g. ``"val_loss"`` (lower is better).
@@ -52,8 +53,9 @@ class BasinEarlyStopping(Callback):
             instead of after each validation. ``None``: after each validation.
         verbose: log each forecast at INFO level (rank zero).
         prior: a fit of earlier runs (the path or dict of ``snrmon fit --json``, law ``shannon`` or
-            ``shannon-run``): it starts the law fit and, when it gives every constant of this run, forecasts
-            D* from the first check; see :func:`snrmon.forecast.load_prior`.
+            ``shannon-run``): when it gives every constant of this run (``shannon`` needs ``n_params``), it
+            forecasts D* from the first check and refits the family's law to this run from the fourth;
+            else it only starts the law fit (a warning says so). See :func:`snrmon.forecast.load_prior`.
         n_params: this run's parameter count, to carry a ``shannon`` prior of other model sizes over to it.
         tokens_per_step: tokens per optimizer step (across ranks and accumulation), the unit of a prior's D;
             the forecast itself is in steps.
@@ -112,6 +114,8 @@ class BasinEarlyStopping(Callback):
         self.stopping_reason: str | None = None
         self.stopped_step = 0
         self._state = "no forecast"  # the last state announced, so a warning repeats only when it changes
+        self._drawn_step = -1  # the step of the last figure
+        self._said_departure = False  # a prior that does not fit this run is said once
         self._train_sum: torch.Tensor | None = None  # training loss summed on its device: no sync per step
         self._train_count = 0
 
@@ -120,6 +124,10 @@ class BasinEarlyStopping(Callback):
         return self._generate_state_key(monitor=self.monitor)
 
     # -- collecting the training loss ------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.forecaster.prior_note:
+            rank_zero_warn(f"BasinEarlyStopping: {self.forecaster.prior_note}")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -184,6 +192,9 @@ class BasinEarlyStopping(Callback):
             log.debug("BasinEarlyStopping: no forecast at step %d (%s)", int(x), forecast.note)
         self._log(trainer, forecast)
         self._announce(trainer, forecast)
+        if forecast.method == "prior" and self.forecaster.prior_departs and not self._said_departure:
+            self._said_departure = True
+            rank_zero_warn(f"BasinEarlyStopping: {self.monitor}: {forecast.note}")
 
         should_stop = trainer.strategy.reduce_boolean_decision(bool(forecast.stop), all=False)
         if should_stop and not trainer.should_stop:
@@ -234,8 +245,9 @@ class BasinEarlyStopping(Callback):
         Drawn when the state changes and at the stop only: a figure costs about 0.3 s on a 2-core CPU."""
         experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
         experiments = [e for e in experiments if hasattr(e, "add_figure")]
-        if not experiments or not trainer.is_global_zero:
-            return
+        if not experiments or not trainer.is_global_zero or trainer.global_step == self._drawn_step:
+            return  # (a change of state and the stop at one check: one figure)
+        self._drawn_step = trainer.global_step
         try:
             from snrmon.forecast.plot import forecast_figure
 
@@ -271,11 +283,18 @@ def _describe(forecast: Forecast) -> str:
         return f"no forecast yet ({forecast.note})"
     if forecast.d_star == math.inf:
         return f"no basin in sight at step {forecast.x:.4g} (loss {forecast.loss:.4g})"
-    if forecast.method == "prior":
-        return f"the prior puts the basin at step {forecast.d_star:.4g} ({forecast.note})"
-    where = f"{forecast.d_star:.4g} (band {forecast.d_star_low:.4g} to {forecast.d_star_high:.4g})"
+    if forecast.d_star_low is None:  # the prior alone, before the run's points could refit it
+        return f"the prior puts the basin at step {forecast.d_star:.4g}"
+    where = f"{forecast.d_star:.4g} (band {_step(forecast.d_star_low)} to {_step(forecast.d_star_high)})"
     at = f", loss there ≈ {forecast.loss_at_d_star:.4g}" if forecast.loss_at_d_star is not None else ""
     if forecast.state == "basin entered":
         return f"basin entered: forecast at step {where}{at}; now at step {forecast.x:.4g}"
+    if forecast.state == "improving":
+        return f"improving at step {forecast.x:.4g}: basin forecast at step {where}{at}"
     away = f"{forecast.steps_to_basin:.4g} steps from step {forecast.x:.4g}"
     return f"{forecast.state} at step {where}{at}, {away}"
+
+
+def _step(value: float) -> str:
+    """A band's end: far beyond any run (e.g. a line that barely falls, extrapolated) reads 'inf'."""
+    return f"{value:.4g}" if value < 1e100 else "inf"

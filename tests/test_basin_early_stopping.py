@@ -144,9 +144,11 @@ def test_stops_an_overfitting_run_near_its_minimum_and_logs_the_forecast():
     # The warning names the basin and is not repeated while the state stays the same.
     texts = [str(w.message) for w in caught if "BasinEarlyStopping" in str(w.message)]
     assert len(texts) == len(set(texts)) and all("step" in t for t in texts)
-    # Each announced state is also a TensorBoard text entry with a figure, and the stop draws the last one.
+    # Each announced state is also a TensorBoard text entry with a figure, and the stop draws the last one;
+    # one figure per step (a change of state at the stop draws once).
     assert [text for _, text, _ in recorder.texts] == texts
-    assert len(recorder.figures) == len(texts) + 1 and recorder.figures[-1][2] == callback.stopped_step
+    figure_steps = [step for _, _, step in recorder.figures]
+    assert figure_steps == sorted({step for _, _, step in recorder.texts} | {callback.stopped_step})
     assert all(tag == "snr/forecast/val_loss/figure" for tag, _, _ in recorder.figures)
     logged = {k for _, metrics in recorder.metrics for k in metrics}
     for name in ("d_star", "d_star_low", "d_star_high", "steps_to_basin"):
@@ -195,7 +197,8 @@ def test_forecast_history_survives_resume(tmp_path):
     after = resumed.forecaster.points
     assert after.x[: len(before["x"])] == before["x"] and after.loss[: len(before["loss"])] == before["loss"]
     assert len(after.x) == 16  # the four new validations continue the same curve
-    assert [f.as_dict() for f in resumed.forecaster.history[:12]] == [f.as_dict() for f in first.forecaster.history]
+    history = [f.as_dict() for f in first.forecaster.history]
+    assert [f.as_dict() for f in resumed.forecaster.history[:12]] == history
 
 
 def test_a_prior_of_the_family_forecasts_from_the_first_check(caplog):
@@ -215,6 +218,10 @@ def test_a_prior_of_the_family_forecasts_from_the_first_check(caplog):
     ]
     assert logged[0] == pytest.approx(first.d_star)
     assert "the prior puts the basin" in caplog.text
+    # Without this run's size the family's law cannot be carried over: a warning says so at the start.
+    partial = BasinEarlyStopping(prior={"law": "shannon", "params": family})
+    with pytest.warns(UserWarning, match="needs this run's parameter count"):
+        _fit(partial, _data(64, 0), max_epochs=1)
 
 
 @pytest.mark.ddp

@@ -250,6 +250,11 @@ def test_a_family_prior_warns_and_stops_past_min_points_only():
     early = np.geomspace(true / 400, true / 10, 16)  # a tenth of the way to the basin at most
     quiet = BasinForecaster(prior=prior, n_params=n).replay(early, _family_run(1, n, early, 0.003))
     assert not any(f.warning or f.stop for f in quiet)
+    assert not any("departs from the prior" in f.note for f in forecasts)
+    # A prior of another setup (c ten thousand times off) is refitted, and said to depart from the run.
+    other = {"law": "shannon", "params": SHANNON_FAMILY | {"c": 1e4 * SHANNON_FAMILY["c"]}}
+    refitted = BasinForecaster(prior=other, n_params=n).replay(x, _family_run(0, n, x, 0.003))
+    assert all("departs from the prior" in f.note for f in refitted[PRIOR_MIN_POINTS - 1 :])
     with pytest.raises(ValueError, match="method='prior' needs a prior"):
         BasinForecaster(method="prior", prior={"law": "shannon", "params": SHANNON_FAMILY})  # no n_params
 
@@ -344,6 +349,10 @@ def test_replay_command_text_plot_and_bad_input(tmp_path, capsys):
     )
     first = json.loads(capsys.readouterr().out)["points"][0]
     assert first["state"] == "no forecast" and first["d_star"] > 0 and not first["warning"]
+    assert first["method"] == "prior"
+    # Without --N a shannon prior cannot give this run's basin: said, not silently ignored.
+    assert main(["forecast", steps, "--prior", str(prior), "--json"]) == 0
+    assert "needs this run's parameter count" in capsys.readouterr().err
 
 
 def test_replay_of_a_tensorboard_run_averages_the_training_loss_between_validations(tmp_path, capsys):

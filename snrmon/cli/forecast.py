@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 import numpy as np
 
@@ -97,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except (PriorError, ValueError) as error:
         raise LogError(str(error)) from None
+    if forecaster.prior_note:
+        print(f"snrmon: note: {forecaster.prior_note}", file=sys.stderr)
+    if args.N is not None and args.prior is None:
+        print("snrmon: note: --N is used only with --prior: ignored", file=sys.stderr)
     forecasts, projection = [], None
     for point in zip(x, loss, [None] * len(x) if train is None else train, strict=True):
         forecasts.append(forecaster.update(*point))
@@ -184,6 +189,7 @@ def replay_document(forecasts: list[Forecast], metric: str, x_name: str) -> dict
             "d_star_low": _finite(f.d_star_low),
             "d_star_high": _finite(f.d_star_high),
             "p_basin": f.p_basin,
+            "method": f.method,
             "state": f.state,
             "warning": f.warning,
             "stop": f.stop,
@@ -209,7 +215,7 @@ def replay_report(forecasts: list[Forecast], document: dict, x_name: str) -> str
     rows = [[x_name, document["metric"], "D*", "band", "P(basin)", "state", ""]]
     for f in forecasts:
         band = "-" if f.d_star_low is None else f"{show(f.d_star_low)} .. {show(f.d_star_high)}"
-        action = "STOP" if f.stop else "warning" if f.warning else ""
+        action = "STOP" if f.x == document["stop"] else "warning" if f.warning else ""
         p = "-" if f.p_basin is None else f"{f.p_basin:.2f}"
         rows.append([show(f.x), show(f.loss), show(f.d_star), band, p, f.state, action])
     lines = aligned(rows)

@@ -66,6 +66,7 @@ RATIO_FLOOR = 0.1
 # With a prior that gives every constant, two are refitted (A, c): a forecast from this many points on. A stop
 # still waits for min_points (the curve's own slope must be measurable to agree).
 PRIOR_MIN_POINTS = 4
+PRIOR_DEPARTURE = 100.0  # a refitted c this factor from the family's is noted as a prior that may not fit
 EVIDENCE_WINDOWS = 2  # the evidence tests look back this many windows
 SAMPLES = 400  # Monte Carlo draws for the band and the probabilities
 STATES = ("no forecast", "improving", "basin ahead", "basin entered")
@@ -183,6 +184,15 @@ class BasinForecaster:
         self.tokens_per_x = tokens_per_x
         self.prior = load_prior(prior, n_params) if prior is not None else None
         self.full_prior = self.prior is not None and all(name in self.prior for name in RUN_CONSTANTS)
+        # A prior that cannot forecast: said once by whoever drives the forecaster (command, callback).
+        self.prior_note: str | None = None
+        if self.prior is not None and not self.full_prior:
+            missing = ", ".join(name for name in RUN_CONSTANTS if name not in self.prior)
+            needs_n = " (a shannon fit needs this run's parameter count: n_params, --N)" * ("A" in missing)
+            self.prior_note = (
+                f"the prior does not give this run's {missing}{needs_n}: it only starts the law fit, and "
+                "forecasts nothing from the family"
+            )
         if method == "prior" and not self.full_prior:
             raise ValueError(
                 "method='prior' needs a prior that gives every constant of this run: a shannon-run fit, or a "
@@ -193,6 +203,7 @@ class BasinForecaster:
         self.projection: Projection | None = None  # of the latest forecast (not saved: rebuilt at the next)
         # The law's fitted constants, draws of them, and their x scale: the projection's curve and band.
         self._curve_draws: tuple[np.ndarray, np.ndarray, float] | None = None
+        self.prior_departure = 1.0  # this run's refitted c over the prior's (the "prior" method)
         self._theta: np.ndarray | None = None  # the last law fit, in natural units of x / x_scale
         self._searched_at = 0  # points at the last multi-start search
         self._streaks = [0, 0]  # consecutive points meeting the warning and the stop condition
@@ -277,10 +288,20 @@ class BasinForecaster:
             return forecast
         self._decide(forecast, x, loss, train, draws, method)
         self.projection = self._project(forecast, x, loss, method)
+        if method == "prior" and self.prior_departs:
+            forecast.note = (
+                f"this run departs from the prior: its model-data noise c refits to "
+                f"{self.prior_departure:.3g}x the family's (a prior of another setup or unit?)"
+            )
         if len(x) < self.min_points:  # the prior's early forecast warns; a stop waits for the curve's own say
             forecast.stop = False
             self._streaks[1] = 0
         return forecast
+
+    @property
+    def prior_departs(self) -> bool:
+        """This run's refitted c lies more than PRIOR_DEPARTURE times from the prior's: it may not fit."""
+        return not 1 / PRIOR_DEPARTURE <= self.prior_departure <= PRIOR_DEPARTURE
 
     def _method(self, recent_train: np.ndarray, points: int) -> str:
         if self.method != "auto":
@@ -508,6 +529,8 @@ class BasinForecaster:
             solution = least_squares(residuals, np.log(theta[free]), jac=jacobian, method="trf")
         if not (solution.success and np.all(np.isfinite(solution.x))):
             return None
+        # The family's c is this run's model-data noise: a refit far from it says the prior may not fit.
+        self.prior_departure = float(np.exp(solution.x[1]) / theta[free[1]])
         dof = max(len(loss) - len(free), 1)
         sigma2 = float(np.sum(solution.fun**2) / dof)
         covariance = sigma2 * np.linalg.pinv(solution.jac.T @ solution.jac)
