@@ -28,6 +28,10 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
+def __dir__() -> list[str]:
+    return sorted(__all__ + ["__version__"])
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)

@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"snrmon: note: {forecaster.prior_note}", file=sys.stderr)
     if args.N is not None and args.prior is None:
         print("snrmon: note: --N is used only with --prior: ignored", file=sys.stderr)
+    if args.tokens_per_step != 1.0 and x_name != "step":
+        print("snrmon: note: --tokens-per-step applies when x is step; x is D here: ignored", file=sys.stderr)
     forecasts, projection = [], None
     for point in zip(x, loss, [None] * len(x) if train is None else train, strict=True):
         forecasts.append(forecaster.update(*point))
