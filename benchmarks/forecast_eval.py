@@ -704,11 +704,7 @@ def probes_markdown(curves: list[Curve]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, m in summary(rows).items():
-        leads = [
-            by_name[r.curve].x.index(r.x_min) - by_name[r.curve].x.index(r.warning)
-            for r in rows
-            if r.method == method and r.kind == "U" and r.warning is not None
-        ]
+        leads = warning_leads(rows, method, by_name)
         lines.append(
             f"| {method} | {m['warned_in_time']:.0%} of {m['n_u']} | {m['stopped']:.0%} | "
             f"{m['within_1pct']:.0%} | {100 * m['mean_gap']:+.2f}% | {m['kept_within_1pct']:.0%} | "
@@ -787,6 +783,15 @@ def _cell(r: Row) -> str:
         f"stop {_x(r.stop)} ({100 * r.loss_gap:+.1f}%, {r.past_min:+d})" if r.stop is not None else "no stop"
     )
     return f"warn {_x(r.warning)}, {stop}"
+
+
+def warning_leads(rows: list[Row], method: str, by_name: dict[str, Curve]) -> list[int]:
+    """Validations from each U-shaped run's first warning (by ``method``) to its minimum."""
+    return [
+        by_name[r.curve].x.index(r.x_min) - by_name[r.curve].x.index(r.warning)
+        for r in rows
+        if r.method == method and r.kind == "U" and r.warning is not None
+    ]
 
 
 def held_out(name: str) -> bool:
@@ -870,11 +875,7 @@ def capacity_markdown(curves: list[Curve], smooth: int = 1) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for method, m in summary(rows).items():
-            leads = [
-                by_name[r.curve].x.index(r.x_min) - by_name[r.curve].x.index(r.warning)
-                for r in rows
-                if r.method == method and r.kind == "U" and r.warning is not None
-            ]
+            leads = warning_leads(rows, method, by_name)
             lines.append(
                 f"| {method} | {m['warned_in_time']:.0%} of {m['n_u']} | {m['within_1pct']:.0%} | "
                 f"{100 * m['mean_gap']:+.2f}% | {m['median_past_min']:.1f} | "
