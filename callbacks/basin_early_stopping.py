@@ -50,7 +50,9 @@ class BasinEarlyStopping(Callback):
         confidence: the probability of that needed to stop training.
         min_points: checks needed before the first forecast (no warning and no stop before).
         check_every_n_steps: check every n optimizer steps (for metrics logged during training, e.g. a probe)
-            instead of after each validation. ``None``: after each validation.
+            instead of after each validation. ``None``: after each validation. A check adds a point only when
+            the metric has changed since the last one, and waits for a metric not logged yet (after a
+            resume); one still missing after a validation or at the end is an error (``strict``) or a warning.
         verbose: log each forecast at INFO level (rank zero).
         prior: a fit of earlier runs (the path or dict of ``snrmon fit --json``, law ``shannon`` or
             ``shannon-run``): when it gives every constant of this run (``shannon`` needs ``n_params``), it
@@ -116,6 +118,7 @@ class BasinEarlyStopping(Callback):
         self._state = "no forecast"  # the last state announced, so a warning repeats only when it changes
         self._drawn_step = -1  # the step of the last figure
         self._said_departure = False  # a prior that does not fit this run is said once
+        self._seen_metric = False  # the monitored metric has been logged in this fit (periodic checks)
         self._train_sum: torch.Tensor | None = None  # training loss summed on its device: no sync per step
         self._train_count = 0
 
@@ -141,11 +144,23 @@ class BasinEarlyStopping(Callback):
             self._train_count += 1
         n = self.check_every_n_steps
         if n is not None and trainer.global_step % n == 0 and not self._should_skip(trainer):
-            self._check(trainer)
+            self._check(trainer, periodic=True)
+
+    def _check_logged(self, trainer: pl.Trainer) -> None:
+        # Periodic checks wait for a metric not logged yet (e.g. after a resume, until the next validation);
+        # one still missing after a validation, or by the end of training, is misnamed or never logged.
+        if self.check_every_n_steps is None or self._seen_metric or self._should_skip(trainer):
+            return
+        if self.monitor not in trainer.callback_metrics:
+            self._missing(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_logged(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.check_every_n_steps is None and not self._should_skip(trainer):
             self._check(trainer)
+        self._check_logged(trainer)
 
     @staticmethod
     def _should_skip(trainer: pl.Trainer) -> bool:
@@ -168,23 +183,30 @@ class BasinEarlyStopping(Callback):
 
     # -- one check ---------------------------------------------------------------------------------------
 
-    def _check(self, trainer: pl.Trainer) -> None:
+    def _missing(self, trainer: pl.Trainer) -> None:
+        names = ", ".join(f"`{k}`" for k in trainer.callback_metrics) or "(none yet)"
+        message = (
+            f"BasinEarlyStopping is conditioned on metric `{self.monitor}`, which is not available. Pass "
+            f"`monitor=` one of the logged metrics: {names}"
+        )
+        if self.strict:
+            raise RuntimeError(message)
+        rank_zero_warn(message, category=RuntimeWarning)
+
+    def _check(self, trainer: pl.Trainer, periodic: bool = False) -> None:
         metrics = trainer.callback_metrics
         if self.monitor not in metrics:
-            names = ", ".join(f"`{k}`" for k in metrics) or "(none yet)"
-            message = (
-                f"BasinEarlyStopping is conditioned on metric `{self.monitor}`, which is not available. Pass "
-                f"`monitor=` one of the logged metrics: {names}"
-            )
-            if self.strict:
-                raise RuntimeError(message)
-            rank_zero_warn(message, category=RuntimeWarning)
+            if not periodic:
+                self._missing(trainer)
             return
+        self._seen_metric = True
         x = float(trainer.global_step)
         points = self.forecaster.points.x
         if x <= 0 or (points and x <= points[-1]):
             return  # no new training since the last check (e.g. two validations at the same step)
         value = float(metrics[self.monitor].squeeze().float().item())
+        if periodic and self.forecaster.points.loss and value == self.forecaster.points.loss[-1]:
+            return  # not logged again since the last check (e.g. a validation metric): not a new point
         forecast = self.forecaster.update(x, value, self._mean_train_loss(trainer))
         if not math.isfinite(value):
             log.debug("BasinEarlyStopping: %s is %s at step %d: skipped", self.monitor, value, int(x))
@@ -268,6 +290,7 @@ class BasinEarlyStopping(Callback):
             "stopping_reason": self.stopping_reason,
             "stopped_step": self.stopped_step,
             "announced": self._state,
+            "said_departure": self._said_departure,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -275,6 +298,7 @@ class BasinEarlyStopping(Callback):
         self.stopping_reason = state_dict["stopping_reason"]
         self.stopped_step = state_dict["stopped_step"]
         self._state = state_dict["announced"]
+        self._said_departure = state_dict.get("said_departure", False)
 
 
 def _describe(forecast: Forecast) -> str:

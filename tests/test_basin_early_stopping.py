@@ -182,6 +182,14 @@ def test_checks_every_n_steps_on_a_training_metric():
     assert callback.forecaster.points.x == [3.0, 6.0, 9.0]
     with pytest.raises(ValueError, match="check_every_n_steps"):
         BasinEarlyStopping(check_every_n_steps=0)
+    # A validation metric checked every step adds a point once per validation (not its stale value again),
+    # and a periodic check before it is first logged waits instead of failing.
+    per_step = BasinEarlyStopping(monitor="val_loss", check_every_n_steps=1)
+    _fit(per_step, _data(64, 0), max_epochs=4, check_val_every_n_epoch=2)
+    assert len(per_step.forecaster.points.x) == 1  # validations after epochs 2 and 4; the last at its step
+    # A metric still missing after a validation is an error, as for the check after each validation.
+    with pytest.raises(RuntimeError, match="`val_los`, which is not available"):
+        _fit(BasinEarlyStopping(monitor="val_los", check_every_n_steps=1), _data(64, 0), max_epochs=1)
 
 
 def test_forecast_history_survives_resume(tmp_path):

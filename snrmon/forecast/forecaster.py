@@ -145,8 +145,9 @@ class BasinForecaster:
         n_params: this run's parameter count N, to carry a ``shannon`` prior over to it (T10: D* ∝ 1/N when
             the cross-term dominates).
         tokens_per_x: tokens D per unit of x (e.g. tokens per optimizer step), the unit of a prior's D.
-        max_seconds: time allowed for one law fit; a slower multi-start search is skipped (the warm refit is
-            kept), so a forecast never holds up training for long.
+        max_seconds: time allowed for one law fit: a multi-start search that the last one's time per point
+            says would take longer is skipped (the warm refit is kept), so a forecast never holds up training
+            for long (the first search, at ``min_points``, is not predicted: about 1 s on a 2-core CPU).
         seed: seeds the Monte Carlo draws, so replays are reproducible.
     """
 
@@ -179,8 +180,8 @@ class BasinForecaster:
         if persist < 1:
             raise ValueError(f"persist must be at least 1, got {persist}")
         self.persist = persist
-        if not tokens_per_x > 0:
-            raise ValueError(f"tokens_per_x must be positive, got {tokens_per_x}")
+        if not (math.isfinite(tokens_per_x) and tokens_per_x > 0):
+            raise ValueError(f"tokens_per_x must be a positive number, got {tokens_per_x}")
         self.tokens_per_x = tokens_per_x
         self.prior = load_prior(prior, n_params) if prior is not None else None
         self.full_prior = self.prior is not None and all(name in self.prior for name in RUN_CONSTANTS)
@@ -206,6 +207,7 @@ class BasinForecaster:
         self.prior_departure = 1.0  # this run's refitted c over the prior's (the "prior" method)
         self._theta: np.ndarray | None = None  # the last law fit, in natural units of x / x_scale
         self._searched_at = 0  # points at the last multi-start search
+        self._search_seconds_per_point = 0.0  # its time over its points: predicts the next one's
         self._streaks = [0, 0]  # consecutive points meeting the warning and the stop condition
 
     # -- feeding points --------------------------------------------------------------------------------
@@ -214,12 +216,23 @@ class BasinForecaster:
         """Add the point (x, loss[, mean training loss since the previous point]) and forecast."""
         x, loss = float(x), float(loss)
         train = float(train_loss) if train_loss is not None else math.nan
+        if not math.isfinite(x):
+            raise ValueError(f"x must be a finite number, got {x}")
         if self.points.x and x <= self.points.x[-1]:
             raise ValueError(f"points must come in increasing x: {x} after {self.points.x[-1]}")
         self.points.x.append(x)
         self.points.loss.append(loss)
         self.points.train.append(train)
-        forecast = self._forecast(x, loss)
+        # A forecast informs training and must never end it: numerical trouble in the fits (overflow in an
+        # extreme draw, a degenerate window) is handled where it can be, and anything left is a note.
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.simplefilter("ignore", np.exceptions.RankWarning)
+            try:
+                forecast = self._forecast(x, loss)
+            except (ArithmeticError, ValueError, np.linalg.LinAlgError) as error:
+                self.projection = None
+                forecast = Forecast(x, loss, note=f"no forecast: {type(error).__name__}: {error}")
         self.history.append(forecast)
         return forecast
 
@@ -241,6 +254,7 @@ class BasinForecaster:
             "history": [f.as_dict() for f in self.history],
             "theta": None if self._theta is None else self._theta.tolist(),
             "searched_at": self._searched_at,
+            "search_seconds_per_point": self._search_seconds_per_point,
             "streaks": list(self._streaks),
         }
 
@@ -249,6 +263,7 @@ class BasinForecaster:
         self.history = [Forecast(**f) for f in state["history"]]
         self._theta = None if state["theta"] is None else np.asarray(state["theta"], dtype=float)
         self._searched_at = state["searched_at"]
+        self._search_seconds_per_point = state.get("search_seconds_per_point", 0.0)
         self._streaks = list(state["streaks"])
 
     # -- forecasting ------------------------------------------------------------------------------------
@@ -262,11 +277,15 @@ class BasinForecaster:
 
     def _forecast(self, x_now: float, loss_now: float) -> Forecast:
         forecast = Forecast(x_now, loss_now)
+        self.projection = None
         if not math.isfinite(loss_now):
             forecast.note = "non-finite loss: skipped"
             return forecast
         x, loss, train = self._finite()
         method = self._method(train[-self.window :], len(x))
+        if method in ("law", "prior"):  # laws of log-losses: a loss of 0 or below is no point of theirs
+            positive = loss > 0
+            x, loss, train = x[positive], loss[positive], train[positive]
         needed = PRIOR_MIN_POINTS if method == "prior" else self.min_points
         if len(x) < needed:
             forecast.note = f"{len(x)} finite points of {needed} needed"
@@ -327,7 +346,9 @@ class BasinForecaster:
         short = np.log(x[-self.window :])
         slope, slope_se = _slope(short, loss[-self.window :])
         flat_or_rising = slope + 2 * slope_se >= 0
-        evidence = flat_or_rising  # the loss alone (law, prior): a warning, too, waits for a flat curve
+        # The loss alone (law, prior): a warning, too, waits for a flat curve, and a basin needs a fall
+        # before it (a curve flat or noisy from the start has no basin, whatever a fit makes of it).
+        evidence = flat_or_rising and _has_fallen(loss, self.window)
         if method == "ratio":
             # A ratio near zero also comes from a plateau where the training loss is as flat as the monitored
             # one (noise in the training loss pulls the regression slope toward zero). A basin shows more:
@@ -346,14 +367,15 @@ class BasinForecaster:
         long = slice(-EVIDENCE_WINDOWS * self.window, None)
         rise, rise_se = _slope(np.log(x[long]), loss[long])
         z = float(student_t.ppf(norm.cdf(Z_EVIDENCE), df=max(len(x[long]) - 2, 1)))
-        if rise - z * rise_se > 0:
+        if rise - z * rise_se > 0 and _has_fallen(loss, self.window):  # a rise after a fall, not noise
             lowest = float(x[long][np.argmin(loss[long])])
             if forecast.d_star > x_now or forecast.p_basin < self.confidence:
                 forecast.d_star = forecast.d_star_low = forecast.d_star_high = lowest
                 forecast.steps_to_basin, forecast.p_basin = 0.0, 1.0
                 forecast.note = "the monitored loss has risen significantly: basin entered"
             evidence = flat_or_rising = True
-        forecast.loss_at_d_star = self._loss_at(forecast.d_star, x, loss)
+        at = self._loss_at(forecast.d_star, x, loss)
+        forecast.loss_at_d_star = at if at is not None and math.isfinite(at) else None
         entered = forecast.p_basin >= self.confidence and forecast.d_star <= x_now
         # A decision must hold at `persist` consecutive points: one lucky window is not a basin.
         stop = forecast.p_basin >= self.confidence and evidence and flat_or_rising
@@ -474,8 +496,10 @@ class BasinForecaster:
                 fit = fit_law(law, columns, loss, starts=0, theta0=start)
             except FitError:
                 fit = None
-        # A fresh search when the curve has grown by half since the last one (or nothing to warm start from).
-        if fit is None or len(loss) >= 1.5 * self._searched_at:
+        # A fresh search when the curve has grown by half since the last one (or nothing to warm start from),
+        # unless the last search's time per point says this one would take longer than max_seconds.
+        grown = fit is None or len(loss) >= 1.5 * self._searched_at
+        if grown and self._search_seconds_per_point * len(loss) <= self.max_seconds:
             began = time.perf_counter()
             try:
                 searched = fit_law(law, columns, loss, starts=64, refine=4, theta0=start, seed=self.seed)
@@ -484,8 +508,7 @@ class BasinForecaster:
             except FitError:
                 pass
             self._searched_at = len(loss)
-            if time.perf_counter() - began > self.max_seconds:
-                self._searched_at = 10**9  # too slow for this machine: warm refits only from now on
+            self._search_seconds_per_point = (time.perf_counter() - began) / len(loss)
         if fit is not None:
             self._theta = fit.theta
         return fit
@@ -525,8 +548,10 @@ class BasinForecaster:
         def jacobian(log_free: np.ndarray) -> np.ndarray:
             return law.log_loss_jacobian(constants(log_free), columns)[:, free]
 
-        with np.errstate(all="ignore"):
+        try:
             solution = least_squares(residuals, np.log(theta[free]), jac=jacobian, method="trf")
+        except ValueError:  # residuals not finite at the prior's constants: a prior this run cannot use
+            return None
         if not (solution.success and np.all(np.isfinite(solution.x))):
             return None
         # The family's c is this run's model-data noise: a refit far from it says the prior may not fit.
@@ -557,7 +582,8 @@ class BasinForecaster:
         forecast.method = "prior"
         forecast.d_star = d_star / self.tokens_per_x
         if math.isfinite(d_star):
-            forecast.loss_at_d_star = float(law.loss(theta, {"D": np.array([d_star])})[0])
+            at = float(law.loss(theta, {"D": np.array([d_star])})[0])
+            forecast.loss_at_d_star = at if math.isfinite(at) else None
             forecast.steps_to_basin = max(forecast.d_star - forecast.x, 0.0)
         forecast.note += "; D* from the prior"
 
@@ -577,6 +603,20 @@ def _train_at_points(x: np.ndarray, train: np.ndarray) -> np.ndarray:
     step = slope * (x[1:] - middle[1:])
     corrected[1:] = np.where(np.isfinite(step), train[1:] + step, train[1:])
     return corrected
+
+
+def _has_fallen(loss: np.ndarray, window: int) -> bool:
+    """Whether the curve has come down from where it started: its first point above the mean of its last
+    ``window`` points by more than Z_EVIDENCE standard errors (one comparison, fixed before looking: the
+    lowest stretch instead would pass on pure noise), with the point-to-point noise estimated robustly from
+    consecutive differences, which a trend barely moves."""
+    w = min(window, len(loss) // 2)
+    if w < 2:
+        return False
+    noise = 1.4826 * float(np.median(np.abs(np.diff(loss)))) / math.sqrt(2)
+    # The noise is itself estimated from few points: the t quantile of Z_EVIDENCE's tail, as elsewhere.
+    z = float(student_t.ppf(norm.cdf(Z_EVIDENCE), df=max(len(loss) - 2, 1)))
+    return float(loss[0] - loss[-w:].mean()) > z * noise * math.sqrt(1 + 1 / w)
 
 
 def _run_basin(theta: np.ndarray) -> float:
@@ -631,7 +671,7 @@ def load_prior(prior: dict | str | Path, n_params: float | None = None) -> dict[
     if isinstance(prior, (str, Path)):
         try:
             prior = json.loads(Path(prior).read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise PriorError(f"cannot read the prior {prior}: {error}") from None
     if not isinstance(prior, dict):
         raise PriorError("a prior is a JSON object of constants or the output of snrmon fit --json")
@@ -647,16 +687,29 @@ def load_prior(prior: dict | str | Path, n_params: float | None = None) -> dict[
         values = {k: float(v) for k, v in params.items() if k in SHANNON_CONSTANTS}
     except (TypeError, ValueError):
         raise PriorError("the prior's constants are not numbers") from None
+    if n_params is not None and not (math.isfinite(n_params) and n_params > 0):
+        raise PriorError(f"n_params (this run's parameter count) must be a positive number, got {n_params}")
     if law == "shannon":
         n = n_params
         carried = {k: values[k] for k in ("d", "e", "beta", "gamma", "delta") if k in values}
         if n is not None and {"a", "alpha", "c", "gamma"} <= set(values):
-            carried["A"] = values["a"] * n ** values["alpha"]
-            carried["c"] = values["c"] * n ** values["gamma"]
+            try:
+                carried["A"] = values["a"] * n ** values["alpha"]
+                carried["c"] = values["c"] * n ** values["gamma"]
+            except (OverflowError, TypeError):
+                raise PriorError(f"the prior's a·N^alpha or c·N^gamma is out of range at N = {n:g}") from None
         values = carried
     values = {k: v for k, v in values.items() if k in RUN_CONSTANTS}
     if not values or not all(math.isfinite(v) and v > 0 for v in values.values()):
         raise PriorError("the prior holds no positive constants of the Shannon law (beta, gamma, delta, ...)")
+    # The fits keep every constant within the law's bounds; a prior outside them is of another law or unit.
+    for param in ShannonRunLaw.params:
+        value = values.get(param.name)
+        if value is not None and not param.lower <= value <= param.upper:
+            raise PriorError(
+                f"the prior's {param.name} = {value:g} is outside the law's range ({param.lower:g} to "
+                f"{param.upper:g})"
+            )
     return values
 
 
