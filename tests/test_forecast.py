@@ -132,8 +132,8 @@ def test_nan_losses_are_skipped_and_flat_curves_are_quiet():
 @pytest.mark.parametrize("method", ["law", "prior"])
 def test_the_loss_alone_raises_no_alarm_on_flat_or_noisy_curves(method):
     """With the loss alone a fit can place a 'basin' anywhere on a curve that never fell: a basin needs the
-    curve to have come down first. Pure noise: no alarm in 12 (law: 6) seeds (measured over 200 seeds of 30 points:
-    the law 0 alarms, the prior 1, the ratio 0)."""
+    curve to have come down first. Pure noise: no alarm in 12 (law: 6) seeds (measured over 200 seeds of 30
+    points: the law 0 alarms, the prior 1, the ratio 0)."""
     options = (
         {"prior": {"law": "shannon", "params": SHANNON_FAMILY}, "n_params": 1e8} if method == "prior" else {}
     )
@@ -381,6 +381,8 @@ def test_replay_command_text_plot_and_bad_input(tmp_path, capsys):
     assert error.count("\n") == 1 and "2 runs" in error and "--where" in error
     assert main(["forecast", two, "--where", 'group == "a"']) == 0
     capsys.readouterr()
+    assert main(["forecast", data, "--plot", ""]) == 2
+    assert "--plot: needs a file name" in capsys.readouterr().err
     assert main(["forecast", data, "--metric", "val_loss"]) == 2
     assert "no numeric column 'val_loss'" in capsys.readouterr().err
     assert main(["forecast", data, "--prior", str(tmp_path / "missing.json")]) == 2

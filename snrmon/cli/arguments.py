@@ -34,3 +34,10 @@ def number(kind: type = float, *, zero_allowed: bool = False) -> Callable[[str],
         return value
 
     return parse
+
+
+def file_name(text: str) -> str:
+    """A file to write: any non-empty path (whether it can be written is checked before the work starts)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("needs a file name")
+    return text

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from snrmon.cli.arguments import number
+from snrmon.cli.arguments import file_name, number
 from snrmon.cli.data import DESCRIPTION, fit_options, load, read
 from snrmon.cli.render import aligned, format_number, json_safe, warn
 from snrmon.laws import LAWS, Fit, Law, get_law
@@ -37,7 +37,9 @@ def add_parser(commands, data: argparse.ArgumentParser) -> argparse.ArgumentPars
         metavar="N",
         help="bootstrap resamples (100; 0: none)",
     )
-    fit.add_argument("--plot", metavar="FILE", help="write a PNG of the data and fitted curves")
+    fit.add_argument(
+        "--plot", type=file_name, metavar="FILE", help="write a PNG of the data and fitted curves"
+    )
     fit.set_defaults(run=run)
     return fit
 

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from snrmon.cli.arguments import number
+from snrmon.cli.arguments import file_name, number
 from snrmon.cli.render import aligned, format_number
 from snrmon.forecast.forecaster import (
     CONFIDENCE,
@@ -79,7 +79,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     parser.add_argument(
-        "--plot", metavar="FILE", help="write a PNG of the curve, the forecast band and the stop"
+        "--plot",
+        type=file_name,
+        metavar="FILE",
+        help="write a PNG of the curve, the forecast band and the stop",
     )
     parser.set_defaults(run=run)
     return parser
