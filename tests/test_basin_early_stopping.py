@@ -145,10 +145,12 @@ def test_stops_an_overfitting_run_near_its_minimum_and_logs_the_forecast():
     texts = [str(w.message) for w in caught if "BasinEarlyStopping" in str(w.message)]
     assert len(texts) == len(set(texts)) and all("step" in t for t in texts)
     # Each announced state is also a TensorBoard text entry with a figure, and the stop draws the last one;
-    # one figure per step (a change of state at the stop draws once).
+    # the first forecast draws one too, and the others wait 30 s (more than this run takes); one figure per
+    # step (a change of state at the stop draws once).
     assert [text for _, text, _ in recorder.texts] == texts
     figure_steps = [step for _, _, step in recorder.figures]
-    assert figure_steps == sorted({step for _, _, step in recorder.texts} | {callback.stopped_step})
+    first = int(next(f.x for f in callback.forecaster.history if f.d_star is not None))
+    assert figure_steps == sorted({first, callback.stopped_step} | {step for _, _, step in recorder.texts})
     assert all(tag == "snr/forecast/val_loss/figure" for tag, _, _ in recorder.figures)
     logged = {k for _, metrics in recorder.metrics for k in metrics}
     for name in ("d_star", "d_star_low", "d_star_high", "steps_to_basin"):
