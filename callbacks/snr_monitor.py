@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -181,7 +182,27 @@ class SNRMonitor(Callback):
         if stage != "fit":
             return
         check_supported_run(trainer.strategy, pl_module, self.split_batch)
+        self._check_names_apart(trainer)
         self._sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+
+    def _namespaces(self) -> set[str]:
+        """The folders this monitor logs into: its prefix, and one per named group."""
+        named = self.groups.keys() if isinstance(self.groups, Mapping) else ()
+        return {self.prefix} | {f"{self.prefix}/{group}" for group in named}
+
+    def _check_names_apart(self, trainer: Trainer) -> None:
+        """Two monitors whose names compose to the same tag (prefix "snr" with a group "attn", and prefix
+        "snr/attn") would overwrite each other's values: refused. (Groups by depth are named only once the
+        module is walked, and are not checked.)"""
+        for other in trainer.callbacks:
+            if isinstance(other, SNRMonitor) and other is not self:
+                shared = self._namespaces() & other._namespaces()
+                if shared:
+                    raise MisconfigurationException(
+                        f"two SNRMonitors would both log under {sorted(shared)[0]!r}/ (prefixes"
+                        f" {self.prefix!r} and {other.prefix!r} with their groups): give them prefixes that"
+                        " do not compose to the same names"
+                    )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.latest = {}  # values of an earlier fit must not pass for this one's

@@ -1284,6 +1284,12 @@ def test_two_monitors_need_different_prefixes(tmp_path: Path):
     with pytest.raises(RuntimeError, match="state_key"):  # Lightning refuses two that would write one state
         make_trainer(SNRMonitor(), callbacks=[SNRMonitor(groups=1)]).fit(Regression(), regression_loader())
 
+    # Prefixes that compose to the same names with a group: refused, naming the shared folder.
+    attention = SNRMonitor(prefix="snr/attn")
+    with pytest.raises(MisconfigurationException, match="'snr/attn'/"):
+        trainer = make_trainer(SNRMonitor(groups={"attn": "attn"}), callbacks=[attention])
+        trainer.fit(Regression(), regression_loader())
+
     logger = CSVLogger(tmp_path, name="csv")
     fast, slow = SNRMonitor(), SNRMonitor(prefix="snr_slow", ema_decay=0.99)
     trainer = make_trainer(
