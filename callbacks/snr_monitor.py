@@ -182,7 +182,6 @@ class SNRMonitor(Callback):
         if stage != "fit":
             return
         check_supported_run(trainer.strategy, pl_module, self.split_batch)
-        self._check_names_apart(trainer)
         self._sharded = isinstance(trainer.strategy, ModelParallelStrategy)
 
     def _namespaces(self) -> set[str]:
@@ -192,8 +191,8 @@ class SNRMonitor(Callback):
 
     def _check_names_apart(self, trainer: Trainer) -> None:
         """Two monitors whose names compose to the same tag (prefix "snr" with a group "attn", and prefix
-        "snr/attn") would overwrite each other's values: refused. (Groups by depth are named only once the
-        module is walked, and are not checked.)"""
+        "snr/attn") would overwrite each other's values: refused before training. (Groups by depth are named
+        only once the module is walked, and are not checked.)"""
         for other in trainer.callbacks:
             if isinstance(other, SNRMonitor) and other is not self:
                 shared = self._namespaces() & other._namespaces()
@@ -205,6 +204,7 @@ class SNRMonitor(Callback):
                     )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_names_apart(trainer)
         self.latest = {}  # values of an earlier fit must not pass for this one's
         self._reset_fit_state()
         self._rank = trainer.global_rank
