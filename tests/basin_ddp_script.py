@@ -17,33 +17,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from test_basin_early_stopping import Regressor
+from test_basin_early_stopping import _data as data
+from torch.utils.data import DataLoader
 
 from snrmon.callbacks import BasinEarlyStopping
-
-
-def data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    return TensorDataset(x, torch.sin(2 * x[:, :1]) + x[:, 1:2] + 0.5 * torch.randn(n, 1, generator=g))
-
-
-class Regressor(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 128), nn.Tanh(), nn.Linear(128, 1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.mse_loss(self.net(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", nn.functional.mse_loss(self.net(x), y), sync_dist=True)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
 def main() -> None:

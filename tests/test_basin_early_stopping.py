@@ -59,7 +59,7 @@ class Regressor(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y), sync_dist=True)  # (DDP: the script)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
@@ -117,12 +117,7 @@ def _fit(callback, train_data, max_epochs: int, logger=None, ckpt_path=None, mod
     return trainer, model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_stops_an_overfitting_run_near_its_minimum_and_logs_the_forecast():

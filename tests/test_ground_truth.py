@@ -30,22 +30,16 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
 
 from snrmon.callbacks import SNRMonitor
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning",
-    "ignore:.*does not have many workers.*",
-    "ignore:.*isinstance\\(treespec, LeafSpec\\).*",
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning",
+        "ignore:.*does not have many workers.*",
+        "ignore:.*isinstance\\(treespec, LeafSpec\\).*",
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 Z = 4.0  # the band, in reported standard errors
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: intra-op threads only add overhead, and stall badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------- shared machinery

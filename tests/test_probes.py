@@ -34,13 +34,7 @@ from snrmon.measure.probes import (
     probe_parameters,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the perturbations, without Lightning --------------------------------------------------------------------
