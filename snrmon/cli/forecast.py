@@ -110,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
     forecasts, projection = [], None
     for point in zip(x, loss, [None] * len(x) if train is None else train, strict=True):
         forecasts.append(forecaster.update(*point))
-        if not any(f.stop for f in forecasts[:-1]):  # the picture shows the curve ahead as seen at the stop
+        if args.plot and forecasts[-1].stop and projection is None:  # the curve ahead as seen at the stop
             projection = forecaster.projection
+    projection = projection or forecaster.projection  # no stop: as seen at the last point
     document = replay_document(forecasts, args.metric if args.tag is None else args.tag, x_name)
     if args.plot:
         plot_replay(args.plot, forecasts, document, x_name, projection)

@@ -201,7 +201,10 @@ class BasinForecaster:
             )
         self.points = _Points()
         self.history: list[Forecast] = []
-        self.projection: Projection | None = None  # of the latest forecast (not saved: rebuilt at the next)
+        # What the latest forecast needs to draw the curve ahead, and that curve once asked for (`projection`;
+        # not saved: rebuilt at the next forecast).
+        self._latest: tuple | None = None
+        self._projection: Projection | None = None
         # The law's fitted constants, draws of them, and their x scale: the projection's curve and band.
         self._curve_draws: tuple[np.ndarray, np.ndarray, float] | None = None
         self.prior_departure = 1.0  # this run's refitted c over the prior's (the "prior" method)
@@ -231,7 +234,7 @@ class BasinForecaster:
             try:
                 forecast = self._forecast(x, loss)
             except (ArithmeticError, ValueError, np.linalg.LinAlgError) as error:
-                self.projection = None
+                self._latest = self._projection = None
                 forecast = Forecast(x, loss, note=f"no forecast: {type(error).__name__}: {error}")
         self.history.append(forecast)
         return forecast
@@ -277,7 +280,7 @@ class BasinForecaster:
 
     def _forecast(self, x_now: float, loss_now: float) -> Forecast:
         forecast = Forecast(x_now, loss_now)
-        self.projection = None
+        self._latest = self._projection = None
         if not math.isfinite(loss_now):
             forecast.note = "non-finite loss: skipped"
             return forecast
@@ -295,7 +298,7 @@ class BasinForecaster:
             forecast.note = "no training loss in the window: no ratio forecast"
             return forecast
         rng = np.random.default_rng(self.seed + len(x))
-        self.projection = self._curve_draws = None
+        self._curve_draws = None
         if method == "ratio":
             draws = self._ratio_draws(x, loss, train, rng)
         elif method == "prior":
@@ -306,7 +309,7 @@ class BasinForecaster:
             forecast.note = f"{method}: no forecast at this point"
             return forecast
         self._decide(forecast, x, loss, train, draws, method)
-        self.projection = self._project(forecast, x, loss, method)
+        self._latest = (forecast, x, loss, method, self._curve_draws)
         if method == "prior" and self.prior_departs:
             forecast.note = (
                 f"this run departs from the prior: its model-data noise c refits to "
@@ -316,6 +319,17 @@ class BasinForecaster:
             forecast.stop = False
             self._streaks[1] = 0
         return forecast
+
+    @property
+    def projection(self) -> Projection | None:
+        """The curve ahead as the latest forecast sees it (None after a point without one): for figures, so
+        computed only when asked for."""
+        if self._projection is None and self._latest is not None:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)
+                warnings.simplefilter("ignore", np.exceptions.RankWarning)
+                self._projection = self._project(*self._latest)
+        return self._projection
 
     @property
     def prior_departs(self) -> bool:
@@ -404,7 +418,7 @@ class BasinForecaster:
         value = float(np.min(np.polyval(coefficients, np.linspace(0.0, math.log(d_star) - u[-1], 32))))
         return value if math.isfinite(value) else None
 
-    def _project(self, forecast: Forecast, x: np.ndarray, loss: np.ndarray, method: str) -> Projection | None:
+    def _project(self, forecast: Forecast, x, loss, method: str, curve_draws) -> Projection | None:
         """The curve ahead for the figure: to 1.5 horizons past now, and on to just past a basin ahead
         (at most 4x the training done)."""
         x_now = x[-1]
@@ -412,8 +426,8 @@ class BasinForecaster:
         if math.isfinite(forecast.d_star) and forecast.d_star > x_now:
             end = max(end, min(forecast.d_star * 1.2, 4 * x_now))
         tail = (1 - self.confidence) / 2
-        if self._curve_draws is not None:
-            fitted, drawn, scale = self._curve_draws
+        if curve_draws is not None:
+            fitted, drawn, scale = curve_draws
             grid = np.geomspace(x[0], end, 64)
             law = ShannonRunLaw()
             with np.errstate(all="ignore"):
