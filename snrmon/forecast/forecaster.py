@@ -362,7 +362,8 @@ class BasinForecaster:
         flat_or_rising = slope + 2 * slope_se >= 0
         # The loss alone (law, prior): a warning, too, waits for a flat curve, and a basin needs a fall
         # before it (a curve flat or noisy from the start has no basin, whatever a fit makes of it).
-        evidence = flat_or_rising and _has_fallen(loss, self.window)
+        fallen = _has_fallen(loss, self.window)
+        evidence = flat_or_rising and fallen
         if method == "ratio":
             # A ratio near zero also comes from a plateau where the training loss is as flat as the monitored
             # one (noise in the training loss pulls the regression slope toward zero). A basin shows more:
@@ -381,7 +382,7 @@ class BasinForecaster:
         long = slice(-EVIDENCE_WINDOWS * self.window, None)
         rise, rise_se = _slope(np.log(x[long]), loss[long])
         z = float(student_t.ppf(norm.cdf(Z_EVIDENCE), df=max(len(x[long]) - 2, 1)))
-        if rise - z * rise_se > 0 and _has_fallen(loss, self.window):  # a rise after a fall, not noise
+        if rise - z * rise_se > 0 and fallen:  # a rise after a fall, not noise
             lowest = float(x[long][np.argmin(loss[long])])
             if forecast.d_star > x_now or forecast.p_basin < self.confidence:
                 forecast.d_star = forecast.d_star_low = forecast.d_star_high = lowest
