@@ -578,7 +578,8 @@ def _capacity_forecaster(series: np.ndarray, signal: str, combine: str, **option
     the zero crossing of the trend of its local slope against log x. ``signal="one-bit"``: where it falls
     to one bit (dataset SNR 1, the signal beyond chance gone), the zero crossing of the trend of C − 1."""
     from snrmon.forecast import BasinForecaster
-    from snrmon.forecast.forecaster import _slope, _zero_crossing_draws
+    from snrmon.forecast.curve import slope as _slope
+    from snrmon.forecast.ratio import zero_crossing_draws as _zero_crossing_draws
 
     class CapacityCandidate(BasinForecaster):
         def _capacity_draws(self, x: np.ndarray, rng) -> np.ndarray:

@@ -1,0 +1,112 @@
+"""The one place that weighs a signal's D* draws against the curve and decides: the band, the probability
+that the basin lies within the horizon, the evidence a decision needs, and the warning and the stop."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from snrmon.forecast.curve import evidence_quantile, has_fallen, slope
+from snrmon.forecast.result import Forecast
+
+SAMPLES = 400  # Monte Carlo draws for the band and the probabilities
+EVIDENCE_WINDOWS = 2  # the evidence tests look back this many windows
+
+
+@dataclass
+class Draws:
+    """What a signal gives for a curve: Monte Carlo draws of D* (inf: no basin in that draw) and, for a
+    signal that fits a law, the fitted constants, draws of them and their x scale (the curve ahead)."""
+
+    d_star: np.ndarray
+    curve: tuple[np.ndarray, np.ndarray, float] | None = None
+
+
+class Decider:
+    """Turns draws of D* into a forecast's band, probability, state, warning and stop.
+
+    A decision must hold at ``persist`` consecutive points (one lucky window is not a basin): the decider
+    keeps the streaks of the warning and the stop condition.
+    """
+
+    def __init__(self, horizon: float, confidence: float, window: int, persist: int) -> None:
+        self.horizon, self.confidence, self.window, self.persist = horizon, confidence, window, persist
+        self.streaks = [0, 0]  # consecutive points meeting the warning and the stop condition
+
+    def decide(self, forecast: Forecast, x, loss, train, draws: np.ndarray, method: str) -> None:
+        """Band, probability and decisions from Monte Carlo draws of D* (inf: no basin in that draw)."""
+        x_now = float(x[-1])
+        draws = np.where(draws <= x_now * (1 + 1e-9), np.minimum(draws, x_now), draws)  # crossed: no rounding
+        draws = np.maximum(draws, x[0])  # a basin before the first point is one at the first point
+        tail = (1 - self.confidence) / 2
+        forecast.method = method
+        # Quantiles without interpolation: draws may be inf (no basin in that draw).
+        low, median, high = np.quantile(draws, [tail, 0.5, 1 - tail], method="inverted_cdf")
+        forecast.d_star, forecast.d_star_low, forecast.d_star_high = float(median), float(low), float(high)
+        forecast.steps_to_basin = max(forecast.d_star - x_now, 0.0)
+        forecast.p_basin = float(np.mean(draws <= x_now * (1 + self.horizon)))
+        # Before stopping, the monitored curve must agree: it no longer falls significantly.
+        short = np.log(x[-self.window :])
+        loss_slope, loss_slope_se = slope(short, loss[-self.window :])
+        flat_or_rising = loss_slope + 2 * loss_slope_se >= 0
+        # The loss alone (law, prior): a warning, too, waits for a flat curve, and a basin needs a fall
+        # before it (a curve flat or noisy from the start has no basin, whatever a fit makes of it).
+        fallen = has_fallen(loss, self.window)
+        evidence = flat_or_rising and fallen
+        long = slice(-EVIDENCE_WINDOWS * self.window, None)
+        if method == "ratio":
+            # A ratio near zero also comes from a plateau where the training loss is as flat as the monitored
+            # one (noise in the training loss pulls the regression slope toward zero). A basin shows more:
+            # over a longer window the training loss still falls and the generalization gap widens, both
+            # significantly.
+            u = np.log(x[long])
+            train_slope, train_se = slope(u, train[long])
+            gap, gap_se = slope(u, loss[long] - train[long])
+            z = evidence_quantile(len(u) - 2)
+            evidence = train_slope + z * train_se < 0 and gap - z * gap_se > 0
+        # Whatever the signal says: a monitored loss that has risen significantly over the long window has
+        # passed its basin (a noisy training loss, e.g. a small shard per rank, can hide the evidence above).
+        rise, rise_se = slope(np.log(x[long]), loss[long])
+        z = evidence_quantile(len(x[long]) - 2)
+        if rise - z * rise_se > 0 and fallen:  # a rise after a fall, not noise
+            lowest = float(x[long][np.argmin(loss[long])])
+            if forecast.d_star > x_now or forecast.p_basin < self.confidence:
+                forecast.d_star = forecast.d_star_low = forecast.d_star_high = lowest
+                forecast.steps_to_basin, forecast.p_basin = 0.0, 1.0
+                forecast.note = "the monitored loss has risen significantly: basin entered"
+            evidence = flat_or_rising = True
+        at = self.loss_at(forecast.d_star, x, loss)
+        forecast.loss_at_d_star = at if at is not None and math.isfinite(at) else None
+        entered = forecast.p_basin >= self.confidence and forecast.d_star <= x_now
+        stop = forecast.p_basin >= self.confidence and evidence and flat_or_rising
+        self.streaks[0] = self.streaks[0] + 1 if forecast.p_basin >= 0.5 and evidence else 0
+        self.streaks[1] = self.streaks[1] + 1 if stop else 0
+        forecast.warning = self.streaks[0] >= self.persist
+        forecast.stop = self.streaks[1] >= self.persist
+        if forecast.d_star == math.inf:
+            forecast.state = "improving"
+        else:
+            behind = forecast.warning and forecast.d_star <= x_now  # warned, and the forecast is behind us
+            forecast.state = (
+                "basin entered" if entered or behind else "basin ahead" if forecast.warning else "improving"
+            )
+
+    def hold_stop(self, forecast: Forecast) -> None:
+        """No stop at this point (a prior's early forecast warns; a stop waits for the curve's own say)."""
+        forecast.stop = False
+        self.streaks[1] = 0
+
+    def loss_at(self, d_star: float, x: np.ndarray, loss: np.ndarray) -> float | None:
+        """The monitored loss at D*: the lowest value of a quadratic in log x through the window between now
+        and D* (the curve's minimum is its basin, and a parabola through a flattening window turns up too
+        soon to be read at D* itself); once D* is behind us, the lowest loss seen in the last two windows."""
+        if not math.isfinite(d_star):
+            return None
+        if d_star <= x[-1]:
+            return float(np.min(loss[-2 * self.window :]))
+        u = np.log(x[-self.window :])
+        coefficients = np.polyfit(u - u[-1], loss[-self.window :], 2)
+        value = float(np.min(np.polyval(coefficients, np.linspace(0.0, math.log(d_star) - u[-1], 32))))
+        return value if math.isfinite(value) else None

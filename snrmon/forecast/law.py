@@ -1,0 +1,110 @@
+"""The law signal (the loss alone): the single-run Shannon law (T9) fitted to the whole curve as it grows
+(warm started from the previous fit, a fresh multi-start search when the curve has grown by half), with the
+basin from T10 and its band from the fit's Laplace approximation."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import numpy as np
+
+from snrmon.forecast.decision import SAMPLES, Draws
+from snrmon.laws.basin import basin_tokens
+from snrmon.laws.equations import ShannonRunLaw
+from snrmon.laws.fitting import FitError, fit_law
+
+
+class LawSignal:
+    """D* draws from a fit of the single-run law and its Laplace approximation.
+
+    Keeps the last fit (its warm start) and the time per point of the last multi-start search, which predicts
+    the next one's: a search predicted to take longer than ``max_seconds`` is skipped.
+    """
+
+    name = "law"
+
+    def __init__(
+        self, prior: dict | None, tokens_per_x: float, max_seconds: float, seed: int
+    ) -> None:
+        self.prior, self.tokens_per_x = prior, tokens_per_x
+        self.max_seconds, self.seed = max_seconds, seed
+        self.theta: np.ndarray | None = None  # the last law fit, in natural units of x / x_scale
+        self.searched_at = 0  # points at the last multi-start search
+        self.search_seconds_per_point = 0.0  # its time over its points: predicts the next one's
+
+    def draws(self, x: np.ndarray, loss: np.ndarray, rng) -> Draws | None:
+        law = ShannonRunLaw()
+        scale = x[0]  # fit in units of the first point: the constants stay in their usual ranges
+        columns = {"D": x / scale}
+        fit = self._fit(law, columns, loss, scale)
+        if fit is None:
+            return None
+        theta = fit.theta
+        jacobian = law.log_loss_jacobian(theta, columns)
+        residuals = law.log_loss(theta, columns) - np.log(loss)
+        dof = max(len(loss) - len(theta), 1)
+        sigma2 = float(np.sum(residuals**2) / dof)
+        try:
+            covariance = sigma2 * np.linalg.pinv(jacobian.T @ jacobian)
+            covariance = (covariance + covariance.T) / 2  # symmetric to rounding, as the sampler checks
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                samples = rng.multivariate_normal(np.log(theta), covariance, size=SAMPLES // 4, method="eigh")
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+        lower, upper = law.bounds
+        samples = np.clip(samples, np.log(lower), np.log(upper))
+        d_star = np.array([run_basin(np.exp(s)) for s in samples])
+        return Draws(np.where(np.isnan(d_star), np.inf, d_star) * scale, (theta, np.exp(samples), scale))
+
+    def _fit(self, law: ShannonRunLaw, columns, loss, scale: float):
+        start = self.theta
+        if start is None and self.prior is not None:
+            start = prior_theta(self.prior, law, scale * self.tokens_per_x)
+        fit = None
+        if start is not None:
+            try:
+                fit = fit_law(law, columns, loss, starts=0, theta0=start)
+            except FitError:
+                fit = None
+        # A fresh search when the curve has grown by half since the last one (or nothing to warm start from),
+        # unless the last search's time per point says this one would take longer than max_seconds.
+        grown = fit is None or len(loss) >= 1.5 * self.searched_at
+        if grown and self.search_seconds_per_point * len(loss) <= self.max_seconds:
+            began = time.perf_counter()
+            try:
+                searched = fit_law(law, columns, loss, starts=64, refine=4, theta0=start, seed=self.seed)
+                if fit is None or searched.cost < fit.cost:
+                    fit = searched
+            except FitError:
+                pass
+            self.searched_at = len(loss)
+            self.search_seconds_per_point = (time.perf_counter() - began) / len(loss)
+        if fit is not None:
+            self.theta = fit.theta
+        return fit
+
+
+def prior_theta(prior: dict, law: ShannonRunLaw, tokens_scale: float) -> np.ndarray:
+    """A prior's constants in the units of a fit whose x is D / ``tokens_scale`` (tokens per unit of the
+    fit's x); missing ones from the law's starts."""
+    values = dict(zip(law.param_names, law.starts(1)[0], strict=True))
+    values.update({k: v for k, v in prior.items() if k in values})
+    # D = s·D' turns D^β / (c D^γ + d D^δ + e) into the same form in D' with c·s^(γ−β), d·s^(δ−β), e·s^−β.
+    s = tokens_scale
+    beta, gamma, delta = values["beta"], values["gamma"], values["delta"]
+    for name, exponent in (("c", gamma - beta), ("d", delta - beta), ("e", -beta)):
+        if name in prior:
+            values[name] *= s**exponent
+    return np.array([values[name] for name in law.param_names])
+
+
+def run_basin(theta: np.ndarray) -> float:
+    """T10's basin of the single-run law's constants (A, c, d, e, β, γ, δ); inf where it has none."""
+    _, c, d, e, beta, gamma, delta = theta
+    try:
+        return basin_tokens(c, d, e, beta, gamma, delta)
+    except (ValueError, OverflowError, ZeroDivisionError):  # a sampled law too extreme to solve: no basin
+        return math.inf

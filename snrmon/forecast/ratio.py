@@ -1,0 +1,69 @@
+"""The ratio signal (needs the training loss): the empirical one-step generalization ratio.
+
+Over a sliding window of points the monitored loss is regressed on the training loss; the slope
+r = dL_val / dL_train says how much of each training improvement still reaches held-out data (near 1 while the
+model generalises, falling toward 0 as it starts to memorise, negative once the monitored loss rises while the
+training loss still falls). A straight line through the recent values of r against log x, extrapolated to
+r = RATIO_FLOOR, places the basin: its edge, where held-out gains fall below a tenth of the training gains
+(the minimum, r = 0, lies at or just beyond it). Drawing the line's two coefficients from their least-squares
+covariance gives the band and the probability that the basin lies within the horizon.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from snrmon.forecast.curve import slope
+from snrmon.forecast.decision import SAMPLES, Draws
+
+# The basin's edge: where held-out gains fall below a tenth of the training gains. The minimum itself (r = 0)
+# lies at or just beyond it; on the tuning runs a ratio hovering near 0.1 for many checks before its minimum
+# (label noise) otherwise kept every zero-crossing forecast at infinity (docs/forecast.md).
+RATIO_FLOOR = 0.1
+
+
+class RatioSignal:
+    """D* draws from the trend of the generalization ratio over sliding windows of ``window`` points."""
+
+    name = "ratio"
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+
+    def draws(self, x: np.ndarray, loss: np.ndarray, train: np.ndarray, rng) -> Draws | None:
+        w = self.window
+        u, ratios = [], []
+        for end in range(w, len(x) + 1):
+            t, v = train[end - w : end], loss[end - w : end]
+            if not np.all(np.isfinite(t)) or np.ptp(t) <= 1e-12 * max(abs(t).max(), 1e-12):
+                continue
+            # Only a falling training loss makes the ratio meaningful.
+            if slope(np.log(x[end - w : end]), t)[0] >= 0:
+                continue
+            ratios.append(np.polyfit(t, v, 1)[0])
+            u.append(math.log(x[end - 1]))
+        if len(ratios) < 3:
+            return None
+        u, ratios = np.asarray(u[-w:]), np.asarray(ratios[-w:])
+        return Draws(zero_crossing_draws(u, ratios - RATIO_FLOOR, rng))  # where r crosses the floor
+
+
+def zero_crossing_draws(u: np.ndarray, r: np.ndarray, rng) -> np.ndarray:
+    """Draws of exp(u*) where the line r = a + b·(u − u_now) crosses zero going down, its two coefficients
+    drawn from their least-squares covariance. A falling line crosses at u_now − a/b: ahead while r is still
+    positive, behind (the basin entered) once it is negative, then kept within the window. A line already
+    below zero and rising has entered the basin at an unknown point: taken as now. One that stays positive
+    gives inf."""
+    centred = u - u[-1]
+    design = np.stack([np.ones_like(centred), centred], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, r, rcond=None)
+    residuals = r - design @ coefficients
+    sigma2 = float(np.sum(residuals**2) / max(len(r) - 2, 1))
+    covariance = sigma2 * np.linalg.pinv(design.T @ design)
+    a, b = rng.multivariate_normal(coefficients, covariance, size=SAMPLES, method="eigh").T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ahead = np.where(b < 0, -a / b, np.where(a <= 0, 0.0, np.inf))
+    ahead = np.clip(ahead, centred[0], 700.0)
+    return np.where(np.isinf(ahead), np.inf, np.exp(u[-1] + np.minimum(ahead, 700.0)))
