@@ -25,17 +25,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forecast_eval import (  # noqa: E402
-    PYTHIA,
-    PYTHIA_FIRST_STEP,
-    Row,
-    _cell,
-    evaluate,
-    pythia_curves,
-    run_forecaster,
-    run_patience,
-    summary,
-)
+from eval_record import PYTHIA, PYTHIA_FIRST_STEP, pythia_curves  # noqa: E402
+from eval_replay import run_forecaster, run_patience  # noqa: E402
+from eval_score import Row, evaluate, summary  # noqa: E402
+from eval_tables import _cell  # noqa: E402
 
 TOKENS_PER_STEP = 2_097_152  # Pythia: 1024 sequences of 2048 tokens per step
 

@@ -1,0 +1,196 @@
+"""Replaying the recorded curves, validation by validation, through the forecaster and the baselines.
+
+Each method maps a Curve to an Outcome (its first warning and its stop): the forecaster behind
+``BasinEarlyStopping``, patience early stopping, the monotone power-law fit (METHODS); the capacity
+candidates built from the recorded gradient statistics; and the forecaster watching the perturbation probe
+curves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from eval_record import Curve
+
+
+@dataclass
+class Outcome:
+    warning: float | None  # x of the first warning (None: never)
+    stop: float | None  # x of the stop (None: ran to the end)
+
+
+def run_forecaster(curve: Curve, **options) -> Outcome:
+    from snrmon.forecast import BasinForecaster
+
+    forecaster = BasinForecaster(**options)
+    warning = None
+    for x, val, train in zip(curve.x, curve.val, curve.train or [None] * len(curve.x), strict=True):
+        forecast = forecaster.update(x, val, train)
+        if forecast.warning and warning is None:
+            warning = x
+        if forecast.stop:
+            return Outcome(warning if warning is not None else x, x)
+    return Outcome(warning, None)
+
+
+def run_patience(curve: Curve, patience: int) -> Outcome:
+    """Lightning's EarlyStopping (mode min, min_delta 0): stop after ``patience`` validations without a new
+    best."""
+    best, waited = math.inf, 0
+    for x, val in zip(curve.x, curve.val, strict=True):
+        if val < best:
+            best, waited = val, 0
+        else:
+            waited += 1
+            if waited >= patience:
+                return Outcome(x, x)
+    return Outcome(None, None)
+
+
+def run_power(curve: Curve, min_points: int = 10, run_length: int = 3) -> Outcome:
+    """The monotone baseline: fit L = E + B/x^β to the curve so far; stop when its last ``run_length``
+    points all lie above the fit by more than two robust standard deviations of the residuals."""
+    from snrmon.laws import PowerLaw
+    from snrmon.laws.fitting import FitError, fit_law
+
+    law, theta = PowerLaw(), None
+    x, val = np.asarray(curve.x), np.asarray(curve.val)
+    for n in range(min_points, len(x) + 1):
+        columns = {"D": x[:n] / x[0]}
+        try:
+            fit = fit_law(law, columns, val[:n], starts=16 if theta is None else 0, refine=2, theta0=theta)
+        except FitError:
+            continue
+        theta = fit.theta
+        residuals = np.log(val[:n]) - law.log_loss(theta, columns)
+        sigma = 1.4826 * np.median(np.abs(residuals - np.median(residuals))) + 1e-12
+        if np.all(residuals[-run_length:] > 2 * sigma):
+            return Outcome(x[n - 1], x[n - 1])
+    return Outcome(None, None)
+
+
+METHODS = {
+    "forecaster": lambda curve: run_forecaster(curve),
+    "law (T9 only)": lambda curve: run_forecaster(curve, method="law"),
+    "power law": run_power,
+    "patience 3": lambda curve: run_patience(curve, 3),
+    "patience 5": lambda curve: run_patience(curve, 5),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The capacity term (T6) from the recorded gradient statistics: candidate mappings, judged by the forecast
+# (docs/theory.md, "The capacity term"; docs/forecast.md, "The capacity term, measured")
+
+
+def capacity_series(curve: Curve, smooth: int = 1) -> dict[str, np.ndarray]:
+    """At each validation, the two candidate capacities of snrmon.forecast.capacity: ``"cumulative"``,
+    log2(1 + Σ η|G|² / Σ η² tr(Σ)/B), and ``"dataset"``, log2(1 + N|G|²/tr(Σ)) (NaN with fresh samples).
+    ``smooth``: |G|² and tr Σ averaged over the last this many measurements (the monitor smooths with an EMA
+    of the steps; here each validation has 8 micro-batches of its own)."""
+    from snrmon.forecast.capacity import CapacityMeter
+
+    stats = curve.stats
+    meter = CapacityMeter(stats["n_train"])
+    cumulative, dataset, previous = [], [], 0.0
+    signals, noises = np.asarray(stats["signal"]), np.asarray(stats["noise"])
+    for i, x in enumerate(curve.x):
+        first = max(i + 1 - smooth, 0)
+        signal, noise = signals[first : i + 1].mean(), noises[first : i + 1].mean()
+        terms = meter.update(x - previous, signal, noise, stats["lr"], stats["batch"])
+        previous = x
+        cumulative.append(terms.capacity if terms else math.nan)
+        dataset.append(terms.dataset_capacity if terms else math.nan)
+    return {"cumulative": np.asarray(cumulative), "dataset": np.asarray(dataset)}
+
+
+def _capacity_forecaster(series: np.ndarray, signal: str, combine: str, **options):
+    """The forecaster behind BasinEarlyStopping with a capacity candidate's draws of D* in place of its
+    ratio draws (``combine="replace"``), or joined to them: the earlier (``"either"``) or the later
+    (``"both"``) of the two draws. Everything else (evidence, the rise rule, the decisions) is unchanged.
+
+    ``signal="peak"``: the basin is where the capacity peaks (T8: L = 1/(A·C) is lowest where C is highest),
+    the zero crossing of the trend of its local slope against log x. ``signal="one-bit"``: where it falls
+    to one bit (dataset SNR 1, the signal beyond chance gone), the zero crossing of the trend of C − 1."""
+    from snrmon.forecast import BasinForecaster
+    from snrmon.forecast.curve import slope as _slope
+    from snrmon.forecast.ratio import zero_crossing_draws as _zero_crossing_draws
+
+    class CapacityCandidate(BasinForecaster):
+        def _capacity_draws(self, x: np.ndarray, rng) -> np.ndarray:
+            w = self.window
+            c = series[: len(x)]
+            if signal == "peak":
+                u = np.log(x[w - 1 :])
+                ends = range(w, len(x) + 1)
+                values = np.array([_slope(np.log(x[e - w : e]), c[e - w : e])[0] for e in ends])
+            else:
+                u, values = np.log(x), c - 1.0
+            keep = np.isfinite(values)
+            u, values = u[keep][-w:], values[keep][-w:]
+            if len(values) < 3:
+                return np.full(100, np.inf)  # no finite training set (fresh samples): no basin from it
+            return _zero_crossing_draws(u, values, rng)
+
+        def _ratio_draws(self, x, loss, train, rng):
+            capacity = self._capacity_draws(x, rng)
+            if combine == "replace":
+                return capacity
+            ratio = super()._ratio_draws(x, loss, train, rng)
+            if ratio is None:
+                return None
+            capacity = rng.choice(capacity, size=len(ratio))  # pair the draws at random
+            return np.minimum(ratio, capacity) if combine == "either" else np.maximum(ratio, capacity)
+
+    return CapacityCandidate(**options)
+
+
+CAPACITY_CANDIDATES = {
+    f"{name} {signal} ({combine})": (name, signal, combine)
+    for name, signal in (("cumulative", "peak"), ("dataset", "peak"), ("dataset", "one-bit"))
+    for combine in ("replace", "either", "both")
+}
+
+
+def run_capacity(curve: Curve, name: str, signal: str, combine: str, smooth: int = 1) -> Outcome:
+    series = capacity_series(curve, smooth)[name]
+    forecaster = _capacity_forecaster(series, signal, combine)
+    warning = None
+    for x, val, train in zip(curve.x, curve.val, curve.train, strict=True):
+        forecast = forecaster.update(x, val, train)
+        if forecast.warning and warning is None:
+            warning = x
+        if forecast.stop:
+            return Outcome(warning if warning is not None else x, x)
+    return Outcome(warning, None)
+
+
+def capacity_methods(smooth: int = 1) -> dict:
+    methods = {"forecaster": METHODS["forecaster"]}
+    for label_, args in CAPACITY_CANDIDATES.items():
+        methods[label_] = lambda curve, args=args: run_capacity(curve, *args, smooth=smooth)
+    return methods
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Perturbation probes as the forecaster's curve (docs/forecast.md, "Perturbation probes")
+
+#: The recorded probe curves, and the control: the same validation batches, unperturbed.
+PROBE_LABELS = {"gaussian_10db": "10 dB noise", "int4": "4-bit", "clean": "clean, probe batches"}
+
+
+def probe_curve(curve: Curve, signal: str) -> Curve:
+    """``curve`` with the probe curve ``signal`` in place of the validation loss (the training loss as
+    recorded): what BasinEarlyStopping(monitor=probe.metric) sees."""
+    return Curve(curve.name, curve.kind, curve.x, list(curve.probes[signal]), curve.train)
+
+
+def probe_methods() -> dict:
+    """The forecaster with its defaults (run_forecaster) watching the validation loss, then each probe
+    curve. evaluate() judges every stop by the clean validation loss."""
+    methods = {"val_loss": METHODS["forecaster"]}
+    for signal, name in PROBE_LABELS.items():
+        methods[name] = lambda curve, signal=signal: run_forecaster(probe_curve(curve, signal))
+    return methods
