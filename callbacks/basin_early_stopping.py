@@ -21,6 +21,13 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from snrmon.forecast import BasinForecaster, Forecast
+from snrmon.forecast.display import (
+    LAW_NEEDS_POSITIVE,
+    as_metric,
+    format_step,
+    mode_sign,
+    projection_as_metric,
+)
 from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS
 
 log = logging.getLogger(__name__)
@@ -47,7 +54,10 @@ class BasinEarlyStopping(Callback):
     ``BasinEarlyStopping(monitor="val_loss")`` is the intended use.
 
     Args:
-        monitor: the logged metric to forecast, e.g. ``"val_loss"`` (lower is better).
+        monitor: the logged metric to forecast, e.g. ``"val_loss"``.
+        mode: ``"min"`` (default): lower is better, a loss; ``"max"``: higher is better, e.g. an accuracy,
+            whose basin is where it peaks (the forecaster is fed the mirrored curve; messages quote the
+            metric's own values).
         horizon: warn when the basin is forecast within ``horizon`` × the steps done so far, or entered.
         confidence: the probability of that needed to stop training.
         min_points: checks needed before the first forecast (no warning and no stop before).
@@ -68,7 +78,10 @@ class BasinEarlyStopping(Callback):
     Raises:
         RuntimeError: at a check, if ``monitor`` was never logged (``strict``); the message lists the metrics
             that exist.
-        ValueError: invalid ``horizon``, ``confidence``, ``min_points`` or ``check_every_n_steps``.
+        RuntimeError: at fit start, if the checks follow validations and validation is off
+            (``limit_val_batches=0`` or no ``validation_step``): no check would ever run (``strict``; else a
+            warning).
+        ValueError: invalid ``mode``, ``horizon``, ``confidence``, ``min_points`` or ``check_every_n_steps``.
 
     Attributes:
         stopping_reason: why training was stopped (``None`` while it was not).
@@ -89,6 +102,7 @@ class BasinEarlyStopping(Callback):
     def __init__(
         self,
         monitor: str = "val_loss",
+        mode: str = "min",
         horizon: float = HORIZON,
         confidence: float = CONFIDENCE,
         min_points: int = MIN_POINTS,
@@ -104,7 +118,14 @@ class BasinEarlyStopping(Callback):
             raise ValueError(
                 f"check_every_n_steps must be a positive integer or None, got {check_every_n_steps}"
             )
-        self.monitor = monitor
+        self.monitor, self.mode = monitor, mode
+        # The forecaster wants a curve that falls to its basin and turns up: a higher-is-better metric is fed
+        # negated (its peak becomes the basin). The training loss is fed as it is, not negated: the ratio
+        # forecast regresses the monitored curve on the training loss, r = d(monitored) / d(train loss), and
+        # while the model generalises -accuracy falls as the training loss falls, so r is positive and
+        # crosses zero at the accuracy's peak, exactly as for a validation loss. Negating the training loss
+        # too would flip r's sign and make the training loss rise, which the ratio forecast rejects.
+        self._sign = mode_sign(mode)
         self.check_every_n_steps = check_every_n_steps
         self.verbose, self.strict = verbose, strict
         self.forecaster = BasinForecaster(
@@ -120,19 +141,49 @@ class BasinEarlyStopping(Callback):
         self._state = "no forecast"  # the last state announced, so a warning repeats only when it changes
         self._drawn_step, self._drawn_at = -1, -math.inf  # the step and time of the last figure
         self._said_departure = False  # a prior that does not fit this run is said once
+        self._said_nonpositive = False  # a loss-only forecast given values <= 0 is said once
         self._seen_metric = False  # the monitored metric has been logged in this fit (periodic checks)
+        # A validation has run in this fit (checks after each validation); None: none will, said at fit start.
+        self._validated: bool | None = False
         self._train_sum: torch.Tensor | None = None  # training loss summed on its device: no sync per step
         self._train_count = 0
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor)
+        # "min" keeps the key of checkpoints written before `mode` existed.
+        if self.mode == "min":
+            return self._generate_state_key(monitor=self.monitor)
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
 
     # -- collecting the training loss ------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.forecaster.prior_note:
             rank_zero_warn(f"BasinEarlyStopping: {self.forecaster.prior_note}")
+        self._seen_metric = self._validated = False  # (a callback may serve several fits)
+        self._check_validation_runs(trainer, pl_module)
+
+    def _check_validation_runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Checks after each validation need validations: without them the callback would never check, and
+        never say so (Lightning's EarlyStopping fails on its missing metric instead)."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        if self.check_every_n_steps is not None or self._should_skip(trainer):
+            return
+        if trainer.limit_val_batches == 0:
+            why = "limit_val_batches=0 turns validation off"
+        elif not is_overridden("validation_step", pl_module):
+            why = "the model has no validation_step"
+        else:
+            return
+        message = (
+            f"BasinEarlyStopping checks `{self.monitor}` after each validation, but {why}: it would never "
+            "check. Enable validation, or pass check_every_n_steps= for a metric logged while training"
+        )
+        if self.strict:
+            raise RuntimeError(message)
+        rank_zero_warn(message, category=RuntimeWarning)
+        self._validated = None  # said: not again at the end
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -158,9 +209,16 @@ class BasinEarlyStopping(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_logged(trainer)
+        if self.check_every_n_steps is None and self._validated is False and not self._should_skip(trainer):
+            # e.g. no validation data loader, or check_val_every_n_epoch beyond max_epochs
+            rank_zero_warn(
+                f"BasinEarlyStopping: no validation ran during this fit: `{self.monitor}` was never checked",
+                category=RuntimeWarning,
+            )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.check_every_n_steps is None and not self._should_skip(trainer):
+            self._validated = True
             self._check(trainer)
         self._check_logged(trainer)
 
@@ -196,24 +254,37 @@ class BasinEarlyStopping(Callback):
         rank_zero_warn(message, category=RuntimeWarning)
 
     def _check(self, trainer: pl.Trainer, periodic: bool = False) -> None:
+        # Under DDP every rank must join every collective of a check (the agreement below, the training
+        # loss's reduction, the stop decision), whatever its own data says: a rank that returned early would
+        # leave the others waiting forever. So the early returns depend only on what every rank shares (the
+        # global step and the points added so far, which every rank adds alike), and a rank's own view of
+        # the metric enters through a collective.
         metrics = trainer.callback_metrics
-        if self.monitor not in metrics:
-            if not periodic:
-                self._missing(trainer)
+        present = self.monitor in metrics
+        if not present and not periodic:
+            self._missing(trainer)
             return
-        self._seen_metric = True
+        self._seen_metric |= present
         x = float(trainer.global_step)
         points = self.forecaster.points.x
         if x <= 0 or (points and x <= points[-1]):
             return  # no new training since the last check (e.g. two validations at the same step)
-        value = float(metrics[self.monitor].squeeze().float().item())
-        if periodic and self.forecaster.points.loss and value == self.forecaster.points.loss[-1]:
-            return  # not logged again since the last check (e.g. a validation metric): not a new point
-        forecast = self.forecaster.update(x, value, self._mean_train_loss(trainer))
+        value = float(metrics[self.monitor].squeeze().float().item()) if present else math.nan
+        mirrored = self._sign * value
+        if periodic:
+            # A point only when the metric has been logged again since the last check (a validation metric
+            # checked every step repeats its stale value). A per-rank metric can repeat on one rank by chance
+            # while it changed on another: one rank with a new value makes it a point on every rank.
+            previous = self.forecaster.points.loss[-1] if self.forecaster.points.loss else None
+            new = present and mirrored != previous
+            if not trainer.strategy.reduce_boolean_decision(new, all=False):
+                return
+        forecast = self.forecaster.update(x, mirrored, self._mean_train_loss(trainer))
         if not math.isfinite(value):
             log.debug("BasinEarlyStopping: %s is %s at step %d: skipped", self.monitor, value, int(x))
         elif forecast.d_star is None:
             log.debug("BasinEarlyStopping: no forecast at step %d (%s)", int(x), forecast.note)
+        self._say_nonpositive(mirrored, value, int(x))
         self._log(trainer, forecast)
         self._announce(trainer, forecast)
         if forecast.d_star is not None:
@@ -221,21 +292,47 @@ class BasinEarlyStopping(Callback):
         if forecast.method == "prior" and self.forecaster.prior_departs and not self._said_departure:
             self._said_departure = True
             rank_zero_warn(f"BasinEarlyStopping: {self.monitor}: {forecast.note}")
+        self._decide_stop(trainer, forecast)
 
-        should_stop = trainer.strategy.reduce_boolean_decision(bool(forecast.stop), all=False)
-        if should_stop and not trainer.should_stop:
-            trainer.should_stop = True
-            self.stopped_step = trainer.global_step
-            self.stopping_reason = (
-                f"{self.monitor}: {_describe(forecast)} (probability {forecast.p_basin:.2f} that it lies "
-                f"within {self.forecaster.horizon:.0%} more training or has been entered)"
-                if forecast.p_basin is not None
-                else f"{self.monitor}: another rank forecast the basin"
-            )
-            rank_zero_info(
-                f"BasinEarlyStopping: stopping at step {self.stopped_step}: {self.stopping_reason}"
-            )
-            self._draw(trainer)
+    def _decide_stop(self, trainer: pl.Trainer, forecast: Forecast) -> None:
+        """One rank deciding to stop is enough (as in Lightning's EarlyStopping); every rank then holds the
+        deciding rank's reason, not its own (which may read "improving")."""
+        local = torch.tensor([float(bool(forecast.stop))], device=trainer.strategy.root_device)
+        decisions = trainer.strategy.all_gather(local).reshape(-1).tolist()  # one per rank, on every rank
+        if not any(decisions):
+            return
+        deciding = decisions.index(1.0)  # the lowest deciding rank: the same on every rank
+        reason = (
+            f"{self.monitor}: {self._describe(forecast)} (probability {forecast.p_basin:.2f} that it lies "
+            f"within {self.forecaster.horizon:.0%} more training or has been entered)"
+            if forecast.stop
+            else None  # not this rank's decision: replaced by the deciding rank's
+        )
+        reason = trainer.strategy.broadcast(reason, src=deciding)
+        if trainer.should_stop:
+            return  # stopped already (another callback)
+        trainer.should_stop = True
+        self.stopped_step = trainer.global_step
+        self.stopping_reason = reason
+        rank_zero_info(f"BasinEarlyStopping: stopping at step {self.stopped_step}: {self.stopping_reason}")
+        self._draw(trainer)
+
+    def _say_nonpositive(self, mirrored: float, value: float, step: int) -> None:
+        """The loss-only forecast (no training loss from training_step) skips values <= 0; said once, with
+        the reason, instead of a forecaster that never forecasts."""
+        if self._said_nonpositive or not (math.isfinite(mirrored) and mirrored <= 0):
+            return
+        train = self.forecaster.points.train[-self.forecaster.window :]
+        if all(math.isfinite(t) for t in train):
+            return  # the ratio forecast, which takes any sign
+        self._said_nonpositive = True
+        mirror = f" (mode='max' forecasts -{self.monitor} = {mirrored:.4g})" if self._sign < 0 else ""
+        rank_zero_warn(
+            f"BasinEarlyStopping: {self.monitor} is {value:.4g} at step {step}{mirror}, and training_step "
+            f"returns no training loss: {LAW_NEEDS_POSITIVE}. Return the training loss from training_step "
+            "(the ratio forecast takes any sign), or monitor a positive loss",
+            category=RuntimeWarning,
+        )
 
     def _log(self, trainer: pl.Trainer, forecast: Forecast) -> None:
         prefix = f"snr/forecast/{self.monitor}"
@@ -248,7 +345,7 @@ class BasinEarlyStopping(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
         if self.verbose:
-            rank_zero_info(f"BasinEarlyStopping: step {trainer.global_step}: {_describe(forecast)}")
+            rank_zero_info(f"BasinEarlyStopping: step {trainer.global_step}: {self._describe(forecast)}")
 
     def _announce(self, trainer: pl.Trainer, forecast: Forecast) -> None:
         state = forecast.state if forecast.warning or forecast.stop else "improving"
@@ -257,7 +354,7 @@ class BasinEarlyStopping(Callback):
         self._state = state
         if state == "improving":
             return
-        text = f"BasinEarlyStopping: {self.monitor}: {_describe(forecast)}"
+        text = f"BasinEarlyStopping: {self.monitor}: {self._describe(forecast)}"
         rank_zero_warn(text)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -281,14 +378,35 @@ class BasinEarlyStopping(Callback):
         try:
             from snrmon.forecast.plot import forecast_figure
 
-            figure = forecast_figure(
-                self.forecaster.history, self.monitor, projection=self.forecaster.projection
-            )
+            history = [as_metric(f, self._sign) for f in self.forecaster.history]  # the metric's own values
+            projection = projection_as_metric(self.forecaster.projection, self._sign)
+            figure = forecast_figure(history, self.monitor, projection=projection)
         except ImportError:  # matplotlib is optional (the plot extra)
             log.debug("BasinEarlyStopping: no matplotlib, no forecast figure")
             return
         for experiment in experiments:
             experiment.add_figure(f"snr/forecast/{self.monitor}/figure", figure, trainer.global_step)
+
+    def _describe(self, forecast: Forecast) -> str:
+        """One sentence naming the basin in whole steps and the metric's own values, e.g. 'basin ahead at
+        step 1234 (band 1100 to 1502), val_loss there ≈ 0.7535, 111 steps from step 1123'."""
+        forecast = as_metric(forecast, self._sign)
+        step = format_step
+        if forecast.d_star is None:
+            return f"no forecast yet ({forecast.note})"
+        if forecast.d_star == math.inf:
+            return f"no basin in sight at step {step(forecast.x)} ({self.monitor} {forecast.loss:.4g})"
+        if forecast.d_star_low is None:  # the prior alone, before the run's points could refit it
+            return f"the prior puts the basin at step {step(forecast.d_star)}"
+        where = f"{step(forecast.d_star)} (band {step(forecast.d_star_low)} to {step(forecast.d_star_high)})"
+        at = forecast.loss_at_d_star
+        at = f", {self.monitor} there ≈ {at:.4g}" if at is not None else ""
+        if forecast.state == "basin entered":
+            return f"basin entered: forecast at step {where}{at}; now at step {step(forecast.x)}"
+        if forecast.state == "improving":
+            return f"improving at step {step(forecast.x)}: basin forecast at step {where}{at}"
+        away = f"{step(forecast.steps_to_basin)} steps from step {step(forecast.x)}"
+        return f"{forecast.state} at step {where}{at}, {away}"
 
     # -- checkpointing -----------------------------------------------------------------------------------
 
@@ -307,26 +425,3 @@ class BasinEarlyStopping(Callback):
         self.stopped_step = state_dict["stopped_step"]
         self._state = state_dict["announced"]
         self._said_departure = state_dict.get("said_departure", False)
-
-
-def _describe(forecast: Forecast) -> str:
-    """One sentence naming the basin, e.g. 'basin ahead at step 1.2e+03 (band 1e+03 to 1.5e+03), ...'."""
-    if forecast.d_star is None:
-        return f"no forecast yet ({forecast.note})"
-    if forecast.d_star == math.inf:
-        return f"no basin in sight at step {forecast.x:.4g} (loss {forecast.loss:.4g})"
-    if forecast.d_star_low is None:  # the prior alone, before the run's points could refit it
-        return f"the prior puts the basin at step {forecast.d_star:.4g}"
-    where = f"{forecast.d_star:.4g} (band {_step(forecast.d_star_low)} to {_step(forecast.d_star_high)})"
-    at = f", loss there ≈ {forecast.loss_at_d_star:.4g}" if forecast.loss_at_d_star is not None else ""
-    if forecast.state == "basin entered":
-        return f"basin entered: forecast at step {where}{at}; now at step {forecast.x:.4g}"
-    if forecast.state == "improving":
-        return f"improving at step {forecast.x:.4g}: basin forecast at step {where}{at}"
-    away = f"{forecast.steps_to_basin:.4g} steps from step {forecast.x:.4g}"
-    return f"{forecast.state} at step {where}{at}, {away}"
-
-
-def _step(value: float) -> str:
-    """A band's end: far beyond any run (e.g. a line that barely falls, extrapolated) reads 'inf'."""
-    return f"{value:.4g}" if value < 1e100 else "inf"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
+import re
+import signal
 import subprocess
 import sys
 import warnings
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
+from test_ddp import free_port
 from test_forecast import SHANNON_FAMILY
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -229,22 +231,32 @@ def test_a_prior_of_the_family_forecasts_from_the_first_check(caplog):
         _fit(partial, _data(64, 0), max_epochs=1)
 
 
-@pytest.mark.ddp
-def test_ranks_stop_together_under_ddp(tmp_path):
-    # tests/basin_ddp_script.py on 2 CPU ranks (gloo); Lightning relaunches it for rank 1.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+def _run_ddp(out: Path, *options: str) -> list[dict]:
+    """tests/basin_ddp_script.py on 2 CPU ranks (gloo; Lightning relaunches it for rank 1): each rank's JSON.
+    A run past the timeout (a rank waiting for the other in a collective) fails the test, and takes both
+    ranks down with it (rank 1 is rank 0's child: the whole process group goes)."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK"):
         env.pop(name, None)
     script = Path(__file__).with_name("basin_ddp_script.py")
-    done = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    command = [sys.executable, str(script), "--out", str(out), *options]
+    process = subprocess.Popen(
+        command, env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    try:
+        _, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"the DDP run hung (killed after 180 s): {stderr[-2000:]}")
+    assert process.returncode == 0, stderr[-4000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.mark.ddp
+def test_ranks_stop_together_under_ddp(tmp_path):
+    ranks = _run_ddp(tmp_path)
     # Every rank forecasts from the same curves: the validation loss is synced by Lightning, the training loss
     # (each rank its own shard) averaged across ranks by the callback ...
     assert ranks[0]["val"] == ranks[1]["val"] and ranks[0]["train"] == ranks[1]["train"]
@@ -252,6 +264,21 @@ def test_ranks_stop_together_under_ddp(tmp_path):
     assert ranks[0]["stopped_step"] > 0
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == ranks[0]["stopped_step"]
     assert any(r["stops"][-1] for r in ranks)
+    assert ranks[0]["stopping_reason"] == ranks[1]["stopping_reason"]
+
+
+@pytest.mark.ddp
+def test_a_per_rank_metric_neither_hangs_nor_splits_the_stopping_reason(tmp_path):
+    # A metric each rank logs for itself, checked every step: rank 1's value repeats at consecutive steps
+    # while rank 0's changes. Every rank still joins every collective of each check (before, rank 1 skipped
+    # them as "not a new point" and the ranks waited on each other), and adds the point alike.
+    ranks = _run_ddp(tmp_path, "--per-rank")
+    assert ranks[0]["x"] == ranks[1]["x"] and len(ranks[0]["x"]) == ranks[0]["global_step"]
+    # Only rank 0 could decide (rank 1 never forecasts); both stop at its step, and both hold its reason.
+    assert ranks[0]["stops"][-1] and not any(ranks[1]["stops"])
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == ranks[1]["stopped_step"] > 70
+    assert ranks[1]["stopping_reason"] == ranks[0]["stopping_reason"]
+    assert ranks[0]["stopping_reason"].startswith("rank_metric: basin entered")
 
 
 def test_the_training_loss_is_collected_unscaled_under_gradient_accumulation():
@@ -268,3 +295,90 @@ def test_the_training_loss_is_collected_unscaled_under_gradient_accumulation():
     # Two micro-batches an epoch, one optimizer step: each check's training loss is their plain mean.
     expected = [np.mean(model.returned[0:2]), np.mean(model.returned[2:4])]
     assert callback.forecaster.points.train == pytest.approx(expected, rel=1e-6)
+
+
+class Scored(Regressor):
+    """Logs, beside val_loss, two higher-is-better metrics: val_score = -val_loss (the same turning point,
+    mirrored) and val_acc = exp(-val_loss), in (0, 1). ``manual=True``: manual optimisation whose
+    training_step returns nothing, which leaves the forecaster the monitored value alone."""
+
+    def __init__(self, manual: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.automatic_optimization:
+            return loss
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return None
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log_dict({"val_loss": loss, "val_score": -loss, "val_acc": torch.exp(-loss)})
+
+
+def _fractional_steps(text: str) -> list[str]:
+    return re.findall(r"step \d+\.\d", text)
+
+
+def test_a_higher_is_better_metric_warns_and_stops_as_its_mirrored_loss():
+    runs = {}
+    for monitor, mode in (("val_loss", "min"), ("val_score", "max")):
+        callback = BasinEarlyStopping(monitor=monitor, mode=mode)
+        with pytest.warns(UserWarning, match="basin") as caught:
+            torch.manual_seed(0)  # the same initial weights in both runs
+            trainer, _ = _fit(callback, _data(64, 0), max_epochs=200, model=Scored())
+        texts = [str(w.message) for w in caught if str(w.message).startswith("BasinEarlyStopping")]
+        runs[mode] = callback, texts
+    loss, score = runs["min"][0], runs["max"][0]
+    # The same decisions at the same steps: the forecaster saw the same curve.
+    decisions = [[(f.x, f.state, f.warning, f.stop) for f in c.forecaster.history] for c in (loss, score)]
+    assert decisions[0] == decisions[1]
+    assert 0 < score.stopped_step == loss.stopped_step == trainer.global_step
+
+    # The messages quote the metric's own values (val_score ≈ -val_loss), in whole steps.
+    def mirrored(text: str) -> str:
+        return text.replace("val_loss", "val_score").replace("≈ ", "≈ -")
+
+    assert score.stopping_reason == mirrored(loss.stopping_reason)
+    assert "val_score there ≈ -0." in score.stopping_reason
+    assert runs["max"][1] == [mirrored(t) for t in runs["min"][1]] and runs["max"][1]
+    assert not _fractional_steps(" ".join(runs["max"][1] + [score.stopping_reason]))
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max', got 'maximum'"):
+        BasinEarlyStopping(monitor="val_acc", mode="maximum")
+
+
+def test_a_loss_only_forecast_of_values_at_or_below_zero_says_why():
+    # No training loss (manual optimisation): the law forecast, which needs positive values. val_acc in
+    # mode "max" is forecast as -val_acc < 0: said once, with the reason, instead of never forecasting.
+    callback = BasinEarlyStopping(monitor="val_acc", mode="max")
+    with pytest.warns(RuntimeWarning, match="log-losses") as caught:
+        _fit(callback, _data(64, 0), max_epochs=12, model=Scored(manual=True))
+    said = [str(w.message) for w in caught if "log-losses" in str(w.message)]
+    assert len(said) == 1 and "mode='max' forecasts -val_acc" in said[0] and "no training loss" in said[0]
+    assert all(f.d_star is None for f in callback.forecaster.history)  # what the warning explains
+    # A positive loss on the same path: nothing to say.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _fit(BasinEarlyStopping(monitor="val_loss"), _data(64, 0), max_epochs=2, model=Scored(manual=True))
+
+
+def test_checks_after_validation_need_validation():
+    # Lightning's EarlyStopping fails on its missing metric: here the fit fails at its start, saying why.
+    with pytest.raises(RuntimeError, match="limit_val_batches=0 turns validation off"):
+        _fit(BasinEarlyStopping(monitor="val_loss"), _data(64, 0), max_epochs=2, limit_val_batches=0)
+    with pytest.warns(RuntimeWarning, match="it would never check") as caught:
+        _fit(BasinEarlyStopping(strict=False), _data(64, 0), max_epochs=1, limit_val_batches=0)
+    assert sum("BasinEarlyStopping" in str(w.message) for w in caught) == 1  # said once
+    # Validation on, but none within the fit (every 5 epochs of 2): said at the end.
+    with pytest.warns(RuntimeWarning, match="no validation ran during this fit"):
+        _fit(BasinEarlyStopping(monitor="val_loss"), _data(64, 0), max_epochs=2, check_val_every_n_epoch=5)
+    # Checks on a training metric need no validation.
+    callback = BasinEarlyStopping(monitor="train_loss", check_every_n_steps=1)
+    _fit(callback, _data(64, 0), max_epochs=2, limit_val_batches=0, log_every_n_steps=1)
+    assert callback.forecaster.points.x == [1.0, 2.0, 3.0, 4.0]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_forecast import X, u_curve
 
 from snrmon.cli import fit as fit_verb
 from snrmon.cli import main
@@ -448,6 +450,61 @@ def test_tensorboard_without_model_sizes_takes_single_run_laws(tmp_path, capsys)
     assert code == 2 and "one model size" in err and "--law power" in err
 
 
+# --- forecast --------------------------------------------------------------------------------------------
+
+
+def test_forecast_mode_max_replays_the_mirrored_curve_alike(tmp_path, capsys):
+    val, train = u_curve(0)
+    data = write_csv(
+        tmp_path / "run.csv", {"step": X, "val_loss": val, "val_score": -val, "train_loss": train}
+    )
+    documents, texts = {}, {}
+    for metric, mode in (("val_loss", "min"), ("val_score", "max")):
+        argv = ["forecast", data, "--metric", metric, "--mode", mode, "--train-metric", "train_loss"]
+        documents[mode] = run_json(capsys, *argv)
+        code, texts[mode], err = run(capsys, *argv)
+        assert code == 0, err
+    low, high = documents["min"], documents["max"]
+    assert low["stop"] is not None and (high["first_warning"], high["stop"]) == (
+        low["first_warning"],
+        low["stop"],
+    )
+    same = ("x", "d_star", "d_star_low", "d_star_high", "p_basin", "state", "warning", "stop")
+    assert [[p[k] for k in same] for p in high["points"]] == [[p[k] for k in same] for p in low["points"]]
+    # The metric's own values: val_score, and its maximum, not the mirrored curve.
+    assert [p["loss"] for p in high["points"]] == [-p["loss"] for p in low["points"]]
+    assert high["mode"] == "max" and high["maximum"] == {
+        "x": low["minimum"]["x"],
+        "loss": -low["minimum"]["loss"],
+    }
+    assert f"observed maximum: {-low['minimum']['loss']:.4g}" in texts["max"]
+    # Steps are whole numbers: the x, D* and band columns, and the summary.
+    rows = [line.split() for line in texts["max"].splitlines()[1 : len(X) + 1]]
+    assert all(row[0].isdigit() for row in rows)
+    assert all(row[2].isdigit() for row in rows if row[2] not in ("-", "inf"))
+    assert re.search(r"first warning: \d+; stop: \d+; observed maximum: \S+ at step \d+$", texts["max"])
+
+
+def test_forecast_says_why_it_does_not_forecast(tmp_path, capsys):
+    val, _ = u_curve(0)
+    # One row: a replay that ran (exit 0) and says why no row has a forecast.
+    one = write_csv(tmp_path / "one.csv", {"step": X[:1], "loss": val[:1]})
+    code, out, err = run(capsys, "forecast", one)
+    assert code == 0 and "no forecast" in out
+    assert "snrmon: note: no forecast at any of the 1 point: 1 finite points of 10 needed" in err
+    assert run_json(capsys, "forecast", one)["points"][0]["note"] == "1 finite points of 10 needed"
+    # Some values <= 0 on the loss-only path: skipped by the law, and said.
+    shifted = val[:12] - val[3]
+    some = write_csv(tmp_path / "some.csv", {"step": X[:12], "loss": shifted})
+    code, _, err = run(capsys, "forecast", some)
+    assert code == 0 and f"snrmon: warning: {int((shifted <= 0).sum())} of 12 values of loss are <= 0" in err
+    # With the training loss: the ratio forecast, which takes any sign; nothing to say.
+    code, _, err = run(capsys, "forecast", write_csv(tmp_path / "t.csv", {"step": X[:12], "loss": shifted,
+                                                                          "train": 1 / X[:12]}),
+                       "--train-metric", "train")  # fmt: skip
+    assert code == 0 and "<= 0" not in err
+
+
 # --- bad input: one line on stderr, exit status 2 -------------------------------------------------------
 
 
@@ -467,7 +524,35 @@ def bad_inputs(tmp: Path, chinchilla_path: Path, tb: Path) -> list[tuple[list, s
         (["fit", tmp / "absent.csv", "--law", "chinchilla"], "no such file or directory"),
         (["fit", csv("nod.csv", "N,tokens,loss\n1,2,3\n"), "--law", "chinchilla"], "missing column D"),
         (["fit", csv("none.csv", "x,loss\n1,2\n"), "--law", "shannon"], "missing columns N, D"),
-        (["fit", csv("text.csv", "N,D,loss\nabc,1,2\n1,1,2\n"), "--law", "kaplan"], "column N"),
+        (
+            ["fit", csv("text.csv", "N,D,loss\n1,1,2\nabc,1,2\n"), "--law", "kaplan"],
+            "'abc' in row 2 after",
+        ),  # not np.str_('abc')
+        (
+            [
+                "fit",
+                csv(
+                    "huge.csv", "N,D,loss\n" + "".join(f"{n},{d},1e308\n" for n in (1, 2) for d in (1, 2, 3))
+                ),
+                "--law",
+                "kaplan",
+            ],
+            "values too large to fit",
+        ),  # fmt: skip
+        (
+            ["forecast", csv("texty.csv", "step,loss\n1,2.0\n2,oops\n")],
+            "holds text, not numbers: 'oops' in row 2",
+        ),
+        (
+            ["forecast", chinchilla_path, "--x", "D", "--where", "D > 1e20"],
+            "--where 'D > 1e20' keeps no rows",
+        ),
+        (["forecast", csv("negative.csv", "step,loss\n1,-2.0\n2,-2.5\n")], "every value of loss is <= 0"),
+        (
+            ["forecast", csv("acc.csv", "step,acc\n1,0.5\n2,0.6\n"), "--metric", "acc", "--mode", "max"],
+            "every value of -acc (--mode max) is <= 0; the loss-only forecast fits the Shannon law",
+        ),
+        (["forecast", chinchilla_path, "--mode", "maximum"], "invalid choice: 'maximum'"),
         (["fit", csv("neg.csv", "\n".join(nonpositive)), "--law", "chinchilla"], "3 rows with non-positive"),
         (
             ["fit", csv("few.csv", "N,D,loss\n1e7,1e9,3\n1e8,1e9,2.5\n1e7,2e9,2.9\n"), "--law", "shannon"],
@@ -502,7 +587,7 @@ def bad_inputs(tmp: Path, chinchilla_path: Path, tb: Path) -> list[tuple[list, s
 
 def test_bad_input_gives_one_line_and_exit_2(chinchilla, tb_dir, tmp_path, capsys):
     for argv, message in bad_inputs(tmp_path, chinchilla[0], tb_dir):
-        code, out, err = run(capsys, *argv, *(FAST if argv else []))
+        code, out, err = run(capsys, *argv, *(FAST if argv and argv[0] in ("fit", "compare") else []))
         assert code == 2, (argv, err)
         assert err.startswith("snrmon: error: ") and err.count("\n") == 1, (argv, err)
         assert err.count("snrmon:") == 1, (argv, err)  # no "snrmon: error: snrmon: ..."

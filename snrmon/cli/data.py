@@ -12,6 +12,10 @@ from snrmon.cli.arguments import Parser, UsageError, number
 from snrmon.laws.study import Data
 from snrmon.logs import Table, WhereError, read_table, where
 
+# The fits and their scores square values: beyond this they overflow double precision (1.8e308) with room for
+# sums over many rows; a law's constants are bounded far below it anyway (1e30).
+LARGEST = 1e150
+
 DESCRIPTION = """\
 Fit scaling laws (docs/law.md, equations T6-T14) to observed losses.
 
@@ -105,8 +109,11 @@ def load(args: argparse.Namespace, table: Table, needed: list[str]) -> Data:
         )
     for name in needed:
         if not table.is_numeric(name):
-            example = next(v for v in table[name] if not _is_number(v))
-            raise UsageError(f"column {name} of {args.data} is not numeric (e.g. {example!r})")
+            row, example = table.first_non_number(name)
+            raise UsageError(
+                f"column {name} of {args.data} is not numeric (e.g. {example!r} in row {row + 1} after the "
+                "header)"
+            )
     table, dropped = table.dropna(needed)
     if not len(table):
         raise UsageError(f"no rows left in {args.data} after dropping {dropped} rows with missing values")
@@ -121,6 +128,13 @@ def load(args: argparse.Namespace, table: Table, needed: list[str]) -> Data:
         raise UsageError(
             f"{rows} row{'s' if rows > 1 else ''} with non-positive values ({which}); "
             f"{', '.join(needed)} must be > 0 (drop them with --where)"
+        )
+    huge = {name: float(table[name].max()) for name in needed if table[name].max() > LARGEST}
+    if huge:
+        which = ", ".join(f"{name} up to {value:.3g}" for name, value in huge.items())
+        raise UsageError(
+            f"values too large to fit in {args.data} ({which}): their squares overflow double precision; "
+            f"rescale the column (at most {LARGEST:.0e})"
         )
     if args.train_where is None:
         return Data(table, np.ones(len(table), dtype=bool), False, dropped, args.data)
@@ -137,14 +151,6 @@ def _mask(table: Table, expression: str, option: str) -> np.ndarray:
         return where(table, expression)
     except WhereError as error:
         raise UsageError(f"{option}: {error}") from None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def fit_options(args: argparse.Namespace, bootstrap: int) -> dict:

@@ -1,11 +1,15 @@
 """``snrmon forecast``: replay a finished run through the forecaster that ``BasinEarlyStopping`` uses.
 
-    snrmon forecast DATA [--metric NAME] [--x D|step] [--horizon H] [--prior FIT.json] [--json] [--plot FILE]
+    snrmon forecast DATA [--metric NAME] [--mode min|max] [--x D|step] [--horizon H] [--prior FIT.json]
+                         [--json] [--plot FILE]
 
 DATA is a CSV with one run's curve (a column ``D`` or ``step``, and the metric, default ``loss``; with
 several runs in the file, ``--where`` picks one) or a TensorBoard run directory (``--tag``). The points are
 fed in order to :class:`snrmon.forecast.BasinForecaster` with the defaults of ``BasinEarlyStopping``, and
 the command prints what it would have forecast, and when it would have warned and stopped.
+
+Exit status 0 when the replay ran, also when it never forecast (too few points: the reason is printed); 2 when
+DATA cannot be read or can never be forecast (the loss alone, without a positive value), with the reason.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ import sys
 import numpy as np
 
 from snrmon.cli.arguments import file_name, number
-from snrmon.cli.render import aligned, format_number
+from snrmon.cli.render import aligned, format_number, warn
+from snrmon.forecast.display import (
+    LAW_NEEDS_POSITIVE,
+    as_metric,
+    format_step,
+    mode_sign,
+    projection_as_metric,
+)
 from snrmon.forecast.forecaster import (
     CONFIDENCE,
     HORIZON,
@@ -38,7 +49,8 @@ same defaults, and print what it would have forecast and when it would have warn
 
 DATA is a CSV file with a header row (a column D or step, the metric column, default loss; optionally the
 training loss with --train-metric) or a TensorBoard run directory (the scalar --tag). A file holding several
-runs (a group, model or run column) needs --where to pick one.
+runs (a group, model or run column) needs --where to pick one. --mode max: a higher-is-better metric (e.g. an
+accuracy), whose basin is its peak.
 """
 
 
@@ -52,6 +64,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("data", metavar="DATA", help="a CSV file or a TensorBoard run directory")
     parser.add_argument("--metric", default="loss", help="the monitored column (CSV; default loss)")
+    parser.add_argument(
+        "--mode",
+        choices=("min", "max"),
+        default="min",
+        help="min: lower is better (a loss; default); max: higher is better (an accuracy)",
+    )
     parser.add_argument("--train-metric", metavar="NAME", help="a column (or tag) with the training loss")
     parser.add_argument("--tag", help="TensorBoard: the scalar tag of the monitored metric (e.g. val/loss)")
     parser.add_argument("--x", choices=("D", "step"), help="the x column (default: step if present, else D)")
@@ -89,7 +107,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    x, loss, train, x_name = load_curve(args)
+    x, metric, train, x_name = load_curve(args)
+    # --mode max feeds the forecaster the negated metric (its peak becomes a basin) and the training loss as
+    # it is: BasinEarlyStopping's mirror (its comment says why); everything shown is mirrored back.
+    sign = mode_sign(args.mode)
+    loss = sign * metric
+    check_forecastable(loss, train, args)
     try:
         forecaster = BasinForecaster(
             horizon=args.horizon,
@@ -112,12 +135,39 @@ def run(args: argparse.Namespace) -> int:
         forecasts.append(forecaster.update(*point))
         if args.plot and forecasts[-1].stop and projection is None:  # the curve ahead as seen at the stop
             projection = forecaster.projection
-    projection = projection or forecaster.projection  # no stop: as seen at the last point
-    document = replay_document(forecasts, args.metric if args.tag is None else args.tag, x_name)
+    projection = projection_as_metric(projection or forecaster.projection, sign)  # no stop: at the last point
+    forecasts = [as_metric(f, sign) for f in forecasts]  # the metric's own values from here on
+    document = replay_document(forecasts, args.metric if args.tag is None else args.tag, x_name, args.mode)
+    if all(f.d_star is None for f in forecasts):
+        # No forecast at any point (e.g. fewer points than --min-points): a replay that ran, whose answer is
+        # "nothing to forecast yet". Say why, rather than leave a table of bare "no forecast" rows.
+        count = f"{len(forecasts)} point{'s' if len(forecasts) > 1 else ''}"
+        print(f"snrmon: note: no forecast at any of the {count}: {forecasts[-1].note}", file=sys.stderr)
     if args.plot:
         plot_replay(args.plot, forecasts, document, x_name, projection)
     print(json.dumps(document, indent=2) if args.json else replay_report(forecasts, document, x_name))
     return 0
+
+
+def check_forecastable(loss: np.ndarray, train: np.ndarray | None, args: argparse.Namespace) -> None:
+    """Values the forecaster would skip without a word: the loss-only forecast (no training loss) fits a law
+    of log-losses, so values <= 0 are no points of it. None positive: an error; some: a warning."""
+    if train is not None and np.isfinite(train).any():
+        return  # the ratio forecast, which takes any sign
+    finite = np.isfinite(loss)
+    bad = finite & (loss <= 0)
+    if not bad.any():
+        return
+    metric = args.metric if args.tag is None else args.tag
+    shown = f"-{metric} (--mode max)" if args.mode == "max" else metric
+    hint = "give the training loss with --train-metric for the ratio forecast, which takes any sign"
+    if bad.sum() == finite.sum():
+        raise LogError(
+            f"nothing to forecast in {args.data}: every value of {shown} is <= 0; "
+            f"{LAW_NEEDS_POSITIVE}; {hint}"
+        )
+    count = f"{int(bad.sum())} of {int(finite.sum())}"
+    warn([f"{count} values of {shown} are <= 0: {LAW_NEEDS_POSITIVE}; {hint}"])
 
 
 def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
@@ -131,17 +181,25 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
         train_name = "train"
     else:
         train_name = args.train_metric
-    if args.where:
-        from snrmon.logs.where import where
-
-        table = table.select(where(table, args.where))
     x_name = args.x or ("step" if "step" in table else "D")
     for name in (x_name, metric) + ((train_name,) if train_name else ()):
-        if name not in table or not table.is_numeric(name):
+        if name not in table:
             numeric = [n for n in table.names if table.is_numeric(n)]
             raise LogError(
                 f"no numeric column {name!r} in {args.data}; numeric columns: {', '.join(numeric)}"
             )
+        if not table.is_numeric(name):
+            row, cell = table.first_non_number(name)
+            raise LogError(
+                f"column {name!r} of {args.data} holds text, not numbers: {cell!r} in row {row + 1} after "
+                "the header"
+            )
+    if args.where:
+        from snrmon.logs.where import where
+
+        table = table.select(where(table, args.where))
+        if not len(table):
+            raise LogError(f"--where {args.where!r} keeps no rows of {args.data}")
     _one_run(table, args)
     keep = np.isfinite(table[x_name]) & (table[x_name] > 0)
     table = table.select(keep)
@@ -185,8 +243,9 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def replay_document(forecasts: list[Forecast], metric: str, x_name: str) -> dict:
-    """The JSON of the replay: every point, the first warning and the stop (x values, or null)."""
+def replay_document(forecasts: list[Forecast], metric: str, x_name: str, mode: str = "min") -> dict:
+    """The JSON of the replay: every point (with the forecaster's note), the first warning, the stop (x
+    values, or null) and the observed best value: ``minimum`` (``maximum`` with mode "max")."""
     points = [
         {
             "x": f.x,
@@ -199,37 +258,41 @@ def replay_document(forecasts: list[Forecast], metric: str, x_name: str) -> dict
             "state": f.state,
             "warning": f.warning,
             "stop": f.stop,
+            "note": f.note,
         }
         for f in forecasts
     ]
     first_warning = next((f.x for f in forecasts if f.warning or f.stop), None)
     stop = next((f.x for f in forecasts if f.stop), None)
     finite = [f for f in forecasts if math.isfinite(f.loss)]
-    best = min(finite, key=lambda f: f.loss) if finite else None
+    best = (min if mode == "min" else max)(finite, key=lambda f: f.loss) if finite else None
     return {
         "metric": metric,
+        "mode": mode,
         "x": x_name,
         "points": points,
         "first_warning": first_warning,
         "stop": stop,
-        "minimum": None if best is None else {"x": best.x, "loss": best.loss},
+        "minimum" if mode == "min" else "maximum": None if best is None else {"x": best.x, "loss": best.loss},
     }
 
 
 def replay_report(forecasts: list[Forecast], document: dict, x_name: str) -> str:
     show = format_number
+    at = format_step if x_name == "step" else format_number  # steps are whole numbers
     rows = [[x_name, document["metric"], "D*", "band", "P(basin)", "state", ""]]
     for f in forecasts:
-        band = "-" if f.d_star_low is None else f"{show(f.d_star_low)} .. {show(f.d_star_high)}"
+        band = "-" if f.d_star_low is None else f"{at(f.d_star_low)} .. {at(f.d_star_high)}"
         action = "STOP" if f.x == document["stop"] else "warning" if f.warning else ""
         p = "-" if f.p_basin is None else f"{f.p_basin:.2f}"
-        rows.append([show(f.x), show(f.loss), show(f.d_star), band, p, f.state, action])
+        rows.append([at(f.x), show(f.loss), at(f.d_star), band, p, f.state, action])
     lines = aligned(rows)
-    minimum = document["minimum"] or {"x": None, "loss": None}
+    extreme = "minimum" if document["mode"] == "min" else "maximum"
+    best = document[extreme] or {"x": None, "loss": None}
     lines.append("")
     lines.append(
-        f"first warning: {show(document['first_warning'])}; stop: {show(document['stop'])}; "
-        f"observed minimum: {show(minimum['loss'])} at {x_name} {show(minimum['x'])}"
+        f"first warning: {at(document['first_warning'])}; stop: {at(document['stop'])}; "
+        f"observed {extreme}: {show(best['loss'])} at {x_name} {at(best['x'])}"
     )
     return "\n".join(lines)
 

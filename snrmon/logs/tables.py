@@ -50,6 +50,16 @@ class Table:
     def is_numeric(self, name: str) -> bool:
         return self.columns[name].dtype.kind == "f"
 
+    def first_non_number(self, name: str) -> tuple[int, str] | None:
+        """The first cell of column ``name`` that is not a number (nor a missing value), with its row index
+        (0 = the first row after the header); None for a numeric column. What makes a column text."""
+        if self.is_numeric(name):
+            return None
+        for row, cell in enumerate(self.columns[name].tolist()):  # tolist: plain str, not numpy's str_
+            if cell.strip().lower() not in MISSING and not _is_number(cell):
+                return row, cell
+        return None
+
     def select(self, mask: np.ndarray) -> Table:
         """The rows where ``mask`` is true (or the rows at the given indices)."""
         return Table({name: values[mask] for name, values in self.columns.items()}, list(self.notes))
@@ -100,6 +110,14 @@ def read_csv(path: str | Path) -> Table:
             raise LogError(f"{path}, line {line}: {len(row)} cells for {len(header)} columns")
     columns = zip(header, zip(*body, strict=True), strict=True)
     return Table({name: _column([cell.strip() for cell in cells]) for name, cells in columns})
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _column(cells: list[str]) -> np.ndarray:
