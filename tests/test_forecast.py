@@ -111,6 +111,39 @@ def test_plateau_of_both_losses_is_not_a_basin():
     assert not any(f.stop or f.warning for f in BasinForecaster().replay(X, val, train))
 
 
+def test_no_basin_in_sight_is_infinite_and_a_state_needs_a_warning():
+    """An improving run: D* is inf (null in JSON), never a huge finite number (a clipped e^700); a basin the
+    signal sees without the evidence to warn reads "improving", with the reason in the note."""
+    for seed in range(3):
+        forecasts = BasinForecaster().replay(X, *improving_curve(seed, 0.002))
+        forecast_made = [f for f in forecasts if f.d_star is not None]
+        assert forecast_made
+        assert all(f.d_star == math.inf or f.d_star <= 1e3 * f.x for f in forecast_made)
+        assert all(f.d_star_high == math.inf or f.d_star_high <= 1e3 * f.x for f in forecast_made)
+    plateau = BasinForecaster().replay(X, *(0.5 + 0.01 * np.random.default_rng(0).normal(size=(2, len(X)))))
+    for f in plateau:  # the ratio near zero sees a basin (P high) that the evidence does not bear out
+        assert f.state in ("no forecast", "improving") or f.warning or f.stop
+        if f.p_basin is not None and f.p_basin >= 0.5 and not f.warning:
+            assert f.note.startswith("no warning"), f.note
+    assert any(f.p_basin is not None and f.p_basin >= 0.5 for f in plateau)
+
+
+def test_after_a_rise_the_basin_stays_at_the_minimum():
+    """Once the monitored loss has risen, the basin is where it was lowest: it does not move forward with
+    the window, and the loss quoted there is the loss observed there."""
+    x = np.arange(1, 121) * 25.0
+    rng = np.random.default_rng(1)
+    val = 0.5 + 2.0 * x**-0.5 + 2e-4 * x + 0.001 * rng.normal(size=len(x))  # lowest near x = 250
+    train = 0.1 + 3.0 * x**-0.6 + 0.001 * rng.normal(size=len(x))
+    forecasts = BasinForecaster().replay(x, val, train)
+    late = [f for f in forecasts[60:] if f.state == "basin entered"]
+    assert len(late) >= 50
+    for f in late:
+        seen = val[: list(x).index(f.x) + 1]
+        assert f.d_star == x[np.argmin(seen)]
+        assert f.loss_at_d_star == pytest.approx(seen.min())
+
+
 def test_too_few_points_give_no_forecast():
     val, train = u_curve(0)
     forecasts = BasinForecaster().replay(X[: MIN_POINTS - 1], val[: MIN_POINTS - 1], train[: MIN_POINTS - 1])

@@ -34,6 +34,7 @@ class Decider:
     def __init__(self, horizon: float, confidence: float, window: int, persist: int) -> None:
         self.horizon, self.confidence, self.window, self.persist = horizon, confidence, window, persist
         self.streaks = [0, 0]  # consecutive points meeting the warning and the stop condition
+        self.fallen = False  # the curve has come down significantly from where it began
 
     def decide(self, forecast: Forecast, x, loss, train, draws: np.ndarray, method: str) -> None:
         """Band, probability and decisions from Monte Carlo draws of D* (inf: no basin in that draw)."""
@@ -53,7 +54,9 @@ class Decider:
         flat_or_rising = loss_slope + 2 * loss_slope_se >= 0
         # The loss alone (law, prior): a warning, too, waits for a flat curve, and a basin needs a fall
         # before it (a curve flat or noisy from the start has no basin, whatever a fit makes of it).
-        fallen = has_fallen(loss, self.window)
+        # Once seen, a fall stays seen: a long rise after the basin lifts the curve back above where it began.
+        self.fallen = self.fallen or has_fallen(loss, self.window)
+        fallen = self.fallen
         evidence = flat_or_rising and fallen
         long = slice(-EVIDENCE_WINDOWS * self.window, None)
         if method == "ratio":
@@ -70,28 +73,37 @@ class Decider:
         # passed its basin (a noisy training loss, e.g. a small shard per rank, can hide the evidence above).
         rise, rise_se = slope(np.log(x[long]), loss[long])
         z = evidence_quantile(len(x[long]) - 2)
-        if rise - z * rise_se > 0 and fallen:  # a rise after a fall, not noise
-            lowest = float(x[long][np.argmin(loss[long])])
+        risen = rise - z * rise_se > 0 and fallen  # a rise after a fall, not noise
+        if risen:
             if forecast.d_star > x_now or forecast.p_basin < self.confidence:
-                forecast.d_star = forecast.d_star_low = forecast.d_star_high = lowest
+                forecast.d_star = forecast.d_star_low = forecast.d_star_high = x_now  # placed below
                 forecast.steps_to_basin, forecast.p_basin = 0.0, 1.0
                 forecast.note = "the monitored loss has risen significantly: basin entered"
             evidence = flat_or_rising = True
+        if forecast.d_star <= x_now and (risen or method == "ratio"):
+            # A basin behind us is where the curve was lowest, over the whole curve: it does not move forward
+            # with the window as a rise goes on (the band keeps the signal's spread around it). A law fitted
+            # to the whole curve places it better than any one noisy point, and does not move with a window.
+            lowest = float(x[np.argmin(loss)])
+            forecast.d_star = lowest
+            forecast.d_star_low, forecast.d_star_high = min(forecast.d_star_low, lowest), max(
+                forecast.d_star_high, lowest
+            )
         at = self.loss_at(forecast.d_star, x, loss)
         forecast.loss_at_d_star = at if at is not None and math.isfinite(at) else None
-        entered = forecast.p_basin >= self.confidence and forecast.d_star <= x_now
         stop = forecast.p_basin >= self.confidence and evidence and flat_or_rising
         self.streaks[0] = self.streaks[0] + 1 if forecast.p_basin >= 0.5 and evidence else 0
         self.streaks[1] = self.streaks[1] + 1 if stop else 0
         forecast.warning = self.streaks[0] >= self.persist
         forecast.stop = self.streaks[1] >= self.persist
-        if forecast.d_star == math.inf:
+        # The state is what the decisions say: a basin the signal sees without the evidence to warn is not
+        # one yet ("improving"), and the note says why not.
+        if not (forecast.warning or forecast.stop):
             forecast.state = "improving"
+            if forecast.p_basin >= 0.5 and not forecast.note:
+                forecast.note = _no_warning_reason(method, fallen, flat_or_rising, evidence, self.persist)
         else:
-            behind = forecast.warning and forecast.d_star <= x_now  # warned, and the forecast is behind us
-            forecast.state = (
-                "basin entered" if entered or behind else "basin ahead" if forecast.warning else "improving"
-            )
+            forecast.state = "basin entered" if forecast.d_star <= x_now else "basin ahead"
 
     def hold_stop(self, forecast: Forecast) -> None:
         """No stop at this point (a prior's early forecast warns; a stop waits for the curve's own say)."""
@@ -101,12 +113,26 @@ class Decider:
     def loss_at(self, d_star: float, x: np.ndarray, loss: np.ndarray) -> float | None:
         """The monitored loss at D*: the lowest value of a quadratic in log x through the window between now
         and D* (the curve's minimum is its basin, and a parabola through a flattening window turns up too
-        soon to be read at D* itself); once D* is behind us, the lowest loss seen in the last two windows."""
+        soon to be read at D* itself); once D* is behind us, the loss observed there."""
         if not math.isfinite(d_star):
             return None
-        if d_star <= x[-1]:
-            return float(np.min(loss[-2 * self.window :]))
+        if d_star <= x[-1]:  # behind us: the loss observed there (at the point nearest to it in log x)
+            return float(loss[np.argmin(np.abs(np.log(x) - math.log(d_star)))])
         u = np.log(x[-self.window :])
         coefficients = np.polyfit(u - u[-1], loss[-self.window :], 2)
         value = float(np.min(np.polyval(coefficients, np.linspace(0.0, math.log(d_star) - u[-1], 32))))
         return value if math.isfinite(value) else None
+
+
+def _no_warning_reason(method: str, fallen: bool, flat_or_rising: bool, evidence: bool, persist: int) -> str:
+    """Why a basin the signal sees (P ≥ 0.5) gives no warning yet, in words."""
+    if not fallen:
+        return "no warning: the monitored loss has not come down significantly yet (no basin without a fall)"
+    if not flat_or_rising:
+        return "no warning: the monitored loss still falls significantly"
+    if method == "ratio" and not evidence:
+        return (
+            "no warning: no evidence of memorisation yet (the training loss falling and the generalization "
+            "gap widening, both significantly)"
+        )
+    return f"no warning yet: the condition must hold at {persist} consecutive points"

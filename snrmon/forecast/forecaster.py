@@ -198,6 +198,7 @@ class BasinForecaster:
             "searched_at": self.law.searched_at,
             "search_seconds_per_point": self.law.search_seconds_per_point,
             "streaks": list(self.decider.streaks),
+            "fallen": self.decider.fallen,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,6 +208,7 @@ class BasinForecaster:
         self.law.searched_at = state["searched_at"]
         self.law.search_seconds_per_point = state.get("search_seconds_per_point", 0.0)
         self.decider.streaks = list(state["streaks"])
+        self.decider.fallen = state.get("fallen", False)  # (absent from checkpoints of snrmon <= 0.1)
 
     # -- forecasting ------------------------------------------------------------------------------------
 

@@ -22,6 +22,9 @@ from snrmon.forecast.decision import SAMPLES, Draws
 # lies at or just beyond it; on the tuning runs a ratio hovering near 0.1 for many checks before its minimum
 # (label noise) otherwise kept every zero-crossing forecast at infinity (docs/forecast.md).
 RATIO_FLOOR = 0.1
+# A line that barely falls crosses the floor absurdly far ahead (e^700 times the training done, before this
+# bound): beyond a thousand times the training done, a crossing is no basin in sight.
+FAR_AHEAD = 1e3
 
 
 class RatioSignal:
@@ -54,8 +57,8 @@ def zero_crossing_draws(u: np.ndarray, r: np.ndarray, rng) -> np.ndarray:
     """Draws of exp(u*) where the line r = a + b·(u − u_now) crosses zero going down, its two coefficients
     drawn from their least-squares covariance. A falling line crosses at u_now − a/b: ahead while r is still
     positive, behind (the basin entered) once it is negative, then kept within the window. A line already
-    below zero and rising has entered the basin at an unknown point: taken as now. One that stays positive
-    gives inf."""
+    below zero and rising has entered the basin at an unknown point: taken as now. One that stays positive,
+    or crosses beyond FAR_AHEAD times the training done, gives inf: no basin in sight."""
     centred = u - u[-1]
     design = np.stack([np.ones_like(centred), centred], axis=1)
     coefficients, *_ = np.linalg.lstsq(design, r, rcond=None)
@@ -65,5 +68,6 @@ def zero_crossing_draws(u: np.ndarray, r: np.ndarray, rng) -> np.ndarray:
     a, b = rng.multivariate_normal(coefficients, covariance, size=SAMPLES, method="eigh").T
     with np.errstate(divide="ignore", invalid="ignore"):
         ahead = np.where(b < 0, -a / b, np.where(a <= 0, 0.0, np.inf))
-    ahead = np.clip(ahead, centred[0], 700.0)
-    return np.where(np.isinf(ahead), np.inf, np.exp(u[-1] + np.minimum(ahead, 700.0)))
+    no_basin = ahead > math.log(FAR_AHEAD)  # inf included; tested before clipping, which keeps it finite
+    ahead = np.clip(ahead, centred[0], math.log(FAR_AHEAD))
+    return np.where(no_basin, np.inf, np.exp(u[-1] + ahead))
