@@ -398,6 +398,62 @@ def test_replay_command_json_matches_the_forecaster(tmp_path, capsys):
     assert document["stop"] == next(f.x for f in expected if f.stop)
 
 
+def test_replay_every_kth_point_is_what_a_periodic_check_sees(tmp_path, capsys):
+    """--every K: the forecaster fed every K-th point, with the training loss averaged over each group of K
+    (a group without any training loss: NaN), as a callback checking every K steps would be."""
+    from snrmon.cli import main
+
+    val, train = u_curve(0)
+    train[8:12] = np.nan  # the third group of four has no training loss
+    data = _csv(tmp_path / "run.csv", {"step": X, "val_loss": val, "train_loss": train})
+    args = ["forecast", data, "--metric", "val_loss", "--train-metric", "train_loss", "--json"]
+    assert main(args + ["--every", "4"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    means = [np.mean(train[i : i + 4]) for i in range(0, len(X), 4)]
+    expected = BasinForecaster().replay(X[3::4], val[3::4], means)
+    assert [p["x"] for p in document["points"]] == list(X[3::4])
+    assert [p["d_star"] for p in document["points"]] == [
+        f.d_star if f.d_star is not None and math.isfinite(f.d_star) else None for f in expected
+    ]
+    assert document["stop"] == next((f.x for f in expected if f.stop), None)
+    assert main(args + ["--every", "81"]) == 2
+    assert "keeps no point" in capsys.readouterr().err
+
+
+def test_points_kept_point_by_point_equal_the_whole_curve_at_once():
+    """The forecaster's finite points are kept up to date one point at a time (a replay costs O(n)); they
+    must be exactly the vectorised conversion of the whole curve, NaNs and gaps included."""
+    from snrmon.forecast.curve import Points, train_at_points
+
+    rng = np.random.default_rng(3)
+    x = np.cumsum(rng.uniform(1, 50, size=300))
+    loss = rng.uniform(0.5, 3, size=300)
+    train = rng.uniform(0.5, 3, size=300)
+    loss[rng.choice(300, 30, replace=False)] = np.nan
+    train[rng.choice(300, 30, replace=False)] = np.nan
+    points = Points()
+    for i in range(300):
+        points.x.append(float(x[i]))
+        points.loss.append(float(loss[i]))
+        points.train.append(float(train[i]))
+        if i % 7 == 0 or i == 299:  # read now and then, as forecasts do
+            got = points.finite()
+    keep = np.isfinite(loss)
+    for mine, whole in zip(got, (x[keep], loss[keep], train_at_points(x, train)[keep]), strict=True):
+        np.testing.assert_array_equal(mine, whole)
+    # A forecaster resumed into one that has already forecast another curve forecasts as a fresh one.
+    val, train_loss = u_curve(1)
+    first = BasinForecaster()
+    first.replay(X[:40], val[:40], train_loss[:40])
+    used = BasinForecaster()
+    used.replay(X[:30] * 3, val[:30] + 0.1, train_loss[:30])
+    used.load_state_dict(first.state_dict())
+    fresh = BasinForecaster()
+    fresh.load_state_dict(first.state_dict())
+    rest = (X[40:], val[40:], train_loss[40:])
+    assert [f.as_dict() for f in used.replay(*rest)] == [f.as_dict() for f in fresh.replay(*rest)]
+
+
 def test_replay_command_text_plot_and_bad_input(tmp_path, capsys):
     from snrmon.cli import main
 

@@ -18,8 +18,10 @@ import argparse
 import json
 import math
 import sys
+import warnings
 
 import numpy as np
+from tqdm import tqdm
 
 from snrmon.cli.arguments import file_name, number
 from snrmon.cli.render import aligned, format_number, warn
@@ -102,12 +104,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="FILE",
         help="write a PNG of the curve, the forecast band and the stop",
     )
+    parser.add_argument(
+        "--every",
+        type=number(int),
+        default=1,
+        metavar="K",
+        help="forecast at every K-th point only, with the training loss averaged over the K points, as a "
+        "callback checking every K steps sees it (for curves logged every step; 1)",
+    )
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    x, metric, train, x_name = load_curve(args)
+    x, metric, train, x_name = thin(*load_curve(args), every=args.every)
     # --mode max feeds the forecaster the negated metric (its peak becomes a basin) and the training loss as
     # it is: BasinEarlyStopping's mirror (its comment says why); everything shown is mirrored back.
     sign = mode_sign(args.mode)
@@ -131,7 +141,10 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens_per_step != 1.0 and x_name != "step":
         print("snrmon: note: --tokens-per-step applies when x is step; x is D here: ignored", file=sys.stderr)
     forecasts, projection = [], None
-    for point in zip(x, loss, [None] * len(x) if train is None else train, strict=True):
+    points = zip(x, loss, [None] * len(x) if train is None else train, strict=True)
+    # A bar on long replays, when stderr is a terminal (disable=None): a few ms a point add up.
+    bar = dict(total=len(x), desc="forecast", unit="point", file=sys.stderr, leave=False)
+    for point in tqdm(points, **bar, disable=None if len(x) >= 1000 else True):
         forecasts.append(forecaster.update(*point))
         if args.plot and forecasts[-1].stop and projection is None:  # the curve ahead as seen at the stop
             projection = forecaster.projection
@@ -147,6 +160,24 @@ def run(args: argparse.Namespace) -> int:
         plot_replay(args.plot, forecasts, document, x_name, projection)
     print(json.dumps(document, indent=2) if args.json else replay_report(forecasts, document, x_name))
     return 0
+
+
+def thin(
+    x: np.ndarray, metric: np.ndarray, train: np.ndarray | None, x_name: str, every: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+    """Every ``every``-th point of the curve (the last of each group of ``every``), with the training loss
+    averaged over its group: what a callback checking every ``every`` points would have been fed."""
+    if every == 1:
+        return x, metric, train, x_name
+    keep = np.arange(every - 1, len(x), every)
+    if len(keep) == 0:
+        raise LogError(f"--every {every} keeps no point of the {len(x)} in the curve")
+    if train is not None:
+        groups = np.split(train[: keep[-1] + 1], keep[:-1] + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a group without training loss: NaN, as said
+            train = np.array([np.nanmean(group) for group in groups])
+    return x[keep], metric[keep], train, x_name
 
 
 def check_forecastable(loss: np.ndarray, train: np.ndarray | None, args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -20,12 +21,45 @@ class Points:
     loss: list[float] = field(default_factory=list)
     train: list[float] = field(default_factory=list)  # NaN where not given
 
+    def __post_init__(self) -> None:
+        self._finite = _FiniteArrays()
+
     def finite(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """x, the monitored loss and the training loss (moved to each point) where the loss is finite and
-        x positive."""
-        x, loss, train = (np.asarray(v, dtype=float) for v in (self.x, self.loss, self.train))
-        keep = np.isfinite(loss) & (x > 0)
-        return x[keep], loss[keep], train_at_points(x, train)[keep]
+        """x, the monitored loss and the training loss (moved to each point, see :func:`train_at_points`)
+        where the loss is finite and x positive. Kept up to date point by point, so a replay of n points
+        converts each once (O(n) in all, not O(n²)); the arrays are views, to be read, not written."""
+        arrays = self._finite
+        for i in range(arrays.seen, len(self.x)):
+            x, loss, train = self.x[i], self.loss[i], self.train[i]
+            if i > 0:  # the vectorised train_at_points, one point at a time (the same operations)
+                x_before = self.x[i - 1]
+                middle_before = ((self.x[i - 2] if i > 1 else 0.0) + x_before) / 2
+                middle = (x_before + x) / 2
+                step = (train - self.train[i - 1]) / (middle - middle_before) * (x - middle)
+                train = train + step if math.isfinite(step) else train
+            if math.isfinite(loss) and x > 0:
+                arrays.append(x, loss, train)
+        arrays.seen = len(self.x)
+        return arrays.view()
+
+
+class _FiniteArrays:
+    """Three float arrays grown by doubling: appending is amortised O(1) and a read costs no copy."""
+
+    def __init__(self) -> None:
+        self.data = np.empty((3, 64))
+        self.size = 0
+        self.seen = 0  # points of the curve already looked at
+
+    def append(self, x: float, loss: float, train: float) -> None:
+        if self.size == self.data.shape[1]:
+            self.data = np.concatenate([self.data, np.empty_like(self.data)], axis=1)
+        self.data[:, self.size] = (x, loss, train)
+        self.size += 1
+
+    def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, loss, train = self.data[:, : self.size]
+        return x, loss, train
 
 
 def train_at_points(x: np.ndarray, train: np.ndarray) -> np.ndarray:
@@ -56,6 +90,7 @@ def slope(u: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return value, math.sqrt(float(np.sum(residuals**2)) / (len(u) - 2) / denominator)
 
 
+@functools.cache  # a few dozen distinct dof; scipy's ppf costs more than a forecast's maths
 def evidence_quantile(dof: int) -> float:
     """Standard errors from a dozen points are themselves uncertain: the t quantile (``dof`` degrees of
     freedom, at least 1) with the same tail probability as Z_EVIDENCE normal standard deviations."""

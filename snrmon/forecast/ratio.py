@@ -34,22 +34,33 @@ class RatioSignal:
 
     def __init__(self, window: int) -> None:
         self.window = window
+        # The ratio of each window seen so far (log x at its end, r), and where they end: a curve only grows,
+        # so each window is regressed once, not again at every later point.
+        self._u: list[float] = []
+        self._ratios: list[float] = []
+        self._ends = 0  # windows looked at (valid or not) ...
+        self._last_x = math.nan  # ... of the curve whose point _ends - 1 + window lies at this x
 
     def draws(self, x: np.ndarray, loss: np.ndarray, train: np.ndarray, rng) -> Draws | None:
         w = self.window
-        u, ratios = [], []
-        for end in range(w, len(x) + 1):
+        start = w + self._ends
+        if self._ends and not (len(x) >= start - 1 and x[start - 2] == self._last_x):  # another curve
+            self._u, self._ratios, self._ends = [], [], 0
+            start = w
+        for end in range(start, len(x) + 1):
             t, v = train[end - w : end], loss[end - w : end]
             if not np.all(np.isfinite(t)) or np.ptp(t) <= 1e-12 * max(abs(t).max(), 1e-12):
                 continue
             # Only a falling training loss makes the ratio meaningful.
             if slope(np.log(x[end - w : end]), t)[0] >= 0:
                 continue
-            ratios.append(np.polyfit(t, v, 1)[0])
-            u.append(math.log(x[end - 1]))
-        if len(ratios) < 3:
+            self._ratios.append(np.polyfit(t, v, 1)[0])
+            self._u.append(math.log(x[end - 1]))
+        self._ends = max(len(x) + 1 - w, 0)
+        self._last_x = x[len(x) - 1] if self._ends else math.nan
+        if len(self._ratios) < 3:
             return None
-        u, ratios = np.asarray(u[-w:]), np.asarray(ratios[-w:])
+        u, ratios = np.asarray(self._u[-w:]), np.asarray(self._ratios[-w:])
         return Draws(zero_crossing_draws(u, ratios - RATIO_FLOOR, rng))  # where r crosses the floor
 
 
