@@ -28,6 +28,12 @@ def logging_step(trainer: Trainer) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
+def step_of_last_batch(trainer: Trainer) -> int:
+    """After training, the step :func:`logging_step` gave during its last batch: Lightning counts a batch that
+    stepped only after that batch's hooks have run."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped - 1
+
+
 def loss_scale(trainer: Trainer) -> Tensor | float:
     """The fp16 loss scale as a device tensor (``GradScaler.get_scale()`` would sync), else 1."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)

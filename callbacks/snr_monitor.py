@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 from snrmon.callbacks._all_reduce import skip_step_on_all_ranks, sum_over_ranks
 from snrmon.callbacks._batch_size import (
@@ -27,6 +28,7 @@ from snrmon.callbacks._lightning import (
     logging_step,
     loss_scale,
     should_log,
+    step_of_last_batch,
     unscales_in_step,
     window_ends,
 )
@@ -34,11 +36,18 @@ from snrmon.callbacks._split_batch import backward_aside, first_half
 from snrmon.callbacks._supported import check_supported_run
 from snrmon.callbacks._trainable import TrainableParameters, make_taps
 from snrmon.callbacks._training_set import announce, run_population
-from snrmon.callbacks.tensorboard_layout import add_snr_layout, log_bands
+from snrmon.callbacks.tensorboard_layout import add_snr_layout, log_chart_series
 from snrmon.measure.estimator import GradientNoiseEstimator
 from snrmon.measure.groups import TOTAL, check_groups
 from snrmon.measure.sampling import Population
 from snrmon.measure.taps import GradientTaps
+
+# What every logger gets by default: the values, per total and per group. The standard errors, the counters
+# (batch size, skipped steps, dropped windows, dataset size) and the per-group finite-set values are many
+# flat or secondary curves (124 cards in TensorBoard's Time Series for the demo's 8 groups); they stay in
+# `latest` and are logged with `log_details=True`. The totals' bands are drawn from them all the same.
+LOGGED_TOTALS = ("signal", "noise", "noise_scale", "ratio", "signal_beyond_chance", "dataset_snr")
+LOGGED_PER_GROUP = ("signal", "noise", "noise_scale", "ratio")
 
 
 def _never_crash(hook: Callable) -> Callable:
@@ -73,12 +82,14 @@ class SNRMonitor(Callback):
     descends, plus ``signal_beyond_chance`` (|G|² − S²/N) and ``dataset_snr`` (N|G|²/S²). One info line at
     the start says which case the run is in.
 
-    Logged on ``log_every_n_steps`` through every configured logger, and kept in :attr:`latest`:
-    ``snr/signal``, ``snr/noise``, ``snr/noise_scale`` (in samples), ``snr/ratio`` (SNR at the current
-    batch size), each with a ``_se`` standard error, ``snr/batch_size``, ``snr/skipped_steps`` (steps with
-    non-finite gradients), ``snr/dropped_windows`` (accumulation windows the optimizer never applied), with a
-    finite training set ``snr/signal_beyond_chance``, ``snr/dataset_snr`` (with ``_se``) and
-    ``snr/dataset_size``, and per group ``snr/<group>/...``.
+    Kept in :attr:`latest` on ``log_every_n_steps`` and at the end of training: ``snr/signal``,
+    ``snr/noise``, ``snr/noise_scale`` (in samples), ``snr/ratio`` (SNR at the current batch size), each with
+    a ``_se`` standard error, ``snr/batch_size``, ``snr/skipped_steps`` (steps with non-finite gradients),
+    ``snr/dropped_windows`` (accumulation windows the optimizer never applied), with a finite training set
+    ``snr/signal_beyond_chance``, ``snr/dataset_snr`` (with ``_se``) and ``snr/dataset_size``, and per group
+    ``snr/<group>/...``. Every configured logger gets, under the same names, the totals' values and the
+    groups' signal, noise, noise scale and SNR; with ``log_details=True`` everything in :attr:`latest`.
+    TensorBoard loggers also get the series of snrmon's Custom Scalars charts, under ``~snr/``.
 
     Args:
         every_n_steps: measure on every n-th optimizer step; on other steps no hook is installed.
@@ -102,12 +113,16 @@ class SNRMonitor(Callback):
         prefix: the first component of every logged name (``"snr"``): give two monitors on one trainer
             different prefixes.
         prog_bar: show ``<prefix>/ratio`` in the progress bar.
+        log_details: also log the standard errors, the counters and the groups' finite-set values (always
+            in :attr:`latest`).
 
     Raises:
         MisconfigurationException: at setup, for a sharded or XLA strategy, manual optimization, or
             ``split_batch=True`` on a module that holds torchmetrics metrics (their updates inside the extra
-            ``training_step`` could not be undone). Two monitors with the same ``prefix`` share a
-            ``state_key``, which Lightning refuses when the ``Trainer`` is made.
+            ``training_step`` could not be undone); at fit start, for ``groups`` by depth that would name a
+            group ``total`` (a submodule of that name), the name of the sum over all parameters. Two monitors
+            with the same ``prefix`` share a ``state_key``, which Lightning refuses when the ``Trainer`` is
+            made.
 
     Example::
 
@@ -124,6 +139,7 @@ class SNRMonitor(Callback):
         dataset_size: int | None = None,
         prefix: str = "snr",
         prog_bar: bool = True,
+        log_details: bool = False,
     ):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
@@ -146,6 +162,7 @@ class SNRMonitor(Callback):
         self.dataset_size = dataset_size
         self.prefix = prefix.strip("/ ")
         self.prog_bar = prog_bar
+        self.log_details = log_details
         self.latest: dict[str, float] = {}
 
         self._estimator: GradientNoiseEstimator | None = None
@@ -156,6 +173,7 @@ class SNRMonitor(Callback):
         self._rank = 0
         self._sharded = False  # FSDP2, known at setup
         self._ended_at_step = -1  # global step at the end of this monitor's last fit
+        self._logged_updates = 0  # the estimator's update count at the last values put in `latest`
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -203,8 +221,24 @@ class SNRMonitor(Callback):
                         " do not compose to the same names"
                     )
 
+    def _check_depth_groups(self, pl_module: LightningModule) -> None:
+        """Groups by depth are named after the module's submodules; one named ``total`` would take the name of
+        the sum over all parameters (a dict of groups is checked when the monitor is made)."""
+        if not isinstance(self.groups, int):
+            return
+        depth = self.groups
+        names = [name for name, _ in pl_module.named_parameters()]
+        clashing = [name for name in names if ".".join(name.split(".")[:depth]) == TOTAL]
+        if clashing:
+            raise MisconfigurationException(
+                f"SNRMonitor(groups={depth}) would name a group {TOTAL!r} (parameters {clashing[:3]}), the"
+                " name of the sum over all parameters: rename that submodule, or pass groups as a dict"
+                " {group name: regex} with other names"
+            )
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_names_apart(trainer)
+        self._check_depth_groups(pl_module)  # here, not at setup: `configure_model` has made the layers
         self.latest = {}  # values of an earlier fit must not pass for this one's
         self._reset_fit_state()
         self._rank = trainer.global_rank
@@ -213,8 +247,7 @@ class SNRMonitor(Callback):
         if trainer.global_step == 0 or trainer.global_step != self._ended_at_step:
             self._estimator = self._taps = None
             self._group_names = []
-        if trainer.is_global_zero:
-            add_snr_layout(trainer)
+        self._logged_updates = 0 if self._estimator is None else self._logged_updates
 
     @_never_crash
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -297,6 +330,14 @@ class SNRMonitor(Callback):
         if change is None:
             return
         named, outside = change
+        if not named and self._taps is None and not any(is_lazy(p) for p in pl_module.parameters()):
+            # (Lazy parameters become trainable at the first forward, after this check: no warning for them.)
+            self._warn_once(
+                "nothing_trains",
+                "SNRMonitor: no parameter trains (a registered `nn.Parameter` that requires a gradient and"
+                " that an optimizer holds): nothing is measured or logged until one does. Tensors kept as"
+                " plain attributes are not seen: wrap them in `nn.Parameter`.",
+            )
         if outside:
             self._warn_once(
                 "outside_optimizer",
@@ -457,7 +498,20 @@ class SNRMonitor(Callback):
         if window_ends(trainer) and should_log(trainer):
             self._log(trainer, pl_module)
 
-    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    @property
+    def finite_training_set(self) -> bool:
+        """Whether the training batches are drawn from a finite set of known size (the finite-set values)."""
+        return self._estimator is not None and math.isfinite(self._estimator.dataset_size)
+
+    def _logged(self, name: str) -> bool:
+        """Whether the value named ``name`` (a key of :attr:`latest`) goes to the loggers."""
+        if self.log_details:
+            return True
+        key = name[len(self.prefix) + 1 :]
+        group, _, quantity = key.rpartition("/")
+        return quantity in (LOGGED_PER_GROUP if group else LOGGED_TOTALS)
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule, at_end: bool = False) -> None:
         if self._estimator is None:
             return
         estimator = self._estimator
@@ -473,6 +527,7 @@ class SNRMonitor(Callback):
         names += [f"{self.prefix}/{key}" for key in counters]
         tensors += [*counters.values(), estimator.updates]
         *numbers, updates = torch.stack([t.to(torch.float64) for t in tensors]).tolist()  # the one host sync
+        self._logged_updates = updates
         latest = dict(zip(names, numbers, strict=True))
         if math.isfinite(estimator.dataset_size):
             latest[f"{self.prefix}/dataset_size"] = estimator.dataset_size
@@ -482,15 +537,27 @@ class SNRMonitor(Callback):
             if not latest:
                 return
         self.latest = latest
-        step = logging_step(trainer)
-        for logger in trainer.loggers:
-            logger.log_metrics(self.latest, step=step)
-        log_bands(trainer.loggers, self.latest, step, self.prefix)  # edges of the TensorBoard band charts
+        if trainer.is_global_zero:  # now that it is known whether the training set is finite
+            add_snr_layout(trainer)
+        step = step_of_last_batch(trainer) if at_end else logging_step(trainer)
+        logged = {name: value for name, value in latest.items() if self._logged(name)}
+        if logged:
+            for logger in trainer.loggers:
+                logger.log_metrics(logged, step=step)
+        log_chart_series(trainer.loggers, latest, step, self.prefix)  # the TensorBoard charts' lines
         ratio = self.latest.get(f"{self.prefix}/ratio", math.nan)
-        if self.prog_bar and ratio == ratio:
+        if self.prog_bar and ratio == ratio and not at_end:
             pl_module.log(f"{self.prefix}/ratio", ratio, prog_bar=True, logger=False)
 
     # ------------------------------------------------------------------ end of fit
+    @_never_crash
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Steps measured since the last logging step (all of them in a fit shorter than `log_every_n_steps`)
+        # would be in neither `latest` nor the logs: computed and logged once more, at the last step. (The
+        # progress bar cannot take values after training.) One host sync, after training.
+        if self._estimator is not None and int(self._estimator.updates) > self._logged_updates:
+            self._log(trainer, pl_module, at_end=True)
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ended_at_step = trainer.global_step
         if self._taps is not None:

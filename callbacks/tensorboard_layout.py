@@ -1,18 +1,23 @@
-"""What snrmon shows in TensorBoard's Custom Scalars tab, and the band series its charts need.
+"""What snrmon shows in TensorBoard's Custom Scalars tab, and the chart series its charts need.
 
-The layout is written once per TensorBoard writer, at fit start, for all the SNRMonitors on the trainer
-(TensorBoard reads only the first layout a run holds). Charts:
+The layout is written once per TensorBoard writer, at the first values a monitor logs (when it is known
+whether the training set is finite), for all the SNRMonitors on the trainer (TensorBoard reads only the first
+layout a run holds). Only what the run logs is drawn:
 
-* **snrmon** (open): the loss beside the total SNR, noise scale (with the batch size B, where SNR = 1),
-  signal and noise, each total drawn with a ±2 standard error band; the dataset-level quantities when the
-  monitor logs them.
-* **snrmon per group** (open): one chart per quantity, one line per parameter group.
-* **snrmon basin forecast**: the forecast of the loss basin, when a forecast is logged.
-* **snrmon standard errors** (closed): the raw ``_se`` series, one chart per quantity.
+* **snrmon** (open): the loss beside the total SNR on a log scale with its SNR = 1 line, the noise scale with
+  the batch size B (where SNR = 1), signal and noise, each total drawn with a ±2 standard error band; the
+  finite-training-set quantities when the training set is finite.
+* **snrmon per group** (open), when the monitor has ``groups``: one chart per quantity, one line per group.
+* **snrmon basin forecast**, when a ``BasinEarlyStopping`` is on the trainer.
+* **snrmon standard errors** (closed), when the monitor logs them (``log_details=True``).
 
-A band needs real logged series for its edges (TensorBoard's ``Margin`` charts take the names of a value,
-a lower and an upper series, not expressions), so :func:`log_bands` logs ``snr/<name>_lower`` and
-``snr/<name>_upper`` = value ∓ 2 se for the totals, to TensorBoard loggers only.
+TensorBoard's layout proto has no axis settings (no log scale, no reference line) and its charts take the
+names of logged series, not expressions: a band needs real series for its edges, a reference line a constant
+series. So :func:`log_chart_series` logs, to TensorBoard loggers only, these chart series under ``~snr/``
+(``~`` sorts after every letter: the Time Series and Scalars tabs put them last, in a folded section):
+``~snr/<name>_lower`` and ``~snr/<name>_upper`` = value ∓ 2 se for the totals, ``~snr/log10_ratio`` with its
+edges, the constant ``~snr/log10_ratio_at_1`` = 0 (the line where signal equals noise) and
+``~snr/batch_size``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
@@ -28,97 +33,145 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 _WRITTEN: weakref.WeakSet = weakref.WeakSet()  # the SummaryWriters that hold the layout already
 BAND_SE = 2.0  # a band of ±2 standard errors holds the truth about 95% of the time
 LOWER, UPPER = "_lower", "_upper"
+LOG_RATIO, AT_ONE = "log10_ratio", "log10_ratio_at_1"
 
-# The totals drawn with a band, in the order they appear: (name under the prefix, chart title).
+# The totals drawn with a band, in the order they appear: (name under the prefix, chart title). The SNR is
+# drawn on a log scale (its own chart, below); the last two exist only with a finite training set.
 TOTALS = (
-    ("ratio", "SNR = B / B_simple at the batch size (±2 se)"),
-    ("noise_scale", "noise scale B_simple (±2 se) and batch size B"),
+    ("noise_scale", "noise scale B_simple (±2 se) and batch size B: SNR = 1 where they cross"),
     ("signal", "signal |G|² (±2 se)"),
     ("noise", "noise tr(Σ) (±2 se)"),
     ("signal_beyond_chance", "signal beyond chance (±2 se)"),
     ("dataset_snr", "SNR of the whole training set (±2 se)"),
 )
+FINITE_SET = ("signal_beyond_chance", "dataset_snr")
+RATIO_TITLE = "SNR at the batch size, log₁₀ (±2 se); 0 is SNR = 1, signal equals noise"
 
 
-def band_values(values: Mapping[str, float], prefix: str = "snr") -> dict[str, float]:
-    """The band edges of the totals: ``snr/x_lower``, ``snr/x_upper`` = x ∓ 2·se from ``snr/x``, ``snr/x_se``.
+def chart_prefix(prefix: str) -> str:
+    """Where the chart series of the monitor logging under ``prefix`` go: ``~snr`` for ``snr``."""
+    return "~" + prefix
 
-    Every logged total gets both edges, NaN where its se is not known yet (after the first step):
-    TensorBoard refuses to draw a band whose value and edges were logged at different steps. Per-group
-    values get no band (their charts show one line per group).
+
+def chart_series(values: Mapping[str, float], prefix: str = "snr") -> dict[str, float]:
+    """The series the layout's charts draw besides the logged values, from a monitor's ``latest``.
+
+    Band edges ``~snr/x_lower``, ``~snr/x_upper`` = x ∓ 2·se for each total ``snr/x`` with ``snr/x_se``;
+    ``~snr/log10_ratio`` with edges log₁₀ SNR ∓ 2·se/(SNR·ln 10) (the standard error of log₁₀ SNR to first
+    order: symmetric, and finite where SNR − 2 se would be negative); the constant ``~snr/log10_ratio_at_1``
+    = 0; ``~snr/batch_size``. Every logged total gets both edges, NaN where its se is not known yet (after
+    the first step): TensorBoard refuses to draw a band whose value and edges were logged at different steps.
+    Per-group values get no band (their charts show one line per group).
     """
-    bands = {}
+    charts = chart_prefix(prefix)
+    series = {}
     for name, _ in TOTALS:
         tag = f"{prefix}/{name}"
         if tag not in values:
             continue
         value, se = values[tag], values.get(tag + "_se", math.nan)
         known = math.isfinite(value) and math.isfinite(se)
-        bands[tag + LOWER] = value - BAND_SE * se if known else math.nan
-        bands[tag + UPPER] = value + BAND_SE * se if known else math.nan
-    return bands
+        series[f"{charts}/{name}{LOWER}"] = value - BAND_SE * se if known else math.nan
+        series[f"{charts}/{name}{UPPER}"] = value + BAND_SE * se if known else math.nan
+    ratio, se = values.get(f"{prefix}/ratio", math.nan), values.get(f"{prefix}/ratio_se", math.nan)
+    if f"{prefix}/ratio" in values:
+        log_ratio = math.log10(ratio) if ratio > 0 else math.nan
+        half_width = BAND_SE * se / (ratio * math.log(10)) if ratio > 0 else math.nan
+        series[f"{charts}/{LOG_RATIO}"] = log_ratio
+        series[f"{charts}/{LOG_RATIO}{LOWER}"] = log_ratio - half_width
+        series[f"{charts}/{LOG_RATIO}{UPPER}"] = log_ratio + half_width
+        series[f"{charts}/{AT_ONE}"] = 0.0
+    if f"{prefix}/batch_size" in values:
+        series[f"{charts}/batch_size"] = values[f"{prefix}/batch_size"]
+    return series
 
 
-def log_bands(loggers: Iterable[Logger], values: Mapping[str, float], step: int, prefix: str = "snr") -> None:
-    """Log :func:`band_values` to the TensorBoard loggers among ``loggers`` (other loggers get none)."""
+def log_chart_series(
+    loggers: Iterable[Logger], values: Mapping[str, float], step: int, prefix: str = "snr"
+) -> None:
+    """Log :func:`chart_series` to the TensorBoard loggers among ``loggers`` (other loggers get none)."""
     tensorboards = [logger for logger in loggers if isinstance(logger, TensorBoardLogger)]
-    bands = band_values(values, prefix) if tensorboards else {}
-    if bands:
+    series = chart_series(values, prefix) if tensorboards else {}
+    if series:
         for logger in tensorboards:
-            logger.log_metrics(bands, step=step)
+            logger.log_metrics(series, step=step)
 
 
-def snr_layout(prefixes: Sequence[str] = ("snr",)) -> dict:
+def snr_layout(
+    prefixes: Sequence[str] = ("snr",),
+    *,
+    grouped: Collection[str] = (),
+    finite: Collection[str] = (),
+    details: Collection[str] = (),
+    forecast: bool = False,
+) -> dict:
     """The layout as plain data: ``{category: {"closed": bool, "charts": {title: (kind, series)}}}``.
 
     ``kind`` is ``"Margin"`` (``series``: a list of ``(value, lower, upper)`` tag triples) or
     ``"Multiline"`` (``series``: a list of tag regexes). ``prefixes``: those of the monitors on the trainer
     (TensorBoard reads one layout per run, so one layout holds them all); category titles name a prefix
-    other than ``snr``.
+    other than ``snr``. Only what is logged is drawn: the per-group charts for the prefixes in ``grouped``,
+    the finite-training-set charts for those in ``finite``, the standard errors for those in ``details``, the
+    basin forecast if ``forecast``.
     """
     categories, errors = {}, {}
     for prefix in prefixes:
-        p = re.escape(prefix)
-        # The user's loss tags are not known to the monitor: any tag with "loss" in its name outside snr/.
-        loss = rf"(?i)(?!{p}/).*loss"
+        p, charts = re.escape(prefix), chart_prefix(prefix)
+        # The user's loss tags are not known to the monitor: any tag with "loss" in its name outside snr/
+        # (BasinEarlyStopping's snr/forecast/<metric>/train_loss included) and outside the chart series.
+        loss = rf"(?i)(?!{p}/|{re.escape(charts)}/).*loss"
         group = rf"{p}/(?!forecast/)[^/]+/"  # a group's tag <prefix>/<group>/<name>, not a forecast's
-        totals: dict[str, tuple[str, list]] = {"loss": ("Multiline", [loss])}
+        log_ratio = f"{charts}/{LOG_RATIO}"
+        at_one = f"{charts}/{AT_ONE}"
+        totals: dict[str, tuple[str, list]] = {
+            "loss": ("Multiline", [loss]),
+            # The SNR falls from tens to about 1 in a run: on a linear axis its late values, the ones that
+            # matter, lie flat. The layout cannot ask for a log axis, so the series is log₁₀ SNR.
+            RATIO_TITLE: ("Margin", [(log_ratio, log_ratio + LOWER, log_ratio + UPPER), (at_one,) * 3]),
+        }
         for name, title in TOTALS:
+            if name in FINITE_SET and prefix not in finite:
+                continue
             tag = f"{prefix}/{name}"
-            series = [(tag, tag + LOWER, tag + UPPER)]
+            series = [(tag, f"{charts}/{name}{LOWER}", f"{charts}/{name}{UPPER}")]
             if name == "noise_scale":  # B as a band of zero width: where the two lines cross, SNR = 1
-                batch = f"{prefix}/batch_size"
-                series.append((batch, batch, batch))
+                series.append((f"{charts}/batch_size",) * 3)
             totals[title] = ("Margin", series)
         title = "snrmon" if prefix == "snr" else f"snrmon {prefix}"
         categories[title] = {"closed": False, "charts": totals}
-        categories[f"{title} per group"] = {
+        if prefix in grouped:
+            categories[f"{title} per group"] = {
+                "closed": False,
+                "charts": {
+                    "SNR per group": ("Multiline", [group + "ratio$"]),
+                    "noise scale per group (samples)": ("Multiline", [group + "noise_scale$"]),
+                    "signal |G|² per group": ("Multiline", [group + "signal$"]),
+                    "noise tr(Σ) per group": ("Multiline", [group + "noise$"]),
+                },
+            }
+        if prefix in details:
+            errors[f"{title} standard errors"] = {
+                "closed": True,
+                "charts": {
+                    f"standard error of {name}": ("Multiline", [rf"{p}/(.*/)?{name}_se$"])
+                    for name in ("ratio", "noise_scale", "signal", "noise")
+                },
+            }
+    if forecast:
+        # BasinEarlyStopping logs snr/forecast/<monitored metric>/<name> (the metric's name may hold
+        # slashes), whatever the monitors' prefixes.
+        forecast_tag = r"snr/forecast/.*/"
+        categories["snrmon basin forecast"] = {
             "closed": False,
             "charts": {
-                "SNR per group": ("Multiline", [group + "ratio$"]),
-                "noise scale per group (samples)": ("Multiline", [group + "noise_scale$"]),
-                "signal |G|² per group": ("Multiline", [group + "signal$"]),
-                "noise tr(Σ) per group": ("Multiline", [group + "noise$"]),
+                "basin D* (with its low and high estimates)": (
+                    "Multiline",
+                    [forecast_tag + "d_star(_low|_high)?$"],
+                ),
+                "steps to the basin": ("Multiline", [forecast_tag + "steps_to_basin$"]),
+                "probability of the basin within the horizon": ("Multiline", [forecast_tag + "p_basin$"]),
             },
         }
-        errors[f"{title} standard errors"] = {
-            "closed": True,
-            "charts": {
-                f"standard error of {name}": ("Multiline", [rf"{p}/(.*/)?{name}_se$"])
-                for name in ("ratio", "noise_scale", "signal", "noise")
-            },
-        }
-    # BasinEarlyStopping logs snr/forecast/<monitored metric>/<name> (the metric's name may hold slashes),
-    # whatever the monitors' prefixes; the charts stay empty without it.
-    forecast = r"snr/forecast/.*/"
-    categories["snrmon basin forecast"] = {
-        "closed": False,
-        "charts": {
-            "basin D* (with its low and high estimates)": ("Multiline", [forecast + "d_star(_low|_high)?$"]),
-            "steps to the basin": ("Multiline", [forecast + "steps_to_basin$"]),
-            "probability of the basin within the horizon": ("Multiline", [forecast + "p_basin$"]),
-        },
-    }
     return {**categories, **errors}
 
 
@@ -161,8 +214,9 @@ def layout_summary(layout: dict):
 
 def add_snr_layout(trainer: Trainer) -> None:
     """Write the Custom Scalars layout of all the trainer's SNRMonitors to each TensorBoard logger, once per
-    writer (call on global rank zero). Every monitor may call it: TensorBoard reads a run's first layout only.
-    """
+    writer (call on global rank zero, once the monitors know whether their training set is finite). Every
+    monitor may call it: TensorBoard reads a run's first layout only."""
+    from snrmon.callbacks.basin_early_stopping import BasinEarlyStopping
     from snrmon.callbacks.snr_monitor import SNRMonitor  # here: that module imports this one
 
     writers = [
@@ -172,8 +226,15 @@ def add_snr_layout(trainer: Trainer) -> None:
     ]
     if not writers:
         return
-    prefixes = [callback.prefix for callback in trainer.callbacks if isinstance(callback, SNRMonitor)]
-    summary = layout_summary(snr_layout(prefixes or ["snr"]))
+    monitors = [callback for callback in trainer.callbacks if isinstance(callback, SNRMonitor)]
+    layout = snr_layout(
+        [monitor.prefix for monitor in monitors] or ["snr"],
+        grouped=[monitor.prefix for monitor in monitors if monitor.groups is not None],
+        finite=[monitor.prefix for monitor in monitors if monitor.finite_training_set],
+        details=[monitor.prefix for monitor in monitors if monitor.log_details],
+        forecast=any(isinstance(callback, BasinEarlyStopping) for callback in trainer.callbacks),
+    )
+    summary = layout_summary(layout)
     for writer in writers:
         writer._get_file_writer().add_summary(summary)
         _WRITTEN.add(writer)

@@ -184,11 +184,11 @@ class CharGPT(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """Mean cross-entropy over all tokens in the micro-batch."""
         loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("loss/train", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.log("val/loss", self._loss(batch), prog_bar=True)
+        self.log("loss/val", self._loss(batch), prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW; weight decay on matrices and embeddings only (not biases or LayerNorm)."""

@@ -27,13 +27,26 @@ def read_scalars(log_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
     return scalars
 
 
+def band(scalars: dict, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ±2 se band of the total ``snr/<name>``: from its standard error when logged (``log_details``),
+    else from the edges SNRMonitor logs for TensorBoard's charts (``~snr/...``; the SNR's are of its log)."""
+    if f"snr/{name}_se" in scalars:
+        values, se = scalars[f"snr/{name}"][1], scalars[f"snr/{name}_se"][1]
+        return values - 2 * se, values + 2 * se
+    if name == "ratio" and "~snr/log10_ratio_lower" in scalars:
+        return 10 ** scalars["~snr/log10_ratio_lower"][1], 10 ** scalars["~snr/log10_ratio_upper"][1]
+    if f"~snr/{name}_lower" in scalars:
+        return scalars[f"~snr/{name}_lower"][1], scalars[f"~snr/{name}_upper"][1]
+    return None
+
+
 def plot_run(log_dir: str | Path, out: str | Path) -> Path:
     """Four panels: loss, signal and noise, noise scale ± se, SNR ± se; with per-group noise scales."""
     scalars = read_scalars(log_dir)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     loss, power, scale, ratio = axes.flat
 
-    for tag, style in (("train/loss", "-"), ("val/loss", "o-")):
+    for tag, style in (("loss/train", "-"), ("loss/val", "o-")):
         if tag in scalars:
             loss.plot(*scalars[tag], style, label=tag, markersize=3)
     loss.set(title="loss", xlabel="step", ylabel="nats / byte")
@@ -41,24 +54,28 @@ def plot_run(log_dir: str | Path, out: str | Path) -> Path:
     for tag, color in (("snr/signal", "C0"), ("snr/noise", "C3")):
         if tag in scalars:
             steps, values = scalars[tag]
-            se = scalars.get(f"{tag}_se", (steps, np.zeros_like(values)))[1]
             power.plot(steps, values, color=color, label=tag)
-            power.fill_between(steps, values - 2 * se, values + 2 * se, color=color, alpha=0.2)
+            edges = band(scalars, tag[len("snr/") :])
+            if edges is not None:
+                power.fill_between(steps, *edges, color=color, alpha=0.2)
     power.set(title="signal |G|² and noise tr(Σ)  (±2 se)", xlabel="step", yscale="log")
 
     for axis, tag in ((scale, "snr/noise_scale"), (ratio, "snr/ratio")):
         if tag in scalars:
             steps, values = scalars[tag]
-            se = scalars[f"{tag}_se"][1]
             axis.plot(steps, values, color="k", label="total")
-            axis.fill_between(steps, values - 2 * se, values + 2 * se, color="k", alpha=0.15)
+            edges = band(scalars, tag[len("snr/") :])
+            if edges is not None:
+                axis.fill_between(steps, *edges, color="k", alpha=0.15)
     groups = sorted(t for t in scalars if t.endswith("/noise_scale") and t.count("/") == 2)
     for tag in groups:
         scale.plot(*scalars[tag], lw=0.8, label=tag.split("/")[1])
     scale.set(title="noise scale B_simple = tr(Σ)/|G|²  (samples)", xlabel="step", yscale="log")
-    if "snr/batch_size" in scalars:
-        scale.plot(*scalars["snr/batch_size"], "k--", lw=1, label="batch size B")
-    ratio.set(title="SNR at the batch size, B / B_simple  (±2 se)", xlabel="step")
+    batch = scalars.get("snr/batch_size", scalars.get("~snr/batch_size"))
+    if batch is not None:
+        scale.plot(*batch, "k--", lw=1, label="batch size B")
+    ratio.axhline(1.0, color="tab:red", ls=":", lw=1, label="SNR = 1: signal equals noise")
+    ratio.set(title="SNR at the batch size, B / B_simple  (±2 se)", xlabel="step", yscale="log")
 
     for axis in axes.flat:
         axis.grid(alpha=0.3)

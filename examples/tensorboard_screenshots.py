@@ -4,8 +4,10 @@
 
 Starts ``tensorboard --logdir LOGDIR`` on a free local port, waits until it has read the scalars, and has
 headless Chromium (Debian: ``apt-get install chromium``) save one PNG per tab in OUT_DIR:
-``tensorboard_custom_scalars.png`` (snrmon's layout) and ``tensorboard_scalars.png`` (the Scalars tab with
-the tag filter ``TAG_FILTER`` typed in, as the page's URL can carry it). The server is stopped at the end.
+``tensorboard_custom_scalars.png`` (snrmon's layout), ``tensorboard_time_series.png`` (the page TensorBoard
+opens on), ``tensorboard_scalars.png`` (the Scalars tab with the tag filter ``TAG_FILTER`` typed in, as the
+page's URL can carry it) and ``tensorboard_text.png`` (BasinEarlyStopping's warnings). The server is stopped
+at the end.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pathlib import Path
 TAG_FILTER = "loss|snr/(ratio|noise_scale)$"  # the losses, the total SNR and noise scale
 # URL fragment: (file, window width and height); the custom scalars window is tall enough for the groups
 TABS = {
-    "custom_scalars": ("tensorboard_custom_scalars.png", "1600,1900"),
+    "custom_scalars": ("tensorboard_custom_scalars.png", "1600,2000"),
+    "timeseries": ("tensorboard_time_series.png", "1600,1400"),
     "scalars&tagFilter=" + urllib.parse.quote(TAG_FILTER, safe=""): ("tensorboard_scalars.png", "1600,1200"),
+    "text": ("tensorboard_text.png", "1600,700"),
 }
 WAIT_S = 120
 

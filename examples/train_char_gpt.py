@@ -1,15 +1,15 @@
-"""Demo: train a small byte-level GPT on the Python stdlib sources with SNRMonitor attached.
+"""Demo: a small byte-level GPT overfits a small text of Python stdlib source, with snrmon's callbacks.
 
     .venv/bin/python examples/train_char_gpt.py            # ~2 min on 2 CPU cores
     .venv/bin/python examples/train_char_gpt.py --fast     # seconds; smoke test
 
-(`make demo` from a clean clone on the 2-core VM, 200 steps of 8,192 tokens and 20 validations: 1 min 40 s
-wall on a quiet machine, after 46 s for the first .venv build; 2 min 50 s and 3 min 10 s wall while other
-jobs kept both cores busy.)
+``SNRMonitor`` measures the gradient signal and noise; ``BasinEarlyStopping`` forecasts where the validation
+loss turns up (the text is small: the model soon learns it by heart, and the held-out loss rises), warns,
+stops, and draws its forecast in TensorBoard; a ``ModelCheckpoint`` keeps the best weights.
 
-At the end it prints a short report (also written to ``report.md`` in the run's log directory) and the
-commands that open the run in TensorBoard, fit a scaling law to its validation loss and replay the basin
-forecast over it.
+At the end it prints a short report (also written to ``report.md`` in the run's log directory): where the
+forecast warned and stopped, where the validation minimum and the best checkpoint are, and the commands that
+open the run in TensorBoard, replay the basin forecast over it and fit a scaling law to its validation loss.
 """
 
 from __future__ import annotations
@@ -28,28 +28,45 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import lightning as L  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from char_gpt import CharDataModule, CharGPT  # noqa: E402
-from snrmon.callbacks import SNRMonitor  # noqa: E402
+from snrmon.callbacks import BasinEarlyStopping, SNRMonitor  # noqa: E402
+
+# The loss tags: under one folder "loss", which TensorBoard's Time Series tab sorts first and opens.
+TRAIN, VAL = "loss/train", "loss/val"
+# The demo's run (without --fast): 128 windows of 64 bytes from a 3.6 kB text, seen again every 2 steps at
+# a high learning rate, so the model learns them by heart within the run and the held-out loss turns up
+# (its minimum near step 180, checked on the 2-core VM; a validation every 10 steps, 64 windows, is cheap).
+MAX_STEPS, VAL_EVERY, VAL_SAMPLES, CORPUS_BYTES, TRAIN_WINDOWS = 600, 10, 64, 4_000, 128
+# SNRMonitor groups: by kind of layer (four groups), by block (depth 2: one per block, embedding and norm).
+GROUPS = {
+    "kind": {"embedding": r"_emb\.", "attention": r"\.attn\.", "mlp": r"\.mlp\.", "norm": r"ln"},
+    "block": 2,
+    "none": None,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (200; 24 with --fast)")
-    p.add_argument("--batch-size", type=int, default=16, help="micro-batch size")
+    steps = f"optimizer steps, at most ({MAX_STEPS}; 24 with --fast)"
+    p.add_argument("--max-steps", type=int, default=None, help=steps)
+    p.add_argument("--batch-size", type=int, default=8, help="micro-batch size")
     p.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--block-size", type=int, default=128, help="context length in bytes")
+    p.add_argument("--block-size", type=int, default=64, help="context length in bytes")
     p.add_argument(
         "--val-every",
         type=int,
         default=None,
-        help="validate every N optimizer steps (default 10; 2 with --fast): enough points for `snrmon fit`",
+        help=f"validate every N optimizer steps (default {VAL_EVERY}; 2 with --fast)",
     )
-    p.add_argument("--corpus-bytes", type=int, default=2_000_000, help="bytes of stdlib source to train on")
-    p.add_argument("--lr", type=float, default=1e-3)
+    corpus = "bytes of stdlib source to train on, the last 10%% held out"
+    p.add_argument("--corpus-bytes", type=int, default=CORPUS_BYTES, help=corpus)
+    p.add_argument("--train-windows", type=int, default=TRAIN_WINDOWS, help="training windows (a small set)")
+    p.add_argument("--lr", type=float, default=8e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--groups", type=int, default=2, help="SNRMonitor parameter-group prefix depth")
+    p.add_argument("--groups", choices=sorted(GROUPS), default="kind", help="SNRMonitor parameter groups")
     p.add_argument("--out", default="runs", help="TensorBoard log root directory")
     p.add_argument("--fast", action="store_true", help="tiny model and a few steps: a smoke run for tests")
     return p.parse_args(argv)
@@ -87,14 +104,37 @@ def tensorboard_command(root: str) -> str:
 def fit_command(log_dir: str, tokens_per_step: int) -> str:
     """The command that fits the single-run Shannon law to the run's validation loss (D in tokens)."""
     return (
-        f"{tool('snrmon')} fit {shlex.quote(log_dir)} --law shannon-run --tag val/loss"
+        f"{tool('snrmon')} fit {shlex.quote(log_dir)} --law shannon-run --tag {VAL}"
         f" --tokens-per-step {tokens_per_step}"
     )
 
 
 def forecast_command(log_dir: str) -> str:
     """The command that replays ``BasinEarlyStopping``'s forecast over the validation (and training) loss."""
-    return f"{tool('snrmon')} forecast {shlex.quote(log_dir)} --tag val/loss --train-metric train/loss"
+    return f"{tool('snrmon')} forecast {shlex.quote(log_dir)} --tag {VAL} --train-metric {TRAIN}"
+
+
+def basin_summary(stopper: BasinEarlyStopping, checkpoint: ModelCheckpoint, max_steps: int) -> list[str]:
+    """Where the forecast warned and stopped, and where the validation minimum and the best weights are."""
+    history = stopper.forecaster.history
+    warned = next((f for f in history if f.warning or f.stop), None)
+    points = stopper.forecaster.points
+    lines = []
+    if warned is not None:
+        lines.append(f"- first warning: step {warned.x:.0f} ({warned.state})")
+    else:
+        lines.append("- no warning: the basin was never forecast within reach")
+    if stopper.stopped_step:
+        lines.append(f"- stopped: step {stopper.stopped_step}, {stopper.stopping_reason}")
+    else:
+        lines.append(f"- not stopped: trained all {max_steps} steps")
+    if points.loss:
+        best = min(range(len(points.loss)), key=points.loss.__getitem__)
+        lines.append(f"- lowest {VAL}: {points.loss[best]:.4g} at step {points.x[best]:.0f}")
+    if checkpoint.best_model_path:
+        score = float(checkpoint.best_model_score)
+        lines.append(f"- best checkpoint ({VAL} {score:.4g}): {checkpoint.best_model_path}")
+    return lines
 
 
 def build_report(
@@ -104,15 +144,16 @@ def build_report(
     seconds: float,
     log_dir: str,
     commands: dict[str, str],
+    basin: list[str],
     figure: str | None = None,
 ) -> str:
     g = latest.get
     lines = [
-        "# snrmon demo: char-GPT on Python stdlib sources",
+        "# snrmon demo: char-GPT overfitting a small text of Python stdlib source",
         "",
         f"- optimizer steps: {steps} ({seconds:.0f} s, {seconds / max(steps, 1):.2f} s/step)",
-        f"- final train/loss: {fmt(metrics.get('train/loss'))}",
-        f"- final val/loss: {fmt(metrics.get('val/loss'))}",
+        f"- final {TRAIN}: {fmt(metrics.get(TRAIN))}",
+        f"- final {VAL}: {fmt(metrics.get(VAL))}",
         f"- noise scale B_simple = tr(Σ)/|G|²: {fmt(g('snr/noise_scale'))} ± {fmt(g('snr/noise_scale_se'))}",
         f"- SNR (B/B_simple): {fmt(g('snr/ratio'))}",
         f"- signal |G|²: {fmt(g('snr/signal'))}",
@@ -130,41 +171,44 @@ def build_report(
         lines += ["", "| group | noise scale | SNR |", "| --- | --- | --- |"]
         for grp in groups:
             lines.append(f"| {grp} | {fmt(g(f'snr/{grp}/noise_scale'))} | {fmt(g(f'snr/{grp}/ratio'))} |")
+    lines += ["", "Basin early stopping:", "", *basin]
     lines += [
         "",
-        "Open the run in TensorBoard (then http://localhost:6006/#custom_scalars for the SNR charts):",
+        "Open the run in TensorBoard, then http://localhost:6006/#custom_scalars for snrmon's charts (the",
+        "forecast figure is in the Images tab, the warnings in the Text tab):",
         "",
         f"    {commands['tensorboard']}",
+        "",
+        "Replay what the basin forecast said during training (snrmon forecast --help):",
+        "",
+        f"    {commands['forecast']}",
         "",
         "Fit the single-run Shannon law to its validation loss (D in tokens; see docs/law.md):",
         "",
         f"    {commands['fit']}",
-        "",
-        "Replay what the basin forecast would have said during training (snrmon forecast --help):",
-        "",
-        f"    {commands['forecast']}",
     ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train and report; returns the final metrics and monitor values, and the printed "commands"."""
+    """Train and report; returns the final metrics and monitor values, the printed "commands", and the
+    callbacks ("stopper", "checkpoint")."""
     args = parse_args(argv)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    # The basin's warnings are printed in the closing report (and kept in TensorBoard's Text tab).
+    warnings.filterwarnings("ignore", "BasinEarlyStopping: .*")
     L.seed_everything(args.seed)
 
     if args.fast:
         model_kw = dict(n_layer=1, n_head=2, n_embd=32)
         args.block_size, args.batch_size = 32, 4
-        args.corpus_bytes = min(args.corpus_bytes, 200_000)
         max_steps, val_every = args.max_steps or 24, args.val_every or 2
         val_samples, log_every = 4 * args.batch_size, 1
     else:
         model_kw = {}
-        max_steps, val_every = args.max_steps or 200, args.val_every or 10
-        # A fixed, small validation set: 20 validations cost about as much as 8 training steps.
-        val_samples, log_every = 256, 5
+        max_steps, val_every = args.max_steps or MAX_STEPS, args.val_every or VAL_EVERY
+        val_samples, log_every = VAL_SAMPLES, 5
     tokens_per_step = args.batch_size * args.accumulate * args.block_size
 
     batches_per_val = val_every * args.accumulate
@@ -172,12 +216,17 @@ def main(argv: list[str] | None = None) -> dict:
         block_size=args.block_size,
         batch_size=args.batch_size,
         corpus_bytes=args.corpus_bytes,
-        train_samples=max_steps * args.accumulate * args.batch_size,  # fresh windows every step
+        # --fast: fresh windows every step (a smoke run, too short to overfit)
+        train_samples=max_steps * args.accumulate * args.batch_size if args.fast else args.train_windows,
         val_samples=val_samples,
         seed=args.seed,
     )
     model = CharGPT(block_size=args.block_size, lr=args.lr, **model_kw)
-    monitor = SNRMonitor(groups=args.groups)
+    monitor = SNRMonitor(groups=GROUPS[args.groups])
+    # Forecasts where the validation loss turns up; warns, stops, and draws the forecast in TensorBoard.
+    stopper = BasinEarlyStopping(monitor=VAL)
+    # Stopping comes a little after the basin: the best weights are kept by a checkpoint.
+    checkpoint = ModelCheckpoint(monitor=VAL, mode="min", save_top_k=1, filename="best-{step}")
     # No dummy hp_metric chart: it would be the first thing TensorBoard shows, at -1.
     logger = DemoLogger(args.out, name="char_gpt", default_hp_metric=False)
     # Where `snrmon fit` reads the model size (hparams.yaml, key n_params); tokens_per_step is for the record.
@@ -191,10 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
         log_every_n_steps=log_every,
         val_check_interval=batches_per_val,
         check_val_every_n_epoch=None,
-        callbacks=[monitor],
+        callbacks=[monitor, stopper, checkpoint],
         logger=logger,
-        enable_checkpointing=False,
         enable_progress_bar=not args.fast,
+        enable_model_summary=False,
     )
 
     t0 = time.perf_counter()
@@ -203,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     latest = dict(monitor.latest)
     if trainer.global_step % val_every != 0:  # last validation is stale: refresh it
         trainer.validate(model, datamodule=dm, verbose=False)
-        metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
+        metrics[VAL] = float(trainer.callback_metrics[VAL])
     seconds = time.perf_counter() - t0
 
     log_dir = logger.log_dir
@@ -218,11 +267,12 @@ def main(argv: list[str] | None = None) -> dict:
         "fit": fit_command(log_dir, tokens_per_step),
         "forecast": forecast_command(log_dir),
     }
-    report = build_report(metrics, latest, trainer.global_step, seconds, log_dir, commands, figure)
+    basin = basin_summary(stopper, checkpoint, max_steps)
+    report = build_report(metrics, latest, trainer.global_step, seconds, log_dir, commands, basin, figure)
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     (Path(log_dir) / "report.md").write_text(report, encoding="utf-8")
     print("\n" + report)
-    return {**metrics, **latest, "commands": commands}
+    return {**metrics, **latest, "commands": commands, "stopper": stopper, "checkpoint": checkpoint}
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ FINITE_KEYS = ["signal_beyond_chance", "signal_beyond_chance_se", "dataset_snr",
 COUNTERS = ["snr/batch_size", "snr/skipped_steps", "snr/dropped_windows"]
 TOTAL_KEYS = [f"snr/{key}" for key in VALUE_KEYS] + COUNTERS
 FINITE_TOTAL_KEYS = TOTAL_KEYS + [f"snr/{key}" for key in FINITE_KEYS] + ["snr/dataset_size"]
+# What the loggers get without log_details: the values, not their standard errors nor the counters.
+LOGGED_VALUES = ["signal", "noise", "noise_scale", "ratio"]
+LOGGED_TOTAL_KEYS = [f"snr/{key}" for key in LOGGED_VALUES + ["signal_beyond_chance", "dataset_snr"]]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -196,11 +199,14 @@ def test_tensorboard_names_steps_layout_and_latest(tmp_path: Path):
 
     events = EventAccumulator(logger.log_dir)
     events.Reload()
-    # A map-style dataset read in order: a finite training set, so the finite-set values are logged too.
-    expected = FINITE_TOTAL_KEYS + group_keys("hidden", finite=True) + group_keys("out", finite=True)
+    # A map-style dataset read in order: a finite training set, so the finite-set values are kept too.
+    # `latest` holds every number; the loggers get the values (standard errors and counters: log_details).
+    complete = FINITE_TOTAL_KEYS + group_keys("hidden", finite=True) + group_keys("out", finite=True)
+    assert set(monitor.latest) == set(complete)
+    groups = [f"snr/{group}/{key}" for group in ("hidden", "out") for key in LOGGED_VALUES]
+    expected = LOGGED_TOTAL_KEYS + groups
     tags = events.Tags()["scalars"]
-    assert set(expected) <= set(tags), set(expected) - set(tags)
-    assert set(monitor.latest) == set(expected)
+    assert {tag for tag in tags if tag.startswith("snr/")} == set(expected)
 
     # Logged exactly where Lightning logs the module's own on_step metrics.
     lightning_steps = [event.step for event in events.Scalars("train/loss")]
@@ -219,7 +225,8 @@ def test_tensorboard_names_steps_layout_and_latest(tmp_path: Path):
     charts = [chart for category in layout.category for chart in category.chart]
     regexes = [regex for chart in charts for regex in chart.multiline.tag]
     regexes += [series.value for chart in charts for series in chart.margin.series]
-    for tag in ("snr/signal", "snr/noise", "snr/noise_scale", "snr/ratio"):  # more in test_tensorboard.py
+    # (The SNR is drawn as its log, a TensorBoard-only series; more in test_tensorboard.py.)
+    for tag in ("snr/signal", "snr/noise", "snr/noise_scale", "~snr/log10_ratio"):
         assert any(re.fullmatch(regex, tag) for regex in regexes), tag
 
     assert "snr/ratio" in trainer.progress_bar_metrics
@@ -229,8 +236,8 @@ def test_tensorboard_names_steps_layout_and_latest(tmp_path: Path):
     assert_finite_estimates(monitor.latest)
 
 
-def test_csv_logger_receives_values(tmp_path: Path):
-    monitor = SNRMonitor()
+def test_csv_logger_receives_values_and_with_log_details_everything(tmp_path: Path):
+    monitor = SNRMonitor(log_details=True)
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(
         monitor, logger=logger, log_every_n_steps=4, max_steps=12, accumulate_grad_batches=2
@@ -243,9 +250,24 @@ def test_csv_logger_receives_values(tmp_path: Path):
     loss_steps = [int(row["step"]) for row in rows if row.get("train/loss")]
     expected_steps = [s for s in range(12) if (s + 1) % 4 == 0]
     assert [int(row["step"]) for row in snr_rows] == loss_steps == expected_steps
+    assert {key for key in snr_rows[-1] if key.startswith("snr/")} == set(monitor.latest)
     for key in TOTAL_KEYS:
         assert float(snr_rows[-1][key]) == pytest.approx(monitor.latest[key], nan_ok=True), key
     assert_finite_estimates(monitor.latest)
+
+
+def test_a_fit_shorter_than_log_every_n_steps_reports_its_values_at_the_end(tmp_path: Path):
+    """Three steps, logging every 50: Lightning never reaches a logging step, the monitor reports once at
+    the end (at the last step), so `latest` is not silently empty."""
+    monitor = SNRMonitor()
+    logger = CSVLogger(tmp_path, name="csv")
+    make_trainer(monitor, logger=logger, log_every_n_steps=50, max_steps=3, accumulate_grad_batches=2).fit(
+        Regression(), regression_loader()
+    )
+    assert_finite_estimates(monitor.latest)
+    rows = [row for row in csv_rows(logger) if row.get("snr/signal")]
+    assert [int(row["step"]) for row in rows] == [2]
+    assert float(rows[0]["snr/signal"]) == pytest.approx(monitor.latest["snr/signal"])
 
 
 # ---------------------------------------------------------------------- 3: training is unchanged
@@ -1334,6 +1356,50 @@ def test_nothing_to_measure_installs_no_hook():
         make_trainer(model.monitor, max_steps=4).fit(model, regression_loader())
     assert sum("single batch size" in m for m in snr_warnings(record)) == 1
     assert model.hooks_seen == [(step, 0) for step in range(4)]
+
+
+class NoParameter(L.LightningModule):
+    """Trains a plain tensor attribute, not a registered parameter: the monitor cannot see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.zeros(4, requires_grad=True)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(x @ self.weight, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([self.weight], lr=0.05)
+
+
+def test_no_trainable_parameter_is_warned_about_once():
+    monitor = SNRMonitor()
+    with record_warnings() as record:
+        make_trainer(monitor, max_steps=4, accumulate_grad_batches=2).fit(NoParameter(), regression_loader())
+    assert sum("no parameter trains" in m for m in snr_warnings(record)) == 1
+    assert monitor.latest == {}
+
+
+class WithTotalLayer(Regression):
+    """A submodule named ``total``: ``groups=1`` would give it the name of the sum over all parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = nn.Linear(1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.total(super().forward(x).unsqueeze(-1)).squeeze(-1)
+
+
+def test_depth_groups_that_would_name_a_group_total_are_refused():
+    trainer = make_trainer(SNRMonitor(groups=1), accumulate_grad_batches=2)
+    with pytest.raises(MisconfigurationException, match="would name a group 'total'.*total.weight"):
+        trainer.fit(WithTotalLayer(), regression_loader())
+    assert trainer.global_step == 0  # refused before training, not switched off at the first step
+    monitor = SNRMonitor(groups=2)  # blocks named "total.weight", "total.bias": no clash
+    make_trainer(monitor, accumulate_grad_batches=2).fit(WithTotalLayer(), regression_loader())
+    assert "snr/total.weight/signal" in monitor.latest
 
 
 def test_tensor_parallelism_is_refused_and_names_what_is_supported():

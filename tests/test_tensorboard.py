@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from snrmon.callbacks import SNRMonitor
-from snrmon.callbacks.tensorboard_layout import band_values, snr_layout
+from snrmon.callbacks.tensorboard_layout import chart_series, snr_layout
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
@@ -65,9 +65,9 @@ class Regression(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def train(root: Path) -> SNRMonitor:
+def train(root: Path) -> tuple[SNRMonitor, dict[str, float]]:
     """12 optimizer steps of 4 microbatches, logged to TensorBoard (run ``tiny/version_0``) and to a CSV, with
-    a second monitor (prefix ``all``, no groups) as two monitors on one trainer."""
+    a second monitor (prefix ``all``, no groups, ``log_details``) as two monitors on one trainer."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(512, 4, generator=gen)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 0.5 * torch.randn(512, 1, generator=gen)
@@ -79,7 +79,7 @@ def train(root: Path) -> SNRMonitor:
         log_every_n_steps=1,
         val_check_interval=16,  # microbatches: every 4 optimizer steps
         limit_val_batches=2,
-        callbacks=[monitor, SNRMonitor(prefix="all", prog_bar=False)],
+        callbacks=[monitor, SNRMonitor(prefix="all", prog_bar=False, log_details=True)],
         logger=[
             TensorBoardLogger(root, name="tiny", default_hp_metric=False),
             CSVLogger(root, name="csv"),
@@ -90,12 +90,13 @@ def train(root: Path) -> SNRMonitor:
         accelerator="cpu",
         devices=1,
     )
+    everything = trainer.callbacks[1]
     trainer.fit(
         Regression(),
         DataLoader(data, batch_size=8, shuffle=True, generator=gen),
         DataLoader(data, batch_size=64),
     )
-    return monitor
+    return monitor, everything.latest
 
 
 def free_port() -> int:
@@ -154,11 +155,14 @@ def wait_for_tags(base: str, run: str, wanted: set[str], log: Path) -> dict[str,
 
 
 def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
-    monitor = train(tmp_path / "logs")
+    monitor, latest_all = train(tmp_path / "logs")
+    latest_values = monitor.latest
     latest = set(monitor.latest)
     totals = ["ratio", "noise_scale", "signal", "noise"]
-    wanted = {f"snr/{name}{suffix}" for name in totals for suffix in ("", "_se", "_lower", "_upper")}
-    wanted |= {"snr/batch_size", "snr/hidden/ratio", "snr/out/noise_scale", "train/loss", "val_loss"}
+    wanted = {f"snr/{name}" for name in totals} | {f"all/{name}_se" for name in totals}
+    wanted |= {f"~snr/{name}{edge}" for name in totals[1:] for edge in ("_lower", "_upper")}
+    wanted |= {"~snr/log10_ratio", "~snr/log10_ratio_lower", "~snr/log10_ratio_at_1", "~snr/batch_size"}
+    wanted |= {"snr/hidden/ratio", "snr/out/noise_scale", "train/loss", "val_loss", "all/batch_size"}
 
     log = tmp_path / "tensorboard.log"
     with tensorboard_server(tmp_path / "logs", log) as base:
@@ -167,13 +171,18 @@ def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
         # The first screen: the run has a name, and no dummy hp_metric chart.
         assert "tiny/version_0" in get_json(base, "/data/runs")
         assert "hp_metric" not in tags
+        # Not flooded: without log_details, no standard errors nor counters; the chart series apart, under
+        # ~snr/ (sorted last); log_details logs everything.
+        assert not [tag for tag in tags if tag.startswith("snr/") and tag.endswith(("_se", "batch_size"))]
+        assert {tag for tag in tags if tag.startswith("all/")} == set(latest_all)
 
         # One layout holds both monitors' charts (TensorBoard reads only a run's first layout).
         layout = get_json(base, "/data/plugin/custom_scalars/layout")
         categories = {category["title"]: category for category in layout["category"]}
-        assert list(categories) == list(snr_layout(["snr", "all"]))
-        assert {"snrmon", "snrmon all", "snrmon basin forecast", "snrmon all per group"} <= set(categories)
-        assert not categories["snrmon"].get("closed") and categories["snrmon standard errors"]["closed"]
+        # Only what exists is drawn: per-group charts for the monitor with groups, standard errors for the one
+        # that logs them, no basin forecast without a BasinEarlyStopping.
+        assert list(categories) == ["snrmon", "snrmon per group", "snrmon all", "snrmon all standard errors"]
+        assert not categories["snrmon"].get("closed") and categories["snrmon all standard errors"]["closed"]
         charts = {  # (category, chart title): chart
             (category["title"], chart["title"]): chart
             for category in layout["category"]
@@ -193,8 +202,13 @@ def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
                     continue
                 steps = [[step for _, step, _ in events[name]] for name in names]
                 assert steps[0] and steps[1] == steps[0] and steps[2] == steps[0], (chart["title"], names)
-        noise_scale = charts["snrmon", "noise scale B_simple (±2 se) and batch size B"]["margin"]["series"]
-        assert [s["value"] for s in noise_scale] == ["snr/noise_scale", "snr/batch_size"]
+        def drawn(title_start: str) -> list[str]:
+            (chart,) = [chart for (category, title), chart in charts.items() if category == "snrmon"
+                        and title.startswith(title_start)]  # fmt: skip
+            return [series["value"] for series in chart["margin"]["series"]]
+
+        assert drawn("noise scale") == ["snr/noise_scale", "~snr/batch_size"]
+        assert drawn("SNR at") == ["~snr/log10_ratio", "~snr/log10_ratio_at_1"]
 
         # Regex charts, asked for their data as the web page does: loss in both naming styles, one line
         # per group (never the totals), standard errors apart.
@@ -208,58 +222,72 @@ def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
         assert matched("snrmon per group", "SNR per group") == {"snr/hidden/ratio", "snr/out/ratio"}
         scales = {"snr/hidden/noise_scale", "snr/out/noise_scale"}
         assert matched("snrmon per group", "noise scale per group (samples)") == scales
-        assert matched("snrmon all per group", "SNR per group") == set()  # that monitor has no groups
-        errors = {"snr/noise_se", "snr/hidden/noise_se", "snr/out/noise_se"}
-        assert matched("snrmon standard errors", "standard error of noise") == errors
-        # No forecast logged: an empty chart, not an error.
-        assert matched("snrmon basin forecast", "steps to the basin") == set()
+        assert matched("snrmon all standard errors", "standard error of noise") == {"all/noise_se"}
 
         # The band edges are value ∓ 2 se, NaN where the se is not known yet (after a single step).
         def series(tag: str) -> dict[int, float]:
             reply = get_json(base, "/data/plugin/scalars/scalars", run="tiny/version_0", tag=tag)
             return {step: float(value) for _, step, value in reply}  # NaN comes as the string "NaN"
 
-        signal, se, lower = series("snr/signal"), series("snr/signal_se"), series("snr/signal_lower")
+        signal, lower = series("snr/signal"), series("~snr/signal_lower")
+        one = series("~snr/log10_ratio_at_1")
     # TensorBoard draws a band only if value and edges share their steps.
-    assert len(lower) >= 8 and set(lower) == set(signal)
-    for step, edge in lower.items():
-        if math.isfinite(se[step]):
-            assert edge == pytest.approx(signal[step] - 2 * se[step], rel=1e-5, abs=1e-6)
-        else:
-            assert math.isnan(edge)
+    assert len(lower) >= 8 and set(lower) == set(signal) == set(one) and set(one.values()) == {0.0}
+    last = max(signal)
+    expected = latest_values["snr/signal"] - 2 * latest_values["snr/signal_se"]
+    assert lower[last] == pytest.approx(expected, rel=1e-5)
+    assert math.isnan(lower[min(lower)])  # no se after the first step
 
     # The edges are for TensorBoard's charts only: other loggers and monitor.latest do not get them.
     with open(tmp_path / "logs" / "csv" / "version_0" / "metrics.csv", newline="") as handle:
         columns = next(csv.reader(handle))
-    assert "snr/signal" in columns and not [c for c in columns if c.endswith(("_lower", "_upper"))]
-    assert not [key for key in latest if key.endswith(("_lower", "_upper"))]
+    assert "snr/signal" in columns and not [c for c in columns if c.startswith("~") or c.endswith("_upper")]
+    assert not [key for key in latest if key.startswith("~") or key.endswith(("_lower", "_upper"))]
     # Each monitor calls add_snr_layout; the layout is written once.
     events = EventAccumulator(str(tmp_path / "logs" / "tiny" / "version_0"))
     events.Reload()
     assert len(events.Tensors("custom_scalars__config__")) == 1
 
 
-def test_band_values():
+def test_chart_series():
     values = {
         "snr/signal": 2.0,
         "snr/signal_se": 0.25,
-        "snr/ratio": 3.0,
-        "snr/ratio_se": math.nan,  # no se yet (first step): NaN edges at the value's step
+        "snr/ratio": 100.0,
+        "snr/ratio_se": 10.0,
+        "snr/noise": 3.0,
+        "snr/noise_se": math.nan,  # no se yet (first step): NaN edges at the value's step
+        "snr/batch_size": 64.0,
         "snr/blocks.0/signal": 1.0,  # a group: its chart has one line per group, no band
         "snr/blocks.0/signal_se": 0.1,
     }
-    bands = band_values(values)
-    assert set(bands) == {"snr/signal_lower", "snr/signal_upper", "snr/ratio_lower", "snr/ratio_upper"}
-    assert (bands["snr/signal_lower"], bands["snr/signal_upper"]) == (1.5, 2.5)
-    assert math.isnan(bands["snr/ratio_lower"]) and math.isnan(bands["snr/ratio_upper"])
-    assert band_values(values, prefix="other") == {}
+    series = chart_series(values)
+    assert (series["~snr/signal_lower"], series["~snr/signal_upper"]) == (1.5, 2.5)
+    assert math.isnan(series["~snr/noise_lower"]) and math.isnan(series["~snr/noise_upper"])
+    # log10 SNR, its band from the first-order se of the log, and the SNR = 1 line at 0.
+    assert series["~snr/log10_ratio"] == pytest.approx(2.0)
+    half_width = 2 * 10.0 / (100.0 * math.log(10))
+    assert series["~snr/log10_ratio_upper"] == pytest.approx(2.0 + half_width)
+    assert series["~snr/log10_ratio_lower"] == pytest.approx(2.0 - half_width)
+    assert series["~snr/log10_ratio_at_1"] == 0.0 and series["~snr/batch_size"] == 64.0
+    assert not [name for name in series if "blocks" in name or not name.startswith("~snr/")]
+    assert chart_series(values, prefix="other") == {}
+
+
+def test_layout_draws_only_what_is_logged():
+    assert list(snr_layout()) == ["snrmon"]
+    titles = list(snr_layout()["snrmon"]["charts"])
+    assert not [title for title in titles if "beyond chance" in title or "whole training set" in title]
+    full = snr_layout(["snr"], grouped=["snr"], finite=["snr"], details=["snr"], forecast=True)
+    assert list(full) == ["snrmon", "snrmon per group", "snrmon basin forecast", "snrmon standard errors"]
+    assert len(full["snrmon"]["charts"]) == len(titles) + 2
 
 
 def test_layout_regexes_match_as_tensorboard_matches():
     """TensorBoard picks a Multiline chart's tags with Python's ``re.match`` (anchored at the start only)."""
     charts = {
         (category, title): chart
-        for category, c in snr_layout().items()
+        for category, c in snr_layout(grouped=["snr"], forecast=True).items()
         for title, chart in c["charts"].items()
     }
 
@@ -275,6 +303,8 @@ def test_layout_regexes_match_as_tensorboard_matches():
         "snr/ratio",
         "snr/blocks.0/ratio",
         "snr/forecast/val/loss/d_star",
+        "snr/forecast/val_loss/train_loss",  # BasinEarlyStopping's record of the training loss
+        "~snr/log10_ratio",
     ]
     assert picks("snrmon", "loss", tags) == ["train/loss", "val_loss", "Loss/val"]
     assert picks("snrmon per group", "SNR per group", tags) == ["snr/blocks.0/ratio"]

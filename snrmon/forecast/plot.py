@@ -9,6 +9,12 @@ import numpy as np
 
 from snrmon.forecast.forecaster import Forecast, Projection
 
+# Sized for TensorBoard's Images card, which draws an image at the card's width (about 400-500 px in a
+# 1600 px wide window) until "Show actual image size": 520 x 440 px, with text of 11-12 px, stays readable
+# there at its own size or a little smaller. (Saved at another dpi, everything scales together.)
+FIGSIZE, DPI = (5.2, 4.4), 100
+FONT, SMALL = 9, 7.5  # points: 12.5 and 10.4 px at 100 dpi
+
 
 def forecast_figure(
     forecasts: list[Forecast], metric: str, x_name: str = "step", projection: Projection | None = None
@@ -20,10 +26,10 @@ def forecast_figure(
     x = np.array([f.x for f in forecasts])
     first_warning = next((f.x for f in forecasts if f.warning or f.stop), None)
     stop = next((f.x for f in forecasts if f.stop), None)
-    figure = Figure(figsize=(7, 6))
+    figure = Figure(figsize=FIGSIZE, dpi=DPI)
     top, bottom = figure.subplots(2, 1, sharex=True)
     top.plot(x, [f.loss for f in forecasts], "o-", ms=3, label=metric)
-    top.set_ylabel(metric)
+    top.set_ylabel(metric, fontsize=FONT)
     if projection is not None:
         kind = "law fit" if projection.method in ("law", "prior") else "local trend"
         top.plot(projection.x, projection.loss, "--", color="tab:green", label=f"projection ({kind})")
@@ -48,13 +54,16 @@ def forecast_figure(
         bottom.plot(at, capped([f.d_star for f in has]), "-", label="forecast D*")
     bottom.plot(x, x, "k:", lw=1, label=f"{x_name} = D*")
     bottom.set_yscale("log")
-    bottom.set_xlabel(x_name)
-    bottom.set_ylabel("forecast basin")
+    bottom.set_xlabel(x_name, fontsize=FONT)
+    bottom.set_ylabel("forecast basin", fontsize=FONT)
     for axis in (top, bottom):
         for value, style, label in ((first_warning, "--", "first warning"), (stop, "-", "stop")):
             if value is not None:
                 axis.axvline(value, color="tab:red", ls=style, lw=1, label=label if axis is top else None)
-    top.legend()
-    bottom.legend(fontsize="small")
-    figure.tight_layout()
+    for axis in (top, bottom):
+        axis.tick_params(labelsize=SMALL)
+        axis.grid(alpha=0.3)
+    top.legend(fontsize=SMALL, framealpha=0.8)
+    bottom.legend(fontsize=SMALL, framealpha=0.8)
+    figure.tight_layout(pad=0.4)
     return figure
