@@ -340,6 +340,9 @@ class BasinEarlyStopping(Callback):
             f"{prefix}/{name}": getattr(forecast, name)
             for name in ("d_star", "d_star_low", "d_star_high", "steps_to_basin", "p_basin")
         }
+        # The training-loss mean this forecast was fed (across ranks), so that a replay of the logs
+        # (`snrmon forecast RUN --tag MONITOR`) reads exactly what the live run saw.
+        values[f"{prefix}/train_loss"] = self.forecaster.points.train[-1]
         values = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
         if values and trainer.is_global_zero:
             for logger in trainer.loggers:

@@ -15,6 +15,9 @@ open the run in TensorBoard, replay the basin forecast over it and fit a scaling
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import math
 import os
 import shlex
@@ -110,8 +113,32 @@ def fit_command(log_dir: str, tokens_per_step: int) -> str:
 
 
 def forecast_command(log_dir: str) -> str:
-    """The command that replays ``BasinEarlyStopping``'s forecast over the validation (and training) loss."""
-    return f"{tool('snrmon')} forecast {shlex.quote(log_dir)} --tag {VAL} --train-metric {TRAIN}"
+    """The command that replays ``BasinEarlyStopping``'s forecast from the run's logs (the points it forecast
+    from, logged with its forecasts)."""
+    return f"{tool('snrmon')} forecast {shlex.quote(log_dir)} --tag {VAL}"
+
+
+def replay_summary(log_dir: str, stopper: BasinEarlyStopping) -> str:
+    """What ``snrmon forecast`` says of the run's logs, against what the callback said live."""
+    from snrmon.cli import main as snrmon
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        status = snrmon(["forecast", log_dir, "--tag", VAL, "--json"])
+    if status != 0:
+        return f"- the replay of its logs failed (exit status {status}): run the command below to see why"
+    replay = json.loads(out.getvalue())
+    history = stopper.forecaster.history
+    live_warning = next((f.x for f in history if f.warning or f.stop), None)
+    live_stop = stopper.stopped_step or None
+    same = replay["first_warning"] == live_warning and replay["stop"] == live_stop
+    said = f"warning at step {_step(replay['first_warning'])}, stop at step {_step(replay['stop'])}"
+    verdict = "the same as live" if same else "NOT the same as live"
+    return f"- the replay of its logs (snrmon forecast, below): {said}: {verdict}"
+
+
+def _step(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def basin_summary(stopper: BasinEarlyStopping, checkpoint: ModelCheckpoint, max_steps: int) -> list[str]:
@@ -267,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fit": fit_command(log_dir, tokens_per_step),
         "forecast": forecast_command(log_dir),
     }
-    basin = basin_summary(stopper, checkpoint, max_steps)
+    basin = basin_summary(stopper, checkpoint, max_steps) + [replay_summary(log_dir, stopper)]
     report = build_report(metrics, latest, trainer.global_step, seconds, log_dir, commands, basin, figure)
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     (Path(log_dir) / "report.md").write_text(report, encoding="utf-8")

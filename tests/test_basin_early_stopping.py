@@ -155,6 +155,32 @@ def test_stops_an_overfitting_run_near_its_minimum_and_logs_the_forecast():
     assert all(math.isfinite(v) for _, m in recorder.metrics for v in m.values())
 
 
+def test_the_replay_of_a_live_run_warns_and_stops_where_it_did(tmp_path, capsys):
+    """Replay equals live: the TensorBoard run of a stopped fit, replayed by `snrmon forecast`, warns and
+    stops at the same steps, from the training-loss mean the callback logged with its forecasts."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from snrmon.cli import main
+
+    callback = BasinEarlyStopping(monitor="val_loss")
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(callback, _data(64, 0), 200, logger=logger)
+    history = callback.forecaster.history
+    assert callback.stopped_step > 0
+    assert main(["forecast", str(tmp_path / "run" / "version_0"), "--tag", "val_loss", "--json"]) == 0
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
+    assert "snr/forecast/val_loss/train_loss" in captured.err  # said where the training loss came from
+    assert [p["x"] for p in document["points"]] == [f.x for f in history]
+    assert document["first_warning"] == next(f.x for f in history if f.warning)
+    assert document["stop"] == callback.stopped_step
+    assert [p["d_star"] for p in document["points"]] == [
+        f.d_star if f.d_star is not None and math.isfinite(f.d_star) else None for f in history
+    ]
+
+
 def test_an_improving_run_is_not_stopped():
     callback = BasinEarlyStopping(monitor="val_loss")
     with warnings.catch_warnings():

@@ -78,10 +78,12 @@ def test_demo_shows_the_basin_forecast_and_keeps_the_best_weights(fast_run):
     assert ("first warning: step" in printed) or ("no warning" in printed)
     stopped = f"stopped: step {stopper.stopped_step}" if stopper.stopped_step else "not stopped: trained all"
     assert stopped in printed
+    assert "the replay of its logs (snrmon forecast, below)" in printed and "the same as live" in printed
 
     events = EventAccumulator(str(tmp_path / "char_gpt" / "version_0"), size_guidance={"images": 0})
     events.Reload()
-    assert "snr/forecast/loss/val/d_star" in events.Tags()["scalars"]
+    forecast_tags = {"snr/forecast/loss/val/p_basin", "snr/forecast/loss/val/train_loss"}
+    assert forecast_tags <= set(events.Tags()["scalars"])
     proto = events.Tensors("custom_scalars__config__")[0].tensor_proto
     layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(proto).item())
     assert [c.title for c in layout.category] == ["snrmon", "snrmon per group", "snrmon basin forecast"]

@@ -205,8 +205,12 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
     """x, the metric and the training loss (or None) of the one run DATA holds, sorted by x."""
     tag = args.tag or (args.metric if args.metric != "loss" else None)
     table = read_table(args.data, tag=tag)
-    metric = "loss" if "group" in table and "step" in table else args.metric  # TensorBoard: the tag is loss
-    if args.train_metric and "group" in table and "step" in table:
+    tensorboard = "group" in table and "step" in table
+    metric = "loss" if tensorboard else args.metric  # TensorBoard: the tag is loss
+    live = tensorboard and not args.train_metric and tag is not None and live_points(table, args.data, tag)
+    if live:
+        table, train_name = live, "train"
+    elif tensorboard and args.train_metric:
         train_table = read_table(args.data, tag=args.train_metric)
         table.columns["train"] = interval_means(table["step"], train_table["step"], train_table["loss"])
         train_name = "train"
@@ -242,6 +246,27 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
         raise LogError(f"no rows with a positive {x_name} in {args.data}")
     train = table[train_name][order] if train_name else None
     return x, table[metric][order], train, x_name
+
+
+def live_points(table: Table, data: str, tag: str) -> Table | None:
+    """The points a live BasinEarlyStopping(monitor=tag) forecast from, when the run logged them with its
+    forecasts: at its own steps (the trainer's global step, where Lightning logs a validation metric one step
+    earlier), each with the last value of ``tag`` logged by then (what it read) and the training-loss mean it
+    was fed. A replay of them is the live run's forecast, not an approximation of it."""
+    logged = f"snr/forecast/{tag}/train_loss"
+    try:
+        train = read_table(data, tag=logged)
+    except LogError:  # not watched by BasinEarlyStopping (or by an older snrmon)
+        return None
+    if len(set(table["group"].tolist()) | set(train["group"].tolist())) > 1:
+        return None  # several runs: --where picks one, from the logged metric alone
+    read = np.searchsorted(table["step"], train["step"], side="right") - 1  # the last value by each step
+    kept = read >= 0
+    points = table.select(read[kept])
+    points.columns["step"] = points.columns["D"] = train["step"][kept]
+    points.columns["train"] = train["loss"][kept]
+    print(f"snrmon: note: the points BasinEarlyStopping forecast from, with {logged}", file=sys.stderr)
+    return points
 
 
 def interval_means(steps: np.ndarray, train_steps: np.ndarray, train: np.ndarray) -> np.ndarray:
