@@ -94,7 +94,7 @@ def _fit(callbacks: list, max_steps: int, recorder: Logger | None = None) -> Non
 
 
 def test_capacity_logged_through_trainer_fit() -> None:
-    monitor = SNRMonitor()
+    monitor = SNRMonitor(log_details=True)  # the batch size is logged too: the sums are checked by hand below
     capacity = CapacityLogger(monitor, tokens_per_sample=10)
     recorder = _Recorder()
     _fit([monitor, capacity], max_steps=40, recorder=recorder)
