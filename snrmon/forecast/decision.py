@@ -8,11 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from snrmon.forecast.curve import evidence_quantile, has_fallen, slope
+from snrmon.forecast.curve import Z_EVIDENCE, evidence_quantile, has_fallen, slope
 from snrmon.forecast.result import Forecast
 
 SAMPLES = 400  # Monte Carlo draws for the band and the probabilities
 EVIDENCE_WINDOWS = 2  # the evidence tests look back this many windows
+# The memorisation tests on log losses (the ratio's evidence): chosen on the tuning set of the corpus
+# (docs/forecast.md), where 4 warned once more in time and once more on an improving run, and 5 once less.
+Z_MEMORISATION = 4.5
 
 
 @dataclass
@@ -22,6 +25,9 @@ class Draws:
 
     d_star: np.ndarray
     curve: tuple[np.ndarray, np.ndarray, float] | None = None
+    # Draws of the curve's minimum, for a signal whose D* is the basin's edge (before it): a stop needs the
+    # minimum itself behind us (the edge only warns). None: D* is the minimum.
+    minimum: np.ndarray | None = None
 
 
 class Decider:
@@ -36,9 +42,11 @@ class Decider:
         self.streaks = [0, 0]  # consecutive points meeting the warning and the stop condition
         self.fallen = False  # the curve has come down significantly from where it began
 
-    def decide(self, forecast: Forecast, x, loss, train, draws: np.ndarray, method: str) -> None:
-        """Band, probability and decisions from Monte Carlo draws of D* (inf: no basin in that draw)."""
+    def decide(self, forecast: Forecast, x, loss, train, signal: Draws, method: str) -> None:
+        """Band, probability and decisions from a signal's Monte Carlo draws of D* (inf: no basin in that
+        draw)."""
         x_now = float(x[-1])
+        draws = signal.d_star
         draws = np.where(draws <= x_now * (1 + 1e-9), np.minimum(draws, x_now), draws)  # crossed: no rounding
         draws = np.maximum(draws, x[0])  # a basin before the first point is one at the first point
         tail = (1 - self.confidence) / 2
@@ -64,16 +72,23 @@ class Decider:
             # one (noise in the training loss pulls the regression slope toward zero). A basin shows more:
             # over a longer window the training loss still falls and the generalization gap widens, both
             # significantly.
+            # Memorisation is relative: a training loss falling from 0.02 to 0.005 memorises as much as one
+            # from 2 to 0.5, at a hundredth of the absolute change. So on log losses where both are positive,
+            # at Z_MEMORISATION standard errors (log gaps of a near-zero training loss are noisy).
             u = np.log(x[long])
-            train_slope, train_se = slope(u, train[long])
-            gap, gap_se = slope(u, loss[long] - train[long])
-            z = evidence_quantile(len(u) - 2)
+            train_long, loss_long, z_level = train[long], loss[long], Z_EVIDENCE
+            if np.all(train_long > 0) and np.all(loss_long > 0):
+                train_long, loss_long, z_level = np.log(train_long), np.log(loss_long), Z_MEMORISATION
+            train_slope, train_se = slope(u, train_long)
+            gap, gap_se = slope(u, loss_long - train_long)
+            z = evidence_quantile(len(u) - 2, z_level)
             evidence = train_slope + z * train_se < 0 and gap - z * gap_se > 0
         # Whatever the signal says: a monitored loss that has risen significantly over the long window has
         # passed its basin (a noisy training loss, e.g. a small shard per rank, can hide the evidence above).
         rise, rise_se = slope(np.log(x[long]), loss[long])
         z = evidence_quantile(len(x[long]) - 2)
         risen = rise - z * rise_se > 0 and fallen  # a rise after a fall, not noise
+        p_risen = 1.0 if risen else 0.0
         if risen:
             if forecast.d_star > x_now or forecast.p_basin < self.confidence:
                 forecast.d_star = forecast.d_star_low = forecast.d_star_high = x_now  # placed below
@@ -91,7 +106,12 @@ class Decider:
             )
         at = self.loss_at(forecast.d_star, x, loss)
         forecast.loss_at_d_star = at if at is not None and math.isfinite(at) else None
-        stop = forecast.p_basin >= self.confidence and evidence and flat_or_rising
+        # A stop needs the minimum behind us with the stated confidence (for a signal that forecasts the
+        # edge: its minimum's draws; else the basin within the horizon, as for the warning).
+        p_stop = forecast.p_basin
+        if signal.minimum is not None:
+            p_stop = max(float(np.mean(signal.minimum <= x_now * (1 + 1e-9))), p_risen)
+        stop = p_stop >= self.confidence and evidence and flat_or_rising
         self.streaks[0] = self.streaks[0] + 1 if forecast.p_basin >= 0.5 and evidence else 0
         self.streaks[1] = self.streaks[1] + 1 if stop else 0
         forecast.warning = self.streaks[0] >= self.persist

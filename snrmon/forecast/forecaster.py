@@ -242,7 +242,7 @@ class BasinForecaster:
         if draws is None:
             forecast.note = f"{method}: no forecast at this point"
             return forecast
-        self.decider.decide(forecast, x, loss, train, draws.d_star, method)
+        self.decider.decide(forecast, x, loss, train, draws, method)
         self._latest = (forecast, x, loss, method, draws.curve)
         if method == "prior" and self.prior_departs:
             forecast.note = (

@@ -61,15 +61,21 @@ class RatioSignal:
         if len(self._ratios) < 3:
             return None
         u, ratios = np.asarray(self._u[-w:]), np.asarray(self._ratios[-w:])
-        return Draws(zero_crossing_draws(u, ratios - RATIO_FLOOR, rng))  # where r crosses the floor
+        # The same drawn lines place the basin's edge (r crosses the floor: a warning) and its minimum
+        # (r crosses zero: held-out gains have stopped, the point to stop at).
+        edge, minimum = crossing_draws(u, ratios, (RATIO_FLOOR, 0.0), rng)
+        return Draws(edge, minimum=minimum)
 
 
-def zero_crossing_draws(u: np.ndarray, r: np.ndarray, rng) -> np.ndarray:
-    """Draws of exp(u*) where the line r = a + b·(u − u_now) crosses zero going down, its two coefficients
-    drawn from their least-squares covariance. A falling line crosses at u_now − a/b: ahead while r is still
-    positive, behind (the basin entered) once it is negative, then kept within the window. A line already
-    below zero and rising has entered the basin at an unknown point: taken as now. One that stays positive,
-    or crosses beyond FAR_AHEAD times the training done, gives inf: no basin in sight."""
+def crossing_draws(
+    u: np.ndarray, r: np.ndarray, levels: tuple[float, ...], rng
+) -> list[np.ndarray]:
+    """Draws of exp(u*) where the line r = a + b·(u − u_now) crosses each of ``levels`` going down, its two
+    coefficients drawn (once, for every level) from their least-squares covariance. A falling line crosses at
+    u_now + (level − a)/b: ahead while r is still above the level, behind (entered) once it is below, then
+    kept within the window. A line already below the level and rising has crossed at an unknown point: taken
+    as now. One that stays above, or crosses beyond FAR_AHEAD times the training done, gives inf: no crossing
+    in sight."""
     centred = u - u[-1]
     design = np.stack([np.ones_like(centred), centred], axis=1)
     coefficients, *_ = np.linalg.lstsq(design, r, rcond=None)
@@ -77,8 +83,17 @@ def zero_crossing_draws(u: np.ndarray, r: np.ndarray, rng) -> np.ndarray:
     sigma2 = float(np.sum(residuals**2) / max(len(r) - 2, 1))
     covariance = sigma2 * np.linalg.pinv(design.T @ design)
     a, b = rng.multivariate_normal(coefficients, covariance, size=SAMPLES, method="eigh").T
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ahead = np.where(b < 0, -a / b, np.where(a <= 0, 0.0, np.inf))
-    no_basin = ahead > math.log(FAR_AHEAD)  # inf included; tested before clipping, which keeps it finite
-    ahead = np.clip(ahead, centred[0], math.log(FAR_AHEAD))
-    return np.where(no_basin, np.inf, np.exp(u[-1] + ahead))
+    draws = []
+    for level in levels:
+        above = a - level
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ahead = np.where(b < 0, -above / b, np.where(above <= 0, 0.0, np.inf))
+        no_crossing = ahead > math.log(FAR_AHEAD)  # inf included: tested before clipping keeps it finite
+        ahead = np.clip(ahead, centred[0], math.log(FAR_AHEAD))
+        draws.append(np.where(no_crossing, np.inf, np.exp(u[-1] + ahead)))
+    return draws
+
+
+def zero_crossing_draws(u: np.ndarray, r: np.ndarray, rng) -> np.ndarray:
+    """Draws of exp(u*) where the line through r against u crosses zero going down (see crossing_draws)."""
+    return crossing_draws(u, r, (0.0,), rng)[0]
