@@ -640,3 +640,13 @@ def test_pythia_shannon_fit_finds_the_small_model_basin(capsys):
     assert doc["d_star"][smallest] is not None
     assert d_range.min() < doc["d_star"][smallest] < d_range.max()
     assert doc["r2_test"] > 0.5  # extrapolates to the held-out largest model and latest checkpoints
+
+
+def test_fit_explains_a_missing_basin_that_the_forecast_may_show(tmp_path, capsys):
+    """`snrmon fit` fits the single-run law to the whole curve; where it finds no basin it says that
+    `snrmon forecast` reads the recent trend and may forecast one (the two can disagree on the same logs)."""
+    x = np.arange(1, 41) * 25.0
+    data = write_csv(tmp_path / "falling.csv", {"D": x, "loss": 0.5 + 2.0 * x**-0.5})
+    assert main(["fit", str(data), "--law", "shannon-run"]) == 0
+    out = capsys.readouterr().out
+    assert "all  none" in out and "`snrmon forecast` on the same" in out

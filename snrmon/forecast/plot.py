@@ -35,10 +35,13 @@ def forecast_figure(
         top.plot(projection.x, projection.loss, "--", color="tab:green", label=f"projection ({kind})")
         top.fill_between(projection.x, projection.low, projection.high, color="tab:green", alpha=0.2)
         basin = projection.d_star
+        # The ratio forecasts the basin's edge (held-out gains below a tenth of the training gains), where the
+        # curve still falls a little; a law's D* is its minimum.
+        name = "forecast basin" if projection.method in ("law", "prior") else "basin edge (r = 0.1)"
         if projection.x[0] <= basin <= projection.x[-1]:  # the predicted basin, on the projected curve
             at = np.interp(np.log(basin), np.log(projection.x), projection.loss)
             top.scatter([basin], [at], marker="*", s=160, color="tab:green", edgecolors="black", zorder=4,
-                        label="forecast basin")  # fmt: skip
+                        label=name)  # fmt: skip
     has = [f for f in forecasts if f.d_star is not None]
     if has:
         cap = 10 * x.max()  # an infinite or far-off forecast is drawn at the top of the chart
