@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from forecast_eval import ROOT, label, warmup_cosine
+from eval_record import ROOT, label, warmup_cosine
 from torch import nn
 
 sys.path.insert(0, str(ROOT / "examples"))
