@@ -453,3 +453,61 @@ def load_curves(force: bool = False) -> list[Curve]:
     if len(cached) < len(SCENARIOS) * len(SEEDS):
         return record(cached)
     return cached
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The corpus of real curves (benchmarks/corpus.py): replayed over a prefix, judged by the whole curve
+
+CORPUS = ROOT / "benchmarks" / "corpus_curves.json"
+TARGET_MIN_INDEX = 14  # a U-run is a target when its minimum is at the 15th validation or later
+
+
+@dataclass
+class CorpusCurve(Curve):
+    """A corpus curve cut to its first ``replay_validations`` validations (x, val, train and the recorded
+    series alike). ``kind`` is the verdict *in that window*: U when the whole curve is U (label()) and its
+    minimum ``min_index`` lies inside the window, else improving; ``full_kind`` is label() of the whole curve.
+    Series as corpus.py records them: ``lr_sum`` Ση up to each validation, ``grad_dot`` g_val·g_train,
+    ``step_dot`` g_val·Δθ (with their standard errors)."""
+
+    split: str = ""
+    family: str = ""
+    schedule: str = ""
+    full_kind: str = ""
+    min_index: int = 0
+    lr_sum: list[float] | None = None
+    grad_dot: list[float] | None = None
+    grad_dot_se: list[float] | None = None
+    step_dot: list[float] | None = None
+    step_dot_se: list[float] | None = None
+
+    @property
+    def target(self) -> bool:
+        """A U-run whose minimum comes late enough to be forecast (the others are counted apart)."""
+        return self.kind == "U" and self.min_index >= TARGET_MIN_INDEX
+
+
+SERIES = ("x", "val", "train", "lr_sum", "grad_dot", "grad_dot_se", "step_dot", "step_dot_se")
+
+
+def corpus_window(entry: dict, length: int | None = None) -> CorpusCurve:
+    """The first ``length`` validations (default: the entry's ``replay_validations``) of a recorded entry."""
+    n = entry["replay_validations"] if length is None else length
+    inside = entry["kind"] == "U" and entry["min_index"] < n
+    return CorpusCurve(
+        name=entry["name"],
+        kind="U" if inside else "improving",
+        split=entry["split"],
+        family=entry["family"],
+        schedule=entry["schedule"],
+        full_kind=entry["kind"],
+        min_index=entry["min_index"],
+        **{key: list(entry[key][:n]) for key in SERIES},
+    )
+
+
+def load_corpus(split: str, length: int | None = None) -> list[CorpusCurve]:
+    """The corpus curves of ``split`` ("tuning" or "held-out"), each cut to its replayed window (or to
+    ``length`` validations); an empty list when none are recorded yet."""
+    entries = json.loads(CORPUS.read_text()) if CORPUS.exists() else []
+    return [corpus_window(e, length) for e in entries if e["split"] == split]

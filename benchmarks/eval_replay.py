@@ -194,3 +194,108 @@ def probe_methods() -> dict:
     for signal, name in PROBE_LABELS.items():
         methods[name] = lambda curve, signal=signal: run_forecaster(probe_curve(curve, signal))
     return methods
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Classic rules from Prechelt, "Early Stopping — But When?" (1998), for the corpus evaluation. Prechelt
+# validates at the end of each strip of k epochs; here every validation ends a strip, and the training
+# progress of PQ is taken over the training-loss means of the last k validations (one mean per validation is
+# all that is recorded). A rule's warning is its stop.
+
+
+def run_gl(curve: Curve, alpha: float) -> Outcome:
+    """GL_α: stop when the generalization loss 100·(E_va/E_opt − 1) exceeds α (E_opt: the best so far)."""
+    best = math.inf
+    for x, val in zip(curve.x, curve.val, strict=True):
+        best = min(best, val)
+        if 100 * (val / best - 1) > alpha:
+            return Outcome(x, x)
+    return Outcome(None, None)
+
+
+def run_pq(curve: Curve, alpha: float, k: int = 5) -> Outcome:
+    """PQ_α: stop when GL / P_k exceeds α, with the training progress P_k = 1000·(mean/min − 1) of the
+    training losses over the last k validations (from the k-th validation on: a full strip)."""
+    best = math.inf
+    for i, (x, val) in enumerate(zip(curve.x, curve.val, strict=True)):
+        best = min(best, val)
+        if i + 1 < k:
+            continue
+        strip = np.asarray(curve.train[i + 1 - k : i + 1])
+        progress = 1000 * (strip.mean() / strip.min() - 1)
+        # GL > α·P rather than GL/P > α: a flat strip (P = 0) with any generalization loss stops.
+        if 100 * (val / best - 1) > alpha * progress:
+            return Outcome(x, x)
+    return Outcome(None, None)
+
+
+def run_up(curve: Curve, s: int, strip: int = 1) -> Outcome:
+    """UP_s: stop when the validation loss rose in s successive strips, comparing the loss at the end of
+    each strip (every ``strip`` validations) with the one a strip before."""
+    rises, previous = 0, None
+    for i, (x, val) in enumerate(zip(curve.x, curve.val, strict=True)):
+        if (i + 1) % strip:
+            continue
+        rises = rises + 1 if previous is not None and val > previous else 0
+        previous = val
+        if rises >= s:
+            return Outcome(x, x)
+    return Outcome(None, None)
+
+
+#: The methods replayed on the corpus: the forecaster, the baselines of METHODS (without the law-only
+#: forecaster, a variant of the forecaster itself) and Prechelt's rules.
+CORPUS_METHODS = {
+    "forecaster": METHODS["forecaster"],
+    "patience 3": METHODS["patience 3"],
+    "patience 5": METHODS["patience 5"],
+    "power law": run_power,
+    "GL_2": lambda curve: run_gl(curve, 2),
+    "GL_5": lambda curve: run_gl(curve, 5),
+    "PQ_0.5": lambda curve: run_pq(curve, 0.5),
+    "PQ_2": lambda curve: run_pq(curve, 2),
+    "UP_2": lambda curve: run_up(curve, 2),
+    "UP_3": lambda curve: run_up(curve, 3),
+    "UP_2 (strips of 5)": lambda curve: run_up(curve, 2, strip=5),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Leads the corpus records (corpus.py): the gradient inner products, and time in learning-rate units
+
+
+def dot_hurts(curve: Curve, which: str) -> np.ndarray:
+    """At each validation, whether the last step significantly hurt the validation loss to first order.
+    The change of the validation loss is −η g_val·g_train under plain SGD and g_val·Δθ for the actual step,
+    so ``"grad"`` fires when g_val·g_train + 2 se < 0 and ``"step"`` when g_val·Δθ − 2 se > 0."""
+    if which == "grad":
+        return np.asarray(curve.grad_dot) + 2 * np.asarray(curve.grad_dot_se) < 0
+    return np.asarray(curve.step_dot) - 2 * np.asarray(curve.step_dot_se) > 0
+
+
+def run_dot(curve: Curve, which: str, persist: int = 2) -> Outcome:
+    """The inner product as a rule: its warning the first validation it fires, its stop the first time it
+    fired on ``persist`` consecutive validations."""
+    warning, streak = None, 0
+    for x, fires in zip(curve.x, dot_hurts(curve, which), strict=True):
+        streak = streak + 1 if fires else 0
+        if fires and warning is None:
+            warning = x
+        if streak >= persist:
+            return Outcome(warning, x)
+    return Outcome(warning, None)
+
+
+def run_forecaster_lr_time(curve: Curve) -> Outcome:
+    """The forecaster (defaults) with x = Σ_t η_t (time in learning-rate units) instead of steps; the
+    warning and the stop mapped back to the steps of the same validations."""
+    in_lr = Curve(curve.name, curve.kind, list(curve.lr_sum), curve.val, curve.train)
+    outcome = run_forecaster(in_lr)
+    steps = dict(zip(curve.lr_sum, curve.x, strict=True))
+    return Outcome(*(None if x is None else steps[x] for x in (outcome.warning, outcome.stop)))
+
+
+LEAD_METHODS = {
+    "g_val·g_train < 0": lambda curve: run_dot(curve, "grad"),
+    "g_val·Δθ > 0": lambda curve: run_dot(curve, "step"),
+}

@@ -88,3 +88,109 @@ def held_out(name: str) -> bool:
 def pristine(name: str) -> bool:
     """Curves recorded after every default was fixed: seed 2 of the first scenarios, the PRISTINE ones."""
     return name.endswith("/2") or name.split("/")[0] in PRISTINE
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The corpus (issue 13): each curve replayed over its window, judged by the truth of the whole curve
+
+HALF = 0.5  # a warning before half the minimum's steps named another basin than the one that came
+KEPT = 0.005  # the best loss a ModelCheckpoint keeps counts when within 0.5% of the minimum
+
+
+@dataclass
+class CorpusRow:
+    curve: str
+    kind: str  # the verdict in the window: "U" (the minimum lies inside it) or "improving"
+    target: bool  # a U-run whose minimum is at the 15th validation or later
+    method: str
+    min_index: int  # the whole curve's minimum (beyond the window on an improving-there run)
+    warning: int | None  # validation index of the first warning (None: never)
+    stop: int | None  # validation index of the stop (None: ran to the window's end)
+    in_time: bool  # U: warned at or before the minimum, and at or after half its steps
+    early: bool  # U: warned before half the minimum's steps (the wrong basin)
+    loss_gap: float  # U: (loss at the stop, or the window's end) / minimum − 1
+    kept_gap: float  # U: the same for the best loss seen up to there (a ModelCheckpoint)
+    saved: float  # 1 − steps to the stop (or the window's end) / steps to the window's end
+
+
+def _index(curve: Curve, x: float | None) -> int | None:
+    return None if x is None else curve.x.index(x)
+
+
+def corpus_row(curve, method: str, outcome) -> CorpusRow:
+    """Score one replay (an Outcome of eval_replay) of a CorpusCurve."""
+    val = np.asarray(curve.val)
+    warning, stop = _index(curve, outcome.warning), _index(curve, outcome.stop)
+    end = len(val) - 1 if stop is None else stop
+    u = curve.kind == "U"
+    x_min = curve.x[curve.min_index] if u else np.inf
+    warned = outcome.warning is not None
+    best = val[curve.min_index] if u else np.nan  # the loss is judged on U-runs only
+    return CorpusRow(
+        curve.name,
+        curve.kind,
+        curve.target,
+        method,
+        curve.min_index,
+        warning,
+        stop,
+        u and warned and HALF * x_min <= outcome.warning <= x_min,
+        u and warned and outcome.warning < HALF * x_min,
+        float(val[end] / best - 1),
+        float(val[: end + 1].min() / best - 1),
+        float(1 - curve.x[end] / curve.x[-1]),
+    )
+
+
+def evaluate_corpus(curves: list, methods: dict) -> list[CorpusRow]:
+    """Every method replayed over every (windowed) corpus curve."""
+    return [corpus_row(curve, name, method(curve)) for curve in curves for name, method in methods.items()]
+
+
+def _share(flags: list[bool]) -> float:
+    return float(np.mean(flags)) if flags else np.nan
+
+
+def corpus_summary(rows: list[CorpusRow]) -> dict[str, dict[str, float]]:
+    """Per method, what a user feels: over the target U-runs, the early U-runs (minimum before the 15th
+    validation), the improving-there runs and all runs."""
+    out = {}
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == method]
+        target = [r for r in mine if r.target]
+        early = [r for r in mine if r.kind == "U" and not r.target]
+        good = [r for r in mine if r.kind == "improving"]
+        past = [r.stop - r.min_index for r in target if r.stop is not None]
+        lead = [r.warning - r.min_index for r in target if r.warning is not None]
+        out[method] = {
+            "n_target": len(target),
+            "in_time": _share([r.in_time for r in target]),
+            "too_early": sum(r.early for r in target),
+            "median_warning": float(np.median(lead)) if lead else np.nan,
+            "stopped": _share([r.stop is not None for r in target]),
+            "median_past_min": float(np.median(past)) if past else np.nan,
+            "mean_gap": _share([r.loss_gap for r in target]),
+            "kept": _share([r.stop is not None and r.kept_gap <= KEPT for r in target]),
+            "n_early": len(early),
+            "early_warned": sum(r.warning is not None and r.warning <= r.min_index for r in early),
+            "early_kept": sum(r.stop is not None and r.kept_gap <= KEPT for r in early),
+            "n_improving": len(good),
+            "warning_alarms": sum(r.warning is not None for r in good),
+            "stop_alarms": sum(r.stop is not None for r in good),
+            "saved": _share([r.saved for r in mine]),
+            "saved_u": _share([r.saved for r in mine if r.kind == "U"]),
+            "saved_improving": _share([r.saved for r in good]),
+        }
+    return out
+
+
+def issue13_targets(m: dict[str, float]) -> list[str]:
+    """Which of issue 13's targets a method's summary meets."""
+    checks = {
+        "in time ≥ 80%": m["in_time"] >= 0.8,
+        "no false alarm": m["warning_alarms"] == 0 and m["stop_alarms"] == 0,
+        # Stopping before the minimum is no better than after it: the median must lie in [0, 1].
+        "median 0–1 past": 0 <= m["median_past_min"] <= 1,
+        "kept ≥ 90%": m["kept"] >= 0.9,
+    }
+    return [name for name, met in checks.items() if met]

@@ -1,5 +1,6 @@
 """Printing the forecast evaluation: the plain per-run lines and the Markdown tables of docs/forecast.md
-(the main table, the capacity candidates, the perturbation probes).
+(the main table, the capacity candidates, the perturbation probes); the corpus evaluation of issue 13 and its
+leads (the gradient inner products, time in learning-rate units), as Markdown or plain text.
 """
 
 from __future__ import annotations
@@ -9,8 +10,31 @@ import math
 
 import numpy as np
 from eval_record import Curve, label
-from eval_replay import PROBE_LABELS, capacity_methods, capacity_series, probe_curve, probe_methods
-from eval_score import Row, evaluate, held_out, pristine, summary, warning_leads
+from eval_replay import (
+    CORPUS_METHODS,
+    LEAD_METHODS,
+    METHODS,
+    PROBE_LABELS,
+    capacity_methods,
+    capacity_series,
+    dot_hurts,
+    probe_curve,
+    probe_methods,
+    run_forecaster_lr_time,
+)
+from eval_score import (
+    CorpusRow,
+    Row,
+    corpus_row,
+    corpus_summary,
+    evaluate,
+    evaluate_corpus,
+    held_out,
+    issue13_targets,
+    pristine,
+    summary,
+    warning_leads,
+)
 
 
 def _x(value: float | None) -> str:
@@ -185,4 +209,238 @@ def probes_markdown(curves: list[Curve]) -> str:
             f"{m['median_past_min']:.1f} | {np.median(leads) if leads else math.nan:.1f} | "
             f"{m['false_alarms']} of {m['n_improving']} |"
         )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The corpus (issue 13): per-run tables and the summary per method, as Markdown or plain text
+
+
+def render(header: list[str], rows: list[list[str]], as_markdown: bool) -> list[str]:
+    """A table as Markdown, or as plain text in padded columns."""
+    if as_markdown:
+        return [
+            "| " + " | ".join(header) + " |",
+            "| " + " | ".join("---" for _ in header) + " |",
+            *("| " + " | ".join(row) + " |" for row in rows),
+        ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def _i(index: int | None) -> str:
+    return "–" if index is None else str(index)
+
+
+def corpus_cell(r: CorpusRow) -> str:
+    """First warning and stop (validation indexes); on a U-run the loss at the stop (or the window's end)
+    against the minimum and the validations from the minimum to the stop."""
+    if r.warning is None and r.stop is None:
+        return "–"
+    cell = f"w {_i(r.warning)}, s {_i(r.stop)}"
+    if r.kind == "U" and r.stop is not None:
+        cell += f" ({100 * r.loss_gap:+.1f}%, {r.stop - r.min_index:+d})"
+    return cell
+
+
+def _pct(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.0%}"
+
+
+def _signed(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:+.1f}"
+
+
+def corpus_runs_table(rows: list[CorpusRow], as_markdown: bool) -> list[str]:
+    methods = list(dict.fromkeys(r.method for r in rows))
+    body = []
+    for curve in dict.fromkeys(r.curve for r in rows):
+        mine = {r.method: r for r in rows if r.curve == curve}
+        first = mine[methods[0]]
+        verdict = first.kind if first.kind == "improving" or first.target else "U (early)"
+        body.append([curve, verdict, str(first.min_index), *(corpus_cell(mine[m]) for m in methods)])
+    return render(["run", "in the window", "minimum at", *methods], body, as_markdown)
+
+
+def corpus_summary_table(rows: list[CorpusRow], as_markdown: bool) -> list[str]:
+    header = [
+        "method",
+        "in time (target U)",
+        "warned before half the minimum",
+        "median first warning − minimum (validations)",
+        "stopped",
+        "median stop − minimum (validations)",
+        "mean loss at the stop vs the minimum",
+        "best kept within 0.5%",
+        "early U: warned by the minimum, kept",
+        "warnings (improving)",
+        "stops (improving)",
+        "compute saved: all, U, improving",
+        "issue 13 targets met",
+    ]
+    body = []
+    for method, m in corpus_summary(rows).items():
+        body.append(
+            [
+                method,
+                f"{_pct(m['in_time'])} of {m['n_target']}",
+                str(m["too_early"]),
+                _signed(m["median_warning"]),
+                _pct(m["stopped"]),
+                _signed(m["median_past_min"]),
+                f"{100 * m['mean_gap']:+.2f}%",
+                _pct(m["kept"]),
+                f"{m['early_warned']}, {m['early_kept']} of {m['n_early']}",
+                f"{m['warning_alarms']} of {m['n_improving']}",
+                f"{m['stop_alarms']} of {m['n_improving']}",
+                f"{_pct(m['saved'])}, {_pct(m['saved_u'])}, {_pct(m['saved_improving'])}",
+                ", ".join(issue13_targets(m)) or "none",
+            ]
+        )
+    return render(header, body, as_markdown)
+
+
+def corpus_report(curves: list[Curve], as_markdown: bool) -> str:
+    """The corpus evaluation: every method per run, then the summary per method."""
+    rows = evaluate_corpus(curves, CORPUS_METHODS)
+    n = len(curves[0].x)
+    lines = [
+        f"Each curve replayed over its first {n} validations (w: first warning, s: stop, as validation "
+        "indexes from 0; on U-runs the loss at the stop against the minimum and the validations from the "
+        "minimum to the stop). U: the whole curve's minimum lies in the window; U (early): before the 15th "
+        "validation.",
+        "",
+        *corpus_runs_table(rows, as_markdown),
+        "",
+        "Summary: in time = first warning at or before the minimum and at or after half its steps; the "
+        "median over stopped target U-runs; the loss at the stop (or the window's end) and the best kept "
+        "(a ModelCheckpoint up to the stop; no stop: not kept) over target U-runs; compute saved = "
+        "1 − steps to the stop (or the window's end) / steps to the window's end, mean.",
+        "",
+        *corpus_summary_table(rows, as_markdown),
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The leads the corpus records: the gradient inner products; time in learning-rate units
+
+
+def _from_min(r: CorpusRow, index: int | None) -> str:
+    if index is None:
+        return "–"
+    return f"{index} ({index - r.min_index:+d})" if r.kind == "U" else f"{index} (alarm)"
+
+
+def dot_runs_table(rows: list[CorpusRow], as_markdown: bool) -> list[str]:
+    """Per run, where each inner-product rule first fires and fires twice in a row, against the minimum."""
+    methods = list(dict.fromkeys(r.method for r in rows))
+    header = ["run", "in the window", "minimum at"]
+    for m in methods:
+        header += [f"{m}: first", f"{m}: twice in a row"]
+    body = []
+    for curve in dict.fromkeys(r.curve for r in rows):
+        mine = {r.method: r for r in rows if r.curve == curve}
+        first = mine[methods[0]]
+        verdict = first.kind if first.kind == "improving" or first.target else "U (early)"
+        cells = [
+            c
+            for m in methods
+            for c in (_from_min(mine[m], mine[m].warning), _from_min(mine[m], mine[m].stop))
+        ]
+        body.append([curve, verdict, str(first.min_index), *cells])
+    return render(header, body, as_markdown)
+
+
+def _rate(parts: list[np.ndarray]) -> str:
+    """The share of True over the concatenated flags, with their count."""
+    flags = np.concatenate([np.zeros(0, bool), *parts])
+    return f"{flags.mean():.0%} of {len(flags)}" if len(flags) else "–"
+
+
+def dot_rates_table(curves: list[Curve], as_markdown: bool) -> list[str]:
+    """How often each inner-product condition holds, validation by validation: on the U-runs before and
+    after their minimum, and on the improving-there runs. A useful lead holds rarely before, often after."""
+    u = [c for c in curves if c.kind == "U"]
+    improving = [c for c in curves if c.kind == "improving"]
+    body = []
+    for which, name in (("grad", "g_val·g_train + 2 se < 0"), ("step", "g_val·Δθ − 2 se > 0")):
+        before = [dot_hurts(c, which)[: c.min_index] for c in u]
+        after = [dot_hurts(c, which)[c.min_index + 1 :] for c in u]
+        elsewhere = [dot_hurts(c, which) for c in improving]
+        body.append([name, *(_rate(parts) for parts in (before, after, elsewhere))])
+    header = ["condition", "U-runs, before the minimum", "U-runs, after the minimum", "improving-there runs"]
+    return render(header, body, as_markdown)
+
+
+def lr_time_table(scheduled: list[Curve], whole: list[Curve], as_markdown: bool) -> list[str]:
+    """The forecaster with x = steps against x = Σ η, over the window and over the whole recorded curve."""
+    methods = {"steps": METHODS["forecaster"], "lr units": run_forecaster_lr_time}
+    body = []
+    for window, full in zip(scheduled, whole, strict=True):
+        cells = []
+        for curve in (window, full):
+            cells += [corpus_cell(corpus_row(curve, name, method(curve))) for name, method in methods.items()]
+        body.append(
+            [
+                window.name,
+                window.schedule,
+                window.kind,
+                *cells[:2],
+                full.kind,
+                str(full.min_index),
+                *cells[2:],
+            ]
+        )
+    header = [
+        "run",
+        "schedule",
+        "in the window",
+        "window: x = steps",
+        "window: x = Σ η",
+        "whole curve",
+        "minimum at",
+        "whole: x = steps",
+        "whole: x = Σ η",
+    ]
+    return render(header, body, as_markdown)
+
+
+def leads_report(curves: list[Curve], whole: list[Curve], as_markdown: bool) -> str:
+    """The inner-product rules scored like warnings and stops (with the forecaster for reference); the
+    forecaster in learning-rate units on the scheduled runs."""
+    methods = {"forecaster": METHODS["forecaster"], **LEAD_METHODS}
+    rows = evaluate_corpus(curves, methods)
+    dot_rows = [r for r in rows if r.method in LEAD_METHODS]
+    scheduled = [i for i, c in enumerate(curves) if c.schedule != "constant"]
+    constant = [c for c in curves if c.schedule == "constant"]
+    same = sum(METHODS["forecaster"](c) == run_forecaster_lr_time(c) for c in constant)
+    lines = [
+        "(a) The gradient inner products as rules: g_val·g_train + 2 se < 0 (the last training gradient "
+        "raises the validation loss to first order under plain SGD) and g_val·Δθ − 2 se > 0 (the actual "
+        "last step raised it). Validation index where each first fires and first fires twice in a row; in "
+        "brackets, validations from the minimum (negative: before it) or a false alarm on an "
+        "improving-there run.",
+        "",
+        *dot_runs_table(dot_rows, as_markdown),
+        "",
+        "Scored as warnings (first firing) and stops (twice in a row), with the forecaster for reference:",
+        "",
+        *corpus_summary_table(rows, as_markdown),
+        "",
+        "How often each condition holds, over the validations of the window:",
+        "",
+        *dot_rates_table(curves, as_markdown),
+        "",
+        "(b) The forecaster in learning-rate units (x = Σ η) on the scheduled runs, over the window and over "
+        "the whole recorded curve (judged by the whole curve's minimum); stops mapped back to validations. "
+        "On an improving run every warning or stop is a false alarm.",
+        "",
+        *lr_time_table([curves[i] for i in scheduled], [whole[i] for i in scheduled], as_markdown),
+        "",
+        f"On the constant-rate runs (x = Σ η = η·steps) the two replays agree on {same} of {len(constant)}.",
+    ]
     return "\n".join(lines)

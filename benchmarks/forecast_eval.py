@@ -12,11 +12,18 @@ loss-only single-run Shannon law (T9). Also replays the shipped Pythia LAMBADA c
     python benchmarks/forecast_eval.py --capacity      # the capacity candidates of docs/forecast.md (~20 s)
     python benchmarks/forecast_eval.py --probes        # the forecaster on the perturbation probe curves
                                                        # (recorded where missing, ~5 min; replay ~6 s)
+    python benchmarks/forecast_eval.py --corpus tuning [--markdown]  # issue 13: the real corpus (~25 s)
+    python benchmarks/forecast_eval.py --corpus tuning --leads       # the leads it records (~7 s)
+    python benchmarks/forecast_eval.py --corpus held-out             # once corpus.py --held-out has run
 
 Scenarios whose validation loss turns up (U-shaped): an MLP on a small data set trained for many epochs, an
 MLP on labels 30% flipped (validated on clean labels), a tiny byte-level GPT overfitting 32 KB of text.
 Scenarios that keep improving: an MLP on fresh samples every step, the same with a small, noisy validation
 set and small batches, a tiny GPT on a large corpus. Three seeds each; the defaults were chosen on seed 0.
+
+``--corpus SPLIT`` replays the curves of benchmarks/corpus.py (real data sets, models and schedules) over
+their first ``replay_validations`` validations through the forecaster, patience, the power-law fit and
+Prechelt's rules, judged by the truth of each whole curve (issue 13).
 """
 
 from __future__ import annotations
@@ -26,9 +33,27 @@ import os
 import sys
 import time
 
-from eval_record import load_curves, pythia_curves, record_probes, record_stats
+from eval_record import load_corpus, load_curves, pythia_curves, record_probes, record_stats
 from eval_score import evaluate
-from eval_tables import capacity_markdown, markdown, print_plain, probes_markdown
+from eval_tables import capacity_markdown, corpus_report, leads_report, markdown, print_plain, probes_markdown
+
+
+def corpus(split: str, leads: bool, as_markdown: bool) -> None:
+    """The corpus evaluation of issue 13 (or its leads) on one split; says so when it is not recorded."""
+    curves = load_corpus(split)
+    if not curves:
+        flag = " --held-out" if split == "held-out" else ""
+        sys.exit(
+            f"no {split} curves in benchmarks/corpus_curves.json yet (python benchmarks/corpus.py{flag})"
+        )
+    began = time.perf_counter()
+    if leads:
+        whole = load_corpus(split, length=10**9)  # the whole recorded curves, for the schedules
+        print(leads_report(curves, whole, as_markdown))
+    else:
+        print(corpus_report(curves, as_markdown))
+    print(f"replayed {len(curves)} {split} curves in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -48,7 +73,16 @@ if __name__ == "__main__":
         help="replay the forecaster on the perturbation probe curves (Markdown tables; recorded where "
         "missing) and exit",
     )
+    parser.add_argument(
+        "--corpus",
+        choices=("tuning", "held-out"),
+        help="replay the corpus curves of this split (benchmarks/corpus.py) and exit",
+    )
+    parser.add_argument("--leads", action="store_true", help="with --corpus: the leads table instead")
     args = parser.parse_args()
+    if args.corpus:
+        corpus(args.corpus, args.leads, args.markdown)
+        sys.exit(0)
     curves = load_curves(args.record)
     if args.record_stats:
         curves = record_stats(curves)
