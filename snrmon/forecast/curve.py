@@ -91,10 +91,10 @@ def slope(u: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 @functools.cache  # a few dozen distinct dof; scipy's ppf costs more than a forecast's maths
-def evidence_quantile(dof: int, z: float = Z_EVIDENCE) -> float:
+def evidence_quantile(dof: int) -> float:
     """Standard errors from a dozen points are themselves uncertain: the t quantile (``dof`` degrees of
     freedom, at least 1) with the same tail probability as Z_EVIDENCE normal standard deviations."""
-    return float(student_t.ppf(norm.cdf(z), df=max(dof, 1)))
+    return float(student_t.ppf(norm.cdf(Z_EVIDENCE), df=max(dof, 1)))
 
 
 def has_fallen(loss: np.ndarray, window: int) -> bool:

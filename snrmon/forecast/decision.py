@@ -8,14 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from snrmon.forecast.curve import Z_EVIDENCE, evidence_quantile, has_fallen, slope
+from snrmon.forecast.curve import evidence_quantile, has_fallen, slope
 from snrmon.forecast.result import Forecast
 
 SAMPLES = 400  # Monte Carlo draws for the band and the probabilities
 EVIDENCE_WINDOWS = 2  # the evidence tests look back this many windows
-# The memorisation tests on log losses (the ratio's evidence): chosen on the tuning set of the corpus
-# (docs/forecast.md), where 4 warned once more in time and once more on an improving run, and 5 once less.
-Z_MEMORISATION = 4.5
 
 
 @dataclass
@@ -72,16 +69,12 @@ class Decider:
             # one (noise in the training loss pulls the regression slope toward zero). A basin shows more:
             # over a longer window the training loss still falls and the generalization gap widens, both
             # significantly.
-            # Memorisation is relative: a training loss falling from 0.02 to 0.005 memorises as much as one
-            # from 2 to 0.5, at a hundredth of the absolute change. So on log losses where both are positive,
-            # at Z_MEMORISATION standard errors (log gaps of a near-zero training loss are noisy).
+            # (On log losses, at 4.5 standard errors, the tests warned in time more often on the tuning runs
+            # and less often on both held-out sets: docs/forecast.md.)
             u = np.log(x[long])
-            train_long, loss_long, z_level = train[long], loss[long], Z_EVIDENCE
-            if np.all(train_long > 0) and np.all(loss_long > 0):
-                train_long, loss_long, z_level = np.log(train_long), np.log(loss_long), Z_MEMORISATION
-            train_slope, train_se = slope(u, train_long)
-            gap, gap_se = slope(u, loss_long - train_long)
-            z = evidence_quantile(len(u) - 2, z_level)
+            train_slope, train_se = slope(u, train[long])
+            gap, gap_se = slope(u, loss[long] - train[long])
+            z = evidence_quantile(len(u) - 2)
             evidence = train_slope + z * train_se < 0 and gap - z * gap_se > 0
         # Whatever the signal says: a monitored loss that has risen significantly over the long window has
         # passed its basin (a noisy training loss, e.g. a small shard per rank, can hide the evidence above).
