@@ -24,7 +24,11 @@ class Outcome:
 def run_forecaster(curve: Curve, **options) -> Outcome:
     from snrmon.forecast import BasinForecaster
 
-    forecaster = BasinForecaster(**options)
+    return replay_outcome(BasinForecaster(**options), curve)
+
+
+def replay_outcome(forecaster, curve: Curve) -> Outcome:
+    """Feed ``curve`` to ``forecaster`` point by point: its first warning and its stop (a stop warns too)."""
     warning = None
     for x, val, train in zip(curve.x, curve.val, curve.train or [None] * len(curve.x), strict=True):
         forecast = forecaster.update(x, val, train)
@@ -156,15 +160,7 @@ CAPACITY_CANDIDATES = {
 
 def run_capacity(curve: Curve, name: str, signal: str, combine: str, smooth: int = 1) -> Outcome:
     series = capacity_series(curve, smooth)[name]
-    forecaster = _capacity_forecaster(series, signal, combine)
-    warning = None
-    for x, val, train in zip(curve.x, curve.val, curve.train, strict=True):
-        forecast = forecaster.update(x, val, train)
-        if forecast.warning and warning is None:
-            warning = x
-        if forecast.stop:
-            return Outcome(warning if warning is not None else x, x)
-    return Outcome(warning, None)
+    return replay_outcome(_capacity_forecaster(series, signal, combine), curve)
 
 
 def capacity_methods(smooth: int = 1) -> dict:
