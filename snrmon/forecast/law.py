@@ -15,6 +15,8 @@ from snrmon.laws.basin import basin_tokens
 from snrmon.laws.equations import ShannonRunLaw
 from snrmon.laws.fitting import FitError, fit_law
 
+REFIT_GROWTH = 0.01  # refit the law once the curve has grown by this share since the last fit
+
 
 class LawSignal:
     """D* draws from a fit of the single-run law and its Laplace approximation.
@@ -33,8 +35,19 @@ class LawSignal:
         self.theta: np.ndarray | None = None  # the last law fit, in natural units of x / x_scale
         self.searched_at = 0  # points at the last multi-start search
         self.search_seconds_per_point = 0.0  # its time over its points: predicts the next one's
+        self._last: tuple[int, float, Draws] | None = None  # points, first x, draws of the last fit
 
     def draws(self, x: np.ndarray, loss: np.ndarray, rng) -> Draws | None:
+        # A long curve changes little from one point to the next: the last fit's draws stand until it has
+        # grown by REFIT_GROWTH (every point up to 100 points), so a point costs the same whatever the length.
+        last = self._last
+        if last is not None and len(loss) < last[0] * (1 + REFIT_GROWTH) and x[0] == last[1]:
+            return last[2]
+        draws = self._draws(x, loss, rng)
+        self._last = None if draws is None else (len(loss), x[0], draws)
+        return draws
+
+    def _draws(self, x: np.ndarray, loss: np.ndarray, rng) -> Draws | None:
         law = ShannonRunLaw()
         scale = x[0]  # fit in units of the first point: the constants stay in their usual ranges
         columns = {"D": x / scale}
