@@ -155,6 +155,11 @@ def test_tensorboard_partial_model_sizes_are_an_error(tmp_path):
 def test_tensorboard_directory_without_events(tmp_path):
     with pytest.raises(LogError, match="no TensorBoard event files"):
         read_tensorboard(tmp_path, "loss")
+    # A CSVLogger's run directory: the file to give instead is named.
+    (tmp_path / "version_0").mkdir()
+    write_csv(tmp_path / "version_0" / "metrics.csv", "step,loss\n1,2.0\n")
+    with pytest.raises(LogError, match="give a log file instead, e.g. .*version_0/metrics.csv"):
+        read_table(tmp_path, "loss")
 
 
 # --- where ----------------------------------------------------------------------------------------------
@@ -297,3 +302,14 @@ def test_trainer_state_scalars_are_its_numbers(tmp_path):
     assert read_table(path, tag="eval_loss")["step"].tolist() == [10.0]
     with pytest.raises(LogError, match="no scalar tag 'flag'"):  # a boolean is no scalar
         read_table(path, tag="flag")
+
+
+def test_a_logged_nan_is_a_value_a_blank_cell_is_none(tmp_path):
+    """A diverged loss is logged as nan: kept at its step, as TensorBoard keeps it, while a blank cell is a
+    metric not logged on that row."""
+    path = write_csv(tmp_path / "metrics.csv", METRICS_CSV.replace("0,1,,2.9", "0,1,,nan"))
+    table = read_table(path, tag="val_loss")
+    assert table["step"].tolist() == [1.0, 3.0] and np.isnan(table["loss"][0]) and table["loss"][1] == 2.4
+    history = [{"step": 1, "eval_loss": float("nan")}, {"step": 2, "eval_loss": float("inf")}]
+    state = write_csv(tmp_path / "trainer_state.json", json.dumps({"log_history": history}))  # NaN, Infinity
+    assert read_table(state, tag="eval_loss")["step"].tolist() == [1.0, 2.0]

@@ -276,27 +276,25 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
 def check_train_loss(
     metric: np.ndarray, train: np.ndarray, train_name: str, name: str, interval: bool
 ) -> None:
-    """The training loss asked for must be there: at a point without it the forecaster falls back to the
-    law of the metric alone, a different forecast. None at any point: an error; at some: a warning."""
+    """The training loss asked for must be there: while a point without it is in the forecaster's window,
+    the forecast is the law of the metric alone, a different forecast. None at any point: an error; at
+    some: a warning. ``interval``: the training loss was averaged between the points of a log of scalars."""
     points = np.isfinite(metric)
     missing = points & ~np.isfinite(train)
     if not missing.any():
         return
-    where = (
-        f"logged in the interval since the previous {name} point" if interval else f"on the rows of {name}"
-    )
+    if interval:
+        where, hint = f"logged in the interval since the previous {name} point", "log it more often"
+    else:  # e.g. --where kept the rows of the metric, and the training loss sits on other rows
+        where = f"on the rows of {name}"
+        hint = "on other rows? one run's log, such as Lightning's metrics.csv, is averaged between points"
     if missing.sum() == points.sum():
         raise LogError(
             f"no {train_name} {where}, at any of the {int(points.sum())} points: the training loss asked for "
-            "with --train-metric is missing (logged on other rows? a log of scalars, such as Lightning's "
-            "metrics.csv, averages it between the points)"
+            f"with --train-metric is missing ({hint})"
         )
-    warn(
-        [
-            f"{int(missing.sum())} of {int(points.sum())} points of {name} have no {train_name} {where}: "
-            "there the forecast is the law of the metric alone (log the training loss more often)"
-        ]
-    )
+    count = f"{int(missing.sum())} of {int(points.sum())} points of {name}"
+    warn([f"{count} have no {train_name} {where}: the law of the metric alone forecasts near them ({hint})"])
 
 
 def live_points(table: Table, data: str, tag: str) -> Table | None:

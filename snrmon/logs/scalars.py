@@ -107,7 +107,9 @@ def tensorboard_runs(path: Path) -> list[Run]:
         [path] if path.is_file() else sorted({p.parent for p in path.rglob("*tfevents*") if p.is_file()})
     )
     if not run_dirs:
-        raise LogError(f"no TensorBoard event files under {path}")
+        logs = [p for p in sorted(path.rglob("*")) if p.name in ("metrics.csv", "trainer_state.json")][:3]
+        hint = f"; give a log file instead, e.g. {', '.join(str(p) for p in logs)}" if logs else ""
+        raise LogError(f"no TensorBoard event files under {path}{hint}")
     base = path.parent if path.is_file() else path
     runs = []
     for run_dir in run_dirs:
@@ -125,7 +127,7 @@ def tensorboard_runs(path: Path) -> list[Run]:
 # --- Lightning CSVLogger --------------------------------------------------------------------------------
 
 
-def is_step_log(table: Table) -> bool:
+def is_step_log(table: Table, written: dict[str, np.ndarray]) -> bool:
     """Whether a CSV table is a log of metrics by step as Lightning's ``CSVLogger`` writes it: a numeric
     ``step`` column, no column of a table of runs (``group``, ``model``, ``run``, ``N``, ``D``), and rows that
     hold different metrics: two metric columns each filled on a row where the other is empty (a training
@@ -135,28 +137,30 @@ def is_step_log(table: Table) -> bool:
         return False
     if any(name in table for name in ("group", "model", "run", "N", "D")):
         return False
-    filled = [
-        np.isfinite(table[name]) for name in table.names if name not in NOT_TAGS and table.is_numeric(name)
-    ]
+    filled = [written[name] for name in _tags(table)]
     return any((a & ~b).any() and (b & ~a).any() for i, a in enumerate(filled) for b in filled[i + 1 :])
 
 
-def csv_run(table: Table, path: Path) -> Run:
-    """The run of a ``CSVLogger`` ``metrics.csv`` read as ``table``: every numeric column but ``step`` is a
-    tag, with its values on the rows where it was logged. The run's name is its directory's (``version_0``),
-    its size from the ``hparams.yaml`` that ``CSVLogger`` writes beside the file."""
+def csv_run(table: Table, written: dict[str, np.ndarray], path: Path) -> Run:
+    """The run of a ``CSVLogger`` ``metrics.csv`` read as ``table`` (``written``: each column's non-blank
+    cells): every numeric column but ``step`` is a tag, with its values on the rows where it was written (a
+    "nan" is a logged value, as in TensorBoard). The run's name is its directory's (``version_0``), its size
+    from the ``hparams.yaml`` that ``CSVLogger`` writes beside the file."""
     steps = table["step"]
     unplaced = ~np.isfinite(steps)
     if unplaced.any():
         row = int(np.argmax(unplaced))
         raise LogError(f"{path}: no step on row {row + 1} after the header: each logged value needs its step")
-    tags = {name for name in table.names if name not in NOT_TAGS and table.is_numeric(name)}
 
     def values(tag: str) -> dict[int, float]:
-        logged = np.isfinite(table[tag])
+        logged = written[tag]
         return dict(zip(steps[logged].astype(int).tolist(), table[tag][logged].tolist(), strict=True))
 
-    return Run(path.parent.resolve().name, tags, values, _hparams_n(path.parent, path.parent))
+    return Run(path.parent.resolve().name, set(_tags(table)), values, _hparams_n(path.parent, path.parent))
+
+
+def _tags(table: Table) -> list[str]:
+    return [name for name in table.names if name not in NOT_TAGS and table.is_numeric(name)]
 
 
 # --- Hugging Face trainer_state.json --------------------------------------------------------------------
@@ -190,13 +194,15 @@ def trainer_state_run(path: Path) -> Run:
         if not _is_number(step) or not float(step).is_integer():
             raise LogError(f"{path}: log_history[{index}] has no whole-number step: {entry!r}")
         for key, value in entry.items():
-            if key != "step" and _is_number(value):  # texts and nested values are no scalars
+            if key != "step" and _is_number(value, finite=False):  # texts, nested values: no scalars
                 series.setdefault(key, {})[int(step)] = float(value)  # a resumed run: the last entry wins
     return Run(path.parent.resolve().name, set(series), lambda tag: series[tag])
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _is_number(value: object, finite: bool = True) -> bool:
+    """A JSON number (not a boolean); with ``finite=False`` also NaN and infinities (a diverged loss)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and (math.isfinite(value) or not finite)
 
 
 # --- names, model sizes, suggestions ------------------------------------------------------------------

@@ -95,10 +95,10 @@ def read_table(
     elif scalars.is_json(path):
         runs = [scalars.trainer_state_run(path)]
     else:
-        table = read_csv(path)
-        if not scalars.is_step_log(table):
+        table, written = _read_csv(path)
+        if not scalars.is_step_log(table, written):
             return table
-        runs = [scalars.csv_run(table, path)]
+        runs = [scalars.csv_run(table, written, path)]
     return scalars.runs_table(runs, tag, path, tokens_per_step, n)
 
 
@@ -121,7 +121,12 @@ def read_tensorboard(
 
 def read_csv(path: str | Path) -> Table:
     """Read a CSV file with a header row. Columns whose every non-empty cell is a number become floats."""
-    path = Path(path)
+    return _read_csv(Path(path))[0]
+
+
+def _read_csv(path: Path) -> tuple[Table, dict[str, np.ndarray]]:
+    """The table of a CSV file, and each column's written cells (not blank): in a log, a blank cell is a
+    value not logged on that row, and a "nan" cell a logged NaN (a diverged loss), though both read as NaN."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle))
@@ -139,8 +144,10 @@ def read_csv(path: str | Path) -> Table:
     for line, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise LogError(f"{path}, line {line}: {len(row)} cells for {len(header)} columns")
-    columns = zip(header, zip(*body, strict=True), strict=True)
-    return Table({name: _column([cell.strip() for cell in cells]) for name, cells in columns})
+    cells_of = zip(header, zip(*body, strict=True), strict=True)
+    columns = {name: [cell.strip() for cell in cells] for name, cells in cells_of}
+    written = {name: np.array([cell != "" for cell in cells]) for name, cells in columns.items()}
+    return Table({name: _column(cells) for name, cells in columns.items()}), written
 
 
 def _is_number(text: str) -> bool:
