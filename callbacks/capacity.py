@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks.callback import Callback
 
 from snrmon.callbacks._batch_size import count_samples
@@ -25,26 +26,39 @@ from snrmon.forecast.capacity import CapacityMeter
 
 
 class CapacityLogger(Callback):
-    """Log the capacity term measured by ``monitor`` (which must be in the trainer's callbacks too).
+    """Log the capacity term measured by an ``SNRMonitor`` among the trainer's callbacks.
 
     Args:
-        monitor: the ``SNRMonitor`` whose signal, noise, batch size and dataset size are used.
+        monitor: the ``SNRMonitor`` whose signal, noise, batch size and dataset size are used; it must be
+            among the trainer's callbacks. ``None`` (the default, and what a LightningCLI config gives by
+            leaving it out): the trainer's ``SNRMonitor`` with ``prefix``, found at setup.
         tokens_per_sample: tokens D per sample, the unit of ``capacity/tokens`` (default 1: samples seen,
             across ranks and accumulation).
         count_tokens: a function of a training batch returning its tokens (e.g. non-padding tokens); summed
             over micro-batches and ranks. Overrides ``tokens_per_sample``. A tensor it returns is read on the
             host at every micro-batch (a device sync): return a Python number where one is at hand.
+        prefix: with ``monitor=None``, the ``prefix`` of the ``SNRMonitor`` to use; ``None``: the trainer's
+            only ``SNRMonitor``.
+
+    Raises:
+        MisconfigurationException: at setup, when no ``SNRMonitor`` among the trainer's callbacks fits (none,
+            none with ``prefix``, several and no ``prefix``), or ``monitor`` is not among them: a monitor
+            outside the trainer measures nothing, and the logger would log nothing, without a word.
     """
 
     def __init__(
         self,
-        monitor: SNRMonitor,
+        monitor: SNRMonitor | None = None,
         tokens_per_sample: float = 1.0,
         count_tokens: Callable[[Any], int | float] | None = None,
+        prefix: str | None = None,
     ) -> None:
         if not tokens_per_sample > 0:
             raise ValueError(f"tokens_per_sample must be positive, got {tokens_per_sample}")
+        if monitor is not None and prefix is not None:
+            raise ValueError("give monitor or prefix (to find the trainer's monitor), not both")
         self.monitor = monitor
+        self.prefix = prefix
         self.tokens_per_sample = tokens_per_sample
         self.count_tokens = count_tokens
         self.meter: CapacityMeter | None = None
@@ -56,10 +70,36 @@ class CapacityLogger(Callback):
     @property
     def state_key(self) -> str:
         # Unique per monitor and token unit, so two loggers (e.g. samples and tokens) can be checkpointed.
+        # Before setup finds the monitor, the prefix asked for stands in (the monitor's default: "snr").
+        prefix = self.monitor.prefix if self.monitor is not None else self.prefix or "snr"
         counter = getattr(self.count_tokens, "__qualname__", None) if self.count_tokens else None
         return self._generate_state_key(
-            prefix=self.monitor.prefix, tokens_per_sample=self.tokens_per_sample, count_tokens=counter
+            prefix=prefix, tokens_per_sample=self.tokens_per_sample, count_tokens=counter
         )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        monitors = [callback for callback in trainer.callbacks if isinstance(callback, SNRMonitor)]
+        if self.monitor is not None:
+            if not any(callback is self.monitor for callback in monitors):
+                raise MisconfigurationException(
+                    f"CapacityLogger's monitor (SNRMonitor with prefix {self.monitor.prefix!r}) is not "
+                    "among the trainer's callbacks: it would measure nothing, and nothing would be logged. "
+                    "Pass the same SNRMonitor object to both, or leave monitor out (e.g. in a LightningCLI "
+                    "config, which builds a separate object) to use the trainer's."
+                )
+            return
+        found = [m for m in monitors if self.prefix is None or m.prefix == self.prefix.strip("/ ")]
+        if len(found) == 1:
+            self.monitor = found[0]
+            return
+        prefixes = ", ".join(repr(m.prefix) for m in monitors)
+        if not monitors:
+            problem = "there is none among the trainer's callbacks: add one, whose measurements it logs"
+        elif not found:
+            problem = f"none with prefix {self.prefix!r} among the trainer's callbacks (prefixes: {prefixes})"
+        else:
+            problem = f"{len(found)} among the trainer's callbacks (prefixes: {prefixes}): choose with prefix"
+        raise MisconfigurationException(f"CapacityLogger needs an SNRMonitor: {problem}")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

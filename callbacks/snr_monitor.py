@@ -6,7 +6,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, SupportsFloat
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -134,7 +134,9 @@ class SNRMonitor(Callback):
         every_n_steps: int = 1,
         ema_decay: float = 0.95,
         groups: int | dict[str, str] | None = None,
-        batch_size_fn: Callable[[Any], int | float | Tensor] | None = None,
+        # SupportsFloat: int, float or Tensor. Not that union: with a class in it, LightningCLI (jsonargparse)
+        # would accept only functions annotated to return a Tensor.
+        batch_size_fn: Callable[[Any], SupportsFloat] | None = None,
         split_batch: bool = False,
         dataset_size: int | None = None,
         prefix: str = "snr",

@@ -4,10 +4,13 @@ hand computation, and ``snr/capacity`` logged through a real small ``Trainer.fit
 from __future__ import annotations
 
 import math
+import sys
 
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -148,3 +151,82 @@ def test_tokens_from_a_counting_function() -> None:
     assert tokens.latest["snr/capacity/tokens"] == pytest.approx(tokens.meter.steps * 32 * 3)
     assert samples.latest["snr/capacity/tokens"] == pytest.approx(samples.meter.steps * 32)
     assert tokens.latest["snr/capacity"] == pytest.approx(samples.latest["snr/capacity"])
+
+
+# --- finding the monitor; LightningCLI ------------------------------------------------------------------
+
+
+def test_the_trainers_monitor_is_found_by_prefix() -> None:
+    monitor = SNRMonitor()
+    capacity = CapacityLogger()  # no monitor given: the trainer's only SNRMonitor
+    _fit([monitor, capacity], max_steps=15)
+    assert capacity.monitor is monitor and capacity.latest["snr/capacity"] >= 0
+    # Two monitors: the prefix chooses.
+    first, second = SNRMonitor(), SNRMonitor(prefix="grad")
+    capacity = CapacityLogger(prefix="grad")
+    _fit([first, second, capacity], max_steps=15)
+    assert capacity.monitor is second and "grad/capacity" in capacity.latest
+    with pytest.raises(ValueError, match="not both"):
+        CapacityLogger(SNRMonitor(), prefix="snr")
+
+
+@pytest.mark.parametrize(
+    "callbacks, message",
+    [
+        (lambda: [CapacityLogger()], "needs an SNRMonitor: there is none among the trainer's callbacks"),
+        (lambda: [SNRMonitor(), SNRMonitor(prefix="b"), CapacityLogger()], "2 among .*'snr', 'b'.*prefix"),
+        (lambda: [SNRMonitor(), CapacityLogger(prefix="grad")], "none with prefix 'grad'.*prefixes: 'snr'"),
+        # A monitor of its own that the trainer never runs: it would measure nothing, and log nothing.
+        (lambda: [SNRMonitor(), CapacityLogger(SNRMonitor())], "not among the trainer's callbacks"),
+    ],
+)
+def test_a_logger_without_its_monitor_is_refused(callbacks, message) -> None:
+    with pytest.raises(MisconfigurationException, match=message):
+        _fit(callbacks(), max_steps=2)
+
+
+def count_rows(batch) -> int:
+    """A batch_size_fn as people write them: annotated with a plain int."""
+    return len(batch[0])
+
+
+def _cli(callbacks: list[dict]) -> LightningCLI:
+    """The callbacks built by LightningCLI from a config (as from a YAML file), on a trainer like _fit's."""
+    trainer = {
+        "max_steps": 15,
+        "accumulate_grad_batches": 2,
+        "callbacks": callbacks,
+        "logger": False,
+        "log_every_n_steps": 5,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return LightningCLI(
+        _Model, run=False, args={"trainer": trainer}, save_config_callback=None, seed_everything_default=False
+    )
+
+
+def test_lightning_cli_builds_the_monitor_and_its_capacity_logger(monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # the config below is the whole command line
+    monitor = {
+        "class_path": "snrmon.callbacks.SNRMonitor",
+        "init_args": {"batch_size_fn": "test_capacity.count_rows"},
+    }
+    capacity = {
+        "class_path": "snrmon.callbacks.capacity.CapacityLogger",
+        "init_args": {"tokens_per_sample": 10},
+    }
+    cli = _cli([monitor, capacity])
+    built_monitor, built_capacity = cli.trainer.callbacks[:2]  # (Lightning appends its own after them)
+    assert built_monitor.batch_size_fn is count_rows
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    cli.trainer.fit(cli.model, DataLoader(TensorDataset(x, x[:, :1]), batch_size=16, shuffle=True))
+    assert built_capacity.monitor is built_monitor
+    assert built_capacity.latest["snr/capacity/tokens"] == pytest.approx(built_capacity.meter.steps * 32 * 10)
+    # A monitor written into the logger's config is a second object, outside the trainer: refused.
+    capacity["init_args"]["monitor"] = {"class_path": "snrmon.callbacks.SNRMonitor"}
+    cli = _cli([{"class_path": "snrmon.callbacks.SNRMonitor"}, capacity])
+    with pytest.raises(MisconfigurationException, match="not among the trainer's callbacks"):
+        cli.trainer.fit(cli.model, DataLoader(TensorDataset(x, x[:, :1]), batch_size=16))

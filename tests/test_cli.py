@@ -505,6 +505,134 @@ def test_forecast_says_why_it_does_not_forecast(tmp_path, capsys):
     assert code == 0 and "<= 0" not in err
 
 
+# --- the logs people have: Lightning's metrics.csv, Hugging Face's trainer_state.json ---------------------
+
+
+@pytest.fixture(scope="module")
+def lightning_logs(tmp_path_factory):
+    """A real (CPU, seconds) Lightning fit watched by BasinEarlyStopping, logged by a CSVLogger and a
+    TensorBoardLogger side by side: the same training in both logs. The training loss is logged every step,
+    the validation loss once an epoch (two steps): on different rows of metrics.csv."""
+    import warnings
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from test_basin_early_stopping import _data, _fit
+
+    from snrmon.callbacks import BasinEarlyStopping
+
+    root = tmp_path_factory.mktemp("lightning")
+    callback = BasinEarlyStopping(monitor="val_loss")
+    loggers = [CSVLogger(root, name="run", version=0), TensorBoardLogger(root, name="tb", version=0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the basin warnings, Lightning's hints about workers
+        _fit(callback, _data(64, 0), 60, logger=loggers, log_every_n_steps=1)
+    assert callback.stopped_step > 0  # a run with decisions to compare
+    return root / "run" / "version_0" / "metrics.csv", root / "tb" / "version_0", callback
+
+
+def test_forecast_of_a_lightning_csv_equals_its_tensorboard_run(lightning_logs, capsys):
+    csv, tensorboard, callback = lightning_logs
+    header = csv.read_text().splitlines()[0].split(",")
+    assert {"step", "epoch", "train_loss", "val_loss"} <= set(header)  # what CSVLogger wrote
+    # The training-loss mean BasinEarlyStopping logged with its forecasts: the live run's points, from either.
+    live = {log: run_json(capsys, "forecast", log, "--metric", "val_loss") for log in (csv, tensorboard)}
+    assert live[csv] == live[tensorboard]
+    assert live[csv]["stop"] == callback.stopped_step
+    assert [p["x"] for p in live[csv]["points"]] == [f.x for f in callback.forecaster.history]
+    # The logged training loss, averaged over each interval between validations: like for like.
+    argv = ("--metric", "val_loss", "--train-metric", "train_loss")
+    replay = {log: run_json(capsys, "forecast", log, *argv) for log in (csv, tensorboard)}
+    assert replay[csv] == replay[tensorboard]
+    assert replay[csv]["first_warning"] is not None and replay[csv]["stop"] is not None
+    assert len(replay[csv]["points"]) == len(callback.forecaster.history)  # one point per validation
+    # --tag names the scalar as well as --metric; without either the tags to choose from are named.
+    assert (
+        run_json(capsys, "forecast", csv, "--tag", "val_loss", "--train-metric", "train_loss") == replay[csv]
+    )
+    code, _, err = run(capsys, "forecast", csv)
+    assert code == 2 and "choose the loss scalar with --tag; likely loss tags:" in err
+    assert err.index("val_loss,") < err.index("d_star")  # the losses first, not the forecast's terms
+    # snrmon fit reads the same points from either log.
+    fit = ("--tag", "val_loss", "--law", "power", *FAST, "--bootstrap", "0")
+    assert run_json(capsys, "fit", csv, *fit) == run_json(capsys, "fit", tensorboard, *fit)
+    code, _, err = run(capsys, "fit", csv, "--law", "power")
+    assert code == 2 and "--tag" in err and "val_loss" in err
+
+
+def write_trainer_state(path: Path, val: np.ndarray, train_steps: np.ndarray, train: np.ndarray) -> Path:
+    """A trainer_state.json as Hugging Face's Trainer writes it: training entries (loss, learning_rate,
+    grad_norm), evaluation entries (eval_loss, eval_runtime) at X, and the closing summary."""
+    history = [
+        {"epoch": step / 400, "grad_norm": 1.5, "learning_rate": 1e-4, "loss": loss, "step": int(step)}
+        for step, loss in zip(train_steps, train, strict=True)
+    ]
+    history += [
+        {"epoch": step / 400, "eval_loss": loss, "eval_runtime": 0.8, "step": int(step)}
+        for step, loss in zip(X, val, strict=True)
+    ]
+    history.sort(key=lambda entry: (entry["step"], "eval_loss" in entry))  # as logged: training first
+    history.append({"epoch": 5.0, "step": int(X[-1]), "total_flos": 1e12, "train_loss": 0.9})
+    state = {"best_metric": None, "global_step": int(X[-1]), "log_history": history, "max_steps": 2000}
+    path.write_text(json.dumps(state, indent=2))
+    return path
+
+
+def test_forecast_of_a_hugging_face_trainer_state(tmp_path, capsys):
+    val, _ = u_curve(0)
+    # The training loss logged every 5 steps, 5 values between two evaluations (every 25 steps).
+    train_steps = np.arange(5, X[-1] + 1, 5)
+    train = 0.1 + 3.0 * train_steps**-0.6 + 0.001 * np.random.default_rng(1).normal(size=len(train_steps))
+    state = write_trainer_state(tmp_path / "trainer_state.json", val, train_steps, train)
+    # Expected: a point per evaluation, with the mean of the 5 training losses logged since the previous one.
+    means = train.reshape(len(X), 5).mean(axis=1)
+    dense = write_csv(tmp_path / "expected.csv", {"step": X, "eval_loss": val, "train": means})
+    expected = run_json(capsys, "forecast", dense, "--metric", "eval_loss", "--train-metric", "train")
+    document = run_json(capsys, "forecast", state, "--metric", "eval_loss", "--train-metric", "loss")
+    assert [p["x"] for p in document["points"]] == X.tolist()
+    assert [p["loss"] for p in document["points"]] == val.tolist()
+    assert document == expected and document["stop"] is not None
+    # Hugging Face's loss is the training loss: no default guesses which to monitor.
+    code, _, err = run(capsys, "forecast", state)
+    assert code == 2 and "likely loss tags: eval_loss, loss, train_loss" in err
+    # The same file, any name: told from its content. snrmon fit reads it too.
+    renamed = tmp_path / "state.txt"
+    renamed.write_text(state.read_text())
+    assert (
+        run_json(capsys, "forecast", renamed, "--metric", "eval_loss", "--train-metric", "loss") == document
+    )
+    doc = run_json(capsys, "fit", state, "--tag", "eval_loss", "--law", "power", *FAST, "--bootstrap", "0")
+    assert doc["n_train"] == len(X)
+
+
+def test_a_training_loss_missing_where_it_is_needed_is_said(tmp_path, capsys):
+    val, train = u_curve(0)
+    # Two runs in one file, Lightning-like rows (training and validation metrics on different rows): picking
+    # one with --where leaves rows of val_loss that hold no train_loss. An error, not a loss-only forecast.
+    rows = ["run,step,train_loss,val_loss"]
+    for name in ("a", "b"):
+        for step, v, t in zip(X, val, train, strict=True):
+            rows += [f"{name},{step},{t},", f"{name},{step},,{v}"]
+    both = tmp_path / "both.csv"
+    both.write_text("\n".join(rows) + "\n")
+    argv = ["forecast", both, "--metric", "val_loss", "--train-metric", "train_loss"]
+    code, _, err = run(capsys, *argv, "--where", 'run == "a" and val_loss > 0')
+    assert code == 2 and "no train_loss on the rows of val_loss" in err and "--train-metric" in err
+    # A metrics.csv whose training loss was logged at every other validation only: those points are fed
+    # without it (the law of the loss alone there), and the command says how many.
+    rows = ["epoch,step,train_loss,val_loss"]
+    for i, (step, v, t) in enumerate(zip(X, val, train, strict=True)):
+        rows += [f"{i},{step},{t if i % 2 else ''},", f"{i},{step},,{v}"]
+    sparse = tmp_path / "metrics.csv"
+    sparse.write_text("\n".join(rows) + "\n")
+    code, _, err = run(capsys, "forecast", sparse, "--metric", "val_loss", "--train-metric", "train_loss")
+    half = f"{len(X) // 2} of {len(X)} points of val_loss have no train_loss logged in the interval"
+    assert code == 0 and f"snrmon: warning: {half}" in err
+    # A logged value without its step cannot be placed.
+    sparse.write_text("\n".join(rows[:5] + ["3,,1.0,"] + rows[5:]) + "\n")
+    code, _, err = run(capsys, "forecast", sparse, "--metric", "val_loss")
+    assert code == 2 and "no step on row 5" in err
+
+
 # --- bad input: one line on stderr, exit status 2 -------------------------------------------------------
 
 

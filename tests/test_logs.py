@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -153,6 +155,11 @@ def test_tensorboard_partial_model_sizes_are_an_error(tmp_path):
 def test_tensorboard_directory_without_events(tmp_path):
     with pytest.raises(LogError, match="no TensorBoard event files"):
         read_tensorboard(tmp_path, "loss")
+    # A CSVLogger's run directory: the file to give instead is named.
+    (tmp_path / "version_0").mkdir()
+    write_csv(tmp_path / "version_0" / "metrics.csv", "step,loss\n1,2.0\n")
+    with pytest.raises(LogError, match="give a log file instead, e.g. .*version_0/metrics.csv"):
+        read_table(tmp_path, "loss")
 
 
 # --- where ----------------------------------------------------------------------------------------------
@@ -222,3 +229,87 @@ def test_where_never_runs_python(table, tmp_path):
     with pytest.raises(WhereError):
         where(table, f"__import__('pathlib').Path({str(marker)!r}).touch() == 0")
     assert not marker.exists()
+
+
+# --- Lightning metrics.csv and Hugging Face trainer_state.json -----------------------------------------
+
+METRICS_CSV = """\
+epoch,step,train_loss,val_loss
+0,0,3.0,
+0,1,2.5,
+0,1,,2.9
+1,2,2.0,
+1,3,1.5,
+1,3,,2.4
+1,3,1.4,
+"""
+
+
+def test_lightning_metrics_csv_reads_like_a_tensorboard_run(tmp_path):
+    run = tmp_path / "version_0"
+    run.mkdir()
+    path = write_csv(run / "metrics.csv", METRICS_CSV)
+    (run / "hparams.yaml").write_text("n_params: 5000\n")  # CSVLogger writes it beside metrics.csv
+    table = read_table(path, tag="val_loss", tokens_per_step=10.0)
+    assert table.tag == "val_loss" and table["group"].tolist() == ["version_0"] * 2
+    assert table["step"].tolist() == [1.0, 3.0] and table["D"].tolist() == [10.0, 30.0]
+    assert table["loss"].tolist() == [2.9, 2.4] and table["N"].tolist() == [5000.0] * 2
+    # The training loss: step 0 skipped (D = 0), and the last value logged at a step wins (a resumed run).
+    train = read_table(path, tag="train_loss")
+    assert train["step"].tolist() == [1.0, 2.0, 3.0] and train["loss"].tolist() == [2.5, 2.0, 1.4]
+    assert any("step 0" in note for note in train.notes)
+    with pytest.raises(
+        LogError, match="choose the loss scalar with --tag; likely loss tags: val_loss, train_loss"
+    ):
+        read_table(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "step,loss,train\n1,2.0,2.1\n2,1.9,2.0\n",  # one curve, every row complete
+        "step,loss,train\n1,2.0,2.1\n2,,2.0\n3,1.8,1.9\n",  # a missing cell is no other metric's row
+        "group,step,train_loss,val_loss\na,1,2.0,\na,1,,2.1\n",  # a table of runs
+    ],
+)
+def test_csv_tables_that_are_no_step_logs_read_as_they_are(tmp_path, text):
+    table = read_table(write_csv(tmp_path / "table.csv", text), tag="loss")
+    assert table.tag is None and table.names == text.split("\n")[0].split(",")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"global_step": 3}', "without a log_history list"),
+        ('{"log_history": [{"loss": 1.0}]}', r"log_history\[0\] has no whole-number step"),
+        ('{"log_history": [1]}', r"log_history\[0\] is not an object"),
+        ('{"log_history": [{"step": 1, "loss": 1.0}', "cannot read .* as JSON"),
+    ],
+)
+def test_bad_trainer_states(tmp_path, text, message):
+    with pytest.raises(LogError, match=message):
+        read_table(write_csv(tmp_path / "trainer_state.json", text), tag="loss")
+
+
+def test_trainer_state_scalars_are_its_numbers(tmp_path):
+    history = [
+        {"step": 10, "loss": 2.0, "learning_rate": 1e-3, "epoch": 0.5},
+        {"step": 10, "eval_loss": 2.2, "eval_runtime": 1.0},
+        {"step": 20, "loss": 1.5, "note": "text", "flag": True, "nested": {"a": 1}},
+    ]
+    path = write_csv(tmp_path / "trainer_state.json", json.dumps({"log_history": history}))
+    assert read_table(path, tag="loss")["loss"].tolist() == [2.0, 1.5]
+    assert read_table(path, tag="eval_loss")["step"].tolist() == [10.0]
+    with pytest.raises(LogError, match="no scalar tag 'flag'"):  # a boolean is no scalar
+        read_table(path, tag="flag")
+
+
+def test_a_logged_nan_is_a_value_a_blank_cell_is_none(tmp_path):
+    """A diverged loss is logged as nan: kept at its step, as TensorBoard keeps it, while a blank cell is a
+    metric not logged on that row."""
+    path = write_csv(tmp_path / "metrics.csv", METRICS_CSV.replace("0,1,,2.9", "0,1,,nan"))
+    table = read_table(path, tag="val_loss")
+    assert table["step"].tolist() == [1.0, 3.0] and np.isnan(table["loss"][0]) and table["loss"][1] == 2.4
+    history = [{"step": 1, "eval_loss": float("nan")}, {"step": 2, "eval_loss": float("inf")}]
+    state = write_csv(tmp_path / "trainer_state.json", json.dumps({"log_history": history}))  # NaN, Infinity
+    assert read_table(state, tag="eval_loss")["step"].tolist() == [1.0, 2.0]

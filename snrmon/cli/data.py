@@ -27,7 +27,10 @@ DATA is either
     (column group = its path). The scalar chosen with --tag becomes loss, D = step x --tokens-per-step
     (default 1: D then counts optimizer steps, not tokens), N comes from --N, else from the run's
     hparams.yaml (key n_params or N); without either, only single-run laws (shannon-run, power) apply.
-    Step-0 values are skipped (D = 0).
+    Step-0 values are skipped (D = 0); or
+  * a Lightning CSVLogger metrics.csv (a step column, metrics on different rows) or a Hugging Face
+    trainer_state.json (its log_history), told from the file: one run each, read as a TensorBoard run is
+    (--tag names the scalar; N from the hparams.yaml beside metrics.csv, or --N).
 
 Rows with a missing or non-finite value in a needed column are dropped and counted. Expressions for --where
 and --train-where may use comparisons (< <= > >= == !=, chained), and, or, not, parentheses, numbers,
@@ -38,7 +41,11 @@ quoted strings and column names, e.g. "N <= 7e9 and D <= 1.8e11" or 'group == "s
 def data_parser() -> argparse.ArgumentParser:
     """The options of DATA, a parent parser of fit and compare."""
     data = Parser(add_help=False)
-    data.add_argument("data", metavar="DATA", help="a CSV file or a TensorBoard log directory")
+    data.add_argument(
+        "data",
+        metavar="DATA",
+        help="a CSV file, a TensorBoard log directory, a Lightning metrics.csv or a trainer_state.json",
+    )
     data.add_argument(
         "--where", metavar="EXPR", help="keep only the rows where EXPR holds (e.g. 'D >= 6.3e9')"
     )
@@ -47,15 +54,19 @@ def data_parser() -> argparse.ArgumentParser:
         metavar="EXPR",
         help="fit on the rows where EXPR holds, test on the rest (default: fit on all rows, no test)",
     )
-    data.add_argument("--tag", help="TensorBoard: the scalar tag holding the loss (e.g. val/loss)")
+    data.add_argument(
+        "--tag", help="a log of scalars: the scalar holding the loss (e.g. val/loss, eval_loss)"
+    )
     data.add_argument(
         "--tokens-per-step",
         type=number(float),
         default=1.0,
         metavar="X",
-        help="TensorBoard: D = step x X (default 1: D in steps)",
+        help="a log of scalars: D = step x X (default 1: D in steps)",
     )
-    data.add_argument("--N", type=number(float), metavar="X", help="TensorBoard: model size of every run")
+    data.add_argument(
+        "--N", type=number(float), metavar="X", help="a log of scalars: model size of every run"
+    )
     method = data.add_mutually_exclusive_group()
     method.add_argument(
         "--robust",

@@ -4,7 +4,9 @@
                          [--json] [--plot FILE]
 
 DATA is a CSV with one run's curve (a column ``D`` or ``step``, and the metric, default ``loss``; with
-several runs in the file, ``--where`` picks one) or a TensorBoard run directory (``--tag``). The points are
+several runs in the file, ``--where`` picks one) or a log of scalars by step: a TensorBoard run directory, a
+Lightning ``CSVLogger`` metrics.csv or a Hugging Face trainer_state.json (the scalar ``--metric`` or
+``--tag``; ``--train-metric``: the training loss, averaged between two points). The points are
 fed in order to :class:`snrmon.forecast.BasinForecaster` with the defaults of ``BasinEarlyStopping``, and
 the command prints what it would have forecast, and when it would have warned and stopped.
 
@@ -50,9 +52,13 @@ Replay one run's loss curve through the basin forecaster of BasinEarlyStopping (
 same defaults, and print what it would have forecast and when it would have warned and stopped.
 
 DATA is a CSV file with a header row (a column D or step, the metric column, default loss; optionally the
-training loss with --train-metric) or a TensorBoard run directory (the scalar --tag). A file holding several
-runs (a group, model or run column) needs --where to pick one. --mode max: a higher-is-better metric (e.g. an
-accuracy), whose basin is its peak.
+training loss with --train-metric), or a log of scalars by step, told from the file: a TensorBoard run
+directory, a Lightning CSVLogger metrics.csv (a step column, metrics on different rows) or a Hugging Face
+trainer_state.json (its log_history; there loss is the training loss, eval_loss the evaluation loss). In a
+log, --metric (or --tag) names the monitored scalar, and --train-metric the training loss, averaged over each
+interval between two points of the first as BasinEarlyStopping does. A file holding several runs (a group,
+model or run column) needs --where to pick one. --mode max: a higher-is-better metric (e.g. an accuracy),
+whose basin is its peak.
 """
 
 
@@ -64,8 +70,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("data", metavar="DATA", help="a CSV file or a TensorBoard run directory")
-    parser.add_argument("--metric", default="loss", help="the monitored column (CSV; default loss)")
+    parser.add_argument(
+        "data",
+        metavar="DATA",
+        help="a CSV file, a TensorBoard run directory, a Lightning metrics.csv or a Hugging Face "
+        "trainer_state.json",
+    )
+    parser.add_argument(
+        "--metric",
+        help="the monitored column of a CSV table (default loss), or scalar of a log (as --tag; default: its "
+        "only scalar)",
+    )
     parser.add_argument(
         "--mode",
         choices=("min", "max"),
@@ -73,7 +88,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="min: lower is better (a loss; default); max: higher is better (an accuracy)",
     )
     parser.add_argument("--train-metric", metavar="NAME", help="a column (or tag) with the training loss")
-    parser.add_argument("--tag", help="TensorBoard: the scalar tag of the monitored metric (e.g. val/loss)")
+    parser.add_argument(
+        "--tag", help="a log of scalars: the monitored scalar (e.g. val/loss, val_loss, eval_loss)"
+    )
     parser.add_argument("--x", choices=("D", "step"), help="the x column (default: step if present, else D)")
     parser.add_argument("--where", metavar="EXPR", help="keep only the rows where EXPR holds (pick one run)")
     parser.add_argument(
@@ -117,12 +134,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    x, metric, train, x_name = thin(*load_curve(args), every=args.every)
+    x, metric, train, x_name, name = load_curve(args)
+    x, metric, train, x_name = thin(x, metric, train, x_name, every=args.every)
     # --mode max feeds the forecaster the negated metric (its peak becomes a basin) and the training loss as
     # it is: BasinEarlyStopping's mirror (its comment says why); everything shown is mirrored back.
     sign = mode_sign(args.mode)
     loss = sign * metric
-    check_forecastable(loss, train, args)
+    check_forecastable(loss, train, args, name)
     try:
         forecaster = BasinForecaster(
             horizon=args.horizon,
@@ -150,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             projection = forecaster.projection
     projection = projection_as_metric(projection or forecaster.projection, sign)  # no stop: at the last point
     forecasts = [as_metric(f, sign) for f in forecasts]  # the metric's own values from here on
-    document = replay_document(forecasts, args.metric if args.tag is None else args.tag, x_name, args.mode)
+    document = replay_document(forecasts, name, x_name, args.mode)
     if all(f.d_star is None for f in forecasts):
         # No forecast at any point (e.g. fewer points than --min-points): a replay that ran, whose answer is
         # "nothing to forecast yet". Say why, rather than leave a table of bare "no forecast" rows.
@@ -180,7 +198,9 @@ def thin(
     return x[keep], metric[keep], train, x_name
 
 
-def check_forecastable(loss: np.ndarray, train: np.ndarray | None, args: argparse.Namespace) -> None:
+def check_forecastable(
+    loss: np.ndarray, train: np.ndarray | None, args: argparse.Namespace, metric: str
+) -> None:
     """Values the forecaster would skip without a word: the loss-only forecast (no training loss) fits a law
     of log-losses, so values <= 0 are no points of it. None positive: an error; some: a warning."""
     if train is not None and np.isfinite(train).any():
@@ -189,7 +209,6 @@ def check_forecastable(loss: np.ndarray, train: np.ndarray | None, args: argpars
     bad = finite & (loss <= 0)
     if not bad.any():
         return
-    metric = args.metric if args.tag is None else args.tag
     shown = f"-{metric} (--mode max)" if args.mode == "max" else metric
     hint = "give the training loss with --train-metric for the ratio forecast, which takes any sign"
     if bad.sum() == finite.sum():
@@ -201,32 +220,36 @@ def check_forecastable(loss: np.ndarray, train: np.ndarray | None, args: argpars
     warn([f"{count} values of {shown} are <= 0: {LAW_NEEDS_POSITIVE}; {hint}"])
 
 
-def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
-    """x, the metric and the training loss (or None) of the one run DATA holds, sorted by x."""
-    tag = args.tag or (args.metric if args.metric != "loss" else None)
+def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str, str]:
+    """x, the metric and the training loss (or None) of the one run DATA holds, sorted by x, and the metric's
+    name."""
+    tag = args.tag or args.metric
     table = read_table(args.data, tag=tag)
-    tensorboard = "group" in table and "step" in table
-    metric = "loss" if tensorboard else args.metric  # TensorBoard: the tag is loss
-    live = tensorboard and not args.train_metric and tag is not None and live_points(table, args.data, tag)
+    # A log of scalars (TensorBoard, metrics.csv, trainer_state.json) gives its scalar as the column loss;
+    # the training loss is another scalar, averaged over each interval between two points of the first.
+    scalars = table.tag is not None
+    name = table.tag if scalars else args.metric or "loss"
+    metric = "loss" if scalars else name
+    live = scalars and not args.train_metric and live_points(table, args.data, table.tag)
     if live:
         table, train_name = live, "train"
-    elif tensorboard and args.train_metric:
+    elif scalars and args.train_metric:
         train_table = read_table(args.data, tag=args.train_metric)
         table.columns["train"] = interval_means(table["step"], train_table["step"], train_table["loss"])
         train_name = "train"
     else:
         train_name = args.train_metric
     x_name = args.x or ("step" if "step" in table else "D")
-    for name in (x_name, metric) + ((train_name,) if train_name else ()):
-        if name not in table:
+    for column in (x_name, metric) + ((train_name,) if train_name else ()):
+        if column not in table:
             numeric = [n for n in table.names if table.is_numeric(n)]
             raise LogError(
-                f"no numeric column {name!r} in {args.data}; numeric columns: {', '.join(numeric)}"
+                f"no numeric column {column!r} in {args.data}; numeric columns: {', '.join(numeric)}"
             )
-        if not table.is_numeric(name):
-            row, cell = table.first_non_number(name)
+        if not table.is_numeric(column):
+            row, cell = table.first_non_number(column)
             raise LogError(
-                f"column {name!r} of {args.data} holds text, not numbers: {cell!r} in row {row + 1} after "
+                f"column {column!r} of {args.data} holds text, not numbers: {cell!r} in row {row + 1} after "
                 "the header"
             )
     if args.where:
@@ -245,7 +268,33 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
     if len(x) == 0:
         raise LogError(f"no rows with a positive {x_name} in {args.data}")
     train = table[train_name][order] if train_name else None
-    return x, table[metric][order], train, x_name
+    if args.train_metric:
+        check_train_loss(table[metric][order], train, args.train_metric, name, scalars)
+    return x, table[metric][order], train, x_name, name
+
+
+def check_train_loss(
+    metric: np.ndarray, train: np.ndarray, train_name: str, name: str, interval: bool
+) -> None:
+    """The training loss asked for must be there: while a point without it is in the forecaster's window,
+    the forecast is the law of the metric alone, a different forecast. None at any point: an error; at
+    some: a warning. ``interval``: the training loss was averaged between the points of a log of scalars."""
+    points = np.isfinite(metric)
+    missing = points & ~np.isfinite(train)
+    if not missing.any():
+        return
+    if interval:
+        where, hint = f"logged in the interval since the previous {name} point", "log it more often"
+    else:  # e.g. --where kept the rows of the metric, and the training loss sits on other rows
+        where = f"on the rows of {name}"
+        hint = "on other rows? one run's log, such as Lightning's metrics.csv, is averaged between points"
+    if missing.sum() == points.sum():
+        raise LogError(
+            f"no {train_name} {where}, at any of the {int(points.sum())} points: the training loss asked for "
+            f"with --train-metric is missing ({hint})"
+        )
+    count = f"{int(missing.sum())} of {int(points.sum())} points of {name}"
+    warn([f"{count} have no {train_name} {where}: the law of the metric alone forecasts near them ({hint})"])
 
 
 def live_points(table: Table, data: str, tag: str) -> Table | None:
