@@ -109,7 +109,10 @@ class GradientTaps:
     def backward_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
         """Per-group squared norms of the last backward's gradient, divided by ``scale`` (AMP loss scale)."""
         self._check_single_delivery()
-        return self.membership @ (self.norms.double() / scale).square()
+        norms = self.norms.double()
+        if not (isinstance(scale, float) and scale == 1.0):  # (x / 1.0 is x: one op fewer without a scaler)
+            norms = norms / scale
+        return self.membership @ norms.square()
 
     def add_backward_to_window(self, weight: float | Tensor) -> None:
         """Add weight × the last backward's squared norms to the step's window (one op for a number)."""
