@@ -15,6 +15,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "GradientMeter": "snrmon.measure",
     "GradientNoiseEstimator": "snrmon.measure",
     "GradientTaps": "snrmon.measure",
     "group_parameters": "snrmon.measure",

@@ -1,0 +1,267 @@
+"""GradientMeter in a plain PyTorch loop: against the exact truth of a finite data set, against SNRMonitor on
+the same microbatches, and its lifetime and errors.
+
+The ground-truth helpers (the MLP problem, per-example gradients from ``torch.func``, the finite-set truth,
+the lr = 0 Lightning fit) are those of ``test_ground_truth.py``, imported rather than copied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_ground_truth import (
+    MLP_EXAMPLES,
+    finite_set_truth,
+    fit,
+    mlp_problem,
+    truth_for,
+    with_replacement,
+)
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+import snrmon
+from snrmon import GradientMeter
+from snrmon.callbacks import SNRMonitor
+
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning",
+        "ignore:.*does not have many workers.*",
+        "ignore:.*isinstance\\(treespec, LeafSpec\\).*",
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
+
+Z = 3.0  # the band, in the meter's own standard errors
+
+
+def plain_loop(model: nn.Module, loader: DataLoader, meter: GradientMeter, accumulate: int, lr: float = 0.0):
+    """What a user writes: K microbatches per step, each mean loss divided by K, then the step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    batches = iter(loader)
+    for _ in range(len(loader) // accumulate):
+        for _ in range(accumulate):
+            x, y = next(batches)
+            (F.cross_entropy(model(x), y) / accumulate).backward()
+            meter.after_backward(batch_size=len(x))
+        meter.before_step()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def assert_within(values: dict[str, float], truth: dict[str, float], keys=("signal", "noise"), prefix=""):
+    """|meter − truth| < Z·se, with se small against the truth so the band can reject a wrong estimate."""
+    for key in keys:
+        value, se, expected = values[prefix + key], values[f"{prefix}{key}_se"], truth[key]
+        assert 0 < se < 0.1 * abs(expected), f"{prefix}{key}: se {se:.4g} vs truth {expected:.4g}"
+        assert abs(value - expected) < Z * se, f"{prefix}{key}: {value:.5g} ± {se:.3g}, truth {expected:.5g}"
+
+
+# ---------------------------------------------------------------------- (a) exact truth
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_independent_draws_match_the_exact_truth(seed):
+    """Microbatches drawn with replacement from 256 examples: per-sample gradients are i.i.d. draws from the
+    data set's empirical distribution, whose |G|² and tr(Σ) torch.func gives exactly; per group too."""
+    module, dataset, grads = mlp_problem(seed=seed)
+    steps, accumulate = 300, 4
+    loader = with_replacement(dataset, batch_size=16, batches=steps * accumulate, seed=seed + 1)
+    with GradientMeter(module, groups=1, ema_decay=0.99) as meter:
+        plain_loop(module, loader, meter, accumulate)
+        values = meter.compute()
+    assert values["batch_size"] == pytest.approx(64)
+    assert "dataset_size" not in values and "dataset_snr" not in values
+    assert_within(values, truth_for(grads))
+    for group in ("hidden", "out"):
+        names = [name for name in grads if name.startswith(group + ".")]
+        assert_within(values, truth_for(grads, names), prefix=f"{group}/")
+
+
+@pytest.mark.parametrize("seed", [10, 12])
+def test_disjoint_draws_with_dataset_size_match_the_training_sets_truth(seed):
+    """A shuffled loader over N = 256: the finite-set correction (dataset_size) must hit the training set's
+    |G|² and S², which the uncorrected value misses."""
+    module, dataset, grads = mlp_problem(seed=seed)
+    loader = DataLoader(
+        dataset, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed + 1)
+    )
+    meter = GradientMeter(module, dataset_size=MLP_EXAMPLES, ema_decay=0.99)
+    for _ in range(200):  # 2 steps an epoch, each epoch a fresh permutation
+        plain_loop(module, loader, meter, accumulate=4)
+    values = meter.compute()
+    meter.close()
+    truth = finite_set_truth(grads)
+    assert values["dataset_size"] == MLP_EXAMPLES
+    assert_within(values, truth, keys=("signal", "noise", "signal_beyond_chance", "dataset_snr"))
+    uncorrected = values["signal"] - values["noise"] / MLP_EXAMPLES
+    assert abs(uncorrected - truth["signal"]) > Z * values["signal_se"], "the band misses the bias"
+
+
+# ---------------------------------------------------------------------- (b) the same numbers as SNRMonitor
+
+
+@pytest.mark.parametrize("shuffled", [False, True], ids=["with_replacement", "shuffled_finite_set"])
+def test_same_numbers_as_snr_monitor_on_the_same_run(shuffled):
+    """Trainer.fit with accumulate_grad_batches=4 and a plain loop with the meter over the same microbatches,
+    from the same initial weights, with a learning rate that moves them: equal values, key for key (the same
+    EMA settings; the meter's keys are the monitor's without "snr/")."""
+    steps, accumulate, seed, lr = 12, 4, 3, 0.5
+
+    def run_data():
+        module, dataset, _ = mlp_problem(seed=seed)
+        if shuffled:  # SNRMonitor reads N = 256 off the loader; the meter is told
+            generator = torch.Generator().manual_seed(seed)
+            return module, DataLoader(dataset, batch_size=16, shuffle=True, generator=generator)
+        return module, with_replacement(dataset, batch_size=16, batches=steps * accumulate, seed=seed)
+
+    module, loader = run_data()
+    module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=lr)
+    monitor = SNRMonitor(ema_decay=0.9, groups=1)
+    with pytest.raises(AssertionError, match="lr = 0"):  # fit's check of lr = 0: here the weights move
+        fit(module, loader, monitor, steps=steps, accumulate_grad_batches=accumulate)
+
+    model, loader = run_data()
+    with GradientMeter(
+        model, groups=1, ema_decay=0.9, dataset_size=MLP_EXAMPLES if shuffled else None
+    ) as meter:
+        for _ in range(steps * accumulate // len(loader)):  # epochs: 3 of 4 steps for the shuffled set
+            plain_loop(model, loader, meter, accumulate, lr=lr)
+        values = meter.compute()
+
+    for a, b in zip(module.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)  # the two runs took the same steps
+    expected = {key.removeprefix("snr/"): value for key, value in monitor.latest.items()}
+    assert set(values) == set(expected)
+    assert ("dataset_snr" in values) == shuffled
+    for key, value in expected.items():
+        assert values[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
+
+
+# ---------------------------------------------------------------------- (c) lifetime and errors
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def backward(model: nn.Module, meter: GradientMeter, k: int = 2, size: int = 5) -> None:
+    for _ in range(k):
+        (model(torch.randn(size, 3)).square().mean() / k).backward()
+        meter.after_backward(batch_size=size)
+
+
+def test_public_and_exported():
+    assert "GradientMeter" in snrmon.__all__ and snrmon.GradientMeter is GradientMeter
+
+
+def test_close_removes_the_hooks():
+    model = small_model()
+    meter = GradientMeter(model)
+    calls = []
+    original = torch.linalg.vector_norm
+    backward(model, meter)
+    meter.before_step()
+    meter.close()
+    assert meter.closed and not any(p._backward_hooks for p in model.parameters())
+    torch.linalg.vector_norm = lambda *a, **k: calls.append(1) or original(*a, **k)  # a hook would call it
+    try:
+        model(torch.randn(5, 3)).sum().backward()
+    finally:
+        torch.linalg.vector_norm = original
+    assert calls == []
+    meter.close()  # twice is fine
+    for use in (lambda: meter.after_backward(5), meter.before_step, meter.compute, meter.__enter__):
+        with pytest.raises(RuntimeError, match="closed"):
+            use()
+
+
+def test_context_manager_closes():
+    model = small_model()
+    with GradientMeter(model) as meter:
+        assert all(p._backward_hooks for p in model.parameters())
+    assert meter.closed and not any(p._backward_hooks for p in model.parameters())
+
+
+def test_errors_say_what_is_missing():
+    model = small_model()
+    meter = GradientMeter(model)
+    with pytest.raises(RuntimeError, match="no step measured yet"):
+        meter.compute()
+    with pytest.raises(RuntimeError, match="no after_backward"):
+        meter.before_step()
+    backward(model, meter, k=1)
+    with pytest.raises(ValueError, match="no noise estimate is possible"):
+        meter.before_step()
+    model.zero_grad()
+    # The failed steps left nothing behind: a proper step now gives finite values.
+    backward(model, meter, k=3)
+    meter.before_step()
+    values = meter.compute()
+    assert math.isfinite(values["noise"]) and values["batch_size"] == pytest.approx(15)
+    meter.close()
+    other = small_model()
+    finite = GradientMeter(other, dataset_size=8)
+    with finite, pytest.raises(ValueError, match="more than dataset_size"):
+        backward(other, finite, k=2, size=5)  # 10 samples in one step, of 8
+        finite.before_step()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"dataset_size": 1}, ValueError),
+        ({"dataset_size": 2.5}, ValueError),
+        ({"dataset_size": "10"}, TypeError),
+        ({"groups": 0}, ValueError),
+        ({"ema_decay": 1.0}, ValueError),
+    ],
+)
+def test_rejects_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        GradientMeter(small_model(), **kwargs)
+
+
+def test_rejects_a_model_without_trainable_parameters():
+    model = small_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to measure"):
+        GradientMeter(model)
+
+
+def test_amp_scaler_norms_are_unscaled():
+    """A GradScaler's scale must not change the values: the same steps with scale 2¹⁰, the applied gradient
+    read before or after ``scaler.unscale_``, give the values of the loop without a scaler."""
+
+    def run(scale: float | None, unscale_first: bool = False) -> dict[str, float]:
+        model = small_model()
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        torch.manual_seed(1)
+        with GradientMeter(model, scaler=scaler) as meter:
+            for _ in range(5):
+                for _ in range(4):
+                    loss = model(torch.randn(6, 3)).square().mean() / 4
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    meter.after_backward(6)
+                if scaler and unscale_first:
+                    scaler.unscale_(optimizer)
+                meter.before_step()
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad()
+            return meter.compute()
+
+    plain = run(None)
+    for unscale_first in (False, True):
+        scaled = run(2.0**10, unscale_first)
+        assert scaled["skipped_steps"] == 0
+        for key in ("signal", "noise", "noise_scale", "ratio"):
+            assert scaled[key] == pytest.approx(plain[key], rel=1e-5), (key, unscale_first)
