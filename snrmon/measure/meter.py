@@ -46,7 +46,10 @@ class GradientMeter:
 
     The loop must make the applied gradient the mean of its microbatches' mean gradients, as Lightning does:
     each microbatch backpropagates its *mean* loss divided by K, the number of microbatches this rank runs in
-    the step, and under ``torch.distributed`` (DDP) the ranks' gradients are averaged.
+    the step, and under ``torch.distributed`` (DDP) the ranks' gradients are averaged. With a process group
+    initialised, :meth:`before_step` sums the step's few numbers over ranks in one all-reduce, as SNRMonitor
+    does: the per-step estimates are ratios of those sums, so the ranks cannot be joined later, at
+    :meth:`compute`. An all-reduce is a device collective, not a host sync under NCCL.
 
     :meth:`compute` returns the keys of ``SNRMonitor.latest`` without its ``"snr/"`` prefix: ``signal``,
     ``noise``, ``noise_scale`` (in samples), ``ratio`` (SNR at the current batch size), each with ``_se``,
