@@ -7,7 +7,12 @@ the lr = 0 Lightning fit) are those of ``test_ground_truth.py``, imported rather
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +270,26 @@ def test_amp_scaler_norms_are_unscaled():
         assert scaled["skipped_steps"] == 0
         for key in ("signal", "noise", "noise_scale", "ratio"):
             assert scaled[key] == pytest.approx(plain[key], rel=1e-5), (key, unscale_first)
+
+
+# ---------------------------------------------------------------------- several ranks
+
+
+@pytest.mark.ddp
+def test_two_ddp_ranks_give_the_values_of_one_process_with_their_microbatches(tmp_path):
+    """2 gloo ranks with 2 microbatches each, and one process with the same 4: the ranks are joined in the
+    step's all-reduce, every rank reports the same values, and they are the single process's."""
+    from test_ddp import free_port
+
+    script = Path(__file__).with_name("meter_ddp_script.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, str(script), "--out", str(tmp_path), "--port", str(free_port())]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    reference, *ranks = (
+        json.loads((tmp_path / f"{n}.json").read_text()) for n in ("reference", "rank0", "rank1")
+    )
+    assert ranks[0] == ranks[1]
+    assert set(ranks[0]) == set(reference) and math.isfinite(reference["noise"])
+    for key, value in reference.items():
+        assert ranks[0][key] == pytest.approx(value, rel=1e-5, abs=1e-12), key
