@@ -474,6 +474,20 @@ def test_points_kept_point_by_point_equal_the_whole_curve_at_once():
     assert [f.as_dict() for f in used.replay(*rest)] == [f.as_dict() for f in fresh.replay(*rest)]
 
 
+def test_replay_table_says_why_a_likely_basin_gives_no_warning(tmp_path, capsys):
+    """A plateau of both losses: the ratio sees a basin (P >= 0.5) that the evidence does not bear out; the
+    table's rows say why there is no warning, not only "improving"."""
+    from snrmon.cli import main
+
+    val, train = 0.5 + 0.01 * np.random.default_rng(0).normal(size=(2, len(X)))
+    data = _csv(tmp_path / "plateau.csv", {"step": X, "val_loss": val, "train_loss": train})
+    assert main(["forecast", data, "--metric", "val_loss", "--train-metric", "train_loss"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if " improving " in line]
+    # x, the loss, D*, the band "low .. high", P(basin), the state, and the reason
+    likely = [" ".join(row) for row in rows if row[4] == ".." and float(row[6]) >= 0.5]
+    assert likely and all("(no warning" in row for row in likely)
+
+
 def test_replay_command_text_plot_and_bad_input(tmp_path, capsys):
     from snrmon.cli import main
 

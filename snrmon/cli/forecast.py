@@ -284,7 +284,9 @@ def check_train_loss(
     if not missing.any():
         return
     if interval:
-        where, hint = f"logged in the interval since the previous {name} point", "log it more often"
+        where = f"logged in the interval since the previous {name} point"
+        # A run that BasinEarlyStopping watched holds the training loss it forecast from: replays exactly.
+        hint = "log it more often, or, for a run BasinEarlyStopping watched, leave out --train-metric"
     else:  # e.g. --where kept the rows of the metric, and the training loss sits on other rows
         where = f"on the rows of {name}"
         hint = "on other rows? one run's log, such as Lightning's metrics.csv, is averaged between points"
@@ -390,6 +392,9 @@ def replay_report(forecasts: list[Forecast], document: dict, x_name: str) -> str
         band = "-" if f.d_star_low is None else f"{at(f.d_star_low)} .. {at(f.d_star_high)}"
         action = "STOP" if f.x == document["stop"] else "warning" if f.warning else ""
         p = "-" if f.p_basin is None else f"{f.p_basin:.2f}"
+        # A likely basin without a warning says why not (no fall yet, still falling, no memorisation).
+        if not action and f.note.startswith("no warning"):
+            action = f"({f.note})"
         rows.append([at(f.x), show(f.loss), at(f.d_star), band, p, f.state, action])
     lines = aligned(rows)
     extreme = "minimum" if document["mode"] == "min" else "maximum"
