@@ -39,7 +39,7 @@ from snrmon.callbacks._training_set import announce, run_population
 from snrmon.callbacks.tensorboard_layout import add_snr_layout, log_chart_series
 from snrmon.measure.estimator import GradientNoiseEstimator
 from snrmon.measure.groups import TOTAL, check_groups
-from snrmon.measure.sampling import Population
+from snrmon.measure.sampling import Population, check_dataset_size
 from snrmon.measure.taps import GradientTaps
 
 # What every logger gets by default: the values, per total and per group. The standard errors, the counters
@@ -148,12 +148,7 @@ class SNRMonitor(Callback):
         if not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be a number in [0, 1), got {ema_decay!r}")
         check_groups(groups)
-        numeric = isinstance(dataset_size, (int, float)) and not isinstance(dataset_size, bool)
-        if dataset_size is not None and not numeric:
-            raise TypeError(f"dataset_size must be a number (or None), got {dataset_size!r}")
-        whole = dataset_size is None or dataset_size == math.inf or float(dataset_size).is_integer()
-        if not whole or (dataset_size is not None and not dataset_size > 1):
-            raise ValueError(f"dataset_size must be a whole number > 1, math.inf or None: {dataset_size!r}")
+        check_dataset_size(dataset_size)
         if not isinstance(prefix, str) or not prefix.strip("/ "):
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
         self.every_n_steps = every_n_steps

@@ -18,6 +18,7 @@ from torch.nn.parameter import is_lazy
 
 from snrmon.measure.estimator import GradientNoiseEstimator
 from snrmon.measure.groups import TOTAL, group_parameters
+from snrmon.measure.sampling import check_dataset_size
 from snrmon.measure.taps import GradientTaps
 
 
@@ -100,12 +101,7 @@ class GradientMeter:
         scaler: Any = None,
         ema_decay: float = 0.95,
     ):
-        numeric = isinstance(dataset_size, (int, float)) and not isinstance(dataset_size, bool)
-        if dataset_size is not None and not numeric:
-            raise TypeError(f"dataset_size must be a number (or None), got {dataset_size!r}")
-        whole = dataset_size is None or dataset_size == math.inf or float(dataset_size).is_integer()
-        if not whole or (dataset_size is not None and not dataset_size > 1):
-            raise ValueError(f"dataset_size must be a whole number > 1, math.inf or None: {dataset_size!r}")
+        check_dataset_size(dataset_size)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         lazy = [name for name, p in named if is_lazy(p)]
         if lazy:
