@@ -468,7 +468,8 @@ class CorpusCurve(Curve):
     series alike). ``kind`` is the verdict *in that window*: U when the whole curve is U (label()) and its
     minimum ``min_index`` lies inside the window, else improving; ``full_kind`` is label() of the whole curve.
     Series as corpus.py records them: ``lr_sum`` Ση up to each validation, ``grad_dot`` g_val·g_train,
-    ``step_dot`` g_val·Δθ (with their standard errors)."""
+    ``step_dot`` g_val·Δθ (with their standard errors), ``val_se`` the standard error of each validation loss
+    over its examples."""
 
     split: str = ""
     family: str = ""
@@ -480,6 +481,7 @@ class CorpusCurve(Curve):
     grad_dot_se: list[float] | None = None
     step_dot: list[float] | None = None
     step_dot_se: list[float] | None = None
+    val_se: list[float] | None = None
 
     @property
     def target(self) -> bool:
@@ -487,7 +489,7 @@ class CorpusCurve(Curve):
         return self.kind == "U" and self.min_index >= TARGET_MIN_INDEX
 
 
-SERIES = ("x", "val", "train", "lr_sum", "grad_dot", "grad_dot_se", "step_dot", "step_dot_se")
+SERIES = ("x", "val", "train", "lr_sum", "grad_dot", "grad_dot_se", "step_dot", "step_dot_se", "val_se")
 
 
 def corpus_window(entry: dict, length: int | None = None) -> CorpusCurve:

@@ -409,6 +409,25 @@ def lr_time_table(scheduled: list[Curve], whole: list[Curve], as_markdown: bool)
     return render(header, body, as_markdown)
 
 
+def val_noise_table(curves: list[Curve], as_markdown: bool) -> list[str]:
+    """The standard error of each validation loss over its examples against the noise from one validation to
+    the next (robust: the median absolute difference of consecutive losses / 0.6745 / √2), in the window's
+    second half, where the curve is flattest. A noise the decisions could use instead of the curve's own
+    would have to be about the size of the latter."""
+    ratios = []
+    for c in curves:
+        half = len(c.val) // 2
+        val, se = np.asarray(c.val[half:]), np.asarray(c.val_se[half:])
+        step_noise = 1.4826 * float(np.median(np.abs(np.diff(val)))) / math.sqrt(2)
+        if step_noise > 0:
+            ratios.append(float(np.median(se)) / step_noise)
+    q1, median, q3 = np.quantile(ratios, [0.25, 0.5, 0.75])
+    below = sum(r <= 1 for r in ratios)
+    body = [[str(len(ratios)), f"{median:.1f}", f"{q1:.1f} – {q3:.1f}", f"{below}"]]
+    header = ["runs", "median se / step noise", "quartiles", "runs with se <= step noise"]
+    return render(header, body, as_markdown)
+
+
 def leads_report(curves: list[Curve], whole: list[Curve], as_markdown: bool) -> str:
     """The inner-product rules scored like warnings and stops (with the forecaster for reference); the
     forecaster in learning-rate units on the scheduled runs."""
@@ -442,5 +461,12 @@ def leads_report(curves: list[Curve], whole: list[Curve], as_markdown: bool) -> 
         *lr_time_table([curves[i] for i in scheduled], [whole[i] for i in scheduled], as_markdown),
         "",
         f"On the constant-rate runs (x = Σ η = η·steps) the two replays agree on {same} of {len(constant)}.",
+        "",
+        "(c) The noise of the monitored value: each validation loss's standard error over its examples (what "
+        "a callback can know from per-batch losses) against the noise from one validation to the next. On a "
+        "fixed validation set every evaluation shares the same examples, so the standard error measures the "
+        "set's sampling error, common to all points, not the noise of a change between them.",
+        "",
+        *val_noise_table(curves, as_markdown),
     ]
     return "\n".join(lines)
