@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from snrmon.callbacks._figures import Publisher
 from snrmon.forecast import BasinForecaster, Forecast
 from snrmon.forecast.display import (
     LAW_NEEDS_POSITIVE,
@@ -140,6 +141,8 @@ class BasinEarlyStopping(Callback):
         self.stopped_step = 0
         self._state = "no forecast"  # the last state announced, so a warning repeats only when it changes
         self._drawn_step, self._drawn_at = -1, -math.inf  # the step and time of the last figure
+        replay = ["--metric", monitor] + (["--mode", "max"] if self._sign < 0 else [])  # `snrmon forecast`
+        self._publisher = Publisher("BasinEarlyStopping", replay)  # figures and text to the loggers
         self._said_departure = False  # a prior that does not fit this run is said once
         self._said_nonpositive = False  # a loss-only forecast given values <= 0 is said once
         self._seen_metric = False  # the monitored metric has been logged in this fit (periodic checks)
@@ -161,6 +164,7 @@ class BasinEarlyStopping(Callback):
         if self.forecaster.prior_note:
             rank_zero_warn(f"BasinEarlyStopping: {self.forecaster.prior_note}")
         self._seen_metric = self._validated = False  # (a callback may serve several fits)
+        self._publisher.start_fit()
         self._check_validation_runs(trainer, pl_module)
 
     def _check_validation_runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -359,36 +363,31 @@ class BasinEarlyStopping(Callback):
             return
         text = f"BasinEarlyStopping: {self.monitor}: {self._describe(forecast)}"
         rank_zero_warn(text)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                experiment = getattr(logger, "experiment", None)
-                if hasattr(experiment, "add_text"):  # TensorBoard: a text entry beside the charts
-                    experiment.add_text(f"snr/forecast/{self.monitor}", text, trainer.global_step)
+        self._publisher.text(trainer, f"snr/forecast/{self.monitor}", text, trainer.global_step)
         self._draw(trainer)
 
     def _draw(self, trainer: pl.Trainer, every: float = 0.0) -> None:
-        """The forecast so far as a TensorBoard figure (curve, the curve ahead with its band and the basin,
+        """The forecast so far as a logged figure (curve, the curve ahead with its band and the basin,
         the forecast D* over time, warning, stop): at each change of state and at the stop, and at the other
         forecasts when ``every`` seconds have passed since the last figure (a figure costs about 0.3 s on a
         2-core CPU: nothing at validation time, much at ``check_every_n_steps=1``)."""
-        experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
-        experiments = [e for e in experiments if hasattr(e, "add_figure")]
-        if not experiments or not trainer.is_global_zero or trainer.global_step == self._drawn_step:
+        if trainer.global_step == self._drawn_step or time.monotonic() - self._drawn_at < every:
             return  # (a change of state and the stop at one check: one figure)
-        if time.monotonic() - self._drawn_at < every:
-            return
         self._drawn_step, self._drawn_at = trainer.global_step, time.monotonic()
+        tag = f"snr/forecast/{self.monitor}/figure"
+        self._publisher.figure(trainer, tag, self._figure, trainer.global_step)
+
+    def _figure(self) -> Any:
+        """The forecast figure (a matplotlib ``Figure``), or None without matplotlib."""
         try:
             from snrmon.forecast.plot import forecast_figure
 
             history = [as_metric(f, self._sign) for f in self.forecaster.history]  # the metric's own values
             projection = projection_as_metric(self.forecaster.projection, self._sign)
-            figure = forecast_figure(history, self.monitor, projection=projection)
+            return forecast_figure(history, self.monitor, projection=projection)
         except ImportError:  # matplotlib is optional (the plot extra)
             log.debug("BasinEarlyStopping: no matplotlib, no forecast figure")
-            return
-        for experiment in experiments:
-            experiment.add_figure(f"snr/forecast/{self.monitor}/figure", figure, trainer.global_step)
+            return None
 
     def _describe(self, forecast: Forecast) -> str:
         """One sentence naming the basin in whole steps and the metric's own values, e.g. 'basin ahead at
