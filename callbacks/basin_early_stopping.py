@@ -43,8 +43,8 @@ class BasinEarlyStopping(Callback):
     :class:`~snrmon.forecast.BasinForecaster`. It forecasts the basin D* with a band and decides:
 
     * **warning**: the basin is probably within ``horizon`` times the training done so far, or entered. A
-      rank-zero warning names it (and a TensorBoard text entry records it), repeated only when the state
-      changes;
+      rank-zero warning names it (and a text entry on TensorBoard, W&B or MLflow records it, with a figure),
+      repeated only when the state changes;
     * **stop**: the same with probability ``confidence``, and the monitored curve no longer falls
       significantly. Then ``trainer.should_stop`` is set (agreed across ranks: one rank deciding is enough,
       as in Lightning's ``EarlyStopping``).
