@@ -94,9 +94,10 @@ class Publisher:
         if others and "others" not in self._said:
             self._said.add("others")
             names = ", ".join(type(logger).__name__ for logger in others)
+            take = "takes" if len(others) == 1 else "take"
             command = shlex.join(["snrmon", "forecast", _log_path(others[0]), *self.replay])
             rank_zero_info(
-                f"{self.owner}: {names} takes no figures or text (TensorBoard, W&B and MLflow do): the "
+                f"{self.owner}: {names} {take} no figures or text (TensorBoard, W&B and MLflow do): the "
                 f"forecast figure of this run is drawn by `{command} --plot forecast.png`"
             )
         return [(logger, kind) for logger, kind in kinds if kind is not None]
