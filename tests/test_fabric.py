@@ -3,11 +3,16 @@
 finite data set, on one device (fp32 and fp16 with Fabric's loss scaler) and on 2 gloo DDP ranks from a real
 ``fabric.launch()``; group names without Fabric's, DDP's or torch.compile's wrapper prefixes.
 
-The truth helpers are those of ``test_ground_truth.py`` (one device) and ``test_ddp.py`` (2 ranks).
+The truth helpers are those of ``test_ground_truth.py`` (one device) and ``test_ddp.py`` (2 ranks). The LitGPT
+example (``examples/litgpt_finetune.py``) is run too, where LitGPT, an optional test extra, is installed.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,12 +21,13 @@ import torch
 from lightning.fabric.plugins import MixedPrecision
 from lightning.fabric.strategies import DataParallelStrategy, ModelParallelStrategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from test_ddp import BATCH_SIZE, WORLD_SIZE, assert_closed_form, run_distributed
+from test_ddp import BATCH_SIZE, WORLD_SIZE, assert_closed_form, free_port, run_distributed
 from test_ground_truth import (
     DIM,
     REGRESSION_BATCH,
     FreshGaussianBatches,
     assert_matches,
+    finite_set_truth,
     least_squares_truth,
     mlp_problem,
     truth_for,
@@ -176,3 +182,75 @@ def test_fabric_launch_on_two_ddp_ranks_matches_closed_form(tmp_path: Path):
     assert values["batch_size"] == pytest.approx(global_batch, rel=1e-12) and values["skipped_steps"] == 0
     assert_closed_form(values, global_batch)
     assert_closed_form(values, global_batch, prefix="head/")  # the one group holds every parameter
+
+
+# ---------------------------------------------------------------------- the LitGPT example
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "litgpt_finetune.py"
+
+
+@pytest.fixture(scope="module")
+def litgpt_example():
+    """The example's ``main`` (LitGPT is a test extra: skipped without it)."""
+    pytest.importorskip(
+        "litgpt", reason="LitGPT is an optional test extra: pip install -c constraints.txt litgpt"
+    )
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        from litgpt_finetune import main
+
+        yield main
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+
+
+def per_sequence_gradients(model: nn.Module, train_set) -> dict[str, torch.Tensor]:
+    """``{name: [N, size]}`` gradients of each training sequence's mean token loss, one backward each."""
+    from litgpt.utils import chunked_cross_entropy
+
+    rows = []
+    for x, y in train_set:
+        model.zero_grad()
+        chunked_cross_entropy(model(x[None]), y[None]).backward()
+        rows.append({name: p.grad.flatten().double() for name, p in model.named_parameters()})
+    return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+
+
+def test_litgpt_example_matches_the_training_sets_truth(litgpt_example):
+    """The example at lr = 0: a LitGPT GPT, K = 4 microbatches of 8 sequences, a shuffled finite set of 512.
+    Signal and noise, in total and per group (named as the model's parameters, not Fabric's wrapper's), match
+    the training set's exact |G|² and S² from each sequence's own gradient."""
+    from litgpt_finetune import GROUPS
+
+    result = litgpt_example(["--lr", "0", "--steps", "100", "--ema-decay", "0.98", "--log-interval", "100"])
+    values, model = result["values"], result["model"]
+    assert values["batch_size"] == pytest.approx(32) and values["dataset_size"] == 512
+    grads = per_sequence_gradients(model, result["train_set"])
+    assert_matches(values, "", finite_set_truth(grads))
+    for group, regex in GROUPS.items():
+        members = {name: g for name, g in grads.items() if re.search(regex, name)}
+        assert_matches(values, f"{group}/", finite_set_truth(members))
+
+
+def test_litgpt_example_fine_tunes(litgpt_example):
+    """The example as a user runs it, shortened: loss falls; the values are finite, with standard errors."""
+    result = litgpt_example(["--steps", "30", "--log-interval", "10"])
+    losses, values = result["losses"], result["values"]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses
+    for key in ("signal", "noise", "noise_scale", "ratio", "attention/noise_scale"):
+        assert 0 < values[f"{key}_se"] < values[key], key
+    assert values["skipped_steps"] == 0
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_litgpt_example_on_two_ddp_ranks(tmp_path: Path, litgpt_example):
+    """The example's documented DDP command (``--devices 2``): a real ``fabric.launch()`` on 2 gloo ranks runs
+    to the end, and rank 0 prints each logging step's measurement."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    command = [sys.executable, str(EXAMPLE), "--devices", "2", "--steps", "20", "--log-interval", "10"]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step")]
+    assert [line.split()[1] for line in lines] == ["1", "10", "20"], done.stdout  # printed once, by rank 0
+    assert "noise scale" in lines[-1] and "nan" not in lines[-1].split("±")[1]
