@@ -1,6 +1,7 @@
 """Lightning callbacks of snrmon (installed as ``snrmon.callbacks``)."""
 
 from snrmon.callbacks.basin_early_stopping import BasinEarlyStopping
+from snrmon.callbacks.fabric_meter import fabric_meter
 from snrmon.callbacks.perturbation_probe import GaussianNoiseProbe, PerturbationProbe, QuantizationProbe
 from snrmon.callbacks.snr_monitor import SNRMonitor
 
@@ -10,4 +11,5 @@ __all__ = [
     "PerturbationProbe",
     "QuantizationProbe",
     "SNRMonitor",
+    "fabric_meter",
 ]

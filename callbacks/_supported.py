@@ -7,6 +7,7 @@ estimates read Lightning's accumulation scaling, which only automatic optimizati
 
 from __future__ import annotations
 
+from lightning.fabric.strategies import Strategy as FabricStrategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import (
@@ -25,6 +26,12 @@ from snrmon.callbacks._split_batch import holds_metrics
 
 def check_supported_run(strategy: Strategy, pl_module: LightningModule, split_batch: bool) -> None:
     """Raise ``MisconfigurationException`` for a run the monitor cannot measure."""
+    if isinstance(strategy, FabricStrategy):  # Fabric's strategies share the Trainer's names, not its classes
+        raise MisconfigurationException(
+            f"SNRMonitor is a Trainer callback; {type(strategy).__name__} here is a Lightning Fabric"
+            " strategy. In a Fabric loop, measure with snrmon.callbacks.fabric_meter(fabric, model)"
+            " (docs/integrations.md)."
+        )
     supported = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
     refused = (DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
     if not isinstance(strategy, supported) or isinstance(strategy, refused):

@@ -43,6 +43,19 @@ def run_distributed(script: Path, out: Path, accumulate: int, *extra: str) -> li
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
 
 
+def assert_closed_form(values: dict[str, float], global_batch: int, prefix: str = "") -> None:
+    """Signal, noise, noise scale and SNR at ``global_batch`` within 4 of their reported standard errors of
+    the closed forms of the script's least squares (module docstring)."""
+    signal = 4 * DELTA_SQ
+    noise = 4 * ((DIM + 1) * DELTA_SQ + DIM * SIGMA**2)
+    scale = noise / signal
+    truth = {"signal": signal, "noise": noise, "noise_scale": scale, "ratio": global_batch / scale}
+    for key, value in truth.items():
+        estimate, se = values[prefix + key], values[f"{prefix}{key}_se"]
+        assert math.isfinite(estimate) and 0 < se < abs(value), (key, estimate, se)
+        assert abs(estimate - value) < 4 * se, (key, estimate, value, se)
+
+
 def run_ddp(out: Path, accumulate: int, *extra: str) -> list[dict]:
     return run_distributed(SCRIPT, out, accumulate, *extra)
 
@@ -63,18 +76,7 @@ def test_ddp_ranks_agree_and_match_closed_form(tmp_path: Path, accumulate: int):
     assert latest["snr/batch_size"] == pytest.approx(global_batch, rel=1e-12)
     assert latest["snr/skipped_steps"] == 0
 
-    signal = 4 * DELTA_SQ
-    noise = 4 * ((DIM + 1) * DELTA_SQ + DIM * SIGMA**2)
-    truth = {
-        "snr/signal": signal,
-        "snr/noise": noise,
-        "snr/noise_scale": noise / signal,
-        "snr/ratio": global_batch * signal / noise,
-    }
-    for key, value in truth.items():
-        se = latest[f"{key}_se"]
-        assert math.isfinite(latest[key]) and 0 < se < abs(value), (key, latest[key], se)
-        assert abs(latest[key] - value) < 4 * se, (key, latest[key], value, se)
+    assert_closed_form(latest, global_batch, prefix="snr/")
 
 
 @pytest.mark.ddp

@@ -29,6 +29,23 @@ def sum_over_ranks(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside wrappers that hold exactly its parameters: ``DistributedDataParallel``,
+    ``DataParallel`` and Lightning Fabric's module (their ``.module``), ``torch.compile`` (``._orig_mod``).
+    Parameter names, and so groups by depth or regex, are then the model's own (``blocks.0``, not
+    ``_forward_module.module.blocks.0``). Duck-typed, so that the core imports no framework; a ``.module``
+    that holds only some of the parameters is a part of the model, not a wrapper, and is left alone."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        if {id(p) for p in inner.parameters()} != {id(p) for p in model.parameters()}:
+            return model
+        model = inner
+
+
 def _world_size() -> int:
     """The number of ranks if a process group is initialised, else 1."""
     available = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -60,7 +77,8 @@ class GradientMeter:
 
     Args:
         model: the module whose parameters that require a gradient are measured (materialise lazy modules
-            with a forward first).
+            with a forward first); a wrapped one (DDP, Fabric, ``torch.compile``) is named as the model
+            inside (:func:`unwrap`).
         groups: also report per parameter group: an ``int`` depth groups by the first components of
             parameter names (``2``: ``"blocks.0"``), a dict maps group names to regexes.
         dataset_size: N, when the microbatches of a step are disjoint draws from a training set of N samples
@@ -102,7 +120,7 @@ class GradientMeter:
         ema_decay: float = 0.95,
     ):
         check_dataset_size(dataset_size)
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        named = [(name, p) for name, p in unwrap(model).named_parameters() if p.requires_grad]
         lazy = [name for name, p in named if is_lazy(p)]
         if lazy:
             raise ValueError(
