@@ -49,7 +49,7 @@ TOTALS = (
     ("dataset_snr", "SNR of the whole training set (±2 se)"),
 )
 FINITE_SET = ("signal_beyond_chance", "dataset_snr")
-LOSS_TITLE = "loss: each logged loss in its own colour (legend: run/loss tag)"
+LOSS_TITLE = "loss, one colour per logged loss (run: <run>/<loss tag>)"
 RATIO_TITLE = "SNR at the batch size, log₁₀ (±2 se); 0 is SNR = 1, signal equals noise"
 
 

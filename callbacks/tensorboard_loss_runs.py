@@ -76,20 +76,10 @@ def log_loss_runs(trainer: Trainer, hook: str) -> None:
     step = step_of_last_batch(trainer) if hook == "on_train_epoch_end" else logging_step(trainer)
     values = {tag: float(value) for tag, value in losses.items()}
     for logger in loggers:
-        runs = _RUNS.setdefault(logger, {})
-        if runs is None:
-            continue
+        if _RUNS.get(logger, {}) is None:
+            continue  # a write failed in this fit
         try:
-            for tag, value in values.items():
-                if tag not in runs:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    runs[tag] = _LossRun(SummaryWriter(os.path.join(logger.log_dir, sub_run(tag))))
-                run = runs[tag]
-                if run.step != step:
-                    run.writer.add_scalar(LOSS_TAG, value, step)
-                    run.writer.flush()  # as TensorBoardLogger flushes at each logging call
-                    run.step = step
+            _write(logger, values, step)
         except Exception as error:  # a copy for the charts never stops a training run
             _close(logger)
             _RUNS[logger] = None
@@ -97,6 +87,20 @@ def log_loss_runs(trainer: Trainer, hook: str) -> None:
                 f"snrmon: the losses' TensorBoard sub-runs under {logger.log_dir} are not written further "
                 f"({type(error).__name__}: {error}); the run's own loss curves are not affected"
             )
+
+
+def _write(logger: TensorBoardLogger, values: dict[str, float], step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter  # as TensorBoardLogger writes
+
+    runs = _RUNS.setdefault(logger, {})
+    for tag, value in values.items():
+        if tag not in runs:
+            runs[tag] = _LossRun(SummaryWriter(os.path.join(logger.log_dir, sub_run(tag))))
+        run = runs[tag]
+        if run.step != step:
+            run.writer.add_scalar(LOSS_TAG, value, step)
+            run.writer.flush()  # as TensorBoardLogger flushes at each logging call
+            run.step = step
 
 
 def close_loss_runs(trainer: Trainer) -> None:

@@ -269,7 +269,7 @@ class EpochLoss(Regression):
         return loss
 
 
-def fit_epoch_loss(loggers: list) -> None:
+def fit_epoch_loss(loggers: list) -> L.Trainer:
     """3 epochs of 4 optimizer steps (2 microbatches each), logging every 2 steps, validating twice an epoch
     and before training (the sanity check, which logs nothing); two monitors on the trainer."""
     gen = torch.Generator().manual_seed(0)
@@ -290,6 +290,7 @@ def fit_epoch_loss(loggers: list) -> None:
         devices=1,
     )
     trainer.fit(EpochLoss(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=32))
+    return trainer
 
 
 def written(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -332,6 +333,16 @@ def test_without_tensorboard_no_loss_runs(tmp_path):
     fit_epoch_loss([CSVLogger(tmp_path, name="csv")])
     files = sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*") if path.is_file())
     assert files == ["csv/version_0/metrics.csv"]  # no sub-run, in the log folder or elsewhere
+
+
+def test_a_sub_run_that_cannot_be_written_is_said_and_stops_nothing(tmp_path):
+    (tmp_path / "tb" / "version_0").mkdir(parents=True)
+    (tmp_path / "tb" / "version_0" / "val_loss").write_text("a file where the sub-run's folder would go")
+    with pytest.warns(UserWarning, match="sub-runs under .* are not written further"):
+        trainer = fit_epoch_loss([TensorBoardLogger(tmp_path, name="tb", version=0, default_hp_metric=False)])
+    assert trainer.global_step == 12
+    for monitor in trainer.callbacks[:2]:  # the monitors measure and log on
+        assert not monitor._disabled and monitor.latest
 
 
 def test_sub_run_names():
