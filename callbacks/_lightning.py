@@ -28,6 +28,18 @@ def logging_step(trainer: Trainer) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
+def logged_now(trainer: Trainer) -> dict[str, Tensor]:
+    """The values Lightning sends to the loggers at this moment of a fit, by logged name: in
+    ``on_train_batch_end`` the step values (logged right after it, at a logging step), in
+    ``on_train_epoch_end`` and ``on_validation_end`` the epoch values. The public ``trainer.logged_metrics``
+    holds them mixed with every value logged before; these are the current loop's alone. Call on every rank:
+    at an epoch's end this computes the epoch values, a collective for those logged with ``sync_dist``
+    (computed once, as Lightning's own ``trainer.callback_metrics`` does)."""
+    if trainer._results is None:
+        return {}
+    return dict(trainer._logger_connector.metrics["log"])
+
+
 def step_of_last_batch(trainer: Trainer) -> int:
     """After training, the step :func:`logging_step` gave during its last batch: Lightning counts a batch that
     stepped only after that batch's hooks have run."""

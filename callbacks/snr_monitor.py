@@ -37,6 +37,7 @@ from snrmon.callbacks._supported import check_supported_run
 from snrmon.callbacks._trainable import TrainableParameters, make_taps
 from snrmon.callbacks._training_set import announce, run_population
 from snrmon.callbacks.tensorboard_layout import add_snr_layout, log_chart_series
+from snrmon.callbacks.tensorboard_loss_runs import close_loss_runs, log_loss_runs
 from snrmon.measure.estimator import GradientNoiseEstimator
 from snrmon.measure.groups import TOTAL, check_groups
 from snrmon.measure.sampling import Population, check_dataset_size
@@ -494,6 +495,15 @@ class SNRMonitor(Callback):
         # logging step for Lightning), where Lightning logs the module's own step metrics.
         if window_ends(trainer) and should_log(trainer):
             self._log(trainer, pl_module)
+        log_loss_runs(trainer, "on_train_batch_end")  # each loss its own colour in TensorBoard
+
+    @_never_crash
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_loss_runs(trainer, "on_train_epoch_end")
+
+    @_never_crash
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_loss_runs(trainer, "on_validation_end")
 
     @property
     def finite_training_set(self) -> bool:
@@ -557,11 +567,13 @@ class SNRMonitor(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ended_at_step = trainer.global_step
+        close_loss_runs(trainer)
         if self._taps is not None:
             self._taps.detach()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._ended_at_step = -1  # a failed fit is not one to go on from
+        close_loss_runs(trainer)
         if self._taps is not None:
             self._taps.detach()  # never leave hooks on the user's model
 

@@ -4,9 +4,11 @@ The layout is written once per TensorBoard writer, at the first values a monitor
 whether the training set is finite), for all the SNRMonitors on the trainer (TensorBoard reads only the first
 layout a run holds). Only what the run logs is drawn:
 
-* **snrmon** (open): the loss beside the total SNR on a log scale with its SNR = 1 line, the noise scale with
-  the batch size B (where SNR = 1), signal and noise, each total drawn with a ±2 standard error band; the
-  finite-training-set quantities when the training set is finite.
+* **snrmon** (open): the losses, each in its own colour (TensorBoard colours by run:
+  :mod:`~snrmon.callbacks.tensorboard_loss_runs` copies each loss to a sub-run), beside the total SNR on a log
+  scale with its SNR = 1 line, the noise scale with the batch size B (where SNR = 1), signal and noise, each
+  total drawn with a ±2 standard error band; the finite-training-set quantities when the training set is
+  finite.
 * **snrmon per group** (open), when the monitor has ``groups``: one chart per quantity, one line per group.
 * **snrmon basin forecast**, when a ``BasinEarlyStopping`` is on the trainer.
 * **snrmon standard errors** (closed), when the monitor logs them (``log_details=True``).
@@ -30,6 +32,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+from snrmon.callbacks.tensorboard_loss_runs import LOSS_TAG
+
 _WRITTEN: weakref.WeakSet = weakref.WeakSet()  # the SummaryWriters that hold the layout already
 BAND_SE = 2.0  # a band of ±2 standard errors holds the truth about 95% of the time
 LOWER, UPPER = "_lower", "_upper"
@@ -45,6 +49,7 @@ TOTALS = (
     ("dataset_snr", "SNR of the whole training set (±2 se)"),
 )
 FINITE_SET = ("signal_beyond_chance", "dataset_snr")
+LOSS_TITLE = "loss, one colour per logged loss (run: <run>/<loss tag>)"
 RATIO_TITLE = "SNR at the batch size, log₁₀ (±2 se); 0 is SNR = 1, signal equals noise"
 
 
@@ -117,14 +122,14 @@ def snr_layout(
     categories, errors = {}, {}
     for prefix in prefixes:
         p, charts = re.escape(prefix), chart_prefix(prefix)
-        # The user's loss tags are not known to the monitor: any tag with "loss" in its name outside snr/
-        # (BasinEarlyStopping's snr/forecast/<metric>/train_loss included) and outside the chart series.
-        loss = rf"(?i)(?!{p}/|{re.escape(charts)}/).*loss"
+        # Each loss the run logs, copied to a sub-run of its own under one tag (tensorboard_loss_runs):
+        # TensorBoard colours lines by run, so this draws each loss in its own colour.
+        loss = re.escape(LOSS_TAG) + "$"
         group = rf"{p}/(?!forecast/)[^/]+/"  # a group's tag <prefix>/<group>/<name>, not a forecast's
         log_ratio = f"{charts}/{LOG_RATIO}"
         at_one = f"{charts}/{AT_ONE}"
         totals: dict[str, tuple[str, list]] = {
-            "loss": ("Multiline", [loss]),
+            LOSS_TITLE: ("Multiline", [loss]),
             # The SNR falls from tens to about 1 in a run: on a linear axis its late values, the ones that
             # matter, lie flat. The layout cannot ask for a log axis, so the series is log₁₀ SNR.
             RATIO_TITLE: ("Margin", [(log_ratio, log_ratio + LOWER, log_ratio + UPPER), (at_one,) * 3]),

@@ -28,11 +28,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from snrmon.callbacks import SNRMonitor
-from snrmon.callbacks.tensorboard_layout import chart_series, snr_layout
+from snrmon.callbacks.tensorboard_layout import LOSS_TITLE, chart_series, snr_layout
+from snrmon.callbacks.tensorboard_loss_runs import LOSS_TAG, sub_run
+from snrmon.logs import read_table
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
@@ -40,6 +43,7 @@ pytestmark = [
 ]
 
 SERVER_WAIT_S = 60  # TensorBoard starts in a few seconds; a loaded CI machine gets more
+LOSS_RUNS = {"tiny/version_0/train/loss", "tiny/version_0/val_loss"}  # the sub-runs of Regression's losses
 
 
 class Regression(L.LightningModule):
@@ -167,6 +171,8 @@ def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
     log = tmp_path / "tensorboard.log"
     with tensorboard_server(tmp_path / "logs", log) as base:
         tags = wait_for_tags(base, "tiny/version_0", wanted, log)
+        for run in LOSS_RUNS:  # the server reads runs one after the other
+            wait_for_tags(base, run, {LOSS_TAG}, log)
 
         # The first screen: the run has a name, and no dummy hp_metric chart.
         assert "tiny/version_0" in get_json(base, "/data/runs")
@@ -212,13 +218,18 @@ def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
 
         # Regex charts, asked for their data as the web page does: loss in both naming styles, one line
         # per group (never the totals), standard errors apart.
-        def matched(category: str, title: str) -> set[str]:
+        def matched(category: str, title: str, run: str = "tiny/version_0") -> set[str]:
             (regex,) = charts[category, title]["multiline"]["tag"]
-            reply = get_json(base, "/data/plugin/custom_scalars/scalars", run="tiny/version_0", tag=regex)
+            reply = get_json(base, "/data/plugin/custom_scalars/scalars", run=run, tag=regex)
             assert reply["regex_valid"], regex
             return set(reply["tag_to_events"])
 
-        assert matched("snrmon", "loss") == {"train/loss", "val_loss"}
+        # The loss chart draws each loss from its own sub-run (its own colour: TensorBoard colours by run),
+        # named after its tag, and nothing of the run itself (else each loss twice).
+        assert set(get_json(base, "/data/runs")) == {"tiny/version_0", *LOSS_RUNS}
+        assert matched("snrmon", LOSS_TITLE) == set()
+        for run in LOSS_RUNS:
+            assert matched("snrmon", LOSS_TITLE, run) == {LOSS_TAG}
         assert matched("snrmon per group", "SNR per group") == {"snr/hidden/ratio", "snr/out/ratio"}
         scales = {"snr/hidden/noise_scale", "snr/out/noise_scale"}
         assert matched("snrmon per group", "noise scale per group (samples)") == scales
@@ -247,6 +258,97 @@ def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
     events = EventAccumulator(str(tmp_path / "logs" / "tiny" / "version_0"))
     events.Reload()
     assert len(events.Tensors("custom_scalars__config__")) == 1
+
+
+class EpochLoss(Regression):
+    """Regression with its training loss logged per step and per epoch: train_loss_step, train_loss_epoch."""
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train_loss", loss, on_epoch=True)
+        return loss
+
+
+def fit_epoch_loss(loggers: list) -> L.Trainer:
+    """3 epochs of 4 optimizer steps (2 microbatches each), logging every 2 steps, validating twice an epoch
+    and before training (the sanity check, which logs nothing); two monitors on the trainer."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=gen)
+    data = TensorDataset(x, x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]))
+    trainer = L.Trainer(
+        max_epochs=3,
+        accumulate_grad_batches=2,
+        log_every_n_steps=2,
+        val_check_interval=4,
+        limit_val_batches=1,
+        callbacks=[SNRMonitor(prog_bar=False), SNRMonitor(prefix="all", prog_bar=False)],
+        logger=loggers,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(EpochLoss(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=32))
+    return trainer
+
+
+def written(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """Every (step, value) of scalar ``tag`` in the event files of ``run_dir`` (not below), in the order
+    written, repeats kept (TensorBoard's own reader drops a step written twice)."""
+    return [
+        (event.step, value.simple_value)
+        for path in sorted(run_dir.glob("*tfevents*"))
+        for event in LegacyEventFileLoader(str(path)).Load()
+        for value in event.summary.value
+        if value.tag == tag
+    ]
+
+
+def test_each_loss_is_copied_to_a_sub_run_as_it_was_logged(tmp_path):
+    tensorboard = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    fit_epoch_loss([tensorboard, CSVLogger(tmp_path, name="csv")])
+    run = Path(tensorboard.log_dir)
+    losses = {"train_loss_step", "train_loss_epoch", "val_loss"}
+    assert {path.parent.relative_to(run).as_posix() for path in run.rglob("*tfevents*")} == {".", *losses}
+    for tag in losses:
+        # The same points as the run's own tag: the steps Lightning logs at, each once with two monitors,
+        # none from the sanity check; one tag in the sub-run.
+        logged, copied = written(run, tag), written(run / tag, LOSS_TAG)
+        assert copied == logged and len(logged) >= 3, tag
+        events = EventAccumulator(str(run / tag))
+        events.Reload()
+        assert events.Tags()["scalars"] == [LOSS_TAG]
+    assert len(written(run, "train_loss_epoch")) == 3 and len(written(run, "val_loss")) == 6
+
+    # Only TensorBoard gets them; snrmon's own reader of logs takes the sub-runs for no runs.
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv", newline="") as handle:
+        assert not [column for column in next(csv.reader(handle)) if column.startswith("~")]
+    assert not list((tmp_path / "csv").rglob("*loss*"))
+    table = read_table(run, tag="val_loss")
+    assert table.notes == [] and set(table["group"]) == {"version_0"} and len(table) == 6
+
+
+def test_without_tensorboard_no_loss_runs(tmp_path):
+    fit_epoch_loss([CSVLogger(tmp_path, name="csv")])
+    files = sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*") if path.is_file())
+    assert files == ["csv/version_0/metrics.csv"]  # no sub-run, in the log folder or elsewhere
+
+
+def test_a_sub_run_that_cannot_be_written_is_said_and_stops_nothing(tmp_path):
+    (tmp_path / "tb" / "version_0").mkdir(parents=True)
+    (tmp_path / "tb" / "version_0" / "val_loss").write_text("a file where the sub-run's folder would go")
+    with pytest.warns(UserWarning, match="sub-runs under .* are not written further"):
+        trainer = fit_epoch_loss([TensorBoardLogger(tmp_path, name="tb", version=0, default_hp_metric=False)])
+    assert trainer.global_step == 12
+    for monitor in trainer.callbacks[:2]:  # the monitors measure and log on
+        assert not monitor._disabled and monitor.latest
+
+
+def test_sub_run_names():
+    assert sub_run("val_loss") == "val_loss" and sub_run("loss/val") == "loss/val"
+    assert sub_run("../Loss (val)") == "Loss__val_"  # stays below the run's folder
+    assert sub_run("/") == "_"
 
 
 def test_chart_series():
@@ -305,8 +407,10 @@ def test_layout_regexes_match_as_tensorboard_matches():
         "snr/forecast/val/loss/d_star",
         "snr/forecast/val_loss/train_loss",  # BasinEarlyStopping's record of the training loss
         "~snr/log10_ratio",
+        "~snr/loss",  # in each loss's sub-run
+        "~snr/loss_lower",
     ]
-    assert picks("snrmon", "loss", tags) == ["train/loss", "val_loss", "Loss/val"]
+    assert picks("snrmon", LOSS_TITLE, tags) == ["~snr/loss"]
     assert picks("snrmon per group", "SNR per group", tags) == ["snr/blocks.0/ratio"]
     # BasinEarlyStopping's tags hold the monitored metric's name, slashes and all.
     forecast = [

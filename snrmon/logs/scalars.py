@@ -28,6 +28,7 @@ from snrmon.logs.tables import LogError, Table
 N_KEYS = ("n_params", "N")  # hparams.yaml keys giving a run's parameter count
 TAGS_SHOWN = 8  # tags named in a message about --tag; the rest are counted
 VALIDATION_WORDS = ("val", "valid", "eval", "test", "holdout")  # tags of held-out losses
+CHART_SERIES = "~"  # how the tags snrmon logs for TensorBoard's charts alone begin (~snr/...)
 NOT_TAGS = ("step",)  # columns of a metrics.csv that say where a value was logged, not what
 
 
@@ -121,7 +122,14 @@ def tensorboard_runs(path: Path) -> list[Run]:
 
         tags = set(accumulator.Tags().get(SCALARS, []))
         runs.append(Run(_run_name(run_dir, base), tags, values, _hparams_n(run_dir, base)))
-    return runs
+    # SNRMonitor copies each loss to a sub-run of its run, under ~snr/loss, only for TensorBoard's colours:
+    # a run of chart series alone is no run of its own (unless nothing else was given).
+    return [run for run in runs if not _charts_only(run)] or runs
+
+
+def _charts_only(run: Run) -> bool:
+    """Whether ``run`` holds only the series snrmon writes for TensorBoard's charts (tags under ``~``)."""
+    return bool(run.tags) and all(tag.startswith(CHART_SERIES) for tag in run.tags)
 
 
 # --- Lightning CSVLogger --------------------------------------------------------------------------------
