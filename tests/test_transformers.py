@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from test_ddp import free_port
 from test_ground_truth import DIM, NOISE_STD, least_squares_truth
 from torch import nn
 from torch.utils.data import Dataset
@@ -53,6 +57,15 @@ def training_arguments(tmp_path: Path, **options) -> TrainingArguments:
         seed=0,
     )
     return TrainingArguments(**(defaults | options))
+
+
+def assert_matches_truth(latest: dict[str, float], truth: dict[str, float]) -> None:
+    """|estimate − truth| < Z·se for signal and noise, with se < 0.1·truth so the band is tight."""
+    for key in ("signal", "noise"):
+        value, se, expected = latest[f"snr/{key}"], latest[f"snr/{key}_se"], truth[key]
+        print(f"{key}: {value:.5g} ± {se:.3g}, truth {expected:.5g}, z = {(value - expected) / se:+.2f}")
+        assert 0 < se < 0.1 * expected, f"{key}: se {se:.4g} vs truth {expected:.4g}"
+        assert abs(value - expected) < Z * se, f"{key}: {value:.5g} ± {se:.3g}, truth {expected:.5g}"
 
 
 # ---------------------------------------------------------------------- the closed-form truth
@@ -127,11 +140,7 @@ def test_least_squares_matches_closed_form(tmp_path, weighting):
     assert [entry["step"] for entry in logged] == [steps // 2, steps]
     latest = logged[-1]
     assert latest == {**latest, **monitor.latest} and latest["grad_norm"] > args.max_grad_norm  # clipped
-    truth = least_squares_truth(delta)
-    for key in ("signal", "noise"):
-        value, se, expected = latest[f"snr/{key}"], latest[f"snr/{key}_se"], truth[key]
-        assert 0 < se < 0.1 * expected, f"{key}: se {se:.4g} vs truth {expected:.4g}"
-        assert abs(value - expected) < Z * se, f"{key}: {value:.5g} ± {se:.3g}, truth {expected:.5g}"
+    assert_matches_truth(latest, least_squares_truth(delta))
     assert latest["snr/skipped_steps"] == 0
     if tokens:  # the step's kept samples, about 3/4 of 128: B_eff = Σ b_k for weights b_k / Σ b_k
         assert 72 <= latest["snr/batch_size"] <= 120 and latest["snr/batch_size"] % 1 == 0
@@ -332,3 +341,32 @@ def test_evaluation_off_is_an_error_at_train_start(tmp_path):
 def test_a_missing_metric_names_the_evaluated_ones(tmp_path):
     with pytest.raises(RuntimeError, match="`eval_loss`"):
         overfitting_run(tmp_path, BasinEarlyStoppingCallback(monitor="eval_accuracy"), max_steps=4)
+
+
+# ---------------------------------------------------------------------- DDP
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_ranks_agree_and_match_closed_form(tmp_path):
+    """2 gloo ranks × 2 token-weighted microbatches of 16 per step (hf_ddp_script.py): the microbatches of
+    both ranks are the small gradients, DDP's average the applied one; the Trainer sums num_items_in_batch
+    over the ranks and multiplies each loss by 2, which the weights follow."""
+    script = Path(__file__).with_name("hf_ddp_script.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(script.parent))
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        str(script), "--out", str(tmp_path), "--weighting", "tokens",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and all(r["weight_unchanged"] for r in ranks)
+    assert not any(r["warnings"] for r in ranks), ranks[0]["warnings"]
+    latest = ranks[0]["latest"]
+    assert latest and ranks[1]["latest"] == latest  # every rank computes the same, all-reduced estimates
+    assert_matches_truth(latest, ranks[0]["truth"])
+    # The step's kept samples over both ranks, about 3/4 of 64: B_eff = Σ b for weights b / Σ b.
+    assert 36 <= latest["snr/batch_size"] <= 60 and latest["snr/batch_size"] % 1 == 0
