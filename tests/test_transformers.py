@@ -370,3 +370,46 @@ def test_ddp_ranks_agree_and_match_closed_form(tmp_path):
     assert_matches_truth(latest, ranks[0]["truth"])
     # The step's kept samples over both ranks, about 3/4 of 64: B_eff = Σ b for weights b / Σ b.
     assert 36 <= latest["snr/batch_size"] <= 60 and latest["snr/batch_size"] % 1 == 0
+
+
+# ---------------------------------------------------------------------- TRL
+
+
+def test_trl_sft_trainer(tmp_path):
+    """TRL's SFTTrainer (a Trainer subclass): the stopper forecasts from its logs; the monitor refuses, with
+    a warning and not a crash: SFTTrainer normalises the loss by num_items_in_batch outside the forward."""
+    pytest.importorskip("trl", reason="TRL is optional: pip install trl")
+    from datasets import Dataset as Rows
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    words = "the cat sat on a mat and dog ran to big red sun".split()
+    vocab = {word: index for index, word in enumerate(["[PAD]", "[UNK]", "[EOS]", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randint(len(words), (40, 8), generator=generator).tolist()
+    texts = [" ".join(words[i] for i in draw) for draw in draws]
+    args = SFTConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4, logging_steps=2,
+        eval_strategy="steps", eval_steps=2, max_length=16,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=tiny_gpt2(),
+        args=args,
+        train_dataset=Rows.from_dict({"text": texts[:32]}),
+        eval_dataset=Rows.from_dict({"text": texts[32:]}),
+        processing_class=tokenizer,
+    )
+    monitor, stopper = SNRMonitorCallback(), BasinEarlyStoppingCallback()
+    add_callbacks(trainer, monitor, stopper)
+    with pytest.warns(RuntimeWarning, match="outside the model's forward"):
+        trainer.train()
+    assert trainer.state.global_step == 4 and stopper.forecaster.points.x == [2.0, 4.0]
+    assert all(math.isfinite(t) for t in stopper.forecaster.points.train)
+    assert not any("snr/noise" in entry for entry in trainer.state.log_history)

@@ -9,6 +9,7 @@ same protocol as the Lightning ``SNRMonitor``; this module adds only the Trainer
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -89,6 +90,7 @@ class SNRMonitorCallback(TrainerCallback):
         self._handles: list[Any] = []
         self._token_scale = 1.0  # the Trainer's factor on a token-weighted loss (the ranks, see below)
         self._shifts_labels = False
+        self._accepts_loss_kwargs = False
         self._steps = 0  # steps measured since the last log
 
     # -- the Trainer's events ----------------------------------------------------------------------------
@@ -122,6 +124,7 @@ class SNRMonitorCallback(TrainerCallback):
         average = getattr(args, "average_tokens_across_devices", False)
         self._token_scale = float(args.world_size) if average and args.world_size > 1 else 1.0
         self._shifts_labels = _loss_shifts_labels(model)
+        self._accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self._handles = [model.register_forward_hook(self._after_forward, with_kwargs=True)]
         self._steps = 0
 
@@ -155,18 +158,25 @@ class SNRMonitorCallback(TrainerCallback):
         if self.meter is None or not (module.training and torch.is_grad_enabled()):
             return
         try:
-            loss = _loss_tensor(output)
-            if loss is None:
-                return  # nothing to backpropagate (or not from here)
+            outputs = _grad_outputs(output)
+            if not outputs:
+                return  # nothing to backpropagate
             size, weight = self._microbatch(args, kwargs)
             engine = torch.autograd.Variable._execution_engine
+            queued = []  # once per backward, from the first output it reaches (the loss, or the logits)
 
             def after_backward() -> None:
                 # DDP queues its all-reduce's completion when the backward reaches the first parameter,
-                # after this loss's hook: queued from here, this runs after it, on the averaged gradient.
+                # after the outputs' hooks: queued from here, this runs after it, on the averaged gradient.
                 engine.queue_callback(lambda: self._after_backward(size, weight))
 
-            loss.register_hook(lambda grad: engine.queue_callback(after_backward))
+            def backward_started(grad: Tensor) -> None:
+                if not queued:
+                    queued.append(True)
+                    engine.queue_callback(after_backward)
+
+            for tensor in outputs:
+                tensor.register_hook(backward_started)
         except Exception as error:  # never break the training step
             self._fail(error)
 
@@ -186,6 +196,13 @@ class SNRMonitorCallback(TrainerCallback):
         """The microbatch's size and weight: tokens and tokens / num_items_in_batch for a token-weighted
         loss (the tokens its loss sums over), else the samples and None (the Trainer's 1/K)."""
         items = kwargs.get("num_items_in_batch")
+        if items is None and self._accepts_loss_kwargs and "labels" in kwargs:
+            # The Trainer counts num_items_in_batch for such a model, and normalises the loss by it: here it
+            # did so outside the forward (TRL's SFTTrainer, a compute_loss override).
+            raise ValueError(
+                "the loss is normalised by the step's num_items_in_batch outside the model's forward (TRL's "
+                "SFTTrainer?): the weights of the microbatches cannot be known"
+            )
         if items is None:
             return _rows(args, kwargs), None
         if "shift_labels" in kwargs:
@@ -240,18 +257,25 @@ def _unsupported(args: TrainingArguments) -> str | None:
     return None
 
 
-def _loss_tensor(output: Any) -> Tensor | None:
-    """The model's loss if it returns one that requires a gradient, else its first output that does (the
-    logits, whose loss the Trainer computes)."""
+def _grad_outputs(output: Any) -> list[Tensor]:
+    """The model's outputs that require a gradient: whichever of them the loss is computed from (the model's
+    own loss, or the logits, log-probabilities, ... of a loss computed outside the forward)."""
     if isinstance(output, Mapping):
         values = list(output.values())
-        loss = output.get("loss")
-        values = ([loss] if loss is not None else []) + values
     elif isinstance(output, (tuple, list)):
         values = list(output)
     else:
         values = [output]
-    return next((v for v in values if isinstance(v, Tensor) and v.requires_grad), None)
+    return [v for v in values if isinstance(v, Tensor) and v.requires_grad]
+
+
+def _accepts_loss_kwargs(model: nn.Module) -> bool:
+    """Whether the Trainer passes ``num_items_in_batch`` to this model (its own test)."""
+    accepts = getattr(model, "accepts_loss_kwargs", None)
+    if accepts is not None:
+        return bool(accepts)
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _rows(args: tuple, kwargs: dict) -> int:
