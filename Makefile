@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench
+.PHONY: venv demo test test-hf lint bench
 
 venv: $(STAMP)
 
@@ -21,6 +21,11 @@ demo: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The Hugging Face callbacks' tests (tests/test_transformers.py skips them without the hf extra).
+test-hf: venv
+	$(BIN)/pip install -c constraints.txt -e ".[hf]"
+	$(BIN)/python -m pytest -q tests/test_transformers.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -22,14 +22,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from snrmon.callbacks._figures import Publisher
 from snrmon.forecast import BasinForecaster, Forecast
-from snrmon.forecast.display import (
-    LAW_NEEDS_POSITIVE,
-    as_metric,
-    format_step,
-    mode_sign,
-    projection_as_metric,
-)
+from snrmon.forecast.display import as_metric, projection_as_metric
 from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS
+from snrmon.forecast.watch import BasinWatch
 
 log = logging.getLogger(__name__)
 FIGURE_SECONDS = 30.0  # between two figures of forecasts that change no state
@@ -120,36 +115,27 @@ class BasinEarlyStopping(Callback):
                 f"check_every_n_steps must be a positive integer or None, got {check_every_n_steps}"
             )
         self.monitor, self.mode = monitor, mode
-        # The forecaster wants a curve that falls to its basin and turns up: a higher-is-better metric is fed
-        # negated (its peak becomes the basin). The training loss is fed as it is, not negated: the ratio
-        # forecast regresses the monitored curve on the training loss, r = d(monitored) / d(train loss), and
-        # while the model generalises -accuracy falls as the training loss falls, so r is positive and
-        # crosses zero at the accuracy's peak, exactly as for a validation loss. Negating the training loss
-        # too would flip r's sign and make the training loss rise, which the ratio forecast rejects.
-        self._sign = mode_sign(mode)
         self.check_every_n_steps = check_every_n_steps
         self.verbose, self.strict = verbose, strict
-        self.forecaster = BasinForecaster(
-            horizon=horizon,
-            confidence=confidence,
-            min_points=min_points,
-            prior=prior,
-            n_params=n_params,
-            tokens_per_x=tokens_per_step,
+        # The forecaster, the mirroring of mode="max", and the wording of what a forecast means: shared with
+        # the Hugging Face callback (snrmon.forecast.watch).
+        self.watch = BasinWatch(
+            monitor, mode, horizon, confidence, min_points, prior, n_params, tokens_per_step
         )
         self.stopping_reason: str | None = None
         self.stopped_step = 0
-        self._state = "no forecast"  # the last state announced, so a warning repeats only when it changes
         self._drawn_step, self._drawn_at = -1, -math.inf  # the step and time of the last figure
-        replay = ["--metric", monitor] + (["--mode", "max"] if self._sign < 0 else [])  # `snrmon forecast`
+        replay = ["--metric", monitor] + (["--mode", "max"] if self.watch.sign < 0 else [])  # snrmon forecast
         self._publisher = Publisher("BasinEarlyStopping", replay)  # figures and text to the loggers
-        self._said_departure = False  # a prior that does not fit this run is said once
-        self._said_nonpositive = False  # a loss-only forecast given values <= 0 is said once
         self._seen_metric = False  # the monitored metric has been logged in this fit (periodic checks)
         # A validation has run in this fit (checks after each validation); None: none will, said at fit start.
         self._validated: bool | None = False
         self._train_sum: torch.Tensor | None = None  # training loss summed on its device: no sync per step
         self._train_count = 0
+
+    @property
+    def forecaster(self) -> BasinForecaster:
+        return self.watch.forecaster
 
     @property
     def state_key(self) -> str:
@@ -270,11 +256,10 @@ class BasinEarlyStopping(Callback):
             return
         self._seen_metric |= present
         x = float(trainer.global_step)
-        points = self.forecaster.points.x
-        if x <= 0 or (points and x <= points[-1]):
+        if not self.watch.is_new_step(x):
             return  # no new training since the last check (e.g. two validations at the same step)
         value = float(metrics[self.monitor].squeeze().float().item()) if present else math.nan
-        mirrored = self._sign * value
+        mirrored = self.watch.sign * value
         if periodic:
             # A point only when the metric has been logged again since the last check (a validation metric
             # checked every step repeats its stale value). A per-rank metric can repeat on one rank by chance
@@ -283,19 +268,19 @@ class BasinEarlyStopping(Callback):
             new = present and mirrored != previous
             if not trainer.strategy.reduce_boolean_decision(new, all=False):
                 return
-        forecast = self.forecaster.update(x, mirrored, self._mean_train_loss(trainer))
+        forecast = self.watch.update(x, value, self._mean_train_loss(trainer))
         if not math.isfinite(value):
             log.debug("BasinEarlyStopping: %s is %s at step %d: skipped", self.monitor, value, int(x))
         elif forecast.d_star is None:
             log.debug("BasinEarlyStopping: no forecast at step %d (%s)", int(x), forecast.note)
-        self._say_nonpositive(mirrored, value, int(x))
+        self._say_nonpositive(value, int(x))
         self._log(trainer, forecast)
         self._announce(trainer, forecast)
         if forecast.d_star is not None:
             self._draw(trainer, every=FIGURE_SECONDS)
-        if forecast.method == "prior" and self.forecaster.prior_departs and not self._said_departure:
-            self._said_departure = True
-            rank_zero_warn(f"BasinEarlyStopping: {self.monitor}: {forecast.note}")
+        departure = self.watch.departure_note(forecast)
+        if departure is not None:
+            rank_zero_warn(f"BasinEarlyStopping: {departure}")
         self._decide_stop(trainer, forecast)
 
     def _decide_stop(self, trainer: pl.Trainer, forecast: Forecast) -> None:
@@ -306,12 +291,8 @@ class BasinEarlyStopping(Callback):
         if not any(decisions):
             return
         deciding = decisions.index(1.0)  # the lowest deciding rank: the same on every rank
-        reason = (
-            f"{self.monitor}: {self._describe(forecast)} (probability {forecast.p_basin:.2f} that it lies "
-            f"within {self.forecaster.horizon:.0%} more training or has been entered)"
-            if forecast.stop
-            else None  # not this rank's decision: replaced by the deciding rank's
-        )
+        # (None: not this rank's decision, replaced by the deciding rank's)
+        reason = self.watch.stop_reason(forecast) if forecast.stop else None
         reason = trainer.strategy.broadcast(reason, src=deciding)
         if trainer.should_stop:
             return  # stopped already (another callback)
@@ -321,47 +302,30 @@ class BasinEarlyStopping(Callback):
         rank_zero_info(f"BasinEarlyStopping: stopping at step {self.stopped_step}: {self.stopping_reason}")
         self._draw(trainer)
 
-    def _say_nonpositive(self, mirrored: float, value: float, step: int) -> None:
+    def _say_nonpositive(self, value: float, step: int) -> None:
         """The loss-only forecast (no training loss from training_step) skips values <= 0; said once, with
         the reason, instead of a forecaster that never forecasts."""
-        if self._said_nonpositive or not (math.isfinite(mirrored) and mirrored <= 0):
-            return
-        train = self.forecaster.points.train[-self.forecaster.window :]
-        if all(math.isfinite(t) for t in train):
-            return  # the ratio forecast, which takes any sign
-        self._said_nonpositive = True
-        mirror = f" (mode='max' forecasts -{self.monitor} = {mirrored:.4g})" if self._sign < 0 else ""
-        rank_zero_warn(
-            f"BasinEarlyStopping: {self.monitor} is {value:.4g} at step {step}{mirror}, and training_step "
-            f"returns no training loss: {LAW_NEEDS_POSITIVE}. Return the training loss from training_step "
-            "(the ratio forecast takes any sign), or monitor a positive loss",
-            category=RuntimeWarning,
-        )
+        note = self.watch.nonpositive_note(value, step, "training_step returns no training loss")
+        if note is not None:
+            rank_zero_warn(
+                f"BasinEarlyStopping: {note}. Return the training loss from training_step (the ratio "
+                "forecast takes any sign), or monitor a positive loss",
+                category=RuntimeWarning,
+            )
 
     def _log(self, trainer: pl.Trainer, forecast: Forecast) -> None:
-        prefix = f"snr/forecast/{self.monitor}"
-        values = {
-            f"{prefix}/{name}": getattr(forecast, name)
-            for name in ("d_star", "d_star_low", "d_star_high", "steps_to_basin", "p_basin")
-        }
-        # The training-loss mean this forecast was fed (across ranks), so that a replay of the logs
-        # (`snrmon forecast RUN --tag MONITOR`) reads exactly what the live run saw.
-        values[f"{prefix}/train_loss"] = self.forecaster.points.train[-1]
-        values = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+        values = self.watch.metrics(forecast)  # (with the training-loss mean it was fed, across ranks)
         if values and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
         if self.verbose:
-            rank_zero_info(f"BasinEarlyStopping: step {trainer.global_step}: {self._describe(forecast)}")
+            rank_zero_info(f"BasinEarlyStopping: step {trainer.global_step}: {self.watch.describe(forecast)}")
 
     def _announce(self, trainer: pl.Trainer, forecast: Forecast) -> None:
-        state = forecast.state if forecast.warning or forecast.stop else "improving"
-        if state == self._state or forecast.d_star is None:
+        announcement = self.watch.announcement(forecast)
+        if announcement is None:
             return
-        self._state = state
-        if state == "improving":
-            return
-        text = f"BasinEarlyStopping: {self.monitor}: {self._describe(forecast)}"
+        text = f"BasinEarlyStopping: {announcement}"
         rank_zero_warn(text)
         self._publisher.text(trainer, f"snr/forecast/{self.monitor}", text, trainer.global_step)
         self._draw(trainer)
@@ -382,48 +346,23 @@ class BasinEarlyStopping(Callback):
         try:
             from snrmon.forecast.plot import forecast_figure
 
-            history = [as_metric(f, self._sign) for f in self.forecaster.history]  # the metric's own values
-            projection = projection_as_metric(self.forecaster.projection, self._sign)
+            sign = self.watch.sign
+            history = [as_metric(f, sign) for f in self.forecaster.history]  # the metric's own values
+            projection = projection_as_metric(self.forecaster.projection, sign)
             return forecast_figure(history, self.monitor, projection=projection)
         except ImportError:  # matplotlib is optional (the plot extra)
             log.debug("BasinEarlyStopping: no matplotlib, no forecast figure")
             return None
 
-    def _describe(self, forecast: Forecast) -> str:
-        """One sentence naming the basin in whole steps and the metric's own values, e.g. 'basin ahead at
-        step 1234 (band 1100 to 1502), val_loss there ≈ 0.7535, 111 steps from step 1123'."""
-        forecast = as_metric(forecast, self._sign)
-        step = format_step
-        if forecast.d_star is None:
-            return f"no forecast yet ({forecast.note})"
-        if forecast.d_star == math.inf:
-            return f"no basin in sight at step {step(forecast.x)} ({self.monitor} {forecast.loss:.4g})"
-        if forecast.d_star_low is None:  # the prior alone, before the run's points could refit it
-            return f"the prior puts the basin at step {step(forecast.d_star)}"
-        where = f"{step(forecast.d_star)} (band {step(forecast.d_star_low)} to {step(forecast.d_star_high)})"
-        at = forecast.loss_at_d_star
-        at = f", {self.monitor} there ≈ {at:.4g}" if at is not None else ""
-        if forecast.state == "basin entered":
-            return f"basin entered: forecast at step {where}{at}; now at step {step(forecast.x)}"
-        if forecast.state == "improving":
-            return f"improving at step {step(forecast.x)}: basin forecast at step {where}{at}"
-        away = f"{step(forecast.steps_to_basin)} steps from step {step(forecast.x)}"
-        return f"{forecast.state} at step {where}{at}, {away}"
-
     # -- checkpointing -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "forecaster": self.forecaster.state_dict(),
+        return self.watch.state_dict() | {
             "stopping_reason": self.stopping_reason,
             "stopped_step": self.stopped_step,
-            "announced": self._state,
-            "said_departure": self._said_departure,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.forecaster.load_state_dict(state_dict["forecaster"])
+        self.watch.load_state_dict(state_dict)
         self.stopping_reason = state_dict["stopping_reason"]
         self.stopped_step = state_dict["stopped_step"]
-        self._state = state_dict["announced"]
-        self._said_departure = state_dict.get("said_departure", False)

@@ -18,6 +18,8 @@ import pytest
 import torch
 from test_ground_truth import (
     MLP_EXAMPLES,
+    RAGGED_SIZES,
+    RaggedBatches,
     finite_set_truth,
     fit,
     mlp_problem,
@@ -105,6 +107,46 @@ def test_disjoint_draws_with_dataset_size_match_the_training_sets_truth(seed):
     assert_within(values, truth, keys=("signal", "noise", "signal_beyond_chance", "dataset_snr"))
     uncorrected = values["signal"] - values["noise"] / MLP_EXAMPLES
     assert abs(uncorrected - truth["signal"]) > Z * values["signal_se"], "the band misses the bias"
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numbers", "device_tensors"])
+def test_weighted_microbatches_match_the_exact_truth(as_tensor):
+    """Ragged microbatches whose losses are sums over samples divided by the step's sample count (the token
+    weighting of Hugging Face's ``num_items_in_batch``): the applied gradient is the mean over all the step's
+    samples, each microbatch weighted by its share. With those weights the meter hits the truth, and its
+    batch size is the step's sample count."""
+    module, dataset, grads = mlp_problem(seed=4)
+    steps, accumulate = 300, len(RAGGED_SIZES)
+    sampler = RaggedBatches(MLP_EXAMPLES, RAGGED_SIZES, batches=steps * accumulate, seed=5)
+    batches = iter(DataLoader(dataset, batch_sampler=sampler))
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
+    total = sum(RAGGED_SIZES)
+    with GradientMeter(module, ema_decay=0.99) as meter:
+        for _ in range(steps):
+            for _ in range(accumulate):
+                x, y = next(batches)
+                (F.cross_entropy(module(x), y, reduction="sum") / total).backward()
+                size, weight = len(x), len(x) / total
+                if as_tensor:
+                    size, weight = torch.tensor(float(size)), torch.tensor(weight)
+                meter.after_backward(batch_size=size, weight=weight)
+            meter.before_step()
+            optimizer.step()
+            optimizer.zero_grad()
+        values = meter.compute()
+    assert values["batch_size"] == pytest.approx(total)  # B_eff = 1 / Σ v_k²/b_k = Σ b_k for v_k = b_k/Σb
+    assert_within(values, truth_for(grads))
+
+
+def test_weights_for_some_microbatches_only_are_refused():
+    model = small_model()
+    with GradientMeter(model) as meter:
+        (model(torch.randn(4, 3)).square().mean() / 2).backward()
+        meter.after_backward(batch_size=4, weight=0.5)
+        with pytest.raises(ValueError, match="every microbatch of a step or for none"):
+            meter.after_backward(batch_size=4)
+        with pytest.raises(ValueError, match="weight must be > 0"):
+            meter.after_backward(batch_size=4, weight=0.0)
 
 
 # ---------------------------------------------------------------------- (b) the same numbers as SNRMonitor

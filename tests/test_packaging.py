@@ -20,5 +20,8 @@ def test_every_subpackage_is_listed_for_the_wheel():
     listed = set(ast.literal_eval(line.group(1)))
     found = {
         ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "snrmon").rglob("__init__.py")
-    } | {"snrmon.callbacks"}
+    } | {  # callbacks/ is installed as snrmon.callbacks (package-dir)
+        ".".join(("snrmon", *init.parent.relative_to(ROOT).parts))
+        for init in (ROOT / "callbacks").rglob("__init__.py")
+    }
     assert found == listed, found ^ listed

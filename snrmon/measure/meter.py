@@ -137,30 +137,42 @@ class GradientMeter:
             len(self.group_names), ema_decay, parameters[0].device, self.dataset_size
         )
         self._sizes: list[float | Tensor] = []  # samples of each microbatch of the current step, this rank
+        self._weights: list[float | Tensor | None] = []  # their weights (after_backward), None for 1/K
         self._steps = 0  # steps closed with before_step
         self._taps.attach()
         self._taps.start_backward()
 
     # ------------------------------------------------------------------ the loop's calls
-    def after_backward(self, batch_size: float | Tensor) -> None:
+    def after_backward(self, batch_size: float | Tensor, weight: float | Tensor | None = None) -> None:
         """Record the backward just run: one microbatch of ``batch_size`` samples (or tokens, or total
-        weight: what its loss is a mean over), as a number or a device tensor."""
+        weight: what its loss is a mean over), as a number or a device tensor.
+
+        ``weight``: the factor the loop multiplied this microbatch's *mean* loss by before its backward, when
+        the microbatches of a step are not weighted alike, e.g. ``tokens / tokens_in_step`` for a loss summed
+        over tokens and divided by the step's token count (Hugging Face's ``num_items_in_batch``). ``None``:
+        1/K, the mean over the step's K microbatches. Give it for every microbatch of a step or for none."""
         taps = self._open()
         if taps.error is not None:
             raise taps.error
         if isinstance(batch_size, (int, float)) and not batch_size > 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size!r}")
-        # The window holds Σ b_k |hooked gradient|²; the 1/K the loop scaled each loss by is undone in
-        # before_step, when K is known.
-        taps.add_backward_to_window(batch_size)
+        if isinstance(weight, (int, float)) and not weight > 0:
+            raise ValueError(f"weight must be > 0, got {weight!r}")
+        if self._weights and (weight is None) != (self._weights[0] is None):
+            raise ValueError("after_backward: give a weight for every microbatch of a step or for none")
+        # The window holds Σ b_k |hooked gradient|² / w_k², that is Σ b_k |g_k|²; with no weight the 1/K the
+        # loop scaled each loss by is undone in before_step, when K is known.
+        taps.add_backward_to_window(batch_size if weight is None else batch_size / (weight * weight))
         taps.start_backward()  # the next backward starts from zero (a parameter it skips counts as zero)
         self._sizes.append(batch_size)
+        self._weights.append(weight)
 
     def before_step(self) -> None:
         """Close the step: read the applied gradient (after unscaling, before clipping) and update the
         estimates. Under ``torch.distributed`` every rank must call it: it joins one all-reduce."""
         taps = self._open()
         sizes, self._sizes = self._sizes, []
+        weights, self._weights = self._weights, []
         count, world = len(sizes), _world_size()
         if count == 0:
             taps.clear_window()
@@ -188,10 +200,13 @@ class GradientMeter:
         scale = self._loss_scale()
         # The hooks saw scale·g_k/K: dividing the window by (scale/K)² gives Σ b_k |g_k|² (SNRMonitor weighs
         # each backward by b_k·K² instead; the same numbers). g_k enters the applied gradient, the mean over
-        # ranks of the mean over microbatches, with weight 1/(K·world).
-        self._estimator.add_small_sum(taps.take_window(scale / count), sum(sizes), count)
-        for size in sizes:
-            self._estimator.add_applied(size, weight=1.0 / (count * world))
+        # ranks of the mean over microbatches, with weight 1/(K·world). With weights given the hooks saw
+        # scale·w_k·g_k, already divided out of the window but for the scale, and g_k enters with w_k/world.
+        weighted = weights[0] is not None
+        window = taps.take_window(scale if weighted else scale / count)
+        self._estimator.add_small_sum(window, sum(sizes), count)
+        for size, weight in zip(sizes, weights, strict=True):
+            self._estimator.add_applied(size, weight=(weight if weighted else 1.0 / count) / world)
         applied = taps.accumulated_sq_norms(1.0 if self._unscaled() else scale)
         taps.start_backward()  # reading `.grad` used the slots the hooks write into
         self._estimator.step(applied, sum_over_ranks if world > 1 else None)

@@ -1,0 +1,165 @@
+"""BasinWatch: what a basin early-stopping callback does at each check, without a framework.
+
+The Lightning ``BasinEarlyStopping`` and the Hugging Face ``BasinEarlyStoppingCallback`` both drive it: it
+holds the :class:`~snrmon.forecast.BasinForecaster` with the callbacks' defaults, feeds it the monitored
+metric (mirrored for ``mode="max"``) with the mean training loss since the previous check, and words what a
+forecast means for the user: the values to log, the warning when the state changes, the reason to stop, and
+the notes said once. The callbacks add only their framework's seams: where the metric and the training loss
+come from, how ranks agree, where messages and values go, and how the state is saved.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from snrmon.forecast.display import LAW_NEEDS_POSITIVE, as_metric, format_step, mode_sign
+from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS, BasinForecaster
+from snrmon.forecast.result import Forecast
+
+#: The forecast's values logged at each check, as ``snr/forecast/<monitor>/<name>``.
+LOGGED = ("d_star", "d_star_low", "d_star_high", "steps_to_basin", "p_basin")
+
+
+class BasinWatch:
+    """Forecasts the basin of one monitored metric, check by check, and says what each forecast means.
+
+    Args:
+        monitor: the metric's name, as messages and logged keys quote it.
+        mode: ``"min"``: lower is better (a loss); ``"max"``: higher is better, fed to the forecaster
+            mirrored.
+        horizon, confidence, min_points, prior, n_params: as for :class:`~snrmon.forecast.BasinForecaster`.
+        tokens_per_step: tokens per optimizer step, the unit of a prior's D (the forecaster's
+            ``tokens_per_x``; x is the optimizer step).
+
+    Raises:
+        ValueError: an invalid ``mode``, or forecaster argument.
+    """
+
+    def __init__(
+        self,
+        monitor: str,
+        mode: str = "min",
+        horizon: float = HORIZON,
+        confidence: float = CONFIDENCE,
+        min_points: int = MIN_POINTS,
+        prior: dict | str | None = None,
+        n_params: float | None = None,
+        tokens_per_step: float = 1.0,
+    ) -> None:
+        self.monitor, self.mode = monitor, mode
+        # The forecaster wants a curve that falls to its basin and turns up: a higher-is-better metric is fed
+        # negated (its peak becomes the basin). The training loss is fed as it is, not negated: the ratio
+        # forecast regresses the monitored curve on the training loss, r = d(monitored) / d(train loss), and
+        # while the model generalises -accuracy falls as the training loss falls, so r is positive and
+        # crosses zero at the accuracy's peak, exactly as for a validation loss. Negating the training loss
+        # too would flip r's sign and make the training loss rise, which the ratio forecast rejects.
+        self.sign = mode_sign(mode)
+        self.forecaster = BasinForecaster(
+            horizon=horizon,
+            confidence=confidence,
+            min_points=min_points,
+            prior=prior,
+            n_params=n_params,
+            tokens_per_x=tokens_per_step,
+        )
+        self.announced = "no forecast"  # the last state announced, so a warning repeats only when it changes
+        self.said_departure = False  # a prior that does not fit this run is said once
+        self.said_nonpositive = False  # a loss-only forecast given values <= 0 is said once
+
+    # -- a check -----------------------------------------------------------------------------------------
+
+    def is_new_step(self, step: float) -> bool:
+        """Whether a point at ``step`` would follow the points so far (two checks at one step add one)."""
+        points = self.forecaster.points.x
+        return step > 0 and (not points or step > points[-1])
+
+    def update(self, step: float, value: float, train_loss: float | None) -> Forecast:
+        """Add the metric's ``value`` at optimizer step ``step`` (and the mean training loss since the last
+        check, ``None`` if there is none) and forecast. The forecast is of the mirrored curve: pass it on to
+        :meth:`describe` and the others, which mirror it back."""
+        return self.forecaster.update(step, self.sign * value, train_loss)
+
+    def metrics(self, forecast: Forecast) -> dict[str, float]:
+        """The finite values to log: ``snr/forecast/<monitor>/<name>`` for :data:`LOGGED`, and the
+        training-loss mean this forecast was fed, so that a replay of the logs (``snrmon forecast RUN --tag
+        MONITOR``) reads exactly what the live run saw."""
+        prefix = f"snr/forecast/{self.monitor}"
+        values = {f"{prefix}/{name}": getattr(forecast, name) for name in LOGGED}
+        values[f"{prefix}/train_loss"] = self.forecaster.points.train[-1]
+        return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+
+    def announcement(self, forecast: Forecast) -> str | None:
+        """The warning to give when the forecast's state changes to a warning or a stop (None otherwise)."""
+        state = forecast.state if forecast.warning or forecast.stop else "improving"
+        if state == self.announced or forecast.d_star is None:
+            return None
+        self.announced = state
+        if state == "improving":
+            return None
+        return f"{self.monitor}: {self.describe(forecast)}"
+
+    def stop_reason(self, forecast: Forecast) -> str:
+        """Why a forecast that stops does so, in a sentence."""
+        return (
+            f"{self.monitor}: {self.describe(forecast)} (probability {forecast.p_basin:.2f} that it lies "
+            f"within {self.forecaster.horizon:.0%} more training or has been entered)"
+        )
+
+    def departure_note(self, forecast: Forecast) -> str | None:
+        """Once: the note that this run departs from the prior (its forecasts may not fit)."""
+        if forecast.method != "prior" or not self.forecaster.prior_departs or self.said_departure:
+            return None
+        self.said_departure = True
+        return f"{self.monitor}: {forecast.note}"
+
+    def nonpositive_note(self, value: float, step: int, how_to_give_the_training_loss: str) -> str | None:
+        """Once: why a loss-only forecast (no training loss in the window) forecasts nothing from values
+        <= 0; ``how_to_give_the_training_loss`` names the adapter's remedy."""
+        mirrored = self.sign * value
+        if self.said_nonpositive or not (math.isfinite(mirrored) and mirrored <= 0):
+            return None
+        train = self.forecaster.points.train[-self.forecaster.window :]
+        if all(math.isfinite(t) for t in train):
+            return None  # the ratio forecast, which takes any sign
+        self.said_nonpositive = True
+        mirror = f" (mode='max' forecasts -{self.monitor} = {mirrored:.4g})" if self.sign < 0 else ""
+        return (
+            f"{self.monitor} is {value:.4g} at step {step}{mirror}, and {how_to_give_the_training_loss}: "
+            f"{LAW_NEEDS_POSITIVE}"
+        )
+
+    def describe(self, forecast: Forecast) -> str:
+        """One sentence naming the basin in whole steps and the metric's own values, e.g. 'basin ahead at
+        step 1234 (band 1100 to 1502), val_loss there ≈ 0.7535, 111 steps from step 1123'."""
+        forecast = as_metric(forecast, self.sign)
+        step = format_step
+        if forecast.d_star is None:
+            return f"no forecast yet ({forecast.note})"
+        if forecast.d_star == math.inf:
+            return f"no basin in sight at step {step(forecast.x)} ({self.monitor} {forecast.loss:.4g})"
+        if forecast.d_star_low is None:  # the prior alone, before the run's points could refit it
+            return f"the prior puts the basin at step {step(forecast.d_star)}"
+        where = f"{step(forecast.d_star)} (band {step(forecast.d_star_low)} to {step(forecast.d_star_high)})"
+        at = forecast.loss_at_d_star
+        at = f", {self.monitor} there ≈ {at:.4g}" if at is not None else ""
+        if forecast.state == "basin entered":
+            return f"basin entered: forecast at step {where}{at}; now at step {step(forecast.x)}"
+        if forecast.state == "improving":
+            return f"improving at step {step(forecast.x)}: basin forecast at step {where}{at}"
+        away = f"{step(forecast.steps_to_basin)} steps from step {step(forecast.x)}"
+        return f"{forecast.state} at step {where}{at}, {away}"
+
+    # -- state -------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "forecaster": self.forecaster.state_dict(),
+            "announced": self.announced,
+            "said_departure": self.said_departure,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.forecaster.load_state_dict(state["forecaster"])
+        self.announced = state["announced"]
+        self.said_departure = state.get("said_departure", False)
