@@ -45,9 +45,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from char_gpt import CharDataModule, CharGPT  # noqa: E402
 from snrmon.callbacks import SNRMonitor  # noqa: E402
-from snrmon.callbacks._trainable import TrainableParameters  # noqa: E402
 from snrmon.measure.estimator import GradientNoiseEstimator  # noqa: E402
 from snrmon.measure.taps import GradientTaps  # noqa: E402
+from snrmon.measure.trainable import TrainableParameters  # noqa: E402
 
 # Per microbatch: the callback hooks Lightning calls around each backward, and the tensor hooks' bodies.
 PER_MICROBATCH = ("on_train_batch_start", "on_before_backward", "on_after_backward", "tensor hooks")
@@ -318,8 +318,13 @@ def _inside(part: str, hook: str) -> bool:
     """Which callback hook calls a part (for the breakdown's indentation)."""
     where = {
         "on_before_zero_grad": ("  trainable read", "  attach hooks", "  detach hooks"),
-        "on_after_backward": ("  window add", "  estimator add"),
-        "on_before_optimizer_step": ("  window sums", "  applied read", "  estimator step"),
+        "on_after_backward": ("  window add",),
+        "on_before_optimizer_step": (
+            "  estimator add",
+            "  window sums",
+            "  applied read",
+            "  estimator step",
+        ),
     }
     return part in where.get(hook, ())
 

@@ -10,7 +10,6 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim import Optimizer
 
 
 def should_log(trainer: Trainer) -> bool:
@@ -44,19 +43,6 @@ def step_of_last_batch(trainer: Trainer) -> int:
     """After training, the step :func:`logging_step` gave during its last batch: Lightning counts a batch that
     stepped only after that batch's hooks have run."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped - 1
-
-
-def loss_scale(trainer: Trainer) -> Tensor | float:
-    """The fp16 loss scale as a device tensor (``GradScaler.get_scale()`` would sync), else 1."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    scale = getattr(scaler, "_scale", None)
-    return 1.0 if scale is None else scale
-
-
-def unscales_in_step(optimizer: Optimizer) -> bool:
-    """Whether the optimizer unscales fp16 gradients inside its own ``step`` (fused Adam): Lightning then
-    hands it scaled gradients."""
-    return getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 def tensor_parallel_size(strategy: ModelParallelStrategy) -> int:

@@ -21,7 +21,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from snrmon.measure.taps import GradientTaps
+from snrmon.measure.meter import GradientMeter
 
 
 def holds_metrics(pl_module: LightningModule) -> bool:
@@ -44,11 +44,12 @@ def backward_aside(
     pl_module: LightningModule,
     batch: Any,
     batch_idx: int,
-    taps: GradientTaps,
-    scale: Tensor | float,
+    meter: GradientMeter,
+    batch_size: float | Tensor,
 ) -> None:
-    """Run ``training_step`` and a backward of its loss (times the fp16 loss ``scale``) on ``batch`` for the
-    taps alone: random states and buffers are restored, ``self.log`` is muted, and ``.grad`` is left alone."""
+    """Run ``training_step`` on ``batch`` and hand its loss to ``meter.backward_aside`` (a backward that the
+    taps alone see): random states and buffers are restored, ``self.log`` is muted, and ``.grad`` is left
+    alone."""
     device = pl_module.device
     rng_devices = [device] if device.type == "cuda" else []
     with (
@@ -60,9 +61,7 @@ def backward_aside(
     ):
         output = pl_module.training_step(batch, batch_idx)
         loss = output["loss"] if isinstance(output, dict) else output
-        taps.start_backward()
-        # autograd.grad leaves `.grad` untouched; the tensor hooks still see the gradient.
-        torch.autograd.grad(loss * scale, taps.parameters, allow_unused=True)
+        meter.backward_aside(loss, batch_size)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""SNRMonitor: gradient signal, noise, noise scale and SNR of a Lightning run, live (theory T1–T5)."""
+"""SNRMonitor: gradient signal, noise, noise scale and SNR of a Lightning run, live (theory T1–T5): the
+Lightning adapter over :class:`~snrmon.GradientMeter`."""
 
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.nn.parameter import is_lazy
 
-from snrmon.callbacks._all_reduce import skip_step_on_all_ranks, sum_over_ranks
 from snrmon.callbacks._batch_size import (
     check_sample_count,
     count_samples,
@@ -26,20 +25,18 @@ from snrmon.callbacks._batch_size import (
 from snrmon.callbacks._lightning import (
     ddp_comm_hooks,
     logging_step,
-    loss_scale,
     should_log,
     step_of_last_batch,
-    unscales_in_step,
     window_ends,
 )
 from snrmon.callbacks._split_batch import backward_aside, first_half
 from snrmon.callbacks._supported import check_supported_run
-from snrmon.callbacks._trainable import TrainableParameters, make_taps
 from snrmon.callbacks._training_set import announce, run_population
 from snrmon.callbacks.tensorboard_layout import add_snr_layout, log_chart_series
 from snrmon.callbacks.tensorboard_loss_runs import close_loss_runs, log_loss_runs
 from snrmon.measure.estimator import GradientNoiseEstimator
 from snrmon.measure.groups import TOTAL, check_groups
+from snrmon.measure.meter import GradientMeter, check_ema_decay, check_every_n_steps
 from snrmon.measure.sampling import Population, check_dataset_size
 from snrmon.measure.taps import GradientTaps
 
@@ -76,6 +73,12 @@ class SNRMonitor(Callback):
     per-step estimates of signal and noise (T2, T3, weighted form in ``docs/theory.md``), which are
     smoothed separately with bias-corrected EMAs. The noise scale (T4) and SNR (T5) are ratios of the
     smoothed values. Everything stays on the training device until a logging step.
+
+    The measuring is :class:`~snrmon.GradientMeter`'s (:attr:`meter`, made at the start of each fit), the one
+    framework-free implementation of the protocol; this callback turns Lightning's hooks into the meter's
+    calls and adds only what is Lightning's: the batch size read off the batch, N read off the dataloader, the
+    split-batch fallback, the strategy checks, the loggers, rank-zero messages, and disabling itself (with a
+    warning) rather than stopping the run when something fails.
 
     When the microbatches of a step are disjoint draws from a finite training set of N samples (a shuffled
     map-style dataset, ``DistributedSampler`` shards), T2 alone would estimate |G|² − S²/N; the monitor reads
@@ -144,10 +147,8 @@ class SNRMonitor(Callback):
         prog_bar: bool = True,
         log_details: bool = False,
     ):
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
-        if not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be a number in [0, 1), got {ema_decay!r}")
+        check_every_n_steps(every_n_steps)
+        check_ema_decay(ema_decay)
         check_groups(groups)
         check_dataset_size(dataset_size)
         if not isinstance(prefix, str) or not prefix.strip("/ "):
@@ -163,28 +164,19 @@ class SNRMonitor(Callback):
         self.log_details = log_details
         self.latest: dict[str, float] = {}
 
-        self._estimator: GradientNoiseEstimator | None = None
-        self._taps: GradientTaps | None = None
-        self._group_names: list[str] = []
-        self._pending_state: dict[str, Any] | None = None
+        self._meter: GradientMeter | None = None  # made at fit start
+        self._pending_state: dict[str, Any] | None = None  # a checkpoint's, until the meter is made
         self._warned: set[str] = set()
         self._rank = 0
         self._sharded = False  # FSDP2, known at setup
         self._ended_at_step = -1  # global step at the end of this monitor's last fit
-        self._logged_updates = 0  # the estimator's update count at the last values put in `latest`
+        self._fitting = False  # between on_fit_start and the fit's end
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
         self._disabled = False
-        self._measuring = False  # whether the current accumulation window is measured
-        self._backwards = 0  # small gradients added in the current window, on this rank
-        self._window_size: float | Tensor = 0.0  # their samples
-        self._last_backward = False  # whether the window's latest microbatch ran a backward
-        self._reduced = False  # whether this rank joined the step's all-reduce
-        self._closed_step = -1  # global step of the last on_before_optimizer_step
-        self._taps_are_new = False  # FSDP2 taps made since the current window's first forward
+        self._closed_step = -1  # global step of the last measured on_before_optimizer_step
         self._population: Population | None = None
-        self._trainable = TrainableParameters()  # which parameters the taps watch
         self._batch: Any = None
         self._batch_idx = 0
 
@@ -192,6 +184,20 @@ class SNRMonitor(Callback):
     def state_key(self) -> str:
         # Only what makes two monitors different sinks: a resume may change every_n_steps or groups.
         return self._generate_state_key(prefix=self.prefix)
+
+    @property
+    def meter(self) -> GradientMeter | None:
+        """The :class:`~snrmon.GradientMeter` that measures for this monitor (made at the start of a fit)."""
+        return self._meter
+
+    # The meter's taps and estimator, as tests and benchmarks/overhead.py look at them.
+    @property
+    def _taps(self) -> GradientTaps | None:
+        return self._meter.taps if self._meter is not None else None
+
+    @property
+    def _estimator(self) -> GradientNoiseEstimator | None:
+        return self._meter.estimator if self._meter is not None else None
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -241,69 +247,71 @@ class SNRMonitor(Callback):
         self._reset_fit_state()
         self._rank = trainer.global_rank
         # A `fit` that goes on where this monitor's last one ended (the same Trainer fitted again) keeps the
-        # EMAs; any other starts afresh (a checkpoint's state, if any, is loaded at the first watch).
-        if trainer.global_step == 0 or trainer.global_step != self._ended_at_step:
-            self._estimator = self._taps = None
-            self._group_names = []
-        self._logged_updates = 0 if self._estimator is None else self._logged_updates
+        # EMAs; any other starts afresh, or from a checkpoint's state. Either is restored into a new meter on
+        # this fit's module when it first watches parameters.
+        going_on = trainer.global_step != 0 and trainer.global_step == self._ended_at_step
+        state = self._meter.state_dict() if going_on and self._meter is not None else {}
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+        if self._meter is not None:
+            self._meter.close()
+        self._meter = GradientMeter(
+            pl_module,
+            groups=self.groups,
+            dataset_size=self.dataset_size,
+            # Lightning's fp16 plugin: its GradScaler (MixedPrecision.scaler); other plugins have none.
+            scaler=getattr(trainer.precision_plugin, "scaler", None),
+            ema_decay=self.ema_decay,
+            every_n_steps=self.every_n_steps,
+            optimizers=lambda: trainer.optimizers,
+            sharded=self._sharded,
+            world_size=trainer.world_size,
+            warn=self._meter_warning,
+            info=lambda message: rank_zero_info(f"SNRMonitor: {message}"),
+        )
+        if state:
+            self._meter.load_state_dict(state)
+        self._fitting = True
 
     @_never_crash
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._sharded:
             # FSDP2 taps find their hooks during a forward: they must be attached before the first one.
-            self._watch_trainable_parameters(trainer, pl_module)
-            self._taps_are_new = False
-            if self._taps is not None and trainer.global_step % self.every_n_steps == 0:
-                self._taps.attach()
+            self._meter.watch()
+            self._meter.attach_ahead(trainer.global_step)
 
     @_never_crash
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._trainable.walk_again()  # at the next measured window: it may have new tensors
+        self._meter.walk_again()  # at the next measured window: it may have new tensors
         if self._sharded:
-            # Walked now, between steps, when FSDP2 holds every parameter sharded: after a forward the root
+            # Watched now, between steps, when FSDP2 holds every parameter sharded: after a forward the root
             # module's parameters are its unsharded ones, which only the taps should see.
-            self._watch_trainable_parameters(trainer, pl_module)
+            self._meter.watch()
         # Dataloaders exist by now, and may be reloaded between epochs.
         population = run_population(trainer, self.dataset_size, self.batch_size_fn)
         if population != self._population:
             self._population = population
             announce(population)
-            if self._estimator is not None:
-                self._estimator.dataset_size = population.size or math.inf
+            self._meter.dataset_size = population.size or math.inf
 
     # ------------------------------------------------------------------ per accumulation window
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch, self._batch_idx = batch, batch_idx
-        self._last_backward = False
 
     @_never_crash
     def on_before_zero_grad(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Lightning zeroes the gradients before the first backward of every accumulation window. Small
-        # gradients still pending belong to a window the optimizer never applied (a user's `optimizer_step`
-        # that skipped `optimizer.step()`, an epoch cut short by `on_train_batch_start` returning -1): their
-        # applied gradient is being thrown away, so they are dropped and counted, never mixed into this one.
-        if self._backwards:
-            self._estimator.drop_step()
-            self._taps.clear_window()
-            self._backwards, self._window_size = 0, 0.0
-        self._measuring = self._window_is_measured(trainer)
-        if self._measuring:
-            # Checked on every measured window, not at epoch start: another callback may unfreeze parameters
-            # after this one's epoch hook, and lazy parameters exist only after the first forward.
-            self._watch_trainable_parameters(trainer, pl_module)
-            # FSDP2 taps made after this window's first forward cannot see its first microbatch.
-            self._measuring = self._taps is not None and not self._taps_are_new
-            self._taps_are_new = False
-        if self._taps is not None:
-            self._taps.attach() if self._measuring else self._taps.detach()
+        # Lightning zeroes the gradients after the first forward and before the first backward of every
+        # accumulation window: the window starts here. (Microbatches still pending belong to a window the
+        # optimizer never applied: a user's `optimizer_step` that skipped `optimizer.step()`, an epoch cut
+        # short by `on_train_batch_start` returning -1. The meter drops and counts them.)
+        step = trainer.global_step
+        self._meter.start_window(step, measure=self._meter.measures(step) and self._two_batch_sizes(trainer))
 
-    def _window_is_measured(self, trainer: Trainer) -> bool:
-        if trainer.global_step % self.every_n_steps:
-            return False
+    def _two_batch_sizes(self, trainer: Trainer) -> bool:
         if trainer.world_size == 1 and trainer.accumulate_grad_batches == 1 and not self.split_batch:
             self._warn_once(
                 "single_batch",
@@ -315,83 +323,17 @@ class SNRMonitor(Callback):
             return False
         return True
 
-    def _watch_trainable_parameters(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Tap the parameters that train now; a checkpoint's EMAs are restored into the first estimator."""
-        self._rewatch(trainer, pl_module)
-        if self._pending_state is not None and self._estimator is not None:  # resumed from a checkpoint
-            self._load_estimator(self._pending_state)
-            self._pending_state = None
-
-    def _rewatch(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """If other tensors train than the taps watch: new taps on them, and a new estimator."""
-        change = self._trainable.read(trainer, pl_module, self._sharded)
-        if change is None:
-            return
-        named, outside = change
-        if not named and self._taps is None and not any(is_lazy(p) for p in pl_module.parameters()):
-            # (Lazy parameters become trainable at the first forward, after this check: no warning for them.)
-            self._warn_once(
-                "nothing_trains",
-                "SNRMonitor: no parameter trains (a registered `nn.Parameter` that requires a gradient and"
-                " that an optimizer holds): nothing is measured or logged until one does. Tensors kept as"
-                " plain attributes are not seen: wrap them in `nn.Parameter`.",
-            )
-        if outside:
-            self._warn_once(
-                "outside_optimizer",
-                f"SNRMonitor: {len(outside)} parameter tensors require a gradient but are in no optimizer"
-                f" (e.g. {outside[0]!r}); they are left out: their gradient is never applied, nor cleared.",
-            )
-        watched = self._taps.parameters if self._taps is not None else []
-        if len(named) == len(watched) and all(p is q for (_, p), q in zip(named, watched, strict=True)):
-            return  # identity, not `==`: equal values say nothing about which tensors train
-        if self._taps is not None:
-            self._taps.detach()
-            self._taps = None
-        if not named:
-            self._disable("the model has no trainable parameters")
-            return
-        group_names, taps = make_taps(pl_module, named, self.groups, self._sharded)
-        self._taps = taps
-        if self._sharded:
-            self._taps_are_new = True
-        if self._estimator is not None and int(self._estimator.updates) > 0:
-            # The total (and maybe the groups) now sums over other tensors: a new quantity, new EMAs.
-            before = {id(p) for p in watched}
-            added = [n for n, p in named if id(p) not in before]
-            removed = len(watched) - (len(named) - len(added))
-            rank_zero_info(
-                f"SNRMonitor: the trainable parameters changed ({len(watched)} -> {len(named)} tensors:"
-                f" {len(added)} added{' (' + ', '.join(added[:3]) + ')' if added else ''}, {removed} removed;"
-                f" groups {group_names}); the EMAs restart."
-            )
-        self._group_names = group_names
-        dataset_size = (self._population.size if self._population else None) or math.inf
-        self._estimator = GradientNoiseEstimator(
-            len(group_names), self.ema_decay, named[0][1].device, dataset_size
-        )
-
     # ------------------------------------------------------------------ per microbatch
     @_never_crash
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         # Cleared here, not at batch start: `torch.autograd.grad` inside `training_step` (a gradient penalty,
         # gradient-norm logging) also runs the hooks; only what this backward adds to `.grad` counts.
-        if self._measuring:
-            self._taps.start_backward()
+        self._meter.before_backward()
 
     @_never_crash
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._measuring:
-            return
-        # Lightning divides each microbatch loss by `accumulate_grad_batches`, and DDP averages ranks:
-        # the hooks saw scale·g_k/K, and g_k enters the applied gradient with weight 1/(K·world_size).
-        accumulation = trainer.accumulate_grad_batches
-        size = self._batch_size(self._batch)
-        self._taps.add_backward_to_window(size * accumulation**2)
-        self._estimator.add_applied(size, weight=1.0 / (accumulation * trainer.world_size))
-        self._window_size = self._window_size + size
-        self._backwards += 1
-        self._last_backward = True
+        if self._meter.measuring:
+            self._meter.after_backward(self._batch_size(self._batch))
 
     def _batch_size(self, batch: Any) -> float | Tensor:
         size = samples_in(batch, self.batch_size_fn)
@@ -405,71 +347,45 @@ class SNRMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        measured = trainer.global_step % self.every_n_steps == 0
-        distributed = trainer.world_size > 1
+        meter, several_ranks = self._meter, trainer.world_size > 1
         try:
             if self._disabled:
-                if distributed and measured:
-                    skip_step_on_all_ranks(trainer, pl_module, self.groups, self._sharded, self._estimator)
+                if several_ranks and meter is not None and meter.measures(trainer.global_step):
+                    meter.skip_step()  # the other ranks wait for this one in the step's all-reduce
                 return
-            if trainer.global_step == self._closed_step:
-                raise RuntimeError(
-                    "the optimizer evaluated its closure more than once in one step (LBFGS and other"
-                    " line-search optimizers, or an `optimizer_step` that calls `optimizer.step()` twice):"
-                    " each evaluation is a new gradient at new parameters, not a microbatch of one step, so"
-                    " signal and noise cannot be separated"
-                )
-            if self._measuring:
-                self._closed_step = trainer.global_step
-                self._finish_step(trainer, pl_module, optimizer)
+            try:
+                self._check_step(trainer)
+                one_gradient = meter.backwards_in_window * trainer.world_size == 1
+                if meter.measuring and self.split_batch and one_gradient:
+                    self._add_half_batch(trainer, pl_module)
+            except Exception:
+                if several_ranks and meter.measures(trainer.global_step):
+                    meter.skip_step()
+                raise
+            # Lightning divides each microbatch loss by `accumulate_grad_batches` (also in an epoch's shorter
+            # last window), and has unscaled fp16 gradients by now where the scaler's state says so.
+            meter.before_step(accumulation=trainer.accumulate_grad_batches)  # (joins the ranks even failing)
         except Exception as error:
-            if distributed and measured and not self._reduced:
-                # The other ranks wait in the all-reduce.
-                skip_step_on_all_ranks(trainer, pl_module, self.groups, self._sharded, self._estimator)
             self._disable(f"{type(error).__name__} in on_before_optimizer_step: {error}")
-        finally:
-            self._backwards, self._window_size, self._reduced = 0, 0.0, False
-            if not self._disabled:
-                self._attach_ahead_of_next_step(trainer)
 
-    def _attach_ahead_of_next_step(self, trainer: Trainer) -> None:
-        if self._taps is not None and self._taps.reads_shards:  # (the step counter moves after this hook)
-            measured = (trainer.global_step + 1) % self.every_n_steps == 0
-            self._taps.attach() if measured else self._taps.detach()
-
-    def _finish_step(
-        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        scale = loss_scale(trainer)
-        if self._backwards * trainer.world_size == 1 and not self.split_batch:
-            # One microbatch on one device: nothing to compare it with. Only at an epoch's ragged end under
-            # accumulation (the single-batch setup is caught at window start), so it is expected and silent.
-            self._taps.clear_window()
-            self._estimator.discard_step()
+    def _check_step(self, trainer: Trainer) -> None:
+        """What Lightning can do to a step that the meter cannot measure."""
+        if trainer.global_step == self._closed_step:  # (on_before_zero_grad may not run again in between)
+            raise RuntimeError(
+                "the optimizer evaluated its closure more than once in one step (LBFGS and other"
+                " line-search optimizers, or an `optimizer_step` that calls `optimizer.step()` twice):"
+                " each evaluation is a new gradient at new parameters, not a microbatch of one step, so"
+                " signal and noise cannot be separated"
+            )
+        if not self._meter.measuring:
             return
+        self._closed_step = trainer.global_step
         if trainer.world_size > 1 and ddp_comm_hooks(trainer):
             raise RuntimeError(
                 "a DDP communication hook is registered (PowerSGD, gradient compression, ...): the applied"
                 " gradient is then not the mean of the ranks' gradients, so signal and noise cannot be"
                 " separated"
             )
-        step_samples = self._window_size * trainer.world_size  # (an explicit dataset_size may be wrong)
-        if self.dataset_size is not None and isinstance(step_samples, (int, float)):
-            if step_samples > self.dataset_size:
-                raise ValueError(
-                    f"this step drew {step_samples:g} samples, more than dataset_size={self.dataset_size}:"
-                    " the microbatches of a step cannot be disjoint draws from that many samples"
-                )
-        self._estimator.add_small_sum(self._taps.take_window(scale), self._window_size, self._backwards)
-        if self._backwards * trainer.world_size == 1:
-            self._add_half_batch(trainer, pl_module)
-        # Lightning unscales fp16 gradients before this hook, except for optimizers that unscale in their
-        # own step (fused Adam) and for steps whose last microbatch skipped its backward (returned None).
-        unscaled = not unscales_in_step(optimizer) and self._last_backward
-        applied = self._taps.accumulated_sq_norms(1.0 if unscaled else scale)
-        all_reduce = sum_over_ranks if trainer.world_size > 1 else None
-        self._estimator.step(applied, all_reduce, applied_is_sharded=self._taps.reads_shards)
-        self._reduced = True
 
     def _add_half_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The split-batch fallback: one extra small gradient from the first half of the batch."""
@@ -480,11 +396,10 @@ class SNRMonitor(Callback):
                 f"SNRMonitor(split_batch=True): a batch of {full_size} sample cannot be split in two; such"
                 " steps are not measured.",
             )
+            self._meter.discard_window()
             return
         half = first_half(self._batch, full_size)
-        scale = loss_scale(trainer)
-        backward_aside(trainer, pl_module, half, self._batch_idx, self._taps, scale)
-        self._estimator.add_small(self._taps.backward_sq_norms(scale), self.batch_size_fn(half))
+        backward_aside(trainer, pl_module, half, self._batch_idx, self._meter, self.batch_size_fn(half))
 
     # ------------------------------------------------------------------ logging
     @_never_crash
@@ -519,30 +434,9 @@ class SNRMonitor(Callback):
         return quantity in (LOGGED_PER_GROUP if group else LOGGED_TOTALS)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, at_end: bool = False) -> None:
-        if self._estimator is None:
+        latest = self._meter.snapshot(self.prefix) if self._meter is not None else {}  # the one host sync
+        if not latest:  # nothing measured yet, nor skipped or dropped
             return
-        estimator = self._estimator
-        values = estimator.compute()
-        names, tensors = [], []
-        for index, group in enumerate(self._group_names):
-            prefix = f"{self.prefix}/" if group == TOTAL else f"{self.prefix}/{group}/"
-            for key, value in values.items():
-                names.append(prefix + key)
-                tensors.append(value[index])
-        counters = {"batch_size": estimator.batch_size, "skipped_steps": estimator.skipped}
-        counters["dropped_windows"] = estimator.dropped
-        names += [f"{self.prefix}/{key}" for key in counters]
-        tensors += [*counters.values(), estimator.updates]
-        *numbers, updates = torch.stack([t.to(torch.float64) for t in tensors]).tolist()  # the one host sync
-        self._logged_updates = updates
-        latest = dict(zip(names, numbers, strict=True))
-        if math.isfinite(estimator.dataset_size):
-            latest[f"{self.prefix}/dataset_size"] = estimator.dataset_size
-        if updates == 0:  # no estimate yet: only say if steps were skipped or dropped
-            counts = [f"{self.prefix}/skipped_steps", f"{self.prefix}/dropped_windows"]
-            latest = {key: latest[key] for key in counts if latest[key]}
-            if not latest:
-                return
         self.latest = latest
         if trainer.is_global_zero:  # now that it is known whether the training set is finite
             add_snr_layout(trainer)
@@ -562,20 +456,22 @@ class SNRMonitor(Callback):
         # Steps measured since the last logging step (all of them in a fit shorter than `log_every_n_steps`)
         # would be in neither `latest` nor the logs: computed and logged once more, at the last step. (The
         # progress bar cannot take values after training.) One host sync, after training.
-        if self._estimator is not None and int(self._estimator.updates) > self._logged_updates:
+        if self._meter is not None and self._meter.updated_since_snapshot():
             self._log(trainer, pl_module, at_end=True)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ended_at_step = trainer.global_step
+        self._fitting = False
         close_loss_runs(trainer)
-        if self._taps is not None:
-            self._taps.detach()
+        if self._meter is not None:
+            self._meter.detach()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._ended_at_step = -1  # a failed fit is not one to go on from
+        self._fitting = False
         close_loss_runs(trainer)
-        if self._taps is not None:
-            self._taps.detach()  # never leave hooks on the user's model
+        if self._meter is not None:
+            self._meter.detach()  # never leave hooks on the user's model
 
     # ------------------------------------------------------------------ failure and state
     def _warn_once(self, topic: str, message: str) -> None:
@@ -583,47 +479,30 @@ class SNRMonitor(Callback):
             self._warned.add(topic)
             rank_zero_warn(message)
 
+    def _meter_warning(self, topic: str | None, message: str) -> None:
+        if topic is None:
+            rank_zero_warn(f"SNRMonitor: {message}")
+        else:
+            self._warn_once(topic, f"SNRMonitor: {message}")
+
     def _disable(self, reason: str) -> None:
         self._disabled = True
-        if self._taps is not None:
-            self._taps.detach()
+        if self._meter is not None:
+            self._meter.detach()
         # Every rank says it: under DDP the failing rank may not be rank zero.
         warnings.warn(
             f"SNRMonitor disabled itself on rank {self._rank}, training continues: {reason}", stacklevel=2
         )
 
     def state_dict(self) -> dict[str, Any]:
-        if self._estimator is None or self._pending_state is not None:
+        if self._meter is None or self._pending_state is not None:
             return dict(self._pending_state or {})
-        return {"group_names": self._group_names, "estimator": self._estimator.state_dict()}
+        return self._meter.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores callbacks before fit starts; the EMAs are restored once parameters are watched.
-        self._pending_state = state_dict
-
-    def _load_estimator(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        try:
-            saved_decay = state["estimator"]["ema_decay"]
-            if state.get("group_names") != self._group_names:
-                rank_zero_warn(
-                    f"SNRMonitor: the checkpoint's groups {state.get('group_names')} differ from this run's"
-                    f" {self._group_names}; the EMAs start afresh."
-                )
-                return
-            self._estimator.load_state_dict(state["estimator"])
-            if not bool(torch.isfinite(self._estimator.moments).all()):  # once, at resume
-                raise ValueError("its moments are not finite")
-        except Exception as error:
-            self._estimator.reset()
-            rank_zero_warn(
-                "SNRMonitor: the checkpoint's monitor state could not be used"
-                f" ({type(error).__name__}: {error}); the EMAs start afresh."
-            )
-            return
-        if saved_decay != self.ema_decay:
-            rank_zero_warn(
-                f"SNRMonitor: the checkpoint was smoothed with ema_decay={saved_decay}, this run uses"
-                f" {self.ema_decay}; the bias correction of the restored EMAs is approximate."
-            )
+        # Lightning restores callbacks before fit starts, or under ModelParallelStrategy after it; the fit's
+        # meter restores the EMAs once it watches parameters.
+        if self._fitting:
+            self._meter.load_state_dict(state_dict)
+        else:
+            self._pending_state = state_dict

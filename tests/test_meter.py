@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from test_ground_truth import (
@@ -187,6 +188,67 @@ def test_same_numbers_as_snr_monitor_on_the_same_run(shuffled):
     assert ("dataset_snr" in values) == shuffled
     for key, value in expected.items():
         assert values[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
+
+
+@pytest.mark.parametrize("batch_size", [20, 24], ids=["single_last_window", "shorter_last_window"])
+def test_lightnings_events_replayed_as_meter_calls_give_snr_monitors_numbers_exactly(batch_size):
+    """SNRMonitor is an adapter over GradientMeter: the calls its Lightning hooks make (start_window with the
+    global step, before_backward, after_backward, before_step with K), made by hand over the same
+    microbatches, give its values and EMAs bit for bit. Covered on both sides by the one implementation:
+    every_n_steps, K = 3 with each epoch's last window shorter (20: 13 batches, a single last microbatch,
+    skipped; 24: 11 batches, 2 microbatches of 24 and 16), the finite set's N, the optimizer's parameters."""
+    accumulate, every, epochs, lr, seed = 3, 3, 3, 0.5, 5
+
+    def run_data():
+        module, dataset, _ = mlp_problem(seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        return module, DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+
+    module, loader = run_data()
+    module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=lr)
+    monitor = SNRMonitor(ema_decay=0.9, groups=1, every_n_steps=every)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, accumulate_grad_batches=accumulate,
+        callbacks=[monitor], logger=False, log_every_n_steps=1000, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(module, loader)
+
+    model, loader = run_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    meter = GradientMeter(
+        model, groups=1, ema_decay=0.9, dataset_size=MLP_EXAMPLES, every_n_steps=every,
+        optimizers=lambda: [optimizer],
+    )  # fmt: skip
+    step = 0
+    for _ in range(epochs):
+        batches = list(loader)
+        for start in range(0, len(batches), accumulate):  # Lightning's windows end with the epoch
+            meter.start_window(step)
+            for x, y in batches[start : start + accumulate]:
+                loss = F.cross_entropy(model(x), y) / accumulate  # K also in a shorter window, as Lightning
+                meter.before_backward()
+                loss.backward()
+                meter.after_backward(len(x))
+            meter.before_step(accumulation=accumulate)
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+    values = meter.snapshot("snr")
+    meter.close()
+
+    assert step == trainer.global_step
+    for a, b in zip(module.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)  # the two runs took the same steps
+    windows = math.ceil(MLP_EXAMPLES / batch_size / accumulate)  # per epoch
+    single = MLP_EXAMPLES % (batch_size * accumulate) <= batch_size  # a last window of one microbatch
+    measured = [s for s in range(step) if s % every == 0 and not (single and s % windows == windows - 1)]
+    assert int(monitor._estimator.updates) == len(measured) >= 2
+    assert values.keys() == monitor.latest.keys() and "snr/dataset_snr" in values
+    for key, value in monitor.latest.items():
+        assert values[key] == value or (math.isnan(value) and math.isnan(values[key])), key
+    for name in ("moments", "updates", "skipped", "dropped", "batch_size"):
+        assert torch.equal(getattr(meter.estimator, name), getattr(monitor._estimator, name)), name
 
 
 # ---------------------------------------------------------------------- (c) lifetime and errors
