@@ -89,7 +89,10 @@ class Publisher:
         once per fit which loggers do not."""
         if not trainer.is_global_zero:
             return []
-        kinds = [(logger, _kind(logger)) for logger in trainer.loggers]
+        kinds = []
+        for logger in trainer.loggers:
+            with self._guard(logger):  # `experiment` may raise (a tracking server gone since the fit began)
+                kinds.append((logger, _kind(logger)))
         others = [logger for logger, kind in kinds if kind is None]
         if others and "others" not in self._said:
             self._said.add("others")

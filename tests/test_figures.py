@@ -135,3 +135,27 @@ def test_a_logger_that_fails_to_take_a_figure_is_warned_about_once():
     failures = [str(w.message) for w in caught if "failed to take a figure" in str(w.message)]
     assert failures == ["BasinEarlyStopping: Broken failed to take a figure or text: OSError('disk full')"]
     assert callback.stopped_step > 0
+
+
+def test_a_logger_whose_experiment_raises_is_warned_about_once():
+    """A logger's ``experiment`` that raises once the fit has begun (a tracking server gone) is skipped with
+    one warning, as a failing figure is: the run goes on and stops as without it."""
+
+    class Gone(Recorder):
+        """Its server goes away once training has logged its first metrics."""
+
+        @property
+        def experiment(self):
+            if self.metrics:
+                raise ConnectionError("tracking server down")
+            return self
+
+    callback = BasinEarlyStopping(monitor="val_loss")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(callback, _data(64, 0), 200, logger=Gone())
+    failures = [str(w.message) for w in caught if "failed to take a figure" in str(w.message)]
+    assert failures == [
+        "BasinEarlyStopping: Gone failed to take a figure or text: ConnectionError('tracking server down')"
+    ]
+    assert callback.stopped_step > 0
