@@ -42,6 +42,7 @@ _RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 @dataclass
 class _LossRun:
     writer: object  # a SummaryWriter on the sub-run's folder
+    folder: str  # that folder, relative to the run's
     step: int | None = None  # the last step written: with several monitors on a trainer, each value once
 
 
@@ -52,9 +53,20 @@ def is_loss(tag: str) -> bool:
 
 def sub_run(tag: str) -> str:
     """The sub-run, a path relative to the run's folder, that loss ``tag`` is copied to: the tag, its slashes
-    as folders (``loss/val``), any character but a letter, digit, ``.``, ``-`` or ``_`` replaced by ``_``."""
+    as folders (``loss/val``), any character but a letter, digit, ``.``, ``-`` or ``_`` replaced by ``_``
+    (a second tag with the same sub-run in a fit gets ``_2`` after it)."""
     parts = [re.sub(r"[^\w.\-]", "_", part) for part in tag.split("/")]
     return "/".join(part for part in parts if part.strip(".")) or "_"  # no "", "." or "..": stays below
+
+
+def _free(folder: str, taken: set[str]) -> str:
+    """``folder``, or ``folder_2``, ``folder_3``, ... if another loss tag has it (``val loss`` and
+    ``val_loss`` name the same sub-run): two losses in one sub-run would be drawn as one zig-zag line."""
+    name, n = folder, 1
+    while name in taken:
+        n += 1
+        name = f"{folder}_{n}"
+    return name
 
 
 def log_loss_runs(trainer: Trainer, hook: str) -> None:
@@ -95,7 +107,8 @@ def _write(logger: TensorBoardLogger, values: dict[str, float], step: int) -> No
     runs = _RUNS.setdefault(logger, {})
     for tag, value in values.items():
         if tag not in runs:
-            runs[tag] = _LossRun(SummaryWriter(os.path.join(logger.log_dir, sub_run(tag))))
+            folder = _free(sub_run(tag), {run.folder for run in runs.values()})
+            runs[tag] = _LossRun(SummaryWriter(os.path.join(logger.log_dir, folder)), folder)
         run = runs[tag]
         if run.step != step:
             run.writer.add_scalar(LOSS_TAG, value, step)

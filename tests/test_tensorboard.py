@@ -269,7 +269,7 @@ class EpochLoss(Regression):
         return loss
 
 
-def fit_epoch_loss(loggers: list) -> L.Trainer:
+def fit_epoch_loss(loggers: list, module: L.LightningModule | None = None) -> L.Trainer:
     """3 epochs of 4 optimizer steps (2 microbatches each), logging every 2 steps, validating twice an epoch
     and before training (the sanity check, which logs nothing); two monitors on the trainer."""
     gen = torch.Generator().manual_seed(0)
@@ -289,7 +289,7 @@ def fit_epoch_loss(loggers: list) -> L.Trainer:
         accelerator="cpu",
         devices=1,
     )
-    trainer.fit(EpochLoss(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=32))
+    trainer.fit(module or EpochLoss(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=32))
     return trainer
 
 
@@ -327,6 +327,29 @@ def test_each_loss_is_copied_to_a_sub_run_as_it_was_logged(tmp_path):
     assert not list((tmp_path / "csv").rglob("*loss*"))
     table = read_table(run, tag="val_loss")
     assert table.notes == [] and set(table["group"]) == {"version_0"} and len(table) == 6
+
+
+class TwinLosses(Regression):
+    """Two losses whose tags name the same sub-run: "val loss" and "val_loss"."""
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("val loss", loss)  # (a training loss under a confusable name)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+
+def test_two_loss_tags_that_name_one_sub_run_get_two(tmp_path):
+    tensorboard = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    fit_epoch_loss([tensorboard], TwinLosses())
+    run = Path(tensorboard.log_dir)
+    subs = {path.parent.relative_to(run).as_posix() for path in run.rglob("*tfevents*")} - {"."}
+    assert subs == {"val_loss", "val_loss_2"}
+    copied = sorted(written(run / sub, LOSS_TAG) for sub in subs)
+    assert copied == sorted([written(run, "val loss"), written(run, "val_loss")])  # each loss alone
+    assert all(copied)
 
 
 def test_without_tensorboard_no_loss_runs(tmp_path):
