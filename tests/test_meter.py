@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -356,6 +357,24 @@ def test_errors_say_what_is_missing():
 def test_rejects_bad_arguments(kwargs, error):
     with pytest.raises(error):
         GradientMeter(small_model(), **kwargs)
+
+
+def test_a_change_in_which_parameters_train_is_said():
+    """Without optimizers the meter watches the parameters that trained when it was made: a layer unfrozen
+    later is not measured, so compute() says so (and not while nothing changed)."""
+    model = small_model()
+    model[0].requires_grad_(False)
+    with GradientMeter(model) as meter:
+        backward(model, meter, k=2)
+        meter.before_step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            meter.compute()
+        model[0].requires_grad_(True)  # gradual unfreezing
+        backward(model, meter, k=2)
+        meter.before_step()
+        with pytest.warns(UserWarning, match=r"require a gradient changed .*\(2 tensors added, 0 removed\)"):
+            meter.compute()
 
 
 def test_rejects_a_model_without_trainable_parameters():

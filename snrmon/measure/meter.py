@@ -384,6 +384,8 @@ class GradientMeter:
                 "no step measured yet, so there is nothing to compute: signal and noise come from the"
                 " microbatches of whole optimizer steps (after_backward per microbatch, then before_step)"
             )
+        if self._trainable is None:
+            self._check_still_trainable()
         return self._read("")[0]
 
     def snapshot(self, prefix: str = "") -> dict[str, float]:
@@ -552,6 +554,22 @@ class GradientMeter:
         if not named:
             raise ValueError("the model has no parameter that requires a gradient: nothing to measure")
         self._make_taps(named)
+
+    def _check_still_trainable(self) -> None:
+        """Without ``optimizers`` the meter watches, for good, the parameters that required a gradient when it
+        was made. Once others do (a layer unfrozen, gradual unfreezing) the values no longer sum over what
+        trains, and nothing else would say so: warned once, when the values are read (a walk over the
+        parameters' flags, no sync)."""
+        watched = {id(p) for p in self._taps.parameters}
+        now = {id(p) for p in unwrap(self.model).parameters() if p.requires_grad}
+        if now != watched:
+            self._warn(
+                "trainable_changed",
+                f"which parameters require a gradient changed since the meter was made ({len(now - watched)}"
+                f" tensors added, {len(watched - now)} removed): it measures the {len(watched)} it watched"
+                " from the start, so the values are not those of the parameters that train now. Make a new"
+                " GradientMeter when the trainable parameters change.",
+            )
 
     def _rewatch(self) -> None:
         """If other tensors train than the taps watch: new taps on them, and a new estimator."""
