@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from test_ground_truth import (
@@ -147,7 +148,7 @@ def test_weights_for_some_microbatches_only_are_refused():
         meter.after_backward(batch_size=4, weight=0.5)
         with pytest.raises(ValueError, match="every microbatch of a step or for none"):
             meter.after_backward(batch_size=4)
-        with pytest.raises(ValueError, match="weight must be > 0"):
+        with pytest.raises(ValueError, match="weight must be a finite number > 0"):
             meter.after_backward(batch_size=4, weight=0.0)
 
 
@@ -357,6 +358,44 @@ def test_errors_say_what_is_missing():
 def test_rejects_bad_arguments(kwargs, error):
     with pytest.raises(error):
         GradientMeter(small_model(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "size, weight, error",
+    [
+        (True, None, TypeError),  # not a count of 1
+        ("5", None, TypeError),
+        (torch.tensor([5.0, 5.0]), None, ValueError),
+        (0, None, ValueError),
+        (math.inf, None, ValueError),
+        (5, float("nan"), ValueError),
+        (5, torch.ones(2), ValueError),
+    ],
+)
+def test_a_bad_size_or_weight_is_refused_at_its_call(size, weight, error):
+    model = small_model()
+    with GradientMeter(model) as meter:
+        (model(torch.randn(5, 3)).square().mean() / 2).backward()
+        with pytest.raises(error, match="batch_size|weight"):
+            meter.after_backward(batch_size=size, weight=weight)
+        backward(model, meter, k=2)  # a loop that goes on: this step holds the refused microbatch ...
+        meter.before_step()  # ... and goes unmeasured
+        model.zero_grad()
+        backward(model, meter, k=2)
+        meter.before_step()
+        values, updates = meter.compute(), int(meter.state_dict()["estimator"]["updates"])
+    assert updates == 1 and values["batch_size"] == 10 and math.isfinite(values["noise"])
+
+
+def test_numpy_sizes_and_weights_are_numbers():
+    model = small_model()
+    with GradientMeter(model) as meter:
+        for _ in range(2):
+            (model(torch.randn(5, 3)).square().mean() / 2).backward()
+            meter.after_backward(batch_size=np.int64(5), weight=np.float32(0.5))
+        meter.before_step()
+        values = meter.compute()
+    assert values["batch_size"] == 10 and math.isfinite(values["noise"])
 
 
 def test_a_change_in_which_parameters_train_is_said():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -59,6 +60,19 @@ def _world_size() -> int:
     """The number of ranks if a process group is initialised, else 1."""
     available = torch.distributed.is_available() and torch.distributed.is_initialized()
     return torch.distributed.get_world_size() if available else 1
+
+
+def _check_number(name: str, value: object) -> None:
+    """A microbatch's size or weight: a number > 0, or a one-element tensor (its value is not read: no sync).
+    Anything else would fail at ``before_step``, far from the call, or be taken silently (``True`` as 1)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            shape = tuple(value.shape)
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {shape}")
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):  # (numpy's numbers are Real)
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
+    elif not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_every_n_steps(every_n_steps: object) -> None:
@@ -134,9 +148,13 @@ class GradientMeter:
 
     Raises:
         ValueError: for a model without trainable parameters or with lazy ones (without ``optimizers``), a
-            bad ``groups``, ``dataset_size``, ``ema_decay`` or ``every_n_steps``; at :meth:`before_step`, for
+            bad ``groups``, ``dataset_size``, ``ema_decay`` or ``every_n_steps``; at :meth:`after_backward`,
+            a ``batch_size`` or ``weight`` that is not > 0 and finite, or a weight for some microbatches of a
+            step only (that step then goes unmeasured); at :meth:`before_step`, for
             a step of a single microbatch on a single process (no second batch size: no noise estimate is
             possible) or of more samples than ``dataset_size``.
+        TypeError: at :meth:`after_backward`, a ``batch_size`` or ``weight`` that is neither a number nor a
+            one-element tensor.
         RuntimeError: :meth:`before_step` without any :meth:`after_backward` since the last step,
             :meth:`compute` before any measured step, any use after :meth:`close`, and a parameter whose
             gradient arrives in parts (reentrant activation checkpointing).
@@ -253,17 +271,27 @@ class GradientMeter:
         over tokens and divided by the step's token count (Hugging Face's ``num_items_in_batch``). ``None``:
         1/K, the mean over the step's K microbatches. Give it for every microbatch of a step or for none."""
         self._check_open()
+        try:  # also in unmeasured windows: the same input is refused on every step
+            _check_number("batch_size", batch_size)
+            if weight is not None:
+                _check_number("weight", weight)
+            if self._weights and (weight is None) != (self._weights[0] is None):
+                raise ValueError("after_backward: give a weight for every microbatch of a step or for none")
+        except (TypeError, ValueError):
+            # The step's gradient now holds a microbatch that cannot be recorded: the step goes unmeasured,
+            # and the hooks' slots are cleared at its end (else the next backward reads as a second part).
+            if self._measuring:
+                self.discard_window()
+            raise
         if not self._measuring:
             return
+        if not isinstance(batch_size, Tensor):
+            batch_size = float(batch_size)  # a numpy number would fail in before_step's tensor arithmetic
+        if weight is not None and not isinstance(weight, Tensor):
+            weight = float(weight)
         taps = self._taps
         if taps.error is not None:
             raise taps.error
-        if isinstance(batch_size, (int, float)) and not batch_size > 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size!r}")
-        if isinstance(weight, (int, float)) and not weight > 0:
-            raise ValueError(f"weight must be > 0, got {weight!r}")
-        if self._weights and (weight is None) != (self._weights[0] is None):
-            raise ValueError("after_backward: give a weight for every microbatch of a step or for none")
         # The window holds Σ b_k |hooked gradient|² / w_k², that is Σ b_k |g_k|²; with no weight the 1/K the
         # loop scaled each loss by is undone in before_step, when K is known.
         taps.add_backward_to_window(batch_size if weight is None else batch_size / (weight * weight))
