@@ -232,6 +232,19 @@ def test_one_microbatch_per_step_is_refused_with_a_warning_not_a_crash(tmp_path)
     assert trainer.state.global_step == 2 and not any("snr/noise" in e for e in trainer.state.log_history)
 
 
+def test_a_run_shorter_than_logging_steps_still_leaves_its_values_in_latest(tmp_path):
+    # As the Lightning monitor computes at the end of fit: no training log came, the steps were measured.
+    args = training_arguments(
+        tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3, logging_steps=50
+    )
+    monitor = SNRMonitorCallback()
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=Sequences(32))
+    add_callbacks(trainer, monitor)
+    trainer.train()
+    assert not any("snr/noise" in e for e in trainer.state.log_history)
+    assert monitor.latest["snr/batch_size"] > 0 and math.isfinite(monitor.latest["snr/noise"])
+
+
 # ---------------------------------------------------------------------- basin early stopping
 
 
@@ -263,7 +276,15 @@ class Noisy(Dataset):
         return {"x": self.x[index], "labels": self.y[index]}
 
 
-def overfitting_run(tmp_path: Path, stopper, max_steps: int, resume: str | None = None, **options):
+class NaNInEvaluation(Regressor):
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss = super().forward(x, labels)["loss"]
+        return {"loss": loss if self.training else loss * math.nan}
+
+
+def overfitting_run(
+    tmp_path: Path, stopper, max_steps: int, resume: str | None = None, model=None, **options
+):
     args = training_arguments(
         tmp_path,
         per_device_train_batch_size=32,
@@ -277,7 +298,8 @@ def overfitting_run(tmp_path: Path, stopper, max_steps: int, resume: str | None 
         logging_steps=2,
         **options,
     )
-    trainer = Trainer(model=Regressor(), args=args, train_dataset=Noisy(64, 0), eval_dataset=Noisy(512, 1))
+    model = model or Regressor()
+    trainer = Trainer(model=model, args=args, train_dataset=Noisy(64, 0), eval_dataset=Noisy(512, 1))
     add_callbacks(trainer, stopper)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -339,8 +361,23 @@ def test_evaluation_off_is_an_error_at_train_start(tmp_path):
 
 
 def test_a_missing_metric_names_the_evaluated_ones(tmp_path):
+    # As the Trainer's EarlyStoppingCallback: a warning and a run that goes on, unless strict.
+    with pytest.warns(UserWarning, match="`eval_loss`"):
+        missing = BasinEarlyStoppingCallback(monitor="eval_accuracy")
+        trainer = overfitting_run(tmp_path / "a", missing, max_steps=4)
+    assert trainer.state.global_step == 4
     with pytest.raises(RuntimeError, match="`eval_loss`"):
-        overfitting_run(tmp_path, BasinEarlyStoppingCallback(monitor="eval_accuracy"), max_steps=4)
+        strict = BasinEarlyStoppingCallback(monitor="eval_accuracy", strict=True)
+        overfitting_run(tmp_path / "b", strict, max_steps=4)
+
+
+def test_a_non_finite_evaluation_loss_is_said_once(tmp_path):
+    stopper = BasinEarlyStoppingCallback()
+    with pytest.warns(UserWarning) as caught:
+        trainer = overfitting_run(tmp_path, stopper, max_steps=8, model=NaNInEvaluation())
+    said = [w for w in caught if "`eval_loss` is nan" in str(w.message)]
+    assert len(said) == 1 and trainer.state.global_step == 8
+    assert all(f.d_star is None for f in stopper.forecaster.history)
 
 
 # ---------------------------------------------------------------------- DDP

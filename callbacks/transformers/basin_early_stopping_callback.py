@@ -55,12 +55,14 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
         horizon, confidence, min_points, prior, n_params, tokens_per_step: as for the Lightning
             ``BasinEarlyStopping`` (the same defaults).
         verbose: log each forecast at INFO level (the main process).
-        strict: raise at the first evaluation without ``monitor`` (else warn and skip), and at train start if
-            evaluation is off (``eval_strategy="no"``).
+        strict: raise at the first evaluation without ``monitor``. By default it warns once and the run goes
+            on without forecasts, as the Trainer's own ``EarlyStoppingCallback`` does: the Trainer has no
+            sanity check, and the first evaluation may come hours into a run.
 
     Raises:
         ValueError: an invalid ``mode``, ``horizon``, ``confidence`` or ``min_points``.
-        RuntimeError: see ``strict``.
+        RuntimeError: at train start, when evaluation is off (``eval_strategy="no"``: it would never check,
+            and the Trainer's ``EarlyStoppingCallback`` refuses it too); with ``strict``, see above.
 
     Attributes:
         stopping_reason: why training was stopped (``None`` while it was not).
@@ -88,7 +90,7 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
         prior: dict | str | None = None,
         n_params: float | None = None,
         tokens_per_step: float = 1.0,
-        strict: bool = True,
+        strict: bool = False,
     ) -> None:
         self.init_args = {
             "monitor": monitor,
@@ -112,7 +114,7 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
         # The training losses logged since the last check: Σ loss × steps it covers, and those steps.
         self._train_sum, self._train_steps, self._train_logged_at = 0.0, 0, 0
         self._training = False
-        self._seen_metric = False
+        self._seen_metric = self._said_nonfinite = False
 
     @property
     def forecaster(self) -> BasinForecaster:
@@ -124,7 +126,7 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._restore(state)
-        self._training, self._seen_metric = True, False
+        self._training, self._seen_metric, self._said_nonfinite = True, False, False
         # The Trainer's next logged loss covers the steps from here (on a resume, those since the checkpoint).
         self._train_logged_at = state.global_step
         if self.forecaster.prior_note:
@@ -135,10 +137,8 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
                 "eval_strategy='no' turns evaluation off: it would never check. Set eval_strategy='steps' "
                 "(and eval_steps)"
             )
-            if self.strict:
-                raise RuntimeError(message)
-            self._warn(message, state)
-        elif args.report_to and not self.ahead_of_integrations:
+            raise RuntimeError(message)
+        if args.report_to and not self.ahead_of_integrations:
             self._warn(
                 "BasinEarlyStoppingCallback: its forecasts reach trainer.state.log_history, but not "
                 f"report_to={args.report_to}, whose callbacks read the logs first: add it with "
@@ -195,6 +195,13 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
         if not self.watch.is_new_step(step):
             return  # no new training since the last check
         value = float(logs[self.monitor])
+        if not math.isfinite(value) and not self._said_nonfinite:
+            self._said_nonfinite = True  # (the forecaster skips such a point; said once, not at every one)
+            self._warn(
+                f"BasinEarlyStoppingCallback: `{self.monitor}` is {value} at step {step}: such points are "
+                "skipped, no forecast comes from them",
+                state,
+            )
         train = self._train_sum / self._train_steps if self._train_steps else None
         self._train_sum, self._train_steps = 0.0, 0
         forecast = self.watch.update(step, value, train)

@@ -85,7 +85,7 @@ class SNRMonitorCallback(TrainerCallback):
     ) -> None:
         self.groups, self.dataset_size, self.ema_decay, self.prefix = groups, dataset_size, ema_decay, prefix
         self.meter: GradientMeter | None = None
-        self.latest: dict[str, float] = {}  # the values of the last training log
+        self.latest: dict[str, float] = {}  # the values of the last training log, or of the end of training
         self.ahead_of_integrations = False  # set by add_callbacks
         self._handles: list[Any] = []
         self._token_scale = 1.0  # the Trainer's factor on a token-weighted loss (the ranks, see below)
@@ -148,6 +148,12 @@ class SNRMonitorCallback(TrainerCallback):
             state.log_history[-1].update(self.latest)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # Steps measured since the last training log (a run shorter than logging_steps has had none): their
+        # values in `latest` too, as the Lightning monitor computes them at the end of fit.
+        if self.meter is not None and self._steps > 0:
+            values = self.meter.compute()
+            values.pop("dropped_windows", None)
+            self.latest = {self.prefix + key: value for key, value in values.items()}
         self._remove_hooks()
 
     # -- the hooks ---------------------------------------------------------------------------------------
