@@ -328,6 +328,34 @@ def test_stops_an_overfitting_run_near_its_minimum(tmp_path):
     assert stopper.forecaster.points.loss[-1] <= 1.01 * min(full)
 
 
+def test_its_trainer_state_and_tensorboard_logs_replay_alike(tmp_path, capsys):
+    """The logs a Hugging Face run writes, replayed by `snrmon forecast`: trainer_state.json holds the
+    stopper's own points (the live decisions), and it and the run's TensorBoard log give one replay."""
+    from snrmon.cli import main
+
+    def replay(*argv) -> dict:
+        assert main(["forecast", *(str(arg) for arg in argv), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    stopper = BasinEarlyStoppingCallback()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the basin warnings
+        trainer = overfitting_run(tmp_path, stopper, max_steps=400, report_to="tensorboard")
+    assert stopper.stopped_step > 0
+    trainer.save_state()  # output_dir/trainer_state.json, as a user saves it at the end
+    capsys.readouterr()  # (what the Trainer printed)
+    state = tmp_path / "trainer_state.json"
+    live = replay(state, "--metric", "eval_loss")
+    assert live["stop"] == stopper.stopped_step
+    assert [p["x"] for p in live["points"]] == [f.x for f in stopper.forecaster.history]
+    (run,) = (tmp_path / "runs").iterdir()
+    logged = replay(state, "--metric", "eval_loss", "--train-metric", "loss")
+    board = replay(run, "--metric", "eval/loss", "--train-metric", "train/loss")
+    assert [p["x"] for p in logged["points"]] == [p["x"] for p in board["points"]]
+    assert [p["loss"] for p in logged["points"]] == pytest.approx([p["loss"] for p in board["points"]])
+    assert (logged["first_warning"], logged["stop"]) == (board["first_warning"], board["stop"])
+
+
 @pytest.mark.parametrize("restore_by_the_trainer", [False, True])
 def test_forecast_state_survives_resume(tmp_path, restore_by_the_trainer):
     """Checkpointed at step 24 (12 checks, past min_points: forecasts to save) of a 32-step run, resumed with
