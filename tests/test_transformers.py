@@ -211,6 +211,28 @@ def test_gpt2_values_reach_log_history_and_tensorboard(tmp_path):
     assert run.values("train/snr/noise") == pytest.approx({e["step"]: e["snr/noise"] for e in logged})
 
 
+def test_the_monitor_s_emas_go_on_after_a_resume(tmp_path):
+    def train(monitor, max_steps, resume=None):
+        args = training_arguments(
+            tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=max_steps,
+            logging_steps=2, save_strategy="steps", save_steps=4,
+        )  # fmt: skip
+        trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=Sequences(64))
+        add_callbacks(trainer, monitor)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    first = SNRMonitorCallback()
+    train(first, max_steps=4)
+    saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["SNRMonitorCallback"]["attributes"]["saved"]["estimator"]["updates"]
+    resumed = SNRMonitorCallback()
+    train(resumed, max_steps=8, resume=str(tmp_path / "checkpoint-4"))
+    # Four measured steps before the checkpoint, four after: the EMAs went on, not started anew.
+    assert resumed.saved["estimator"]["updates"] == pytest.approx(8)
+    assert math.isfinite(resumed.latest["snr/noise"])
+
+
 def test_a_monitor_not_placed_first_says_its_values_miss_the_integrations(tmp_path):
     args = training_arguments(
         tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,

@@ -18,13 +18,14 @@ import torch
 from accelerate.state import GradientState
 from torch import Tensor, nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from snrmon.measure.meter import GradientMeter
 
 IGNORE_INDEX = -100  # labels the Trainer and the models' losses leave out (transformers' convention)
 
 
-class SNRMonitorCallback(TrainerCallback):
+class SNRMonitorCallback(TrainerCallback, ExportableState):
     r"""Log gradient signal, noise, noise scale and SNR of a ``Trainer`` run, every time it logs its loss.
 
     The microbatches of an optimizer step (``gradient_accumulation_steps`` >= 2, and/or the DDP ranks) give
@@ -52,8 +53,8 @@ class SNRMonitorCallback(TrainerCallback):
 
     Not supported (a warning, and the run goes on unmeasured): one microbatch per step on one process,
     DataParallel (``n_gpu > 1``), DeepSpeed, FSDP, label smoothing or a ``compute_loss_func`` with token
-    weighting (the loss's normalisation is not visible to the model's forward). The EMAs restart after a
-    resume from a checkpoint.
+    weighting (the loss's normalisation is not visible to the model's forward). The EMAs are saved in the
+    checkpoint's ``TrainerState`` and go on after ``train(resume_from_checkpoint=...)``.
 
     Args:
         groups: also report per parameter group (as :class:`snrmon.GradientMeter`).
@@ -92,6 +93,7 @@ class SNRMonitorCallback(TrainerCallback):
         self._shifts_labels = False
         self._accepts_loss_kwargs = False
         self._steps = 0  # steps measured since the last log
+        self._restored: dict[str, Any] = {}  # a saved meter state, to load into the next meter
 
     # -- the Trainer's events ----------------------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class SNRMonitorCallback(TrainerCallback):
         self._accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self._handles = [model.register_forward_hook(self._after_forward, with_kwargs=True)]
         self._steps = 0
+        self._restore(state)
 
     def on_log(
         self,
@@ -155,6 +158,51 @@ class SNRMonitorCallback(TrainerCallback):
             values.pop("dropped_windows", None)
             self.latest = {self.prefix + key: value for key, value in values.items()}
         self._remove_hooks()
+
+    # -- state across resume -----------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """What the checkpoint's ``TrainerState`` saves (JSON): the arguments, and the meter's EMAs."""
+        args = {"groups": self.groups, "dataset_size": self.dataset_size, "ema_decay": self.ema_decay}
+        return {"args": args | {"prefix": self.prefix}, "attributes": {"saved": self.saved}}
+
+    @property
+    def saved(self) -> dict[str, Any]:
+        """The meter's state as plain lists (also what the Trainer sets back, by name, when
+        ``restore_callback_states_from_checkpoint`` is on); ``{}`` before any measured step."""
+        if self.meter is None:
+            return self._restored
+        state = self.meter.state_dict()
+        if not state:
+            return {}
+        estimator = {k: v.tolist() if isinstance(v, Tensor) else v for k, v in state["estimator"].items()}
+        return {"group_names": state["group_names"], "estimator": estimator}
+
+    @saved.setter
+    def saved(self, state: dict[str, Any]) -> None:
+        self._restored = state
+        if self.meter is not None:
+            self._load(state)
+
+    def _restore(self, state: TrainerState) -> None:
+        """On a resume (a run that begins past step 0), load this callback's entry of the checkpoint's
+        ``state.stateful_callbacks`` into the new meter; a run from step 0 starts fresh EMAs."""
+        if state.global_step == 0:
+            self._restored = {}
+            return
+        entries = (state.stateful_callbacks or {}).get(type(self).__name__, [])
+        entries = entries if isinstance(entries, list) else [entries]
+        for entry in entries:
+            if entry.get("args", {}).get("prefix") == self.prefix:
+                self._restored = entry.get("attributes", {}).get("saved") or {}
+        self._load(self._restored)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        if not state or self.meter is None:
+            return
+        # Back to tensors, all but the decay (scalar tensors were saved as numbers, the others as lists).
+        estimator = {k: v if k == "ema_decay" else torch.tensor(v) for k, v in state["estimator"].items()}
+        self.meter.load_state_dict({"group_names": state["group_names"], "estimator": estimator})
 
     # -- the hooks ---------------------------------------------------------------------------------------
 
@@ -245,6 +293,7 @@ class SNRMonitorCallback(TrainerCallback):
             handle.remove()
         self._handles = []
         if self.meter is not None:
+            self._restored = self.saved  # what a later train() (or state()) goes on from
             self.meter.close()
             self.meter = None
 
