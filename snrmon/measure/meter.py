@@ -233,7 +233,6 @@ class GradientMeter:
             self._taps_are_new = False
         if self._taps is not None:
             self._taps.attach() if measured else self._taps.detach()
-            self._taps.defers = self._taps_may_defer()
         self._measuring = measured
         return measured
 
@@ -282,11 +281,7 @@ class GradientMeter:
             return
         taps, scale = self._taps, self._loss_scale()
         taps.start_backward()
-        taps.defers = False  # this gradient never reaches `.grad`
-        try:
-            torch.autograd.grad(loss * scale, taps.parameters, allow_unused=True)
-        finally:
-            taps.defers = self._taps_may_defer()
+        torch.autograd.grad(loss * scale, taps.parameters, allow_unused=True)
         self._estimator.add_small(taps.backward_sq_norms(scale), batch_size)
         self._extras += 1
 
@@ -602,17 +597,10 @@ class GradientMeter:
 
     def _make_taps(self, named: list[tuple[str, nn.Parameter]]) -> None:
         self.group_names, self._taps = make_taps(self.model, named, self.groups, self.sharded)
-        self._taps.defers = self._taps_may_defer()
         device = named[0][1].device
         self._estimator = GradientNoiseEstimator(
             len(self.group_names), self.ema_decay, device, self._dataset_size
         )
-
-    def _taps_may_defer(self) -> bool:
-        """Whether the hooks may leave a gradient's norm to be read from ``.grad`` after the backward: where
-        autograd stores each backward's gradient there as it is, with nothing else writing ``.grad`` in the
-        backward (DDP's reducer does on several ranks; FSDP2 frees the unsharded gradients)."""
-        return not self.sharded and self.world_size == 1
 
     def _load(self, state: dict[str, Any]) -> None:
         if not state:

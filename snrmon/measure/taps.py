@@ -51,12 +51,6 @@ class GradientTaps:
         # Hook calls per parameter in the current backward; cleared in place, since the hooks hold this list.
         self._calls = [0] * len(parameters)
         self._no_calls = [0] * len(parameters)
-        # The parameters whose norm in this backward is to be read from `.grad` after it (see `defers`).
-        self._deferred: list[int] = []
-        #: Whether a hook that finds its parameter's ``.grad`` empty leaves the norm to be read from ``.grad``
-        #: after the backward, where autograd stores that same gradient (the first microbatch after
-        #: ``zero_grad()``). Only where nothing else writes ``.grad`` in the backward: one process, no FSDP.
-        self.defers = False
         self._hooks: list | None = None  # one hook function per parameter, made at the first attach
         self.error: BaseException | None = None
 
@@ -78,21 +72,17 @@ class GradientTaps:
         self._handles = []
 
     def _hook(self, index: int):
-        # Runs once per parameter per microbatch, between the backward's own kernels, which leave the caches
-        # cold for it: it does as little as it can, and what it uses is bound here, not looked up per call.
-        slot, calls, deferred = self._slots[index], self._calls, self._deferred
-        parameter = self.parameters[index]
+        # Runs once per parameter per microbatch: it does as little as it can (the checks only where the usual
+        # norm fails), and what it uses is bound here, not looked up at each call.
+        slot, calls = self._slots[index], self._calls
         norm, float32 = torch.linalg.vector_norm, torch.float32
 
         def record_norm(grad: Tensor) -> None:
             try:
                 calls[index] += 1
-                if self.defers and parameter.grad is None:
-                    # Autograd stores this very gradient as `.grad`: it is read there after the backward,
-                    # with the others, in one fused op (on CPU a third of the cost of a norm here).
-                    deferred.append(index)
-                    return
-                # The usual gradient: dense, float32 or narrower, no graph. The others make this raise.
+                # The usual gradient: dense, float32 or narrower, without a graph. Any other makes this
+                # raise before it writes anything (sparse: not implemented; float64: a narrowing dtype; a
+                # graph, from `create_graph=True`: `out=` under autograd).
                 norm(grad, dtype=float32, out=slot)
             except Exception:
                 self._record_unusual_norm(slot, grad)
@@ -100,7 +90,7 @@ class GradientTaps:
         return record_norm
 
     def _record_unusual_norm(self, slot: Tensor, grad: Tensor) -> None:
-        """A sparse or float64 gradient, or one with a graph (``create_graph=True``, a gradient penalty)."""
+        """The norm of a sparse or float64 gradient, or of one with a graph (a gradient penalty)."""
         try:
             if grad.is_sparse:
                 grad = grad.coalesce()._values()
@@ -117,10 +107,8 @@ class GradientTaps:
         """Clear the slots: a parameter that gets no gradient in this backward then counts as zero."""
         self.norms.zero_()
         self._calls[:] = self._no_calls
-        self._deferred.clear()
 
-    def _finish_backward(self) -> None:
-        """Check that each parameter got its gradient in one piece, and read the norms left to ``.grad``."""
+    def _check_single_delivery(self) -> None:
         if max(self._calls) > 1:
             # Reentrant activation checkpointing delivers a parameter's gradient in parts; the norm of the
             # sum cannot be had from the parts' norms without keeping a copy.
@@ -128,20 +116,10 @@ class GradientTaps:
                 "a parameter received its gradient in several parts within one backward (reentrant"
                 " activation checkpointing?); use `use_reentrant=False`"
             )
-        if self._deferred:
-            if any(self.parameters[i].grad is None for i in self._deferred):
-                raise RuntimeError(
-                    "a parameter's `.grad` was emptied during the backward (an optimizer step in a"
-                    " post-accumulate-grad hook?): the gradient the optimizer applies cannot be read"
-                )
-            # Usually all of them: the first microbatch after `zero_grad()`.
-            everyone = len(self._deferred) == len(self.parameters)
-            self._read_grad_norms(None if everyone else self._deferred)
-            self._deferred.clear()
 
     def backward_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
         """Per-group squared norms of the last backward's gradient, divided by ``scale`` (AMP loss scale)."""
-        self._finish_backward()
+        self._check_single_delivery()
         norms = self.norms.double()
         if not (isinstance(scale, float) and scale == 1.0):  # (x / 1.0 is x: one op fewer without a scaler)
             norms = norms / scale
@@ -149,7 +127,7 @@ class GradientTaps:
 
     def add_backward_to_window(self, weight: float | Tensor) -> None:
         """Add weight × the last backward's squared norms to the step's window (one op for a number)."""
-        self._finish_backward()
+        self._check_single_delivery()
         if isinstance(weight, Tensor):
             self.window.addcmul_(self.norms, self.norms * weight)
         else:
@@ -166,27 +144,16 @@ class GradientTaps:
 
     def accumulated_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
         """Per-group squared norms of ``.grad`` (the accumulated, and under DDP all-reduced, gradient)."""
-        self._read_grad_norms(None)
-        return self.backward_sq_norms(scale)
-
-    def _read_grad_norms(self, indices: list[int] | None) -> None:
-        """Write the norms of the ``.grad`` of the parameters at ``indices`` into their slots (``None``: of
-        every parameter, zero where ``.grad`` is empty)."""
-        parameters = self.parameters if indices is None else [self.parameters[i] for i in indices]
-        with torch.no_grad():  # (a `.grad` made with `create_graph=True` carries a graph)
-            self._write_norms(indices, [p.grad for p in parameters])
-
-    def _write_norms(self, indices: list[int] | None, grads: list[Tensor | None]) -> None:
+        grads = [p.grad for p in self.parameters]
         plain = (type(g) is Tensor and g.layout is torch.strided and g.dtype != torch.float64 for g in grads)
-        if indices is None and all(plain):
+        if all(plain):
             # The usual case, every gradient present, dense, plain and narrow: the fused norms are stacked
             # straight into the slots (the same values as below, in two ops fewer and without the sorting).
             torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32), out=self.norms)
-            return
-        slots = self._slots if indices is None else [self._slots[i] for i in indices]
-        if indices is None:
-            self.norms.zero_()
-        present = [(slot, g) for slot, g in zip(slots, grads, strict=True) if g is not None]
+            return self.backward_sq_norms(scale)
+        pairs = zip(self._slots, self.parameters, strict=True)
+        present = [(slot, p.grad) for slot, p in pairs if p.grad is not None]
+        self.norms.zero_()
         if present:
             slots, grads = zip(*present, strict=True)
             grads = [_local_values(g) for g in grads]
@@ -197,6 +164,7 @@ class GradientTaps:
                 torch._foreach_copy_([slots[i] for i in narrow], list(norms))
             for i in wide:
                 slots[i].copy_(torch.linalg.vector_norm(grads[i]))
+        return self.backward_sq_norms(scale)
 
 
 class ShardedGradientTaps(GradientTaps):
