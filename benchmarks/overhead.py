@@ -153,6 +153,8 @@ def instrumented(monitor: SNRMonitor, stopwatch: Stopwatch):
     original_hook = GradientTaps._hook
     GradientTaps._hook = lambda taps, index: stopwatch.wrap("tensor hooks", original_hook(taps, index))
     for (cls, method), name in PARTS.items():
+        if not hasattr(cls, method):  # (an older snrmon, for a comparison)
+            continue
         originals[cls, method] = getattr(cls, method)
         setattr(cls, method, stopwatch.wrap(name, getattr(cls, method)))
     try:
@@ -274,6 +276,8 @@ def run_preset(args) -> None:
     base = statistics.median(result[1] for result in results)
     print(f"step-time ratio   median {statistics.median(ratios):.4f} over {len(ratios)} fit(s),"
           f" range {ratios[0]:.4f}-{ratios[-1]:.4f} (target <= 1.015 on the named model)")  # fmt: skip
+    if args.ratio_only:
+        return
 
     # 2. where the time goes, on measured steps
     stopwatch = Stopwatch(args.warmup, every_n_steps=2)
@@ -345,6 +349,7 @@ def main() -> None:
     parser.add_argument("--n-embd", type=int)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 on 2 processes: the step-time ratio only")
+    parser.add_argument("--ratio-only", action="store_true", help="the fits' ratios, no breakdown")
     args = parser.parse_args()
     for preset in PRESETS if args.preset == "both" else [args.preset]:
         options = argparse.Namespace(**vars(args))

@@ -72,25 +72,36 @@ class GradientTaps:
         self._handles = []
 
     def _hook(self, index: int):
-        # Runs once per parameter per microbatch: what it needs is bound here, not looked up at each call.
+        # Runs once per parameter per microbatch: it does as little as it can (the checks only where the usual
+        # norm fails), and what it uses is bound here, not looked up at each call.
         slot, calls = self._slots[index], self._calls
-        norm, float32, float64 = torch.linalg.vector_norm, torch.float32, torch.float64
+        norm, float32 = torch.linalg.vector_norm, torch.float32
 
         def record_norm(grad: Tensor) -> None:
             try:
                 calls[index] += 1
-                if grad.is_sparse:
-                    grad = grad.coalesce()._values()
-                if grad.requires_grad:  # `autograd.grad(..., create_graph=True)`, e.g. a gradient penalty
-                    grad = grad.detach()
-                if grad.dtype == float64:
-                    slot.copy_(norm(grad))
-                else:
-                    norm(grad, dtype=float32, out=slot)
-            except Exception as error:  # never break the user's backward; the owner reports it
-                self.error = error
+                # The usual gradient: dense, float32 or narrower, without a graph. Any other makes this
+                # raise before it writes anything (sparse: not implemented; float64: a narrowing dtype; a
+                # graph, from `create_graph=True`: `out=` under autograd).
+                norm(grad, dtype=float32, out=slot)
+            except Exception:
+                self._record_unusual_norm(slot, grad)
 
         return record_norm
+
+    def _record_unusual_norm(self, slot: Tensor, grad: Tensor) -> None:
+        """The norm of a sparse or float64 gradient, or of one with a graph (a gradient penalty)."""
+        try:
+            if grad.is_sparse:
+                grad = grad.coalesce()._values()
+            if grad.requires_grad:
+                grad = grad.detach()
+            if grad.dtype == torch.float64:
+                slot.copy_(torch.linalg.vector_norm(grad))
+            else:
+                torch.linalg.vector_norm(grad, dtype=torch.float32, out=slot)
+        except Exception as error:  # never break the user's backward; the owner reports it
+            self.error = error
 
     def start_backward(self) -> None:
         """Clear the slots: a parameter that gets no gradient in this backward then counts as zero."""
