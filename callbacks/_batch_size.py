@@ -7,7 +7,6 @@ says it for losses that are means over something else (non-padding tokens).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -44,13 +43,6 @@ def samples_in(batch: Any, batch_size_fn: Callable[[Any], int | float | Tensor])
             f"could not count the samples of a training batch ({error}); pass"
             " `SNRMonitor(batch_size_fn=...)` returning what the training loss is a mean over"
         ) from error
-
-
-def check_sample_count(size: Any) -> None:
-    """Refuse a count that is not a positive finite number."""
-    # A device tensor is not checked (that would sync); a bad one makes the step non-finite (skipped).
-    if not isinstance(size, Tensor) and not (isinstance(size, (int, float)) and 0 < size < math.inf):
-        raise ValueError(f"batch_size_fn returned {size!r} for a batch: it must count its samples (> 0)")
 
 
 def warn_if_leading_dimensions_differ(batch: Any, size: int) -> None:

@@ -17,7 +17,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from snrmon.callbacks._batch_size import (
-    check_sample_count,
     count_samples,
     samples_in,
     warn_if_leading_dimensions_differ,
@@ -333,14 +332,17 @@ class SNRMonitor(Callback):
     @_never_crash
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._meter.measuring:
-            self._meter.after_backward(self._batch_size(self._batch))
+            size = self._batch_size(self._batch)
+            try:
+                self._meter.after_backward(size)  # (the meter checks the count: one check, not two)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"batch_size_fn returned {size!r} for a batch: {error}") from error
 
     def _batch_size(self, batch: Any) -> float | Tensor:
         size = samples_in(batch, self.batch_size_fn)
         if self.batch_size_fn is count_samples and "ambiguous_batch" not in self._warned:
             self._warned.add("ambiguous_batch")  # checked once (a tree walk), warned at most once
             warn_if_leading_dimensions_differ(batch, size)
-        check_sample_count(size)
         return size
 
     # ------------------------------------------------------------------ per optimizer step
