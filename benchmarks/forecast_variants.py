@@ -1,0 +1,196 @@
+"""Variants of the forecaster's ratio signal and stop, replayed on a corpus split (docs/forecast.md).
+
+Measured, not adopted: each replaces one part of the default forecaster and is scored like it.
+
+* the ratio's estimate: the default regresses the monitored loss on the training loss in each window of 8
+  points, so noise in the training loss pulls each window's ratio toward zero (errors in the regressor).
+  ``integrated``: one regression over the last ``span`` points, v = c + r0·t + r1·∫(u − u_now) dt, for a
+  ratio r(u) = r0 + r1·(u − u_now) with its covariance (still t as the regressor). ``slopes``: each window's
+  ratio as the ratio of the two curves' slopes against log x (time as the instrument: no attenuation).
+  ``quadratic``: r and its trend from local quadratics of both curves in log x over ``span`` points.
+* what carries the warning: how often the default forecaster's P(basin within the horizon) reaches 0.5, and
+  how often it warns (P ≥ 0.5 and the evidence tests pass), on U-runs before their minimum (from half of
+  it, where a warning is in time), after it, and on improving-there runs.
+* the stop: after the forecaster's first warning, a stop at ``p`` validations without a new best (or the
+  forecaster's own stop, whichever comes first).
+
+    python benchmarks/forecast_variants.py --corpus tuning   # ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import numpy as np
+from eval_record import load_corpus
+from eval_replay import CORPUS_METHODS, Outcome, replay_outcome
+from eval_score import evaluate_corpus
+from eval_tables import corpus_summary_table
+
+from snrmon.forecast import BasinForecaster
+from snrmon.forecast.curve import slope
+from snrmon.forecast.decision import SAMPLES, Draws
+from snrmon.forecast.ratio import FAR_AHEAD, RATIO_FLOOR, RatioSignal, crossing_draws
+
+
+def line_crossings(u_now: float, u_first: float, a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
+    """Draws of x where r = a + b·(u − u_now) crosses RATIO_FLOOR (the edge) and 0 (the minimum), as
+    ratio.crossing_draws places them from drawn coefficients."""
+    out = []
+    for level in (RATIO_FLOOR, 0.0):
+        above = a - level
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ahead = np.where(b < 0, -above / b, np.where(above <= 0, 0.0, np.inf))
+        far = ~(ahead <= math.log(FAR_AHEAD))  # NaN (a 0/0 draw) too: no crossing in sight
+        ahead = np.clip(np.nan_to_num(ahead, nan=np.inf), u_first - u_now, math.log(FAR_AHEAD))
+        out.append(np.where(far, np.inf, np.exp(u_now + ahead)))
+    return out
+
+
+class IntegratedRatio:
+    """r(u) = r0 + r1·(u − u_now) from v = c + r0·t + r1·∫(u − u_now) dt over the last ``span`` points."""
+
+    name = "ratio"
+
+    def __init__(self, span: int) -> None:
+        self.span = span
+
+    def draws(self, x, loss, train, rng) -> Draws | None:
+        n = min(self.span, len(x))
+        v, t = loss[-n:], train[-n:]
+        if n < 6 or not np.all(np.isfinite(t)):
+            return None
+        u = np.log(x[-n:])
+        integral = np.concatenate([[0.0], np.cumsum(((u[1:] + u[:-1]) / 2 - u[-1]) * np.diff(t))])
+        design = np.stack([np.ones(n), t - t[-1], integral - integral[-1]], axis=1)
+        coefficients, *_ = np.linalg.lstsq(design, v, rcond=None)
+        residuals = v - design @ coefficients
+        covariance = float(residuals @ residuals / (n - 3)) * np.linalg.pinv(design.T @ design)
+        a, b = rng.multivariate_normal(coefficients[1:], covariance[1:, 1:], size=SAMPLES, method="eigh").T
+        edge, minimum = line_crossings(u[-1], u[0], a, b)
+        return Draws(edge, minimum=minimum)
+
+
+class SlopesRatio(RatioSignal):
+    """Each window's ratio as slope(v vs log x) / slope(t vs log x); the trend line as the default's."""
+
+    def draws(self, x, loss, train, rng) -> Draws | None:
+        w, u_ends, ratios = self.window, [], []
+        for end in range(w, len(x) + 1):
+            t, v = train[end - w : end], loss[end - w : end]
+            if not np.all(np.isfinite(t)):
+                continue
+            u = np.log(x[end - w : end])
+            train_slope = slope(u, t)[0]
+            if train_slope < 0:  # only a falling training loss makes the ratio meaningful
+                ratios.append(slope(u, v)[0] / train_slope)
+                u_ends.append(u[-1])
+        if len(ratios) < 3:
+            return None
+        u, r = np.asarray(u_ends[-w:]), np.asarray(ratios[-w:])
+        edge, minimum = crossing_draws(u, r, (RATIO_FLOOR, 0.0), rng)
+        return Draws(edge, minimum=minimum)
+
+
+def _quadratic(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    design = np.stack([np.ones_like(s), s, s**2], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, y, rcond=None)
+    residuals = y - design @ coefficients
+    return coefficients, float(residuals @ residuals / (len(y) - 3)) * np.linalg.pinv(design.T @ design)
+
+
+class QuadraticRatio:
+    """r = v'/t' and its trend at now, from quadratics of both curves in s = log x − log x_now over ``span``
+    points: r0 = b_v/b_t, r1 = 2(c_v b_t − b_v c_t)/b_t²."""
+
+    name = "ratio"
+
+    def __init__(self, span: int) -> None:
+        self.span = span
+
+    def draws(self, x, loss, train, rng) -> Draws | None:
+        n = min(self.span, len(x))
+        if n < 8 or not np.all(np.isfinite(train[-n:])):
+            return None
+        s = np.log(x[-n:]) - math.log(x[-1])
+        val = rng.multivariate_normal(*_quadratic(s, loss[-n:]), size=SAMPLES, method="eigh")
+        trn = rng.multivariate_normal(*_quadratic(s, train[-n:]), size=SAMPLES, method="eigh")
+        (b_v, c_v), (b_t, c_t) = val[:, 1:].T, trn[:, 1:].T
+        with np.errstate(all="ignore"):
+            a, b = b_v / b_t, 2 * (c_v * b_t - b_v * c_t) / b_t**2
+        a = np.where(b_t < 0, a, np.nan)  # a training loss not falling: no ratio, no crossing in that draw
+        edge, minimum = line_crossings(math.log(x[-1]), math.log(x[-n]), a, b)
+        return Draws(edge, minimum=minimum)
+
+
+def with_signal(make_signal):
+    def run(curve) -> Outcome:
+        forecaster = BasinForecaster()
+        forecaster.ratio = make_signal(forecaster.window)
+        return replay_outcome(forecaster, curve)
+
+    return run
+
+
+def warned_then_patience(patience: int):
+    def run(curve) -> Outcome:
+        forecaster, warning, best, since = BasinForecaster(), None, math.inf, 0
+        for x, val, train in zip(curve.x, curve.val, curve.train, strict=True):
+            forecast = forecaster.update(x, val, train)
+            best, since = (val, 0) if val < best else (best, since + 1)
+            if forecast.warning and warning is None:
+                warning = x
+            if forecast.stop or (warning is not None and since >= patience):
+                return Outcome(warning if warning is not None else x, x)
+        return Outcome(warning, None)
+
+    return run
+
+
+VARIANTS = {
+    "forecaster": CORPUS_METHODS["forecaster"],
+    "integrated, 12 points": with_signal(lambda window: IntegratedRatio(12)),
+    "integrated, 16 points": with_signal(lambda window: IntegratedRatio(16)),
+    "slopes": with_signal(SlopesRatio),
+    "quadratic, 16 points": with_signal(lambda window: QuadraticRatio(16)),
+    **{f"warned, then patience {p}": warned_then_patience(p) for p in (2, 3, 5)},
+}
+
+
+def warning_conditions(curves) -> list[str]:
+    """The share of validations where the default forecaster's P(basin) >= 0.5, and where it warns."""
+    shares = {"U-runs, half the minimum to the minimum": [], "U-runs, after the minimum": [], "improving": []}
+    for curve in curves:
+        forecasts = BasinForecaster().replay(curve.x, curve.val, curve.train)
+        for i, forecast in enumerate(forecasts):
+            if forecast.p_basin is None:
+                continue
+            if curve.kind == "improving":
+                where = "improving"
+            elif i > curve.min_index:
+                where = "U-runs, after the minimum"
+            elif curve.x[i] >= curve.x[curve.min_index] / 2:
+                where = "U-runs, half the minimum to the minimum"
+            else:
+                continue
+            shares[where].append((forecast.p_basin >= 0.5, forecast.warning))
+    lines = ["validations                                 P(basin) >= 0.5   warning"]
+    for where, flags in shares.items():
+        p, warned = np.mean(flags, axis=0) if flags else (math.nan, math.nan)
+        lines.append(f"{where:43s} {p:6.0%} of {len(flags):4d}   {warned:6.0%}")
+    return lines
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", choices=("tuning", "held-out", "held-out-2"), default="tuning")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    curves = load_corpus(args.corpus)
+    print("\n".join(warning_conditions(curves)))
+    print()
+    rows = evaluate_corpus(curves, VARIANTS)
+    print("\n".join(corpus_summary_table(rows, args.markdown)))
