@@ -11,6 +11,11 @@ Measured, not adopted: each replaces one part of the default forecaster and is s
 * what carries the warning: how often the default forecaster's P(basin within the horizon) reaches 0.5, and
   how often it warns (P ≥ 0.5 and the evidence tests pass), on U-runs before their minimum (from half of
   it, where a warning is in time), after it, and on improving-there runs.
+* how separable the moments to warn are at all (``--separability``): each validation from the 16th on is
+  labelled "warn now" (a target U-run, from half its minimum to the minimum) or "do not" (an improving-there
+  run, or a U-run before half its minimum); the AUC of simple curve features (slopes against log x over 8
+  and 16 points as z-scores, the ratio, on log losses too, the distance from the best) and of a logistic
+  regression of all of them fitted on the tuning split, on each split. 0.5: no better than chance.
 * the stop: after the forecaster's first warning, a stop at ``p`` validations without a new best (or the
   forecaster's own stop, whichever comes first).
 
@@ -30,7 +35,7 @@ from eval_score import evaluate_corpus
 from eval_tables import corpus_summary_table
 
 from snrmon.forecast import BasinForecaster
-from snrmon.forecast.curve import slope
+from snrmon.forecast.curve import slope, train_at_points
 from snrmon.forecast.decision import SAMPLES, Draws
 from snrmon.forecast.ratio import FAR_AHEAD, RATIO_FLOOR, RatioSignal, crossing_draws
 
@@ -183,12 +188,93 @@ def warning_conditions(curves) -> list[str]:
     return lines
 
 
+def point_features(x: np.ndarray, val: np.ndarray, train: np.ndarray) -> dict[str, float]:
+    """Features of the curve up to its last point (the training loss moved to the points, as the forecaster
+    reads it)."""
+    train = train_at_points(x, train)
+    features = {}
+    for w in (8, 16):
+        u = np.log(x[-w:])
+        log_val, log_train = np.log(np.maximum(val[-w:], 1e-12)), np.log(np.maximum(train[-w:], 1e-12))
+        for name, y in (
+            ("val", val[-w:]),
+            ("train", train[-w:]),
+            ("gap", val[-w:] - train[-w:]),
+            ("log gap", log_val - log_train),
+        ):
+            value, se = slope(u, y)
+            features[f"{name} slope z, {w}"] = value / se if se > 0 else 0.0
+        for name, (v, t) in (("ratio", (val[-w:], train[-w:])), ("log ratio", (log_val, log_train))):
+            train_slope = slope(u, t)[0]
+            features[f"{name}, {w}"] = slope(u, v)[0] / train_slope if train_slope < 0 else 0.0
+    noise = float(np.median(np.abs(np.diff(val)))) or 1e-12
+    features["above the best / noise"] = float(val[-1] - val.min()) / noise
+    features["validations since the best"] = float(len(val) - 1 - np.argmin(val))
+    features["training / monitored loss"] = float(train[-1] / val[-1])
+    return features
+
+
+def labelled_points(curves) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features and labels (1: a warning now is in time) of every scored validation from the 16th on."""
+    rows, labels = [], []
+    for curve in curves:
+        if curve.kind == "U" and not curve.target:
+            continue  # a minimum too early to forecast
+        x, val, train = (np.asarray(s, dtype=float) for s in (curve.x, curve.val, curve.train))
+        for i in range(16, len(x)):
+            if curve.kind == "U" and i > curve.min_index:
+                break  # after the minimum a warning is late, neither right nor a false alarm
+            in_time = curve.kind == "U" and x[i] >= x[curve.min_index] / 2
+            rows.append(point_features(x[: i + 1], val[: i + 1], train[: i + 1]))
+            labels.append(int(in_time))
+    names = list(rows[0])
+    matrix = np.clip(np.nan_to_num(np.array([[r[n] for n in names] for r in rows])), -50, 50)
+    return matrix, np.array(labels), names
+
+
+def auc(score: np.ndarray, label: np.ndarray) -> float:
+    """The probability that a random positive scores above a random negative (ties count half)."""
+    positive, negative = score[label == 1], score[label == 0]
+    greater = (positive[:, None] > negative[None, :]).mean()
+    return float(greater + 0.5 * (positive[:, None] == negative[None, :]).mean())
+
+
+def logistic(matrix: np.ndarray, label: np.ndarray, steps: int = 3000, l2: float = 1e-2):
+    """A standardised logistic regression by gradient descent; returns its scoring function."""
+    mean, std = matrix.mean(0), matrix.std(0) + 1e-9
+    design = np.hstack([(matrix - mean) / std, np.ones((len(matrix), 1))])
+    w = np.zeros(design.shape[1])
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-design @ w))
+        w -= 0.1 * (design.T @ (p - label) / len(label) + l2 * np.r_[w[:-1], 0.0])
+    return lambda m: np.hstack([(m - mean) / std, np.ones((len(m), 1))]) @ w
+
+
+def separability(splits: list[str]) -> list[str]:
+    data = {split: labelled_points(load_corpus(split)) for split in splits}
+    matrix, label, names = data["tuning"]
+    score = logistic(matrix, label)
+    lines = ["AUC of 'warn now' against 'do not' (0.5: chance; below 0.5: the feature points the other way)"]
+    lines.append(f"{'feature':32s}" + "".join(f"{s:>13s}" for s in splits))
+    for j, name in enumerate(names):
+        lines.append(f"{name:32s}" + "".join(f"{auc(m[:, j], y):13.2f}" for m, y, _ in data.values()))
+    fitted = "".join(f"{auc(score(m), y):13.2f}" for m, y, _ in data.values())
+    lines.append(f"{'logistic, all (fitted: tuning)':32s}{fitted}")
+    counts = "".join(f"{y.sum():>7d} / {len(y):4d}" for _, y, _ in data.values())
+    lines.append(f"{'points (warn now / all)':32s}{counts}")
+    return lines
+
+
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=("tuning", "held-out", "held-out-2"), default="tuning")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--separability", action="store_true", help="the AUC table on all three splits")
     args = parser.parse_args()
+    if args.separability:
+        print("\n".join(separability(["tuning", "held-out", "held-out-2"])))
+        raise SystemExit
     curves = load_corpus(args.corpus)
     print("\n".join(warning_conditions(curves)))
     print()
