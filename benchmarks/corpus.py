@@ -15,6 +15,14 @@ and caches each curve in ``benchmarks/corpus_curves.json`` in the format of ``fo
   validation loss by −η g_val·g_train;
 - ``step_dot``, ``step_dot_se``: g_val·Δθ with Δθ the last step's actual update (Adam's preconditioned step,
   weight decay included), the first-order change of the validation loss for any optimizer;
+- ``full_dot``, ``full_dot_se``: g_val·ḡ_train with ḡ_train the gradient of the mean loss over the whole
+  training set (a text task: a fixed sample of TEXT_TRAIN_WINDOWS windows), in eval mode: the training side
+  averaged over its sampling noise, so the sign says whether a full-batch step still helps held-out data;
+- ``pre_dot``, ``pre_dot_se``: g_val·P·ḡ_train with P Adam's preconditioner 1/(√v̂ + ε) (SGD: 1), the
+  first-order change of the validation loss under the optimizer's step along the full training gradient;
+- ``avg_dot``, ``avg_dot_se``: g_val·(the mean of the training batches' gradients over the interval since the
+  previous validation): what a callback could keep live (one model-sized sum), the training side averaged over
+  ``val_every`` batches;
 - ``min_index`` (argmin of val) and ``replay_validations`` (the suggested replayed prefix). ``kind`` is
   forecast_eval.label of the full recorded curve; a run whose minimum lies beyond the replayed prefix counts
   as improving there.
@@ -61,6 +69,7 @@ GRAD_BATCHES = 4  # chunks of the validation set for g_val and its standard erro
 BLOCK = 32  # bytes per window of the tiny GPT
 TEXT_VAL_WINDOWS = 64  # fixed validation windows of a text task
 TEXT_VAL_BYTES = 100_000  # the validation windows come from the end of the text
+TEXT_TRAIN_WINDOWS = 256  # the fixed training windows of a text task's full-gradient lead (full_dot)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -186,6 +195,7 @@ class Task:
     n_out: int
     train_batch: Callable[[torch.Generator, int], Batch]
     val_chunks: list[Batch]  # the whole validation set, in GRAD_BATCHES chunks
+    train_chunks: list[Batch]  # the whole training set (text: a fixed sample), in GRAD_BATCHES chunks
     losses: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # one loss per example
 
 
@@ -266,7 +276,8 @@ def table_task(name: str, n_train: int | None, flip: float, seed: int) -> Task:
         return x_train[idx], y_train[idx]
 
     val_chunks = _chunks(x[val], y[val]) if n_train is not None else []
-    return Task(f"{name} {kind}", x.shape[1], n_out, train_batch, val_chunks, losses)
+    train_chunks = _chunks(x_train, y_train) if n_train is not None else []
+    return Task(f"{name} {kind}", x.shape[1], n_out, train_batch, val_chunks, train_chunks, losses)
 
 
 def _docstrings() -> bytes:
@@ -313,8 +324,15 @@ def text_task(name: str, n_train: int | None) -> Task:
         return chunks[:, :-1], chunks[:, 1:]
 
     val_x, val_y = windows(held, torch.Generator().manual_seed(99), TEXT_VAL_WINDOWS)
+    train_x, train_y = windows(train, torch.Generator().manual_seed(98), TEXT_TRAIN_WINDOWS)
     return Task(
-        f"{name} text", 256, 256, lambda gen, n: windows(train, gen, n), _chunks(val_x, val_y), _cross_entropy
+        f"{name} text",
+        256,
+        256,
+        lambda gen, n: windows(train, gen, n),
+        _chunks(val_x, val_y),
+        _chunks(train_x, train_y),
+        _cross_entropy,
     )
 
 
@@ -401,15 +419,54 @@ class Measure:
     grad_dot_se: float
     step_dot: float
     step_dot_se: float
+    full_dot: float
+    full_dot_se: float
+    pre_dot: float
+    pre_dot_se: float
+    avg_dot: float
+    avg_dot_se: float
 
 
-def validate(model: nn.Module, task: Task, g_train: torch.Tensor, step: torch.Tensor) -> Measure:
+def full_gradient(model: nn.Module, task: Task, params: list[nn.Parameter]) -> torch.Tensor:
+    """The gradient of the mean loss over the training chunks (eval mode, autograd.grad: no state touched)."""
+    total, count = None, 0
+    for x, y in task.train_chunks:
+        per_example = task.losses(model, x, y)
+        g = flat(torch.autograd.grad(per_example.sum(), params))
+        total, count = (g if total is None else total + g), count + len(per_example)
+    return total / count
+
+
+def preconditioner(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> torch.Tensor:
+    """Adam's per-coordinate step scale 1/(√v̂ + ε) (bias-corrected), 1 for SGD."""
+    if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+        return torch.ones(sum(p.numel() for p in params))
+    group = opt.param_groups[0]
+    beta2, eps = group["betas"][1], group["eps"]
+    scales = []
+    for p in params:
+        state = opt.state[p]
+        corrected = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+        scales.append((1 / (corrected.sqrt() + eps)).reshape(-1))
+    return torch.cat(scales)
+
+
+def validate(
+    model: nn.Module,
+    task: Task,
+    g_train: torch.Tensor,
+    step: torch.Tensor,
+    g_interval: torch.Tensor,
+    precondition: torch.Tensor,
+) -> Measure:
     """The validation loss (eval mode) and the inner products of its gradient, chunk by chunk, with the last
-    training gradient and the last update. Gradients come from autograd.grad, so the training state
-    (``.grad``, optimizer moments) is untouched."""
+    training gradient, the last update, the full training gradient and the interval's mean training gradient.
+    Gradients come from autograd.grad, so the training state (``.grad``, optimizer moments) is untouched."""
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    losses, sizes, grad_dots, step_dots = [], [], [], []
+    g_full = full_gradient(model, task, params)
+    g_step_full = precondition * g_full
+    losses, sizes, grad_dots, step_dots, full_dots, pre_dots, avg_dots = [], [], [], [], [], [], []
     for x, y in task.val_chunks:
         per_example = task.losses(model, x, y)
         g_val = flat(torch.autograd.grad(per_example.mean(), params))
@@ -417,6 +474,9 @@ def validate(model: nn.Module, task: Task, g_train: torch.Tensor, step: torch.Te
         sizes.append(len(per_example))
         grad_dots.append(float(g_val @ g_train))
         step_dots.append(float(g_val @ step))
+        full_dots.append(float(g_val @ g_full))
+        pre_dots.append(float(g_val @ g_step_full))
+        avg_dots.append(float(g_val @ g_interval))
     model.train()
     every = torch.cat(losses)
     weights = np.asarray(sizes) / sum(sizes)  # the chunks' weighted mean is the whole set's gradient
@@ -425,7 +485,15 @@ def validate(model: nn.Module, task: Task, g_train: torch.Tensor, step: torch.Te
         return float(weights @ values), float(np.std(values, ddof=1) / math.sqrt(len(values)))
 
     val, val_se = float(every.mean()), float(every.std() / math.sqrt(len(every)))
-    return Measure(val, val_se, *mean_se(grad_dots), *mean_se(step_dots))
+    return Measure(
+        val,
+        val_se,
+        *mean_se(grad_dots),
+        *mean_se(step_dots),
+        *mean_se(full_dots),
+        *mean_se(pre_dots),
+        *mean_se(avg_dots),
+    )
 
 
 @dataclass
@@ -447,6 +515,12 @@ class Record:
     grad_dot_se: list[float] = field(default_factory=list)
     step_dot: list[float] = field(default_factory=list)
     step_dot_se: list[float] = field(default_factory=list)
+    full_dot: list[float] = field(default_factory=list)
+    full_dot_se: list[float] = field(default_factory=list)
+    pre_dot: list[float] = field(default_factory=list)
+    pre_dot_se: list[float] = field(default_factory=list)
+    avg_dot: list[float] = field(default_factory=list)
+    avg_dot_se: list[float] = field(default_factory=list)
     min_index: int = 0
     replay_validations: int = REPLAY
 
@@ -471,7 +545,7 @@ def run(s: Scenario, validations: int = VALIDATIONS) -> Record:
     total = validations * s.val_every
     rec = Record(s.name, s.split, s.family, task.description, s.schedule, total)
     params = [p for p in model.parameters() if p.requires_grad]
-    window, lr_sum = [], 0.0
+    window, lr_sum, interval_sum = [], 0.0, None
     for step in range(1, total + 1):
         lr = s.lr * lr_factor(s.schedule, step, total)
         for group in opt.param_groups:
@@ -480,16 +554,19 @@ def run(s: Scenario, validations: int = VALIDATIONS) -> Record:
         loss = task.losses(model, x, y).mean()
         opt.zero_grad()
         loss.backward()
+        g_step = flat(p.grad for p in params)
+        interval_sum = g_step if interval_sum is None else interval_sum + g_step
         measure = step % s.val_every == 0
         before = flat(p.detach() for p in params) if measure else None
         opt.step()
         lr_sum += lr
         window.append(loss.item())
         if measure:
-            g_train = flat(p.grad for p in params)
             update = flat(p.detach() for p in params) - before
-            rec.add(step, float(np.mean(window)), lr, lr_sum, validate(model, task, g_train, update))
-            window = []
+            scale = preconditioner(opt, params)
+            measured = validate(model, task, g_step, update, interval_sum / len(window), scale)
+            rec.add(step, float(np.mean(window)), lr, lr_sum, measured)
+            window, interval_sum = [], None
     rec.kind = label(rec)
     rec.min_index = int(np.argmin(rec.val))
     return rec
@@ -505,11 +582,12 @@ def main() -> None:
     parser.add_argument("--held-out-2", action="store_true", help="record the second held-out set")
     parser.add_argument("--only", default="", help="only the scenarios whose name contains this")
     parser.add_argument("--smoke", action="store_true", help="3 validations per run, nothing cached")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="the cache to update (%(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     split = H2 if args.held_out_2 else H if args.held_out else T
     chosen = [s for s in SCENARIOS if s.split == split and args.only in s.name]
-    cached = json.loads(CACHE.read_text()) if CACHE.exists() else []
+    cached = json.loads(args.cache.read_text()) if args.cache.exists() else []
     curves = {c["name"]: c for c in cached}
     began, began_cpu = time.perf_counter(), time.process_time()
     for s in chosen:
@@ -524,7 +602,7 @@ def main() -> None:
         if not args.smoke:
             curves[rec.name] = vars(rec)
             order = {sc.name: i for i, sc in enumerate(SCENARIOS)}
-            CACHE.write_text(json.dumps(sorted(curves.values(), key=lambda c: order.get(c["name"], 0))))
+            args.cache.write_text(json.dumps(sorted(curves.values(), key=lambda c: order.get(c["name"], 0))))
     wall, cpu = time.perf_counter() - began, time.process_time() - began_cpu
     print(f"{len(chosen)} {split} runs in {wall:.0f} s ({cpu:.0f} s CPU)")
 

@@ -468,8 +468,10 @@ class CorpusCurve(Curve):
     series alike). ``kind`` is the verdict *in that window*: U when the whole curve is U (label()) and its
     minimum ``min_index`` lies inside the window, else improving; ``full_kind`` is label() of the whole curve.
     Series as corpus.py records them: ``lr_sum`` Ση up to each validation, ``grad_dot`` g_val·g_train,
-    ``step_dot`` g_val·Δθ (with their standard errors), ``val_se`` the standard error of each validation loss
-    over its examples."""
+    ``step_dot`` g_val·Δθ, ``full_dot`` g_val·ḡ_train (the whole training set's gradient), ``pre_dot``
+    the same through Adam's preconditioner, ``avg_dot`` g_val·(the interval's mean training gradient), with
+    their standard errors, ``val_se`` the standard error of each validation loss over its examples. A series
+    the cache does not have yet is None."""
 
     split: str = ""
     family: str = ""
@@ -481,6 +483,12 @@ class CorpusCurve(Curve):
     grad_dot_se: list[float] | None = None
     step_dot: list[float] | None = None
     step_dot_se: list[float] | None = None
+    full_dot: list[float] | None = None
+    full_dot_se: list[float] | None = None
+    pre_dot: list[float] | None = None
+    pre_dot_se: list[float] | None = None
+    avg_dot: list[float] | None = None
+    avg_dot_se: list[float] | None = None
     val_se: list[float] | None = None
 
     @property
@@ -490,6 +498,8 @@ class CorpusCurve(Curve):
 
 
 SERIES = ("x", "val", "train", "lr_sum", "grad_dot", "grad_dot_se", "step_dot", "step_dot_se", "val_se")
+# Recorded since the full-gradient leads were added (an older cache lacks them: None).
+LATER_SERIES = ("full_dot", "full_dot_se", "pre_dot", "pre_dot_se", "avg_dot", "avg_dot_se")
 
 
 def corpus_window(entry: dict, length: int | None = None) -> CorpusCurve:
@@ -505,6 +515,7 @@ def corpus_window(entry: dict, length: int | None = None) -> CorpusCurve:
         full_kind=entry["kind"],
         min_index=entry["min_index"],
         **{key: list(entry[key][:n]) for key in SERIES},
+        **{key: list(entry[key][:n]) for key in LATER_SERIES if key in entry},
     )
 
 

@@ -260,13 +260,25 @@ CORPUS_METHODS = {
 # Leads the corpus records (corpus.py): the gradient inner products, and time in learning-rate units
 
 
+# The inner-product conditions: the series, its sign when training hurts the validation loss, and the rule.
+DOT_CONDITIONS = {
+    "grad": ("grad_dot", -1, "g_val·g_train + 2 se < 0"),
+    "step": ("step_dot", +1, "g_val·Δθ − 2 se > 0"),
+    "full": ("full_dot", -1, "g_val·ḡ_train (whole set) + 2 se < 0"),
+    "pre": ("pre_dot", -1, "g_val·P·ḡ_train (Adam's P) + 2 se < 0"),
+    "avg": ("avg_dot", -1, "g_val·ḡ_interval + 2 se < 0"),
+}
+
+
 def dot_hurts(curve: Curve, which: str) -> np.ndarray:
-    """At each validation, whether the last step significantly hurt the validation loss to first order.
-    The change of the validation loss is −η g_val·g_train under plain SGD and g_val·Δθ for the actual step,
-    so ``"grad"`` fires when g_val·g_train + 2 se < 0 and ``"step"`` when g_val·Δθ − 2 se > 0."""
-    if which == "grad":
-        return np.asarray(curve.grad_dot) + 2 * np.asarray(curve.grad_dot_se) < 0
-    return np.asarray(curve.step_dot) - 2 * np.asarray(curve.step_dot_se) > 0
+    """At each validation, whether training significantly hurt the validation loss to first order. The
+    change of the validation loss is −η g_val·g under plain SGD along a training gradient g (the last
+    batch's, ``"grad"``; the whole training set's, ``"full"``; the mean of the interval's batches, ``"avg"``),
+    −η g_val·P·g along Adam's step (P its preconditioner, g the whole set's: ``"pre"``) and g_val·Δθ for the
+    actual step (``"step"``): each fires when its product lies 2 se on the hurting side."""
+    series, sign, _ = DOT_CONDITIONS[which]
+    dot, se = np.asarray(getattr(curve, series)), np.asarray(getattr(curve, series + "_se"))
+    return sign * dot - 2 * se > 0
 
 
 def run_dot(curve: Curve, which: str, persist: int = 2) -> Outcome:
@@ -294,4 +306,10 @@ def run_forecaster_lr_time(curve: Curve) -> Outcome:
 LEAD_METHODS = {
     "g_val·g_train < 0": lambda curve: run_dot(curve, "grad"),
     "g_val·Δθ > 0": lambda curve: run_dot(curve, "step"),
+}
+# Recorded since the full-gradient leads were added (corpus.py): scored where the cache has them.
+LATER_LEAD_METHODS = {
+    "g_val·ḡ_train < 0": lambda curve: run_dot(curve, "full"),
+    "g_val·P·ḡ_train < 0": lambda curve: run_dot(curve, "pre"),
+    "g_val·ḡ_interval < 0": lambda curve: run_dot(curve, "avg"),
 }

@@ -12,6 +12,8 @@ import numpy as np
 from eval_record import Curve, label
 from eval_replay import (
     CORPUS_METHODS,
+    DOT_CONDITIONS,
+    LATER_LEAD_METHODS,
     LEAD_METHODS,
     METHODS,
     PROBE_LABELS,
@@ -367,7 +369,9 @@ def dot_rates_table(curves: list[Curve], as_markdown: bool) -> list[str]:
     u = [c for c in curves if c.kind == "U"]
     improving = [c for c in curves if c.kind == "improving"]
     body = []
-    for which, name in (("grad", "g_val·g_train + 2 se < 0"), ("step", "g_val·Δθ − 2 se > 0")):
+    recorded = [w for w, (series, _, _) in DOT_CONDITIONS.items() if all(getattr(c, series) for c in curves)]
+    for which in recorded:
+        name = DOT_CONDITIONS[which][2]
         before = [dot_hurts(c, which)[: c.min_index] for c in u]
         after = [dot_hurts(c, which)[c.min_index + 1 :] for c in u]
         elsewhere = [dot_hurts(c, which) for c in improving]
@@ -431,17 +435,22 @@ def val_noise_table(curves: list[Curve], as_markdown: bool) -> list[str]:
 def leads_report(curves: list[Curve], whole: list[Curve], as_markdown: bool) -> str:
     """The inner-product rules scored like warnings and stops (with the forecaster for reference); the
     forecaster in learning-rate units on the scheduled runs."""
-    methods = {"forecaster": METHODS["forecaster"], **LEAD_METHODS}
+    leads = dict(LEAD_METHODS)
+    if all(c.full_dot is not None for c in curves):
+        leads.update(LATER_LEAD_METHODS)
+    methods = {"forecaster": METHODS["forecaster"], **leads}
     rows = evaluate_corpus(curves, methods)
-    dot_rows = [r for r in rows if r.method in LEAD_METHODS]
+    dot_rows = [r for r in rows if r.method in leads]
     scheduled = [i for i, c in enumerate(curves) if c.schedule != "constant"]
     constant = [c for c in curves if c.schedule == "constant"]
     same = sum(METHODS["forecaster"](c) == run_forecaster_lr_time(c) for c in constant)
     lines = [
         "(a) The gradient inner products as rules: g_val·g_train + 2 se < 0 (the last training gradient "
-        "raises the validation loss to first order under plain SGD) and g_val·Δθ − 2 se > 0 (the actual "
-        "last step raised it). Validation index where each first fires and first fires twice in a row; in "
-        "brackets, validations from the minimum (negative: before it) or a false alarm on an "
+        "raises the validation loss to first order under plain SGD), g_val·Δθ − 2 se > 0 (the actual "
+        "last step raised it) and, where recorded, the same first condition with the whole training set's "
+        "gradient ḡ_train and with the mean of the interval's training gradients. Validation index where "
+        "each first fires and first fires twice in a row; in brackets, validations from the minimum "
+        "(negative: before it) or a false alarm on an "
         "improving-there run.",
         "",
         *dot_runs_table(dot_rows, as_markdown),
