@@ -89,9 +89,11 @@ class BasinForecaster:
         n_params: this run's parameter count N, to carry a ``shannon`` prior over to it (T10: D* ∝ 1/N when
             the cross-term dominates).
         tokens_per_x: tokens D per unit of x (e.g. tokens per optimizer step), the unit of a prior's D.
-        max_seconds: time allowed for one law fit: a multi-start search that the last one's time per point
-            says would take longer is skipped (the warm refit is kept), so a forecast never holds up training
-            for long (the first search, at ``min_points``, is not predicted: about 1 s on a 2-core CPU).
+        max_seconds: ``None`` (the default): the law's fresh multi-start searches (about 1 s each on a 2-core
+            CPU, at x1.5 growth of the curve) run up to 10,000 points, by the point count alone, so a replay
+            makes the same fits as the live run on any machine. A number: also skip a search that the last
+            one's time per point says would take longer (the warm refit is kept); the fits then depend on the
+            machine's speed and load.
         seed: seeds the Monte Carlo draws, so replays are reproducible.
     """
 
@@ -106,7 +108,7 @@ class BasinForecaster:
         prior: dict | str | Path | None = None,
         n_params: float | None = None,
         tokens_per_x: float = 1.0,
-        max_seconds: float = 2.0,
+        max_seconds: float | None = None,
         seed: int = 0,
     ) -> None:
         if not horizon >= 0:
@@ -121,6 +123,8 @@ class BasinForecaster:
             raise ValueError(f"method must be 'auto', 'ratio', 'law' or 'prior', got {method!r}")
         if persist < 1:
             raise ValueError(f"persist must be at least 1, got {persist}")
+        if max_seconds is not None and not max_seconds >= 0:
+            raise ValueError(f"max_seconds must be None or a number >= 0, got {max_seconds}")
         if not (math.isfinite(tokens_per_x) and tokens_per_x > 0):
             raise ValueError(f"tokens_per_x must be a positive number, got {tokens_per_x}")
         self.horizon, self.confidence, self.min_points, self.window = horizon, confidence, min_points, window
