@@ -17,9 +17,10 @@ Measured, not adopted: each replaces one part of the default forecaster and is s
   and 16 points as z-scores, the ratio, on log losses too, the distance from the best) and of a logistic
   regression of all of them fitted on the tuning split, on each split. 0.5: no better than chance.
 * the stop: after the forecaster's first warning, a stop at ``p`` validations without a new best (or the
-  forecaster's own stop, whichever comes first).
+  forecaster's own stop, whichever comes first); or the forecaster's stop or the first time g_val·ḡ_train
+  (the whole training set's gradient, corpus.py) is significantly negative twice in a row, whichever first.
 
-    python benchmarks/forecast_variants.py --corpus tuning   # ~1 min
+    python benchmarks/forecast_variants.py --corpus tuning   # ~20 s
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import os
 
 import numpy as np
 from eval_record import load_corpus
-from eval_replay import CORPUS_METHODS, Outcome, replay_outcome
+from eval_replay import CORPUS_METHODS, Outcome, replay_outcome, run_dot
 from eval_score import evaluate_corpus
 from eval_tables import corpus_summary_table
 
@@ -154,6 +155,15 @@ def warned_then_patience(patience: int):
     return run
 
 
+def or_gradient_stop(which: str):
+    def run(curve) -> Outcome:
+        forecast, gradient = CORPUS_METHODS["forecaster"](curve), run_dot(curve, which)
+        stops = [stop for stop in (forecast.stop, gradient.stop) if stop is not None]
+        return Outcome(forecast.warning, min(stops) if stops else None)
+
+    return run
+
+
 VARIANTS = {
     "forecaster": CORPUS_METHODS["forecaster"],
     "integrated, 12 points": with_signal(lambda window: IntegratedRatio(12)),
@@ -161,6 +171,8 @@ VARIANTS = {
     "slopes": with_signal(SlopesRatio),
     "quadratic, 16 points": with_signal(lambda window: QuadraticRatio(16)),
     **{f"warned, then patience {p}": warned_then_patience(p) for p in (2, 3, 5)},
+    "forecaster, or stop on g_val·ḡ_train": or_gradient_stop("full"),
+    "forecaster, or stop on g_val·P·ḡ_train": or_gradient_stop("pre"),
 }
 
 

@@ -778,3 +778,21 @@ def test_fit_explains_a_missing_basin_that_the_forecast_may_show(tmp_path, capsy
     assert main(["fit", str(data), "--law", "shannon-run"]) == 0
     out = capsys.readouterr().out
     assert "all  none" in out and "`snrmon forecast` on the same" in out
+
+
+def test_the_docs_replay_example_is_what_the_command_prints(capsys):
+    # docs/forecast.md replays data/overfit_mlp_run.csv and quotes the first warning, the stop and the
+    # messages: the command must print what the doc says (the doc went stale once).
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "forecast.md").read_text()
+    data = root / "data" / "overfit_mlp_run.csv"
+    assert f"snrmon forecast data/{data.name} --metric val_loss --train-metric train_loss" in doc
+    replay = run_json(capsys, "forecast", data, "--metric", "val_loss", "--train-metric", "train_loss")
+    quoted = re.search(r'"first_warning": ([\d.]+), "stop": ([\d.]+), "minimum": \{"x": ([\d.]+)', doc)
+    assert quoted is not None
+    printed = [replay["first_warning"], replay["stop"], replay["minimum"]["x"]]
+    assert printed == [float(value) for value in quoted.groups()]
+    warning = next(point for point in replay["points"] if point["warning"])
+    steps_away = round(warning["d_star"] - warning["x"])
+    assert f"basin ahead at step {round(warning['d_star'])} " in doc
+    assert f"{steps_away} steps from step {round(warning['x'])}" in doc
