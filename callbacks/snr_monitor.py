@@ -290,7 +290,8 @@ class SNRMonitor(Callback):
         population = run_population(trainer, self.dataset_size, self.batch_size_fn)
         if population != self._population:
             self._population = population
-            announce(population)
+            if not self._single_batch_size(trainer):  # (else nothing is measured: said once, below)
+                announce(population)
             self._meter.dataset_size = population.size or math.inf
 
     # ------------------------------------------------------------------ per accumulation window
@@ -310,8 +311,11 @@ class SNRMonitor(Callback):
         step = trainer.global_step
         self._meter.start_window(step, measure=self._meter.measures(step) and self._two_batch_sizes(trainer))
 
+    def _single_batch_size(self, trainer: Trainer) -> bool:
+        return trainer.world_size == 1 and trainer.accumulate_grad_batches == 1 and not self.split_batch
+
     def _two_batch_sizes(self, trainer: Trainer) -> bool:
-        if trainer.world_size == 1 and trainer.accumulate_grad_batches == 1 and not self.split_batch:
+        if self._single_batch_size(trainer):
             self._warn_once(
                 "single_batch",
                 "SNRMonitor: one device and `accumulate_grad_batches=1` give a single batch size per step,"

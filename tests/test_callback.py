@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import logging
 import math
 import re
 import warnings
@@ -1350,12 +1351,14 @@ def test_two_monitors_need_different_prefixes(tmp_path: Path):
     assert fast.latest["snr/signal"] != slow.latest["snr_slow/signal"]  # different smoothing
 
 
-def test_nothing_to_measure_installs_no_hook():
+def test_nothing_to_measure_installs_no_hook(caplog):
     model = HandleProbe(SNRMonitor())
-    with record_warnings() as record:
+    with record_warnings() as record, caplog.at_level(logging.INFO):
         make_trainer(model.monitor, max_steps=4).fit(model, regression_loader())
     assert sum("single batch size" in m for m in snr_warnings(record)) == 1
     assert model.hooks_seen == [(step, 0) for step in range(4)]
+    # No word on what `signal` will mean (the training set's case) for a run that measures nothing.
+    assert not [r for r in caplog.records if "SNRMonitor:" in r.getMessage()]
 
 
 class NoParameter(L.LightningModule):
