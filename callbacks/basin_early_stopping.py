@@ -132,6 +132,9 @@ class BasinEarlyStopping(Callback):
         self._validated: bool | None = False
         self._train_sum: torch.Tensor | None = None  # training loss summed on its device: no sync per step
         self._train_count = 0
+        self._restored = False  # state loaded from a checkpoint for the coming (or this) fit
+        self._ended_at_step = -1  # the global step at the end of the last fit
+        self._last_metric: torch.Tensor | None = None  # the logged value of the last check after a validation
 
     @property
     def forecaster(self) -> BasinForecaster:
@@ -150,6 +153,15 @@ class BasinEarlyStopping(Callback):
         if self.forecaster.prior_note:
             rank_zero_warn(f"BasinEarlyStopping: {self.forecaster.prior_note}")
         self._seen_metric = self._validated = False  # (a callback may serve several fits)
+        # A fit that goes on from a checkpoint (state loaded before this hook) or where this callback's last
+        # fit ended (the same Trainer fitted again) keeps the curve; any other fit is a new run.
+        going_on = trainer.global_step != 0 and trainer.global_step == self._ended_at_step
+        if not (self._restored or going_on):
+            self.watch.reset()
+            self.stopping_reason, self.stopped_step = None, 0
+            self._train_sum, self._train_count, self._last_metric = None, 0, None
+            self._drawn_step, self._drawn_at = -1, -math.inf
+        self._restored = False
         self._publisher.start_fit()
         self._check_validation_runs(trainer, pl_module)
 
@@ -198,6 +210,7 @@ class BasinEarlyStopping(Callback):
             self._missing(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ended_at_step = trainer.global_step
         self._check_logged(trainer)
         if self.check_every_n_steps is None and self._validated is False and not self._should_skip(trainer):
             # e.g. no validation data loader, or check_val_every_n_epoch beyond max_epochs
@@ -266,9 +279,19 @@ class BasinEarlyStopping(Callback):
             # while it changed on another: one rank with a new value makes it a point on every rank.
             previous = self.forecaster.points.loss[-1] if self.forecaster.points.loss else None
             new = present and mirrored != previous
-            if not trainer.strategy.reduce_boolean_decision(new, all=False):
-                return
+        else:
+            # After a validation that did not log the metric (logged every few epochs), Lightning still holds
+            # the last value, the same tensor: not a new point. (A value that repeats but was logged again is
+            # a new tensor, and a point.)
+            logged = metrics[self.monitor]
+            new = logged is not self._last_metric
+            self._last_metric = logged
+        if not trainer.strategy.reduce_boolean_decision(new, all=False):
+            return
         forecast = self.watch.update(x, value, self._mean_train_loss(trainer))
+        note = self.watch.nonfinite_note(value, int(x))
+        if note is not None:
+            rank_zero_warn(f"BasinEarlyStopping: {note}", category=RuntimeWarning)
         if not math.isfinite(value):
             log.debug("BasinEarlyStopping: %s is %s at step %d: skipped", self.monitor, value, int(x))
         elif forecast.d_star is None:
@@ -357,12 +380,21 @@ class BasinEarlyStopping(Callback):
     # -- checkpointing -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        # The training loss since the last check goes too: a resume mid-interval then feeds the next check
+        # the mean over the whole interval, as without the interruption.
+        train_sum = None if self._train_sum is None else float(self._train_sum)
         return self.watch.state_dict() | {
             "stopping_reason": self.stopping_reason,
             "stopped_step": self.stopped_step,
+            "train_sum": train_sum,
+            "train_count": self._train_count,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.watch.load_state_dict(state_dict)
         self.stopping_reason = state_dict["stopping_reason"]
         self.stopped_step = state_dict["stopped_step"]
+        train_sum = state_dict.get("train_sum")  # (absent from checkpoints of snrmon <= 0.1)
+        self._train_sum = None if train_sum is None else torch.tensor(train_sum)
+        self._train_count = state_dict.get("train_count", 0)
+        self._restored = True

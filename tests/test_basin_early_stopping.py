@@ -408,3 +408,55 @@ def test_checks_after_validation_need_validation():
     callback = BasinEarlyStopping(monitor="train_loss", check_every_n_steps=1)
     _fit(callback, _data(64, 0), max_epochs=2, limit_val_batches=0, log_every_n_steps=1)
     assert callback.forecaster.points.x == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_callback_used_for_another_fit_starts_afresh():
+    # A new Trainer on the same data is a new run: its curve must not be appended to the last fit's (whose
+    # steps would swallow the new checks as "not a new step").
+    callback = BasinEarlyStopping(monitor="val_loss")
+    _fit(callback, _data(64, 0), max_epochs=12)
+    first = [f.as_dict() for f in callback.forecaster.history]
+    _fit(callback, _data(64, 0), max_epochs=11)  # the same run again, one validation shorter
+    assert [f.as_dict() for f in callback.forecaster.history] == first[:11]
+    assert callback.stopping_reason is None and callback.stopped_step == 0
+
+
+class _EveryThirdEpoch(Regressor):
+    def validation_step(self, batch, batch_idx):
+        if self.current_epoch % 3 == 0:
+            super().validation_step(batch, batch_idx)
+
+
+def test_a_metric_not_logged_at_a_validation_adds_no_point():
+    # Lightning keeps the last logged value between validations: a check after a validation that did not
+    # log the metric must not feed that stale value again as a new point.
+    callback = BasinEarlyStopping(monitor="val_loss")
+    _fit(callback, _data(64, 0), max_epochs=12, model=_EveryThirdEpoch())
+    assert callback.forecaster.points.x == [2.0, 8.0, 14.0, 20.0]  # 2 steps an epoch; epochs 0, 3, 6, 9
+
+
+class _NaNMetric(Regressor):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.tensor(math.nan))
+
+
+def test_a_metric_that_is_never_finite_is_said_once():
+    callback = BasinEarlyStopping(monitor="val_loss")
+    with pytest.warns(RuntimeWarning, match="val_loss is nan at step 2") as caught:
+        _fit(callback, _data(64, 0), max_epochs=6, model=_NaNMetric())
+    assert sum("is nan" in str(w.message) for w in caught) == 1
+
+
+def test_the_training_loss_since_the_last_check_survives_a_checkpoint(tmp_path):
+    # A checkpoint between two checks carries the training loss summed since the last one: the next check
+    # after a resume is fed the mean over the whole interval, as without the interruption.
+    first = BasinEarlyStopping(monitor="val_loss")
+    trainer, model = _fit(first, _data(64, 0), max_epochs=3, max_steps=5)  # checks at 2 and 4, then step 5
+    path = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)["callbacks"][first.state_key]
+    assert state["train_count"] == 1 and math.isfinite(state["train_sum"])
+    resumed = BasinEarlyStopping(monitor="val_loss")
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["train_count"] == 1
+    assert resumed.state_dict()["train_sum"] == state["train_sum"]

@@ -570,3 +570,31 @@ def test_law_forecasts_do_not_depend_on_the_machines_speed(monkeypatch):
     assert limited.law.searched_at == 10
     with pytest.raises(ValueError, match="max_seconds"):
         BasinForecaster(max_seconds=-1)
+
+
+def test_points_at_or_below_zero_do_not_break_the_curve():
+    # x <= 0 adds no point; a pair of them (-1 then 0) once made every later forecast a ZeroDivisionError.
+    forecaster = BasinForecaster()
+    forecaster.update(-1.0, 2.0, 2.0)
+    forecaster.update(0.0, 2.0, 2.0)
+    val, train = u_curve(0)
+    for forecast in forecaster.replay(X[:20], val[:20], train[:20]):
+        assert "Error" not in forecast.note
+
+
+def test_a_resumed_law_forecast_goes_on_exactly_while_its_draws_stand(monkeypatch):
+    # A long curve's law draws stand until it has grown by REFIT_GROWTH (1%: past 100 points); they are saved
+    # with the state, so a forecaster resumed while they stand forecasts what the uninterrupted one does.
+    # (Shown on a short curve with the draws standing until it has grown by half.)
+    monkeypatch.setattr("snrmon.forecast.law.REFIT_GROWTH", 0.5)
+    law = ShannonRunLaw()
+    theta = np.array([0.5, 1e-3, 1e-6, 1.0, 0.5, 0.9, 0.1])
+    x = np.geomspace(basin_tokens(*theta[1:]) / 30, basin_tokens(*theta[1:]) * 3, 16)
+    loss = law.loss(theta, {"D": x}) * np.exp(np.random.default_rng(1).normal(0, 0.01, len(x)))
+    first = BasinForecaster(method="law")
+    first.replay(x[:12], loss[:12])  # draws from 10 points stand until 15
+    resumed = BasinForecaster(method="law")
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # plain values, as in a checkpoint
+    assert [f.as_dict() for f in resumed.replay(x[12:], loss[12:])] == [
+        f.as_dict() for f in first.replay(x[12:], loss[12:])
+    ]

@@ -35,7 +35,8 @@ class Points:
                 x_before = self.x[i - 1]
                 middle_before = ((self.x[i - 2] if i > 1 else 0.0) + x_before) / 2
                 middle = (x_before + x) / 2
-                step = (train - self.train[i - 1]) / (middle - middle_before) * (x - middle)
+                span = middle - middle_before  # 0 only for points at x <= 0, which are skipped below
+                step = (train - self.train[i - 1]) / span * (x - middle) if span > 0 else math.nan
                 train = train + step if math.isfinite(step) else train
             if math.isfinite(loss) and x > 0:
                 arrays.append(x, loss, train)

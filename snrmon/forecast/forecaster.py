@@ -203,6 +203,7 @@ class BasinForecaster:
             "search_seconds_per_point": self.law.search_seconds_per_point,
             "streaks": list(self.decider.streaks),
             "fallen": self.decider.fallen,
+            "law_draws": self.law.cached_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -213,6 +214,7 @@ class BasinForecaster:
         self.law.search_seconds_per_point = state.get("search_seconds_per_point", 0.0)
         self.decider.streaks = list(state["streaks"])
         self.decider.fallen = state.get("fallen", False)  # (absent from checkpoints of snrmon <= 0.1)
+        self.law.load_cached_state(state.get("law_draws"))
 
     # -- forecasting ------------------------------------------------------------------------------------
 

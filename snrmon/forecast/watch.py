@@ -55,17 +55,25 @@ class BasinWatch:
         # crosses zero at the accuracy's peak, exactly as for a validation loss. Negating the training loss
         # too would flip r's sign and make the training loss rise, which the ratio forecast rejects.
         self.sign = mode_sign(mode)
-        self.forecaster = BasinForecaster(
-            horizon=horizon,
-            confidence=confidence,
-            min_points=min_points,
-            prior=prior,
-            n_params=n_params,
-            tokens_per_x=tokens_per_step,
-        )
+        self._settings = {
+            "horizon": horizon,
+            "confidence": confidence,
+            "min_points": min_points,
+            "prior": prior,
+            "n_params": n_params,
+            "tokens_per_x": tokens_per_step,
+        }
+        self.forecaster = BasinForecaster(**self._settings)
         self.announced = "no forecast"  # the last state announced, so a warning repeats only when it changes
         self.said_departure = False  # a prior that does not fit this run is said once
         self.said_nonpositive = False  # a loss-only forecast given values <= 0 is said once
+        self.said_nonfinite = False  # a metric that is NaN or infinite at a check is said once
+
+    def reset(self) -> None:
+        """Forget the curve and what was said: a new run starts (a callback serving another fit)."""
+        self.forecaster = BasinForecaster(**self._settings)
+        self.announced = "no forecast"
+        self.said_departure = self.said_nonpositive = self.said_nonfinite = False
 
     # -- a check -----------------------------------------------------------------------------------------
 
@@ -104,6 +112,17 @@ class BasinWatch:
         return (
             f"{self.monitor}: {self.describe(forecast)} (probability {forecast.p_basin:.2f} that it lies "
             f"within {self.forecaster.horizon:.0%} more training or has been entered)"
+        )
+
+    def nonfinite_note(self, value: float, step: int) -> str | None:
+        """Once: the metric is NaN or infinite at a check, which adds no point (a run whose metric is never
+        finite would otherwise never forecast, without a word)."""
+        if self.said_nonfinite or math.isfinite(value):
+            return None
+        self.said_nonfinite = True
+        return (
+            f"{self.monitor} is {value} at step {step}: no point of the forecast (said once; every check "
+            "with a value that is not finite is skipped)"
         )
 
     def departure_note(self, forecast: Forecast) -> str | None:
@@ -157,9 +176,11 @@ class BasinWatch:
             "forecaster": self.forecaster.state_dict(),
             "announced": self.announced,
             "said_departure": self.said_departure,
+            "said_nonfinite": self.said_nonfinite,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.forecaster.load_state_dict(state["forecaster"])
         self.announced = state["announced"]
         self.said_departure = state.get("said_departure", False)
+        self.said_nonfinite = state.get("said_nonfinite", False)
