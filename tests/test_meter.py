@@ -291,9 +291,10 @@ def test_close_removes_the_hooks():
 
 
 def test_sizes_as_device_tensors_give_the_values_of_numbers():
-    """Token counts kept on the device (no sync to get them) weigh the microbatches as Python numbers do."""
+    """Token counts kept on the device (no sync to get them) weigh the microbatches as Python numbers do; a
+    one-element tensor of any shape (a count summed with keepdim) is its one number."""
 
-    def run(as_tensor: bool) -> dict[str, float]:
+    def run(as_tensor) -> dict[str, float]:
         model = small_model()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         torch.manual_seed(2)
@@ -301,17 +302,51 @@ def test_sizes_as_device_tensors_give_the_values_of_numbers():
             for _ in range(4):
                 for size in (3, 7, 5):
                     (model(torch.randn(size, 3)).square().mean() / 3).backward()
-                    meter.after_backward(torch.tensor(size) if as_tensor else size)
+                    meter.after_backward(as_tensor(size) if as_tensor else size)
                 meter.before_step()
                 optimizer.step()
                 optimizer.zero_grad()
             return meter.compute()
 
-    numbers, tensors = run(False), run(True)
+    numbers = run(None)
     # The effective batch size of equal weights over ragged microbatches: 1 / Σ (1/K)² / b_k.
     assert numbers["batch_size"] == pytest.approx(9 / (1 / 3 + 1 / 7 + 1 / 5), rel=1e-12)
-    for key, value in numbers.items():  # float32 rounding apart: the window's weight is then a tensor
-        assert tensors[key] == pytest.approx(value, rel=1e-6, nan_ok=True), key
+    for as_tensor in (torch.tensor, lambda size: torch.tensor([[float(size)]])):
+        tensors = run(as_tensor)
+        for key, value in numbers.items():  # float32 rounding apart: the window's weight is then a tensor
+            assert tensors[key] == pytest.approx(value, rel=1e-6, nan_ok=True), key
+
+
+def test_size_tensors_that_are_not_positive_are_said_at_compute_and_left_out():
+    """A size tensor's value is read only where the meter syncs: the steps with one that is 0, negative or NaN
+    are refused there, once, and left out of the estimates, not counted as skipped (non-finite) steps. The
+    values are then those of the good steps alone."""
+    torch.manual_seed(3)
+    good = [[torch.randn(5, 3) for _ in range(2)] for _ in range(3)]
+    bad_sizes = {1: (-5.0, -5.0), 3: (5.0, math.nan), 4: (0.0, 5.0)}  # before the good step of that index
+
+    def run(with_bad_steps: bool) -> tuple[GradientMeter, nn.Module]:
+        model = small_model()
+        meter = GradientMeter(model)
+        steps = [(xs, (5.0, 5.0)) for xs in good]
+        if with_bad_steps:
+            for index, sizes in sorted(bad_sizes.items(), reverse=True):
+                steps.insert(index, ([torch.randn(5, 3) for _ in range(2)], sizes))
+        for xs, sizes in steps:
+            for x, size in zip(xs, sizes, strict=True):
+                (model(x).square().mean() / 2).backward()
+                meter.after_backward(torch.tensor(size))
+            meter.before_step()
+            model.zero_grad()
+        return meter
+
+    meter, reference = run(True), run(False).compute()
+    with pytest.raises(ValueError, match="3 measured steps had a batch_size or weight tensor that was not"):
+        meter.compute()
+    values = meter.compute()  # said once: the meter goes on
+    assert int(meter.state_dict()["estimator"]["updates"]) == 3 and values["skipped_steps"] == 0
+    assert values == pytest.approx(reference, rel=1e-12)
+    meter.close()
 
 
 def test_context_manager_closes():
@@ -370,6 +405,9 @@ def test_rejects_bad_arguments(kwargs, error):
         (math.inf, None, ValueError),
         (5, float("nan"), ValueError),
         (5, torch.ones(2), ValueError),
+        (torch.tensor(True), None, TypeError),  # as True
+        (5, torch.tensor(True), TypeError),
+        (torch.tensor(5.0, device="meta"), None, ValueError),  # not on the parameters' device
     ],
 )
 def test_a_bad_size_or_weight_is_refused_at_its_call(size, weight, error):
@@ -385,6 +423,61 @@ def test_a_bad_size_or_weight_is_refused_at_its_call(size, weight, error):
         meter.before_step()
         values, updates = meter.compute(), int(meter.state_dict()["estimator"]["updates"])
     assert updates == 1 and values["batch_size"] == 10 and math.isfinite(values["noise"])
+
+
+def test_after_backward_twice_or_before_its_backward_is_refused():
+    """A call with no backward since the last one, while measuring, would record the same gradient twice, or
+    a zero one (negative noise, silently): refused, the step left unmeasured, the next step measured. Also in
+    the order of an adapter that calls before_backward (Lightning's)."""
+    model = small_model()
+    with GradientMeter(model) as meter:
+        with pytest.raises(ValueError, match="before its backward"):
+            meter.after_backward(5)  # no backward yet
+        backward(model, meter, k=2)
+        meter.before_step()  # the window of the refused call: unmeasured
+        model.zero_grad()
+        for adapter in (False, True):
+            for k in range(2):
+                if adapter:
+                    meter.before_backward()
+                (model(torch.randn(5, 3)).square().mean() / 2).backward()
+                meter.after_backward(5)
+                if k == 1:
+                    with pytest.raises(ValueError, match="called twice for one backward"):
+                        meter.after_backward(5)
+            meter.before_step()
+            model.zero_grad()
+        assert int(meter.estimator.updates) == 0
+        backward(model, meter, k=2)
+        meter.before_step()
+        values = meter.compute()
+        assert int(meter.estimator.updates) == 1 and values["noise"] > 0 and values["batch_size"] == 10
+
+
+def test_a_failed_after_backward_says_what_happened_and_leaves_the_meter_usable():
+    """Two backwards and one after_backward: named as such (not only as checkpointing). A failure after the
+    input checks (here a hook's error) clears the hooks too: the next calls are not taken for a gradient in
+    parts, and the next step is measured."""
+    model = small_model()
+    with GradientMeter(model) as meter:
+        for _ in range(2):
+            (model(torch.randn(5, 3)).square().mean() / 2).backward()
+        with pytest.raises(RuntimeError, match="several backwards without GradientMeter.after_backward"):
+            meter.after_backward(10)
+        backward(model, meter, k=2)  # the rest of the step goes unmeasured, without an error
+        meter.before_step()
+        model.zero_grad()
+        (model(torch.randn(5, 3)).square().mean() / 2).backward()
+        meter.taps.error = RuntimeError("a hook failed")  # as a hook records an error it cannot raise
+        with pytest.raises(RuntimeError, match="a hook failed"):
+            meter.after_backward(5)
+        backward(model, meter, k=1)
+        meter.before_step()
+        model.zero_grad()
+        backward(model, meter, k=2)
+        meter.before_step()
+        values = meter.compute()
+    assert int(meter.estimator.updates) == 1 and values["noise"] > 0 and values["batch_size"] == 10
 
 
 def test_numpy_sizes_and_weights_are_numbers():

@@ -92,6 +92,7 @@ class GradientNoiseEstimator:
         self.moments = zeros(self.num_groups, 5)
         self.updates = zeros()  # valid steps seen
         self.skipped = zeros()  # non-finite steps
+        self.bad_sizes = zeros()  # steps with a size tensor that was not > 0 (not saved: said when read)
         self.dropped = zeros()  # steps whose applied gradient never came (see drop_step)
         self.batch_size = zeros()  # last step's effective batch size
         self.discard_step()
@@ -188,7 +189,16 @@ class GradientNoiseEstimator:
         updated = beta * self.moments + (1.0 - beta) * torch.nan_to_num(per_step)
         self.moments = torch.where(valid, updated, self.moments)
         self.updates += valid
-        self.skipped += ~finite
+        skipped = ~finite
+        if isinstance(small_size, Tensor):
+            # A size or weight tensor that is not > 0 made the sizes NaN (GradientMeter.before_step), but not
+            # the count (a rank's skip_step makes all NaN): a bad input, not a non-finite gradient.
+            bad_sizes = small_size.isnan()
+            if isinstance(small_count, Tensor):
+                bad_sizes &= small_count.isfinite()
+            self.bad_sizes += bad_sizes
+            skipped &= ~bad_sizes
+        self.skipped += skipped
         self.batch_size = torch.where(valid, 1.0 / inv_big, self.batch_size)
 
     # ------------------------------------------------------------------ results

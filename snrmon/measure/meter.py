@@ -25,7 +25,7 @@ from torch.nn.parameter import is_lazy
 from snrmon.measure.estimator import GradientNoiseEstimator
 from snrmon.measure.groups import TOTAL, check_groups, group_parameters
 from snrmon.measure.sampling import check_dataset_size
-from snrmon.measure.taps import GradientTaps
+from snrmon.measure.taps import GradientTaps, several_gradients_message
 from snrmon.measure.trainable import TrainableParameters, make_taps
 
 _log = logging.getLogger("snrmon")
@@ -62,17 +62,38 @@ def _world_size() -> int:
     return torch.distributed.get_world_size() if available else 1
 
 
-def _check_number(name: str, value: object) -> None:
-    """A microbatch's size or weight: a number > 0, or a one-element tensor (its value is not read: no sync).
-    Anything else would fail at ``before_step``, far from the call, or be taken silently (``True`` as 1)."""
+def _checked_number(name: str, value: object, device: torch.device | None) -> float | Tensor:
+    """A microbatch's size or weight: a number > 0 (as a float: a numpy number would fail in the tensor
+    arithmetic), or a one-element real tensor on ``device`` (as a 0-dim tensor). A tensor's value is not read
+    here, which would sync: :meth:`GradientMeter.before_step` makes a step with one that is not > 0 count as
+    such, and :meth:`GradientMeter.compute` says so. Anything else would fail at ``before_step``, far from
+    the call, or be taken silently (``True`` as 1)."""
     if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a number or a one-element real tensor, not a {value.dtype} one")
         if value.numel() != 1:
             shape = tuple(value.shape)
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {shape}")
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):  # (numpy's numbers are Real)
+        if device is not None and value.device != device:
+            raise ValueError(
+                f"{name} is a tensor on {value.device}, the measured parameters are on {device}: give a"
+                f" number or a tensor on {device}"
+            )
+        return value.detach().reshape(())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (numpy's numbers are Real)
         raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
-    elif not 0 < value < math.inf:
+    if not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _nan_unless_positive(total: float | Tensor, values: list[Tensor]) -> float | Tensor:
+    """``total``, or NaN if one of the device tensors ``values`` is not a finite number > 0: checked on the
+    device, without a sync; the estimator counts the NaN as a bad size, not as a non-finite gradient."""
+    if not values:
+        return total
+    stacked = torch.stack(values)
+    return torch.where(((stacked > 0) & (stacked < math.inf)).all(), total, math.nan)
 
 
 def check_every_n_steps(every_n_steps: object) -> None:
@@ -149,15 +170,25 @@ class GradientMeter:
     Raises:
         ValueError: for a model without trainable parameters or with lazy ones (without ``optimizers``), a
             bad ``groups``, ``dataset_size``, ``ema_decay`` or ``every_n_steps``; at :meth:`after_backward`,
-            a ``batch_size`` or ``weight`` that is not > 0 and finite, or a weight for some microbatches of a
-            step only (that step then goes unmeasured); at :meth:`before_step`, for
-            a step of a single microbatch on a single process (no second batch size: no noise estimate is
-            possible) or of more samples than ``dataset_size``.
+            a ``batch_size`` or ``weight`` number that is not > 0 and finite, a tensor one on another device
+            than the parameters, a weight for some microbatches of a step only, or a call while measuring
+            when no watched parameter received a gradient since the last :meth:`after_backward` (or
+            :meth:`before_backward`): a second call for one backward, or a call before its backward; at
+            :meth:`before_step`, for a step of a single microbatch on a single process (no second batch size:
+            no noise estimate is possible) or of more samples than ``dataset_size``; at :meth:`compute` and
+            :meth:`snapshot`, once for the steps since the last such error, when a ``batch_size`` or
+            ``weight`` given as a tensor was not a finite number > 0 (its value is read only there, where
+            the meter syncs anyway): such steps are left out of the estimates and of ``skipped_steps``.
         TypeError: at :meth:`after_backward`, a ``batch_size`` or ``weight`` that is neither a number nor a
-            one-element tensor.
+            one-element real tensor (``True``, ``torch.tensor(True)``).
         RuntimeError: :meth:`before_step` without any :meth:`after_backward` since the last step,
-            :meth:`compute` before any measured step, any use after :meth:`close`, and a parameter whose
-            gradient arrives in parts (reentrant activation checkpointing).
+            :meth:`compute` before any measured step, any use after :meth:`close`, and a parameter that
+            received several gradients where one backward was expected: several backwards without
+            :meth:`after_backward` between them, or a gradient that arrives in parts (reentrant activation
+            checkpointing).
+
+    An :meth:`after_backward` that raises leaves the step unmeasured (its gradient holds a microbatch that
+    could not be recorded) and the meter ready for the next step.
 
     Example::
 
@@ -269,33 +300,49 @@ class GradientMeter:
         ``weight``: the factor the loop multiplied this microbatch's *mean* loss by before its backward, when
         the microbatches of a step are not weighted alike, e.g. ``tokens / tokens_in_step`` for a loss summed
         over tokens and divided by the step's token count (Hugging Face's ``num_items_in_batch``). ``None``:
-        1/K, the mean over the step's K microbatches. Give it for every microbatch of a step or for none."""
+        1/K, the mean over the step's K microbatches. Give it for every microbatch of a step or for none.
+
+        Call it once per backward, after it: while measuring, a call when no watched parameter received a
+        gradient since the last one (or since :meth:`before_backward`) is refused. A tensor ``batch_size``
+        or ``weight`` is not read here (no sync): one that is not > 0 is said at :meth:`compute`."""
         self._check_open()
-        try:  # also in unmeasured windows: the same input is refused on every step
-            _check_number("batch_size", batch_size)
+        try:
+            # The checks of the input also in unmeasured windows: the same input is refused on every step.
+            device = self._estimator.device if self._estimator is not None else None
+            batch_size = _checked_number("batch_size", batch_size, device)
             if weight is not None:
-                _check_number("weight", weight)
+                weight = _checked_number("weight", weight, device)
             if self._weights and (weight is None) != (self._weights[0] is None):
                 raise ValueError("after_backward: give a weight for every microbatch of a step or for none")
-        except (TypeError, ValueError):
+            if self._measuring:
+                self._record_backward(batch_size, weight)
+        except Exception:
             # The step's gradient now holds a microbatch that cannot be recorded: the step goes unmeasured,
-            # and the hooks' slots are cleared at its end (else the next backward reads as a second part).
+            # and the hooks start anew (else the next backward would read as a second one in this one).
             if self._measuring:
                 self.discard_window()
             raise
-        if not self._measuring:
-            return
-        if not isinstance(batch_size, Tensor):
-            batch_size = float(batch_size)  # a numpy number would fail in before_step's tensor arithmetic
-        if weight is not None and not isinstance(weight, Tensor):
-            weight = float(weight)
+
+    def _record_backward(self, batch_size: float | Tensor, weight: float | Tensor | None) -> None:
         taps = self._taps
         if taps.error is not None:
-            raise taps.error
+            error, taps.error = taps.error, None
+            raise error
+        calls = taps.most_calls()
+        if calls == 0:
+            raise ValueError(
+                "after_backward() with no gradient since the last after_backward() (or before_backward()):"
+                " it was called twice for one backward, or before its backward (or the backward reached"
+                " none of the watched parameters). Call it once after each microbatch's backward"
+            )
+        if calls > 1:
+            raise RuntimeError(several_gradients_message(calls))
         # The window holds Σ b_k |hooked gradient|² / w_k², that is Σ b_k |g_k|²; with no weight the 1/K the
         # loop scaled each loss by is undone in before_step, when K is known.
         taps.add_backward_to_window(batch_size if weight is None else batch_size / (weight * weight))
-        if not self._clears_before_backward:
+        if self._clears_before_backward:
+            taps.forget_calls()  # the slots are cleared by before_backward; the calls now, to see a 2nd call
+        else:
             taps.start_backward()  # the next backward starts from zero (a parameter it skips counts as zero)
         self._sizes.append(batch_size)
         self._weights.append(weight)
@@ -308,6 +355,9 @@ class GradientMeter:
         if not self._measuring:
             return
         taps, scale = self._taps, self._loss_scale()
+        batch_size = _checked_number("batch_size", batch_size, self._estimator.device)
+        if isinstance(batch_size, Tensor):
+            batch_size = _nan_unless_positive(batch_size, [batch_size])
         taps.start_backward()
         torch.autograd.grad(loss * scale, taps.parameters, allow_unused=True)
         self._estimator.add_small(taps.backward_sq_norms(scale), batch_size)
@@ -354,12 +404,16 @@ class GradientMeter:
                     f" dataset_size={int(self._checked_size)}: the microbatches of a step cannot be disjoint"
                     " draws from that many samples"
                 )
+            weights = self._weights
+            # Sizes and weights given as tensors: one that is not > 0 makes the step's samples NaN, a step
+            # that every rank then skips and that compute() names.
+            given = [v for v in (*sizes, *weights) if isinstance(v, Tensor)]
+            samples = _nan_unless_positive(samples, given)
             scale = self._loss_scale()
             # The hooks saw scale·g_k/K: dividing the window by (scale/K)² gives Σ b_k |g_k|². g_k enters the
             # applied gradient (the mean over ranks of the sum of each rank's g_k/K) with weight 1/(K·world).
             # With weights given the hooks saw scale·w_k·g_k, already divided out of the window but for the
             # scale, and g_k enters with w_k/world.
-            weights = self._weights
             weighted = bool(weights) and weights[0] is not None
             estimator.add_small_sum(taps.take_window(scale if weighted else scale / k), samples, count)
             for size, weight in zip(sizes, weights, strict=True):
@@ -469,6 +523,7 @@ class GradientMeter:
         """Forget the current window's microbatches, uncounted, and measure nothing more in it."""
         if self._taps is not None:
             self._taps.clear_window()
+            self._taps.start_backward()
         if self._estimator is not None:
             self._estimator.discard_step()
         self._sizes, self._weights, self._extras = [], [], 0
@@ -691,7 +746,16 @@ class GradientMeter:
                 tensors.append(value[index])
         names += [head + key for key in ("batch_size", "skipped_steps", "dropped_windows")]
         tensors += [estimator.batch_size, estimator.skipped, estimator.dropped, estimator.updates]
-        *numbers, updates = torch.stack([t.to(torch.float64) for t in tensors]).tolist()  # the one host sync
+        tensors.append(estimator.bad_sizes)
+        stacked = torch.stack([t.to(torch.float64) for t in tensors])
+        *numbers, updates, bad_sizes = stacked.tolist()  # the one host sync
+        if bad_sizes:
+            estimator.bad_sizes.zero_()  # said once: the next read gives the values
+            raise ValueError(
+                f"{int(bad_sizes)} measured steps had a batch_size or weight tensor that was not a finite"
+                " number > 0 (zero, negative, inf or NaN; a tensor's value is read only here, where the meter"
+                " syncs): they are left out of the estimates, not counted as skipped steps. Give sizes > 0."
+            )
         result = dict(zip(names, numbers, strict=True))
         if math.isfinite(estimator.dataset_size):
             result[head + "dataset_size"] = estimator.dataset_size

@@ -15,6 +15,19 @@ def _local_values(grad: Tensor) -> Tensor:
     return grad.coalesce()._values() if grad.is_sparse else grad
 
 
+def several_gradients_message(calls: int) -> str:
+    """Why a parameter's hook ran ``calls`` > 1 times where one backward was expected."""
+    # Reentrant activation checkpointing delivers a parameter's gradient in parts; the norm of the sum cannot
+    # be had from the parts' norms without keeping a copy.
+    return (
+        f"a parameter received {calls} gradients where one backward was expected: several backwards without"
+        " GradientMeter.after_backward() between them (call it once after each microbatch's backward; a"
+        " `torch.autograd.grad` before the backward counts too: then call before_backward() right before"
+        " it), or a backward that delivers a gradient in parts (reentrant activation checkpointing: use"
+        " `use_reentrant=False`)"
+    )
+
+
 class GradientTaps:
     """Tensor hooks that record the norm of each backward's gradient before it is accumulated.
 
@@ -108,14 +121,18 @@ class GradientTaps:
         self.norms.zero_()
         self._calls[:] = self._no_calls
 
+    def forget_calls(self) -> None:
+        """Clear the hook calls only (the slots are cleared by the next :meth:`start_backward`)."""
+        self._calls[:] = self._no_calls
+
+    def most_calls(self) -> int:
+        """The most hook calls of one parameter since the last clearing: 0 when no backward reached the
+        watched parameters, 1 after one backward, more after several (or a gradient delivered in parts)."""
+        return max(self._calls)
+
     def _check_single_delivery(self) -> None:
         if max(self._calls) > 1:
-            # Reentrant activation checkpointing delivers a parameter's gradient in parts; the norm of the
-            # sum cannot be had from the parts' norms without keeping a copy.
-            raise RuntimeError(
-                "a parameter received its gradient in several parts within one backward (reentrant"
-                " activation checkpointing?); use `use_reentrant=False`"
-            )
+            raise RuntimeError(several_gradients_message(max(self._calls)))
 
     def backward_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
         """Per-group squared norms of the last backward's gradient, divided by ``scale`` (AMP loss scale)."""
@@ -126,8 +143,8 @@ class GradientTaps:
         return self.membership @ norms.square()
 
     def add_backward_to_window(self, weight: float | Tensor) -> None:
-        """Add weight × the last backward's squared norms to the step's window (one op for a number)."""
-        self._check_single_delivery()
+        """Add weight × the last backward's squared norms to the step's window (one op for a number). The
+        caller checks first that one backward ran (:meth:`most_calls` is 1)."""
         if isinstance(weight, Tensor):
             self.window.addcmul_(self.norms, self.norms * weight)
         else:
