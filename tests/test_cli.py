@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_forecast import X, u_curve
+from test_forecast import X, improving_curve, u_curve
 
 from snrmon.cli import fit as fit_verb
+from snrmon.cli import forecast as forecast_verb
 from snrmon.cli import main
 from snrmon.laws import LAWS, get_law
 from snrmon.laws.fitting import FitError
@@ -196,6 +197,8 @@ def test_plot_problems_fail_before_the_fit(chinchilla, capsys, monkeypatch, tmp_
         capsys, "fit", chinchilla[0], "--law", "chinchilla", "--plot", tmp_path / "no" / "x.png"
     )
     assert code == 2 and "cannot write" in err and out == ""
+    code, out, err = run(capsys, "fit", chinchilla[0], "--law", "chinchilla", "--plot", tmp_path / "x.xyz")
+    assert code == 2 and "matplotlib writes no 'xyz' files; use one of" in err and out == ""
     picture = tmp_path / "fit.png"
     code, _, err = run(capsys, "fit", chinchilla[0], "--law", "chinchilla", "--plot", picture)
     assert code == 2 and "the fit ran" in err  # a writable path passes the check ...
@@ -505,6 +508,64 @@ def test_forecast_says_why_it_does_not_forecast(tmp_path, capsys):
     assert code == 0 and "<= 0" not in err
 
 
+def test_forecast_plot_problems_fail_before_the_replay(tmp_path, capsys, monkeypatch):
+    def no_replay(args):
+        raise forecast_verb.LogError("the replay ran")  # a --plot problem must be reported before this
+
+    monkeypatch.setattr(forecast_verb, "load_curve", no_replay)
+    data = REPO / "data" / "overfit_mlp_run.csv"
+    problems = {
+        tmp_path / "no" / "x.png": "cannot write",
+        tmp_path / "x.xyz": "matplotlib writes no 'xyz' files",
+    }
+    for picture, message in problems.items():
+        code, out, err = run(capsys, "forecast", data, "--plot", picture)
+        assert code == 2 and err.count("\n") == 1 and message in err and out == "", err
+    picture = tmp_path / "replay.svg"  # any format matplotlib writes, told from the extension
+    code, _, err = run(capsys, "forecast", data, "--plot", picture)
+    assert code == 2 and "the replay ran" in err and not picture.exists()
+
+
+def test_a_run_picked_from_a_directory_of_runs_replays_as_its_own_directory(tmp_path, capsys):
+    """Two TensorBoard runs with very different training losses under one directory (and a third, short,
+    that no BasinEarlyStopping watched): a run picked with --where replays exactly as its own directory, with
+    --train-metric and with the training-loss mean BasinEarlyStopping logged."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    overfitting, improving = u_curve(0), improving_curve(1, sigma=0.001)
+    runs = {
+        "a": (*overfitting, True),
+        "b": (improving[0], 100 * improving[1], True),
+        "c": (overfitting[0][:12], overfitting[1][:12], False),  # short: the law of the loss alone is slow
+    }
+    for name, (val, train, watched) in runs.items():
+        writer = SummaryWriter(str(tmp_path / name))
+        for step, v, t in zip(X.astype(int).tolist(), val, train, strict=False):
+            writer.add_scalar("train_loss", t, step)
+            writer.add_scalar("val_loss", v, step)
+            if watched:
+                writer.add_scalar("snr/forecast/val_loss/train_loss", t, step)
+        writer.close()
+    replays = {}  # (run, with --train-metric): (its own directory, picked from the parent)
+    for name, train in (("a", True), ("a", False), ("c", False)):
+        argv = ["--metric", "val_loss", *(["--train-metric", "train_loss"] if train else []), "--json"]
+        replays[name, train] = [
+            run(capsys, "forecast", path, *argv, *where)
+            for path, where in ((tmp_path / name, []), (tmp_path, ["--where", f'group == "{name}"']))
+        ]
+    for (name, train), (alone, picked) in replays.items():
+        assert alone[0] == 0 and picked == alone, (name, train, alone[2], picked[2])
+    document = {key: json.loads(alone[1]) for key, (alone, _) in replays.items()}
+    # Run a overfits: a stop, from its own training loss (with run b's, ~100 times larger, it would differ).
+    assert document["a", True]["stop"] is not None
+    # Its logged mean is its training loss at the same steps: the same replay, and said.
+    assert document["a", False] == document["a", True]
+    assert "snr/forecast/val_loss/train_loss" in replays["a", False][1][2]
+    # Run c, never watched: the law of the metric alone, as read alone.
+    methods = {point["method"] for point in document["c", False]["points"]}
+    assert "snr/forecast" not in replays["c", False][1][2] and methods == {None, "law"}
+
+
 # --- the logs people have: Lightning's metrics.csv, Hugging Face's trainer_state.json ---------------------
 
 
@@ -681,6 +742,15 @@ def bad_inputs(tmp: Path, chinchilla_path: Path, tb: Path) -> list[tuple[list, s
             "every value of -acc (--mode max) is <= 0; the loss-only forecast fits the Shannon law",
         ),
         (["forecast", chinchilla_path, "--mode", "maximum"], "invalid choice: 'maximum'"),
+        (
+            ["forecast", csv("blank.csv", "step,loss,train\n1,,2.0\n2,,1.5\n3,,1.2\n")],
+            "nothing to forecast in",
+        ),  # fmt: skip
+        (
+            ["forecast", tmp / "blank.csv", "--train-metric", "train"],
+            "loss has no finite value at any of the 3 points",
+        ),  # the training loss, which the ratio forecast takes, cannot stand in for the metric
+        (["forecast", chinchilla_path, "--x", "D", "--plot", tmp / "x.xyz"], "matplotlib writes no 'xyz'"),
         (["fit", csv("neg.csv", "\n".join(nonpositive)), "--law", "chinchilla"], "3 rows with non-positive"),
         (
             ["fit", csv("few.csv", "N,D,loss\n1e7,1e9,3\n1e8,1e9,2.5\n1e7,2e9,2.9\n"), "--law", "shannon"],

@@ -11,7 +11,8 @@ fed in order to :class:`snrmon.forecast.BasinForecaster` with the defaults of ``
 the command prints what it would have forecast, and when it would have warned and stopped.
 
 Exit status 0 when the replay ran, also when it never forecast (too few points: the reason is printed); 2 when
-DATA cannot be read or can never be forecast (the loss alone, without a positive value), with the reason.
+DATA cannot be read or can never be forecast (no finite value of the metric; the loss alone without a positive
+value), or --plot names a file that cannot be written, with the reason.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from snrmon.forecast.forecaster import (
     PriorError,
     Projection,
 )
+from snrmon.laws.plot import check_plot_target
 from snrmon.logs import LogError, Table, read_table
 
 RUN_COLUMNS = ("group", "model", "run")  # columns that name the run a row belongs to
@@ -56,9 +58,9 @@ training loss with --train-metric), or a log of scalars by step, told from the f
 directory, a Lightning CSVLogger metrics.csv (a step column, metrics on different rows) or a Hugging Face
 trainer_state.json (its log_history; there loss is the training loss, eval_loss the evaluation loss). In a
 log, --metric (or --tag) names the monitored scalar, and --train-metric the training loss, averaged over each
-interval between two points of the first as BasinEarlyStopping does. A file holding several runs (a group,
-model or run column) needs --where to pick one. --mode max: a higher-is-better metric (e.g. an accuracy),
-whose basin is its peak.
+interval between two points of the first as BasinEarlyStopping does, within each run. A file holding several
+runs (a group, model or run column; a TensorBoard directory of runs) needs --where to pick one. --mode max:
+a higher-is-better metric (e.g. an accuracy), whose basin is its peak.
 """
 
 
@@ -134,6 +136,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plot:  # before reading and replaying: a bad path or format fails at once, as snrmon fit does
+        check_plot_target(args.plot)
     x, metric, train, x_name, name = load_curve(args)
     x, metric, train, x_name = thin(x, metric, train, x_name, every=args.every)
     # --mode max feeds the forecaster the negated metric (its peak becomes a basin) and the training loss as
@@ -202,7 +206,13 @@ def check_forecastable(
     loss: np.ndarray, train: np.ndarray | None, args: argparse.Namespace, metric: str
 ) -> None:
     """Values the forecaster would skip without a word: the loss-only forecast (no training loss) fits a law
-    of log-losses, so values <= 0 are no points of it. None positive: an error; some: a warning."""
+    of log-losses, so values <= 0 are no points of it. None positive: an error; some: a warning. No finite
+    value at all (a blank column, a diverged run): an error, whatever the training loss."""
+    if not np.isfinite(loss).any():
+        raise LogError(
+            f"nothing to forecast in {args.data}: {metric} has no finite value at any of the {len(loss)} "
+            "points (blank, NaN or infinite)"
+        )
     if train is not None and np.isfinite(train).any():
         return  # the ratio forecast, which takes any sign
     finite = np.isfinite(loss)
@@ -226,19 +236,15 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
     tag = args.tag or args.metric
     table = read_table(args.data, tag=tag)
     # A log of scalars (TensorBoard, metrics.csv, trainer_state.json) gives its scalar as the column loss;
-    # the training loss is another scalar, averaged over each interval between two points of the first.
+    # the training loss is another scalar, joined to it run by run (see with_training_loss).
     scalars = table.tag is not None
     name = table.tag if scalars else args.metric or "loss"
     metric = "loss" if scalars else name
-    live = scalars and not args.train_metric and live_points(table, args.data, table.tag)
-    if live:
-        table, train_name = live, "train"
-    elif scalars and args.train_metric:
-        train_table = read_table(args.data, tag=args.train_metric)
-        table.columns["train"] = interval_means(table["step"], train_table["step"], train_table["loss"])
-        train_name = "train"
+    if scalars:
+        runs, train_name = with_training_loss(split_runs(table), args)
     else:
-        train_name = args.train_metric
+        runs, train_name = [table], args.train_metric
+    table = runs[0]  # the columns of every run
     x_name = args.x or ("step" if "step" in table else "D")
     for column in (x_name, metric) + ((train_name,) if train_name else ()):
         if column not in table:
@@ -255,10 +261,14 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
     if args.where:
         from snrmon.logs.where import where
 
-        table = table.select(where(table, args.where))
-        if not len(table):
+        # Row by row, so run by run alike: a run picked from a directory of several is the run read alone.
+        runs = [run.select(where(run, args.where)) for run in runs]
+        runs = [run for run in runs if len(run)]
+        if not runs:
             raise LogError(f"--where {args.where!r} keeps no rows of {args.data}")
-    _one_run(table, args)
+    table = _one_run(runs, args)
+    for note in table.notes:
+        print(f"snrmon: note: {note}", file=sys.stderr)
     keep = np.isfinite(table[x_name]) & (table[x_name] > 0)
     table = table.select(keep)
     order = np.argsort(table[x_name], kind="stable")
@@ -271,6 +281,64 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
     if args.train_metric:
         check_train_loss(table[metric][order], train, args.train_metric, name, scalars)
     return x, table[metric][order], train, x_name, name
+
+
+def split_runs(table: Table) -> list[Table]:
+    """One table per run of a log of scalars (its column group), in the order read, without the notes made
+    while reading."""
+    groups = table["group"]
+    return [
+        Table({n: values[groups == group] for n, values in table.columns.items()}, tag=table.tag)
+        for group in dict.fromkeys(groups.tolist())
+    ]
+
+
+def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[list[Table], str | None]:
+    """The runs of a log of scalars, each with its own training loss as the column train, and that column's
+    name (None: no training loss). With --train-metric, its mean over each interval between two points of
+    the metric; without, the means a BasinEarlyStopping that watched the run logged (see live_points). Always
+    within one run: a directory of several runs holds several training losses, and a run picked from it with
+    --where replays as its own directory does."""
+    if args.train_metric:
+        logged = _by_run(read_table(args.data, tag=args.train_metric))
+        for run in runs:
+            train = logged.get(run["group"][0])
+            run.columns["train"] = (
+                np.full(len(run), math.nan)  # no training loss in this run: said at its points
+                if train is None
+                else interval_means(run["step"], train["step"], train["loss"])
+            )
+        return runs, "train"
+    try:
+        logged = _by_run(read_table(args.data, tag=f"snr/forecast/{runs[0].tag}/train_loss"))
+    except LogError:  # not watched by BasinEarlyStopping (or by an older snrmon)
+        return runs, None
+    for index, run in enumerate(runs):
+        fed = logged.get(run["group"][0])
+        if fed is None:  # a run the callback did not watch, beside some it did: the metric alone, as alone
+            run.columns["train"] = np.full(len(run), math.nan)
+        else:
+            runs[index] = live_points(run, fed)
+    return runs, "train"
+
+
+def _by_run(table: Table) -> dict[str, Table]:
+    return {run["group"][0]: run for run in split_runs(table)}
+
+
+def live_points(run: Table, fed: Table) -> Table:
+    """The points a live BasinEarlyStopping(monitor=run.tag) forecast from, logged with its forecasts as
+    ``fed`` (the training-loss means it was fed, by step): at its own steps (the trainer's global step, where
+    Lightning logs a validation metric one step earlier), each with the last value of the metric logged by
+    then (what it read) and that mean. A replay of them is the live run's forecast, not an approximation."""
+    read = np.searchsorted(run["step"], fed["step"], side="right") - 1  # the last value by each step
+    kept = read >= 0
+    points = run.select(read[kept])
+    points.columns["step"] = points.columns["D"] = fed["step"][kept]
+    points.columns["train"] = fed["loss"][kept]
+    logged = f"snr/forecast/{run.tag}/train_loss"
+    points.notes = [f"the points BasinEarlyStopping forecast from, with {logged}"]
+    return points
 
 
 def check_train_loss(
@@ -299,27 +367,6 @@ def check_train_loss(
     warn([f"{count} have no {train_name} {where}: the law of the metric alone forecasts near them ({hint})"])
 
 
-def live_points(table: Table, data: str, tag: str) -> Table | None:
-    """The points a live BasinEarlyStopping(monitor=tag) forecast from, when the run logged them with its
-    forecasts: at its own steps (the trainer's global step, where Lightning logs a validation metric one step
-    earlier), each with the last value of ``tag`` logged by then (what it read) and the training-loss mean it
-    was fed. A replay of them is the live run's forecast, not an approximation of it."""
-    logged = f"snr/forecast/{tag}/train_loss"
-    try:
-        train = read_table(data, tag=logged)
-    except LogError:  # not watched by BasinEarlyStopping (or by an older snrmon)
-        return None
-    if len(set(table["group"].tolist()) | set(train["group"].tolist())) > 1:
-        return None  # several runs: --where picks one, from the logged metric alone
-    read = np.searchsorted(table["step"], train["step"], side="right") - 1  # the last value by each step
-    kept = read >= 0
-    points = table.select(read[kept])
-    points.columns["step"] = points.columns["D"] = train["step"][kept]
-    points.columns["train"] = train["loss"][kept]
-    print(f"snrmon: note: the points BasinEarlyStopping forecast from, with {logged}", file=sys.stderr)
-    return points
-
-
 def interval_means(steps: np.ndarray, train_steps: np.ndarray, train: np.ndarray) -> np.ndarray:
     """The mean training loss logged in (previous step, step] for each step of the monitored metric, as
     BasinEarlyStopping collects it (NaN where none was logged)."""
@@ -334,16 +381,18 @@ def interval_means(steps: np.ndarray, train_steps: np.ndarray, train: np.ndarray
     return means
 
 
-def _one_run(table: Table, args: argparse.Namespace) -> None:
+def _one_run(runs: list[Table], args: argparse.Namespace) -> Table:
+    """The one run of ``runs`` (the runs of a log of scalars, or one table), else an error naming them."""
     for column in RUN_COLUMNS + ("N",):
-        if column in table:
-            runs = list(dict.fromkeys(table[column].tolist()))
-            if len(runs) > 1:
-                shown = ", ".join(str(r) for r in runs[:8]) + (", ..." if len(runs) > 8 else "")
-                example = f'{column} == "{runs[0]}"' if column != "N" else f"N == {runs[0]}"
+        if all(column in run for run in runs):
+            names = list(dict.fromkeys(np.concatenate([run[column] for run in runs]).tolist()))
+            if len(names) > 1:
+                shown = ", ".join(str(r) for r in names[:8]) + (", ..." if len(names) > 8 else "")
+                example = f'{column} == "{names[0]}"' if column != "N" else f"N == {names[0]}"
                 raise LogError(
-                    f"{len(runs)} runs in {args.data} ({column}: {shown}); pick one with --where '{example}'"
+                    f"{len(names)} runs in {args.data} ({column}: {shown}); pick one with --where '{example}'"
                 )
+    return runs[0]
 
 
 def _finite(value: float | None) -> float | None:
@@ -413,7 +462,5 @@ def plot_replay(
     """The curve with its projection at the stop (else at the last point), the forecast basin with its band
     at every point, the first warning and the stop."""
     from snrmon.forecast.plot import forecast_figure
-    from snrmon.laws.plot import check_plot_target
 
-    check_plot_target(path)
     forecast_figure(forecasts, document["metric"], x_name, projection).savefig(path, dpi=120)

@@ -33,13 +33,22 @@ class Series:
 
 
 def check_plot_target(path: str | Path) -> None:
-    """Raise PlotError now if a picture could not be written to ``path`` later: matplotlib missing, the
-    directory absent, or the file not writable. Lets a command fail before a long fit, not after it."""
+    """Raise PlotError now if a picture could not be written to ``path`` later: matplotlib missing, a format
+    it does not write (told from the extension, as ``savefig`` does), the directory absent, or the file not
+    writable. Lets a command fail before a long fit, not after it."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise PlotError("--plot needs matplotlib: pip install 'snrmon[plot]'") from None
+    from matplotlib.backend_bases import FigureCanvasBase
+
     path = Path(path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = path.suffix[1:].lower()
+    if extension and extension not in formats:  # no extension: savefig writes its default, PNG
+        raise PlotError(
+            f"cannot write {path}: matplotlib writes no {extension!r} files; use one of {', '.join(formats)}"
+        )
     existed = path.exists()
     try:
         with open(path, "ab"):  # appending writes nothing: an existing picture stays as it is
