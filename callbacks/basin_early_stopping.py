@@ -211,6 +211,7 @@ class BasinEarlyStopping(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ended_at_step = trainer.global_step
+        self._restored = False  # (strategies that restore after setup load the state after on_fit_start)
         self._check_logged(trainer)
         if self.check_every_n_steps is None and self._validated is False and not self._should_skip(trainer):
             # e.g. no validation data loader, or check_val_every_n_epoch beyond max_epochs
