@@ -115,3 +115,25 @@ def test_hot_path_is_sync_free_and_correct_on_gpu(monkeypatch, precision, fused)
     assert abs(values["signal"] - signal) < 4 * values["signal_se"] + slack * signal
     assert abs(values["noise"] - noise) < 4 * values["noise_se"] + slack * noise
     assert values["noise_se"] < 0.1 * noise
+
+
+def test_a_host_tensor_batch_size_is_taken_for_a_gpu_model():
+    # A batch_size_fn may return torch.tensor(len(batch)) on the host: copied to the model's device, not
+    # refused (a tensor on another accelerator is).
+    from snrmon import GradientMeter
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).cuda()
+    meter = GradientMeter(model)
+    numbers, tensors = [], []
+    for sizes, record in (((8, 8), numbers), ((torch.tensor(8.0), torch.tensor(8.0)), tensors)):
+        torch.manual_seed(1)
+        for _ in range(3):
+            for size in sizes:
+                x = torch.randn(8, 4, device="cuda")
+                (model(x).square().mean() / 2).backward()
+                meter.after_backward(size)
+            meter.before_step()
+            model.zero_grad()
+        record.append(meter.compute())
+    assert tensors[0]["batch_size"] == numbers[0]["batch_size"] == 16

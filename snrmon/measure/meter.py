@@ -64,22 +64,27 @@ def _world_size() -> int:
 
 def _checked_number(name: str, value: object, device: torch.device | None) -> float | Tensor:
     """A microbatch's size or weight: a number > 0 (as a float: a numpy number would fail in the tensor
-    arithmetic), or a one-element real tensor on ``device`` (as a 0-dim tensor). A tensor's value is not read
-    here, which would sync: :meth:`GradientMeter.before_step` makes a step with one that is not > 0 count as
-    such, and :meth:`GradientMeter.compute` says so. Anything else would fail at ``before_step``, far from
-    the call, or be taken silently (``True`` as 1)."""
+    arithmetic), or a one-element real tensor on ``device`` or the host (as a 0-dim tensor on ``device``).
+    A tensor's value is not read here, which would sync: :meth:`GradientMeter.before_step` makes a step
+    with one that is not > 0 count as such, and :meth:`GradientMeter.compute` says so. Anything else would
+    fail at ``before_step``, far from the call, or be taken silently (``True`` as 1)."""
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be a number or a one-element real tensor, not a {value.dtype} one")
         if value.numel() != 1:
             shape = tuple(value.shape)
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {shape}")
+        value = value.detach().reshape(())
         if device is not None and value.device != device:
-            raise ValueError(
-                f"{name} is a tensor on {value.device}, the measured parameters are on {device}: give a"
-                f" number or a tensor on {device}"
-            )
-        return value.detach().reshape(())
+            if value.device.type != "cpu":
+                raise ValueError(
+                    f"{name} is a tensor on {value.device}, the measured parameters are on {device}: give a"
+                    f" number or a tensor on {device}"
+                )
+            # A host tensor (a batch_size_fn's torch.tensor(len(batch))): copied over, which waits for
+            # nothing queued on the device.
+            value = value.to(device)
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (numpy's numbers are Real)
         raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
     if not 0 < value < math.inf:
@@ -168,17 +173,18 @@ class GradientMeter:
             logger.
 
     Raises:
-        ValueError: for a model without trainable parameters or with lazy ones (without ``optimizers``), a
-            bad ``groups``, ``dataset_size``, ``ema_decay`` or ``every_n_steps``; at :meth:`after_backward`,
-            a ``batch_size`` or ``weight`` number that is not > 0 and finite, a tensor one on another device
-            than the parameters, a weight for some microbatches of a step only, or a call while measuring
-            when no watched parameter received a gradient since the last :meth:`after_backward` (or
-            :meth:`before_backward`): a second call for one backward, or a call before its backward; at
-            :meth:`before_step`, for a step of a single microbatch on a single process (no second batch size:
-            no noise estimate is possible) or of more samples than ``dataset_size``; at :meth:`compute` and
-            :meth:`snapshot`, once for the steps since the last such error, when a ``batch_size`` or
-            ``weight`` given as a tensor was not a finite number > 0 (its value is read only there, where
-            the meter syncs anyway): such steps are left out of the estimates and of ``skipped_steps``.
+        ValueError: for a model without trainable parameters or with lazy ones (without ``optimizers``), a bad
+            ``groups``, ``dataset_size``, ``ema_decay`` or ``every_n_steps``; at :meth:`after_backward`, a
+            ``batch_size`` or ``weight`` number that is not > 0 and finite, a tensor one on another
+            accelerator than the parameters (a host tensor is copied over), a weight for some microbatches of
+            a step only, or a call while measuring when no watched parameter received a gradient since the
+            last :meth:`after_backward` (or :meth:`before_backward`): a second call for one backward, or a
+            call before its backward; at :meth:`before_step`, for a step of a single microbatch on a single
+            process (no second batch size: no noise estimate is possible) or of more samples than
+            ``dataset_size``; at :meth:`compute` and :meth:`snapshot`, once for the steps since the last such
+            error, when a ``batch_size`` or ``weight`` given as a tensor was not a finite number > 0 (its
+            value is read only there, where the meter syncs anyway): such steps are left out of the estimates
+            and of ``skipped_steps``.
         TypeError: at :meth:`after_backward`, a ``batch_size`` or ``weight`` that is neither a number nor a
             one-element real tensor (``True``, ``torch.tensor(True)``).
         RuntimeError: :meth:`before_step` without any :meth:`after_backward` since the last step,
