@@ -23,6 +23,13 @@ and caches each curve in ``benchmarks/corpus_curves.json`` in the format of ``fo
 - ``avg_dot``, ``avg_dot_se``: g_val·(the mean of the training batches' gradients over the interval since the
   previous validation): what a callback could keep live (one model-sized sum), the training side averaged over
   ``val_every`` batches;
+- ``train_signal``, ``train_noise``: the monitor's two quantities on the whole training set (a text task:
+  the fixed sample), in eval mode: |ḡ_train|² and tr(Σ), the trace of the per-example gradient covariance,
+  from the spread of NOISE_PIECES disjoint pieces' mean gradients (unbiased for iid examples). Gradient
+  disparity (Forouzesh & Thiran, arXiv 2107.06665: the expected distance between two minibatches' gradients)
+  at batch size B is √(2 tr(Σ)/B), so its rules read ``train_noise``;
+- ``train_examples`` N (text: the overlapping windows of the training bytes) and ``noise_sample`` (the
+  examples those two statistics read: N, or TEXT_TRAIN_WINDOWS for text), for the dataset SNR N|G|²/tr(Σ);
 - ``min_index`` (argmin of val) and ``replay_validations`` (the suggested replayed prefix). ``kind`` is
   forecast_eval.label of the full recorded curve; a run whose minimum lies beyond the replayed prefix counts
   as improving there.
@@ -67,6 +74,7 @@ VALIDATIONS = 240  # recorded per run: long enough to know where each curve real
 REPLAY = 60  # suggested replayed prefix
 GRAD_BATCHES = 4  # chunks of the validation set for g_val and its standard error
 BLOCK = 32  # bytes per window of the tiny GPT
+NOISE_PIECES = 16  # disjoint pieces of the training set for tr(Σ) (train_noise)
 TEXT_VAL_WINDOWS = 64  # fixed validation windows of a text task
 TEXT_VAL_BYTES = 100_000  # the validation windows come from the end of the text
 TEXT_TRAIN_WINDOWS = 256  # the fixed training windows of a text task's full-gradient lead (full_dot)
@@ -336,6 +344,14 @@ def text_task(name: str, n_train: int | None) -> Task:
     )
 
 
+def sample_sizes(s: Scenario) -> tuple[int, int]:
+    """The training set's size N (text: its overlapping windows) and the number of its examples that
+    signal_and_noise reads (text: the fixed sample)."""
+    if s.data in ("topics", "docstrings", "stdlib-code"):
+        return s.n_train - BLOCK - 1, TEXT_TRAIN_WINDOWS
+    return s.n_train, s.n_train
+
+
 def make_task(name: str, n_train: int | None, flip: float, seed: int) -> Task:
     if name in ("topics", "docstrings", "stdlib-code"):
         return text_task(name, n_train)
@@ -425,6 +441,26 @@ class Measure:
     pre_dot_se: float
     avg_dot: float
     avg_dot_se: float
+    train_signal: float
+    train_noise: float
+
+
+def signal_and_noise(model: nn.Module, task: Task, params: list[nn.Parameter]) -> tuple[float, float]:
+    """|ḡ|² over the training set and tr(Σ) of its per-example gradients, from NOISE_PIECES disjoint pieces:
+    with G_c the summed gradient of a piece of n_c examples, Σ_c |G_c|²/n_c − N|ḡ|² has expectation
+    (C − 1) tr(Σ) (the between-piece sum of squares)."""
+    x = torch.cat([chunk[0] for chunk in task.train_chunks])
+    y = torch.cat([chunk[1] for chunk in task.train_chunks])
+    total, between, count, pieces = None, 0.0, 0, 0
+    for xs, ys in zip(x.tensor_split(NOISE_PIECES), y.tensor_split(NOISE_PIECES), strict=True):
+        if len(xs) == 0:
+            continue
+        g = flat(torch.autograd.grad(task.losses(model, xs, ys).sum(), params)).double()
+        between += float(g @ g) / len(xs)
+        total, count, pieces = (g if total is None else total + g), count + len(xs), pieces + 1
+    mean = total / count
+    signal = float(mean @ mean)
+    return signal, (between - count * signal) / (pieces - 1)
 
 
 def full_gradient(model: nn.Module, task: Task, params: list[nn.Parameter]) -> torch.Tensor:
@@ -477,6 +513,7 @@ def validate(
         full_dots.append(float(g_val @ g_full))
         pre_dots.append(float(g_val @ g_step_full))
         avg_dots.append(float(g_val @ g_interval))
+    train_signal, train_noise = signal_and_noise(model, task, params)
     model.train()
     every = torch.cat(losses)
     weights = np.asarray(sizes) / sum(sizes)  # the chunks' weighted mean is the whole set's gradient
@@ -493,6 +530,8 @@ def validate(
         *mean_se(full_dots),
         *mean_se(pre_dots),
         *mean_se(avg_dots),
+        train_signal,
+        train_noise,
     )
 
 
@@ -521,8 +560,12 @@ class Record:
     pre_dot_se: list[float] = field(default_factory=list)
     avg_dot: list[float] = field(default_factory=list)
     avg_dot_se: list[float] = field(default_factory=list)
+    train_signal: list[float] = field(default_factory=list)
+    train_noise: list[float] = field(default_factory=list)
     min_index: int = 0
     replay_validations: int = REPLAY
+    train_examples: int = 0
+    noise_sample: int = 0
 
     def add(self, step: int, train: float, lr: float, lr_sum: float, m: Measure) -> None:
         self.x.append(float(step))
@@ -544,6 +587,7 @@ def run(s: Scenario, validations: int = VALIDATIONS) -> Record:
     gen = torch.Generator().manual_seed(s.seed)
     total = validations * s.val_every
     rec = Record(s.name, s.split, s.family, task.description, s.schedule, total)
+    rec.train_examples, rec.noise_sample = sample_sizes(s)
     params = [p for p in model.parameters() if p.requires_grad]
     window, lr_sum, interval_sum = [], 0.0, None
     for step in range(1, total + 1):

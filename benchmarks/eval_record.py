@@ -489,6 +489,10 @@ class CorpusCurve(Curve):
     pre_dot_se: list[float] | None = None
     avg_dot: list[float] | None = None
     avg_dot_se: list[float] | None = None
+    train_signal: list[float] | None = None
+    train_noise: list[float] | None = None
+    train_examples: int = 0  # N, and the examples train_signal and train_noise read (corpus.sample_sizes)
+    noise_sample: int = 0
     val_se: list[float] | None = None
 
     @property
@@ -499,7 +503,16 @@ class CorpusCurve(Curve):
 
 SERIES = ("x", "val", "train", "lr_sum", "grad_dot", "grad_dot_se", "step_dot", "step_dot_se", "val_se")
 # Recorded since the full-gradient leads were added (an older cache lacks them: None).
-LATER_SERIES = ("full_dot", "full_dot_se", "pre_dot", "pre_dot_se", "avg_dot", "avg_dot_se")
+LATER_SERIES = (
+    "full_dot",
+    "full_dot_se",
+    "pre_dot",
+    "pre_dot_se",
+    "avg_dot",
+    "avg_dot_se",
+    "train_signal",
+    "train_noise",
+)
 
 
 def corpus_window(entry: dict, length: int | None = None) -> CorpusCurve:
@@ -514,6 +527,8 @@ def corpus_window(entry: dict, length: int | None = None) -> CorpusCurve:
         schedule=entry["schedule"],
         full_kind=entry["kind"],
         min_index=entry["min_index"],
+        train_examples=entry.get("train_examples", 0),
+        noise_sample=entry.get("noise_sample", 0),
         **{key: list(entry[key][:n]) for key in SERIES},
         **{key: list(entry[key][:n]) for key in LATER_SERIES if key in entry},
     )

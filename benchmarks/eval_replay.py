@@ -303,6 +303,59 @@ def run_forecaster_lr_time(curve: Curve) -> Outcome:
     return Outcome(*(None if x is None else steps[x] for x in (outcome.warning, outcome.stop)))
 
 
+def run_noise_patience(curve: Curve, patience: int, direction: int) -> Outcome:
+    """Lightning's EarlyStopping watching the gradient noise tr(Σ) of the whole training set (corpus.py's
+    ``train_noise``): stop after ``patience`` validations without a new best. ``direction=+1``: the best is
+    the lowest, i.e. stop once the noise has risen for ``patience`` validations: gradient disparity's rule
+    (Forouzesh & Thiran, arXiv 2107.06665; disparity √(2 tr Σ/B) is monotone in tr Σ, so the same stops).
+    ``direction=-1``: the best is the highest, i.e. stop once the noise is past its peak (theory §5: on a
+    label-noise MLP tr Σ peaked near the validation minimum as the flipped labels were memorised). No
+    validation loss is read: both stop without a validation set."""
+    best, waited = math.inf, 0
+    for x, noise in zip(curve.x, curve.train_noise, strict=True):
+        value = direction * noise
+        if value < best:
+            best, waited = value, 0
+        else:
+            waited += 1
+            if waited >= patience:
+                return Outcome(x, x)
+    return Outcome(None, None)
+
+
+def dataset_snr(curve: Curve) -> np.ndarray:
+    """N·|G|²/tr(Σ) at each validation, with |G|² the training set's mean gradient squared: the recorded
+    |ḡ|² of the sample the statistics read, less its sampling share tr(Σ)·(1/n − 1/N) (none when the sample
+    is the whole set)."""
+    n, n_sample = curve.train_examples, curve.noise_sample
+    noise = np.asarray(curve.train_noise)
+    signal = np.asarray(curve.train_signal) - noise * (1 / n_sample - 1 / n)
+    return n * signal / np.maximum(noise, 1e-300)
+
+
+def run_dataset_snr(curve: Curve, persist: int = 2) -> Outcome:
+    """Mahsereci et al.'s evidence-based criterion (arXiv 1703.09580) in its trace form: stop once the
+    training set's gradient is no larger than its own sampling noise, N·|G|²/tr(Σ) ≤ 1, at ``persist``
+    consecutive validations (its warning: the first). Validation-free."""
+    warning, streak = None, 0
+    for x, snr in zip(curve.x, dataset_snr(curve), strict=True):
+        fires = snr <= 1
+        streak = streak + 1 if fires else 0
+        if fires and warning is None:
+            warning = x
+        if streak >= persist:
+            return Outcome(warning, x)
+    return Outcome(warning, None)
+
+
+# Recorded with the monitor's quantities on the training set (corpus.py's train_noise): validation-free rules.
+NOISE_LEAD_METHODS = {
+    **{f"disparity, patience {p}": lambda c, p=p: run_noise_patience(c, p, +1) for p in (3, 5)},
+    **{f"noise past its peak, patience {p}": lambda c, p=p: run_noise_patience(c, p, -1) for p in (3, 5)},
+    "dataset SNR <= 1 (evidence-based)": run_dataset_snr,
+}
+
+
 LEAD_METHODS = {
     "g_val·g_train < 0": lambda curve: run_dot(curve, "grad"),
     "g_val·Δθ > 0": lambda curve: run_dot(curve, "step"),

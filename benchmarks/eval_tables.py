@@ -16,6 +16,7 @@ from eval_replay import (
     LATER_LEAD_METHODS,
     LEAD_METHODS,
     METHODS,
+    NOISE_LEAD_METHODS,
     PROBE_LABELS,
     capacity_methods,
     capacity_series,
@@ -438,9 +439,11 @@ def leads_report(curves: list[Curve], whole: list[Curve], as_markdown: bool) -> 
     leads = dict(LEAD_METHODS)
     if all(c.full_dot is not None for c in curves):
         leads.update(LATER_LEAD_METHODS)
+    if all(c.train_noise is not None for c in curves):
+        leads.update(NOISE_LEAD_METHODS)
     methods = {"forecaster": METHODS["forecaster"], **leads}
     rows = evaluate_corpus(curves, methods)
-    dot_rows = [r for r in rows if r.method in leads]
+    dot_rows = [r for r in rows if r.method in leads and r.method not in NOISE_LEAD_METHODS]
     scheduled = [i for i, c in enumerate(curves) if c.schedule != "constant"]
     constant = [c for c in curves if c.schedule == "constant"]
     same = sum(METHODS["forecaster"](c) == run_forecaster_lr_time(c) for c in constant)

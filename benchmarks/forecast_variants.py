@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 from eval_record import load_corpus
-from eval_replay import CORPUS_METHODS, Outcome, replay_outcome, run_dot
+from eval_replay import CORPUS_METHODS, Outcome, dataset_snr, replay_outcome, run_dataset_snr, run_dot
 from eval_score import evaluate_corpus
 from eval_tables import corpus_summary_table
 
@@ -164,6 +164,22 @@ def or_gradient_stop(which: str):
     return run
 
 
+def gated_by_dataset_snr(curve) -> Outcome:
+    """The forecaster, with the generalization gap's test replaced by external evidence of memorisation once
+    the training set's gradient is no larger than its own sampling noise (N|G|²/tr Σ ≤ 1 at two consecutive
+    validations: the evidence-based criterion's stop, eval_replay.run_dataset_snr)."""
+    forecaster, warning, streak = BasinForecaster(), None, 0
+    for x, val, train, snr in zip(curve.x, curve.val, curve.train, dataset_snr(curve), strict=True):
+        streak = streak + 1 if snr <= 1 else 0
+        forecaster.decider.memorising = forecaster.decider.memorising or streak >= 2
+        forecast = forecaster.update(x, val, train)
+        if forecast.warning and warning is None:
+            warning = x
+        if forecast.stop:
+            return Outcome(warning if warning is not None else x, x)
+    return Outcome(warning, None)
+
+
 VARIANTS = {
     "forecaster": CORPUS_METHODS["forecaster"],
     "integrated, 12 points": with_signal(lambda window: IntegratedRatio(12)),
@@ -173,6 +189,11 @@ VARIANTS = {
     **{f"warned, then patience {p}": warned_then_patience(p) for p in (2, 3, 5)},
     "forecaster, or stop on g_val·ḡ_train": or_gradient_stop("full"),
     "forecaster, or stop on g_val·P·ḡ_train": or_gradient_stop("pre"),
+}
+# Recorded since the training set's gradient statistics were added (corpus.py's train_noise).
+NOISE_VARIANTS = {
+    "forecaster, gap test replaced once N|G|²/tr Σ <= 1": gated_by_dataset_snr,
+    "dataset SNR <= 1 (evidence-based) alone": run_dataset_snr,
 }
 
 
@@ -290,5 +311,8 @@ if __name__ == "__main__":
     curves = load_corpus(args.corpus)
     print("\n".join(warning_conditions(curves)))
     print()
-    rows = evaluate_corpus(curves, VARIANTS)
+    variants = dict(VARIANTS)
+    if all(c.train_noise is not None for c in curves):
+        variants.update(NOISE_VARIANTS)
+    rows = evaluate_corpus(curves, variants)
     print("\n".join(corpus_summary_table(rows, args.markdown)))

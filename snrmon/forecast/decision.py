@@ -38,6 +38,9 @@ class Decider:
         self.horizon, self.confidence, self.window, self.persist = horizon, confidence, window, persist
         self.streaks = [0, 0]  # consecutive points meeting the warning and the stop condition
         self.fallen = False  # the curve has come down significantly from where it began
+        # Evidence of memorisation from outside the curve (the training set's gradient no larger than its own
+        # sampling noise): it stands in for the generalization gap's widening.
+        self.memorising = False
 
     def decide(self, forecast: Forecast, x, loss, train, signal: Draws, method: str) -> None:
         """Band, probability and decisions from a signal's Monte Carlo draws of D* (inf: no basin in that
@@ -75,7 +78,7 @@ class Decider:
             train_slope, train_se = slope(u, train[long])
             gap, gap_se = slope(u, loss[long] - train[long])
             z = evidence_quantile(len(u) - 2)
-            evidence = train_slope + z * train_se < 0 and gap - z * gap_se > 0
+            evidence = train_slope + z * train_se < 0 and (gap - z * gap_se > 0 or self.memorising)
         # Whatever the signal says: a monitored loss that has risen significantly over the long window has
         # passed its basin (a noisy training loss, e.g. a small shard per rank, can hide the evidence above).
         rise, rise_se = slope(np.log(x[long]), loss[long])
