@@ -167,12 +167,11 @@ def or_gradient_stop(which: str):
 def gated_by_dataset_snr(curve) -> Outcome:
     """The forecaster, with the generalization gap's test replaced by external evidence of memorisation once
     the training set's gradient is no larger than its own sampling noise (N|G|²/tr Σ ≤ 1 at two consecutive
-    validations: the evidence-based criterion's stop, eval_replay.run_dataset_snr)."""
-    forecaster, warning, streak = BasinForecaster(), None, 0
+    validations: the evidence-based criterion's stop, eval_replay.run_dataset_snr). Fixed on the tuning split
+    (commit 1c9ce7e) and built as BasinForecaster's ``dataset_snr``: this replays it through that API."""
+    forecaster, warning = BasinForecaster(), None
     for x, val, train, snr in zip(curve.x, curve.val, curve.train, dataset_snr(curve), strict=True):
-        streak = streak + 1 if snr <= 1 else 0
-        forecaster.decider.memorising = forecaster.decider.memorising or streak >= 2
-        forecast = forecaster.update(x, val, train)
+        forecast = forecaster.update(x, val, train, snr)
         if forecast.warning and warning is None:
             warning = x
         if forecast.stop:
@@ -301,7 +300,8 @@ def separability(splits: list[str]) -> list[str]:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", choices=("tuning", "held-out", "held-out-2"), default="tuning")
+    splits = ("tuning", "held-out", "held-out-2", "held-out-3")
+    parser.add_argument("--corpus", choices=splits, default="tuning")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--separability", action="store_true", help="the AUC table on all three splits")
     args = parser.parse_args()

@@ -118,6 +118,7 @@ def main() -> None:
     print(f"{len(grads)} gradients: {len(small)} of <= 512 values, {len(large)} of 8,192-65,536")
     print("warm, µs per call:      small   large   all 52   max rel. error of |g|^2")
     for name, (kernel, squared) in kernels(slot_of).items():
+
         def loop(indices, kernel=kernel):
             start = time.thread_time_ns()
             for i in indices:

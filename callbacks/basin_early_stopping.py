@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from snrmon.callbacks._figures import Publisher
+from snrmon.callbacks.snr_monitor import SNRMonitor
 from snrmon.forecast import BasinForecaster, Forecast
 from snrmon.forecast.display import as_metric, projection_as_metric
 from snrmon.forecast.forecaster import CONFIDENCE, HORIZON, MIN_POINTS
@@ -70,6 +71,12 @@ class BasinEarlyStopping(Callback):
         tokens_per_step: tokens per optimizer step (across ranks and accumulation), the unit of a prior's D;
             the forecast itself is in steps.
         strict: raise when ``monitor`` is not among the logged metrics at a check (else warn and skip).
+        gradient_evidence: with an :class:`~snrmon.callbacks.SNRMonitor` among the trainer's callbacks that
+            measures the training set's SNR (``dataset_snr`` = N|G|²/tr Σ, for a finite training set it
+            announces), feed each new measurement to the forecaster: once it has been at most 1 at two
+            consecutive measurements, the training set's gradient is no larger than its own sampling noise,
+            which stands in for a widening generalization gap as the warning's evidence of memorisation
+            (docs/forecast.md, "The training set's gradient"). ``False``: the curves alone.
 
     Raises:
         RuntimeError: at a check, if ``monitor`` was never logged (``strict``); the message lists the metrics
@@ -108,6 +115,7 @@ class BasinEarlyStopping(Callback):
         n_params: float | None = None,
         tokens_per_step: float = 1.0,
         strict: bool = True,
+        gradient_evidence: bool = True,
     ) -> None:
         super().__init__()
         if check_every_n_steps is not None and check_every_n_steps < 1:
@@ -117,6 +125,9 @@ class BasinEarlyStopping(Callback):
         self.monitor, self.mode = monitor, mode
         self.check_every_n_steps = check_every_n_steps
         self.verbose, self.strict = verbose, strict
+        self.gradient_evidence = gradient_evidence
+        self._snr_monitor: SNRMonitor | None = None  # found at fit start (gradient_evidence)
+        self._seen_latest: dict | None = None  # its last measurement fed (it builds a new dict per estimate)
         # The forecaster, the mirroring of mode="max", and the wording of what a forecast means: shared with
         # the Hugging Face callback (snrmon.forecast.watch).
         self.watch = BasinWatch(
@@ -162,6 +173,8 @@ class BasinEarlyStopping(Callback):
             self._train_sum, self._train_count, self._last_metric = None, 0, None
             self._drawn_step, self._drawn_at = -1, -math.inf
         self._restored = False
+        monitors = [c for c in trainer.callbacks if isinstance(c, SNRMonitor) and self.gradient_evidence]
+        self._snr_monitor, self._seen_latest = (monitors[0] if monitors else None), None
         self._publisher.start_fit()
         self._check_validation_runs(trainer, pl_module)
 
@@ -245,6 +258,17 @@ class BasinEarlyStopping(Callback):
         value = float(trainer.strategy.reduce(local, reduce_op="mean").item())
         return value if math.isfinite(value) else None
 
+    def _dataset_snr(self) -> float | None:
+        """The SNRMonitor's training-set SNR, when it has measured a new one since the last check (the
+        same estimate read at two checks is one measurement, not two); None otherwise. Every rank reads
+        the same value: the monitor's estimates are reduced across ranks."""
+        monitor = self._snr_monitor
+        if monitor is None or monitor.latest is self._seen_latest:
+            return None
+        self._seen_latest = monitor.latest
+        value = monitor.latest.get(f"{monitor.prefix}/dataset_snr")
+        return None if value is None else float(value)
+
     # -- one check ---------------------------------------------------------------------------------------
 
     def _missing(self, trainer: pl.Trainer) -> None:
@@ -289,7 +313,7 @@ class BasinEarlyStopping(Callback):
             self._last_metric = logged
         if not trainer.strategy.reduce_boolean_decision(new, all=False):
             return
-        forecast = self.watch.update(x, value, self._mean_train_loss(trainer))
+        forecast = self.watch.update(x, value, self._mean_train_loss(trainer), self._dataset_snr())
         note = self.watch.nonfinite_note(value, int(x))
         if note is not None:
             rank_zero_warn(f"BasinEarlyStopping: {note}", category=RuntimeWarning)

@@ -106,7 +106,7 @@ def _fit(callback, train_data, max_epochs: int, logger=None, ckpt_path=None, mod
     model = model or Regressor()
     trainer = L.Trainer(
         max_epochs=max_epochs,
-        callbacks=[callback],
+        callbacks=callback if isinstance(callback, list) else [callback],
         logger=logger or False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -179,6 +179,59 @@ def test_the_replay_of_a_live_run_warns_and_stops_where_it_did(tmp_path, capsys)
     assert [p["d_star"] for p in document["points"]] == [
         f.d_star if f.d_star is not None and math.isfinite(f.d_star) else None for f in history
     ]
+
+
+def test_the_training_set_snr_of_an_snr_monitor_is_fed_logged_and_replayed(tmp_path, capsys):
+    """With an SNRMonitor (two microbatches a step; a short EMA, so its estimate follows the run closely),
+    each new estimate of the training set's SNR is fed to the forecaster, logged with the forecast, and
+    read back by the replay, which warns and stops where the live run did."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from snrmon.callbacks import SNRMonitor
+    from snrmon.cli import main
+
+    def fit(gradient_evidence: bool, logger=None):
+        callback = BasinEarlyStopping(monitor="val_loss", gradient_evidence=gradient_evidence)
+        monitor = SNRMonitor(ema_decay=0.8)
+        seen = []  # the monitor's dataset SNR at each check of the callback: what it could read
+
+        class Watch(L.Callback):  # after both (callbacks run in the order given)
+            def on_validation_end(self, trainer, pl_module):
+                seen.append((trainer.global_step, monitor.latest.get("snr/dataset_snr")))
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _fit([monitor, callback, Watch()], _data(64, 0), 300, logger=logger, accumulate_grad_batches=2,
+                 log_every_n_steps=2, limit_train_batches=4)  # fmt: skip
+        return callback, seen
+
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    callback, seen = fit(True, logger)
+    assert callback.forecaster.decider.memorising  # this run memorises its 64 noisy labels
+    values = dict(seen)
+    logged = _fed_snr(tmp_path / "run" / "version_0")
+    assert logged and all(math.isclose(values[step], value, rel_tol=1e-6) for step, value in logged.items())
+    assert min(logged.values()) <= 1 < max(logged.values())
+    # The replay reads the same values and decides the same.
+    history = callback.forecaster.history
+    assert main(["forecast", str(tmp_path / "run" / "version_0"), "--tag", "val_loss", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [p["x"] for p in document["points"]] == [f.x for f in history]
+    assert document["first_warning"] == next((f.x for f in history if f.warning), None)
+    assert document["stop"] == (callback.stopped_step or None)
+    # Without the evidence (gradient_evidence=False): nothing fed, the curves alone.
+    alone, _ = fit(False, recorder := Recorder())
+    assert not alone.forecaster.decider.memorising and alone.forecaster.snr_streak == 0
+    keys = {key for _, metrics in recorder.metrics for key in metrics}
+    assert "snr/forecast/val_loss/train_loss" in keys and "snr/forecast/val_loss/dataset_snr" not in keys
+
+
+def _fed_snr(run: Path) -> dict[float, float]:
+    """The training set's SNR a BasinEarlyStopping(monitor="val_loss") logged as fed, by step."""
+    from snrmon.logs.tables import read_table
+
+    table = read_table(run, tag="snr/forecast/val_loss/dataset_snr")
+    return dict(zip(table["step"].tolist(), table["loss"].tolist(), strict=True))
 
 
 def test_an_improving_run_is_not_stopped():

@@ -254,6 +254,62 @@ def test_state_dict_resumes_exactly():
     assert len(rest) == len(X) - 40
 
 
+def plateau_with_noisy_gap() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A monitored loss that falls, then stays flat under noise (sd 0.03), while a smooth training loss keeps
+    falling: the ratio nears zero and the training loss falls significantly, but the gap's slope is lost in
+    the monitored loss's noise, so the curves alone give no evidence of memorisation."""
+    rng = np.random.default_rng(0)
+    x = np.arange(1, 41) * 10.0
+    train = 0.3 + 1 / np.sqrt(x) + rng.normal(0, 0.001, len(x))
+    val = 0.6 + 3 / x + rng.normal(0, 0.03, len(x))
+    return x, val, train
+
+
+def first_index(forecasts, decision: str) -> int | None:
+    return next((i for i, f in enumerate(forecasts) if getattr(f, decision)), None)
+
+
+def test_a_training_set_snr_at_most_one_stands_in_for_the_widening_gap():
+    x, val, train = plateau_with_noisy_gap()
+    alone = BasinForecaster().replay(x, val, train)
+    assert first_index(alone, "warning") is None and first_index(alone, "stop") is None
+    assert any("no evidence of memorisation" in f.note for f in alone)
+    # Measured at most 1 from the start: evidence from the second measurement on, the warning at the first
+    # forecast whose other conditions hold.
+    measured = BasinForecaster().replay(x, val, train, [0.5] * len(x))
+    assert first_index(measured, "warning") is not None and first_index(measured, "stop") is not None
+    # Above 1, never two measurements in a row at most 1, or not measured (None, NaN): the curves alone.
+    for snr in ([3.0] * len(x), [0.5, 3.0] * (len(x) // 2), [None] * len(x), [math.nan] * len(x)):
+        again = BasinForecaster().replay(x, val, train, snr)
+        assert [f.as_dict() for f in again] == [f.as_dict() for f in alone]
+    # Two in a row with checks between them that measured nothing (None, NaN) count as consecutive; once
+    # given, the evidence stays (memorisation is not undone by a later, larger SNR).
+    gaps = [None, 0.5, math.nan, 0.5] + [3.0] * (len(x) - 4)
+    late = BasinForecaster().replay(x, val, train, gaps)
+    assert [f.as_dict() for f in late] == [f.as_dict() for f in measured]
+
+
+def test_the_memorisation_evidence_survives_a_checkpoint():
+    x, val, train = plateau_with_noisy_gap()
+    snr = [2.0] * 9 + [0.8, 0.9] + [2.0] * (len(x) - 11)
+    whole = BasinForecaster().replay(x, val, train, snr)
+    for cut in (10, 20):  # between the two measurements at most 1, and after them
+        first = BasinForecaster()
+        first.replay(x[:cut], val[:cut], train[:cut], snr[:cut])
+        resumed = BasinForecaster()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        resumed.replay(x[cut:], val[cut:], train[cut:], snr[cut:])
+        assert [f.as_dict() for f in resumed.history] == [f.as_dict() for f in whole]
+    assert first_index(whole, "warning") is not None
+
+
+def test_a_training_set_snr_that_is_not_a_number_is_refused_before_the_point_is_added():
+    forecaster = BasinForecaster()
+    with pytest.raises((TypeError, ValueError)):
+        forecaster.update(10.0, 1.0, 1.0, "low")
+    assert forecaster.points.x == []
+
+
 def test_law_forecast_finds_a_known_basin_from_the_loss_alone():
     # Noise-free T9 with its basin inside the curve: the law signal's band holds the true D*.
     law = ShannonRunLaw()

@@ -138,8 +138,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.plot:  # before reading and replaying: a bad path or format fails at once, as snrmon fit does
         check_plot_target(args.plot)
-    x, metric, train, x_name, name = load_curve(args)
-    x, metric, train, x_name = thin(x, metric, train, x_name, every=args.every)
+    x, metric, train, dataset_snr, x_name, name = load_curve(args)
+    x, metric, train, dataset_snr, x_name = thin(x, metric, train, dataset_snr, x_name, every=args.every)
     # --mode max feeds the forecaster the negated metric (its peak becomes a basin) and the training loss as
     # it is: BasinEarlyStopping's mirror (its comment says why); everything shown is mirrored back.
     sign = mode_sign(args.mode)
@@ -163,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens_per_step != 1.0 and x_name != "step":
         print("snrmon: note: --tokens-per-step applies when x is step; x is D here: ignored", file=sys.stderr)
     forecasts, projection = [], None
-    points = zip(x, loss, [None] * len(x) if train is None else train, strict=True)
+    nothing = [None] * len(x)
+    train, dataset_snr = (nothing if v is None else v for v in (train, dataset_snr))
+    points = zip(x, loss, train, dataset_snr, strict=True)
     # A bar on long replays, when stderr is a terminal (disable=None): a few ms a point add up.
     bar = dict(total=len(x), desc="forecast", unit="point", file=sys.stderr, leave=False)
     for point in tqdm(points, **bar, disable=None if len(x) >= 1000 else True):
@@ -185,12 +187,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def thin(
-    x: np.ndarray, metric: np.ndarray, train: np.ndarray | None, x_name: str, every: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+    x: np.ndarray,
+    metric: np.ndarray,
+    train: np.ndarray | None,
+    dataset_snr: np.ndarray | None,
+    x_name: str,
+    every: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, str]:
     """Every ``every``-th point of the curve (the last of each group of ``every``), with the training loss
-    averaged over its group: what a callback checking every ``every`` points would have been fed."""
+    averaged over its group: what a callback checking every ``every`` points would have been fed (and the
+    training set's SNR of the group's last measurement)."""
     if every == 1:
-        return x, metric, train, x_name
+        return x, metric, train, dataset_snr, x_name
     keep = np.arange(every - 1, len(x), every)
     if len(keep) == 0:
         raise LogError(f"--every {every} keeps no point of the {len(x)} in the curve")
@@ -199,7 +207,11 @@ def thin(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a group without training loss: NaN, as said
             train = np.array([np.nanmean(group) for group in groups])
-    return x[keep], metric[keep], train, x_name
+    if dataset_snr is not None:
+        measured = np.where(np.isfinite(dataset_snr), np.arange(len(x)), -1)
+        last = np.maximum.accumulate(measured)[keep]  # the last measurement by each kept point
+        dataset_snr = np.where(last >= 0, dataset_snr[np.maximum(last, 0)], np.nan)
+    return x[keep], metric[keep], train, dataset_snr, x_name
 
 
 def check_forecastable(
@@ -230,9 +242,11 @@ def check_forecastable(
     warn([f"{count} values of {shown} are <= 0: {LAW_NEEDS_POSITIVE}; {hint}"])
 
 
-def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str, str]:
-    """x, the metric and the training loss (or None) of the one run DATA holds, sorted by x, and the metric's
-    name."""
+def load_curve(
+    args: argparse.Namespace,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, str, str]:
+    """x, the metric, the training loss (or None) and the training set's SNR a BasinEarlyStopping was fed
+    (or None) of the one run DATA holds, sorted by x, and the metric's name."""
     tag = args.tag or args.metric
     table = read_table(args.data, tag=tag)
     # A log of scalars (TensorBoard, metrics.csv, trainer_state.json) gives its scalar as the column loss;
@@ -280,7 +294,8 @@ def load_curve(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
     train = table[train_name][order] if train_name else None
     if args.train_metric:
         check_train_loss(table[metric][order], train, args.train_metric, name, scalars)
-    return x, table[metric][order], train, x_name, name
+    dataset_snr = table["dataset_snr"][order] if "dataset_snr" in table else None
+    return x, table[metric][order], train, dataset_snr, x_name, name
 
 
 def split_runs(table: Table) -> list[Table]:
@@ -313,12 +328,19 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
         logged = _by_run(read_table(args.data, tag=f"snr/forecast/{runs[0].tag}/train_loss"))
     except LogError:  # not watched by BasinEarlyStopping (or by an older snrmon)
         return runs, None
+    extra = {}  # the metric's values and the training set's SNR it was fed (logged by later snrmon versions)
+    for name in ("value", "dataset_snr"):
+        try:
+            extra[name] = _by_run(read_table(args.data, tag=f"snr/forecast/{runs[0].tag}/{name}"))
+        except LogError:
+            extra[name] = {}
     for index, run in enumerate(runs):
-        fed = logged.get(run["group"][0])
+        group = run["group"][0]
+        fed = logged.get(group)
         if fed is None:  # a run the callback did not watch, beside some it did: the metric alone, as alone
             run.columns["train"] = np.full(len(run), math.nan)
         else:
-            runs[index] = live_points(run, fed)
+            runs[index] = live_points(run, fed, extra["value"].get(group), extra["dataset_snr"].get(group))
     return runs, "train"
 
 
@@ -326,16 +348,26 @@ def _by_run(table: Table) -> dict[str, Table]:
     return {run["group"][0]: run for run in split_runs(table)}
 
 
-def live_points(run: Table, fed: Table) -> Table:
+def live_points(
+    run: Table, fed: Table, values: Table | None = None, dataset_snr: Table | None = None
+) -> Table:
     """The points a live BasinEarlyStopping(monitor=run.tag) forecast from, logged with its forecasts as
-    ``fed`` (the training-loss means it was fed, by step): at its own steps (the trainer's global step, where
-    Lightning logs a validation metric one step earlier), each with the last value of the metric logged by
-    then (what it read) and that mean. A replay of them is the live run's forecast, not an approximation."""
+    ``fed`` (the training-loss means it was fed, by step): at its own steps (the trainer's global step), each
+    with the metric's value it read (``values``, logged with them; logs of older versions lack it: then the
+    last value of the metric logged by that step, Lightning logging a validation metric one step earlier)
+    and that mean, and the training set's SNR where it was fed one (``dataset_snr``, by step). A replay of
+    them is the live run's forecast, not an approximation."""
     read = np.searchsorted(run["step"], fed["step"], side="right") - 1  # the last value by each step
-    kept = read >= 0
-    points = run.select(read[kept])
+    kept = read >= 0 if values is None else np.isin(fed["step"], values["step"])
+    points = run.select(np.maximum(read, 0)[kept])  # (the rows' other columns; the value as read below)
     points.columns["step"] = points.columns["D"] = fed["step"][kept]
     points.columns["train"] = fed["loss"][kept]
+    if values is not None:
+        at = dict(zip(values["step"].tolist(), values["loss"].tolist(), strict=True))
+        points.columns["loss"] = np.array([at[step] for step in fed["step"][kept]])
+    if dataset_snr is not None:  # fed at some checks only (a new measurement): NaN at the others
+        at = dict(zip(dataset_snr["step"].tolist(), dataset_snr["loss"].tolist(), strict=True))
+        points.columns["dataset_snr"] = np.array([at.get(step, math.nan) for step in fed["step"][kept]])
     logged = f"snr/forecast/{run.tag}/train_loss"
     points.notes = [f"the points BasinEarlyStopping forecast from, with {logged}"]
     return points

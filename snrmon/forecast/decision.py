@@ -39,7 +39,7 @@ class Decider:
         self.streaks = [0, 0]  # consecutive points meeting the warning and the stop condition
         self.fallen = False  # the curve has come down significantly from where it began
         # Evidence of memorisation from outside the curve (the training set's gradient no larger than its own
-        # sampling noise): it stands in for the generalization gap's widening.
+        # sampling noise, set by the forecaster): it stands in for the generalization gap's widening.
         self.memorising = False
 
     def decide(self, forecast: Forecast, x, loss, train, signal: Draws, method: str) -> None:
@@ -71,7 +71,8 @@ class Decider:
             # A ratio near zero also comes from a plateau where the training loss is as flat as the monitored
             # one (noise in the training loss pulls the regression slope toward zero). A basin shows more:
             # over a longer window the training loss still falls and the generalization gap widens, both
-            # significantly.
+            # significantly (or the training set's gradient has sunk into its own sampling noise: the
+            # measured twin of the widening gap, and known before the gap's slope is significant).
             # (On log losses, at 4.5 standard errors, the tests warned in time more often on the tuning runs
             # and less often on both held-out sets: docs/forecast.md.)
             u = np.log(x[long])
@@ -97,8 +98,9 @@ class Decider:
             # to the whole curve places it better than any one noisy point, and does not move with a window.
             lowest = float(x[np.argmin(loss)])
             forecast.d_star = lowest
-            forecast.d_star_low, forecast.d_star_high = min(forecast.d_star_low, lowest), max(
-                forecast.d_star_high, lowest
+            forecast.d_star_low, forecast.d_star_high = (
+                min(forecast.d_star_low, lowest),
+                max(forecast.d_star_high, lowest),
             )
         at = self.loss_at(forecast.d_star, x, loss)
         forecast.loss_at_d_star = at if at is not None and math.isfinite(at) else None
@@ -148,7 +150,7 @@ def _no_warning_reason(method: str, fallen: bool, flat_or_rising: bool, evidence
         return "no warning: the monitored loss still falls significantly"
     if method == "ratio" and not evidence:
         return (
-            "no warning: no evidence of memorisation yet (the training loss falling and the generalization "
-            "gap widening, both significantly)"
+            "no warning: no evidence of memorisation yet (the training loss falling significantly, and the "
+            "generalization gap widening significantly or the training set's SNR at most 1)"
         )
     return f"no warning yet: the condition must hold at {persist} consecutive points"

@@ -17,8 +17,12 @@ decides. docs/forecast.md has the measurements that chose the signals and the de
 * ``"prior"`` (the loss alone, and a prior that gives every constant of this run): the family's law with this
   run's A and c refitted, from its first few points (:mod:`snrmon.forecast.prior`).
 
-A stop also needs the monitored curve itself to agree (its slope against log x over the window is no
-longer significantly negative), and every decision must hold at ``persist`` consecutive points.
+With the training loss, a warning needs evidence of memorisation: the generalization gap widening
+significantly, or, from outside the curve, the training set's gradient no larger than its own sampling noise
+(``dataset_snr`` = N|G|²/tr Σ ≤ 1 at two consecutive points: an ``SNRMonitor`` measures it, and
+``BasinEarlyStopping`` passes it on). A stop also needs the monitored curve itself to agree (its slope
+against log x over the window is no longer significantly negative), and every decision must hold at
+``persist`` consecutive points.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ CONFIDENCE = 0.9  # stop when the basin is within the horizon (or entered) with 
 MIN_POINTS = 10  # no forecast before this many finite points (the law has 7 constants)
 WINDOW = 8  # points in the sliding window of the local slopes and of the ratio
 PERSIST = 1  # consecutive points a warning or stop condition must hold
+# Consecutive points with dataset_snr <= 1 that make it evidence of memorisation (Mahsereci et al.'s
+# criterion, arXiv 1703.09580, in its trace form; docs/forecast.md, "The training set's gradient")
+MEMORISATION_POINTS = 2
 
 
 class BasinForecaster:
@@ -151,6 +158,7 @@ class BasinForecaster:
         self.decider = Decider(horizon, confidence, window, persist)
         self.points = Points()
         self.history: list[Forecast] = []
+        self.snr_streak = 0  # consecutive points with dataset_snr <= 1
         # What the latest forecast needs to draw the curve ahead, and that curve once asked for (`projection`;
         # not saved: rebuilt at the next forecast).
         self._latest: tuple | None = None
@@ -158,10 +166,18 @@ class BasinForecaster:
 
     # -- feeding points --------------------------------------------------------------------------------
 
-    def update(self, x: float, loss: float, train_loss: float | None = None) -> Forecast:
-        """Add the point (x, loss[, mean training loss since the previous point]) and forecast."""
+    def update(
+        self, x: float, loss: float, train_loss: float | None = None, dataset_snr: float | None = None
+    ) -> Forecast:
+        """Add the point (x, loss[, mean training loss since the previous point]) and forecast.
+
+        ``dataset_snr``: the training set's N|G|²/tr Σ at this point (``SNRMonitor``'s ``dataset_snr``), if
+        measured. Once it has been at most 1 at ``MEMORISATION_POINTS`` consecutive points, the training
+        set's gradient is no larger than its own sampling noise: from then on it stands in for the widening
+        generalization gap as the warning's evidence of memorisation. None or NaN: not measured here."""
         x, loss = float(x), float(loss)
         train = float(train_loss) if train_loss is not None else math.nan
+        snr = float(dataset_snr) if dataset_snr is not None else math.nan
         if not math.isfinite(x):
             raise ValueError(f"x must be a finite number, got {x}")
         if self.points.x and x <= self.points.x[-1]:
@@ -169,6 +185,10 @@ class BasinForecaster:
         self.points.x.append(x)
         self.points.loss.append(loss)
         self.points.train.append(train)
+        if math.isfinite(snr):
+            self.snr_streak = self.snr_streak + 1 if snr <= 1 else 0
+            if self.snr_streak >= MEMORISATION_POINTS:
+                self.decider.memorising = True
         # A forecast informs training and must never end it: numerical trouble in the fits (overflow in an
         # extreme draw, a degenerate window) is handled where it can be, and anything left is a note.
         with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -187,10 +207,12 @@ class BasinForecaster:
         x: Sequence[float],
         loss: Sequence[float],
         train_loss: Sequence[float | None] | None = None,
+        dataset_snr: Sequence[float | None] | None = None,
     ) -> list[Forecast]:
         """Feed a whole curve point by point; the forecast after each point."""
         train_loss = [None] * len(x) if train_loss is None else train_loss
-        return [self.update(*point) for point in zip(x, loss, train_loss, strict=True)]
+        dataset_snr = [None] * len(x) if dataset_snr is None else dataset_snr
+        return [self.update(*point) for point in zip(x, loss, train_loss, dataset_snr, strict=True)]
 
     # -- state (BasinEarlyStopping saves it in checkpoints) ---------------------------------------------
 
@@ -204,6 +226,8 @@ class BasinForecaster:
             "streaks": list(self.decider.streaks),
             "fallen": self.decider.fallen,
             "law_draws": self.law.cached_state(),
+            "memorising": self.decider.memorising,
+            "snr_streak": self.snr_streak,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -215,6 +239,8 @@ class BasinForecaster:
         self.decider.streaks = list(state["streaks"])
         self.decider.fallen = state.get("fallen", False)  # (absent from checkpoints of snrmon <= 0.1)
         self.law.load_cached_state(state.get("law_draws"))
+        self.decider.memorising = state.get("memorising", False)  # (absent before the dataset SNR was used)
+        self.snr_streak = state.get("snr_streak", 0)
 
     # -- forecasting ------------------------------------------------------------------------------------
 

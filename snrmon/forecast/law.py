@@ -35,9 +35,7 @@ class LawSignal:
 
     name = "law"
 
-    def __init__(
-        self, prior: dict | None, tokens_per_x: float, max_seconds: float | None, seed: int
-    ) -> None:
+    def __init__(self, prior: dict | None, tokens_per_x: float, max_seconds: float | None, seed: int) -> None:
         self.prior, self.tokens_per_x = prior, tokens_per_x
         self.max_seconds, self.seed = max_seconds, seed
         self.theta: np.ndarray | None = None  # the last law fit, in natural units of x / x_scale

@@ -67,9 +67,7 @@ class RatioSignal:
         return Draws(edge, minimum=minimum)
 
 
-def crossing_draws(
-    u: np.ndarray, r: np.ndarray, levels: tuple[float, ...], rng
-) -> list[np.ndarray]:
+def crossing_draws(u: np.ndarray, r: np.ndarray, levels: tuple[float, ...], rng) -> list[np.ndarray]:
     """Draws of exp(u*) where the line r = a + b·(u − u_now) crosses each of ``levels`` going down, its two
     coefficients drawn (once, for every level) from their least-squares covariance. A falling line crosses at
     u_now + (level − a)/b: ahead while r is still above the level, behind (entered) once it is below, then

@@ -2,7 +2,8 @@
 
 The Lightning ``BasinEarlyStopping`` and the Hugging Face ``BasinEarlyStoppingCallback`` both drive it: it
 holds the :class:`~snrmon.forecast.BasinForecaster` with the callbacks' defaults, feeds it the monitored
-metric (mirrored for ``mode="max"``) with the mean training loss since the previous check, and words what a
+metric (mirrored for ``mode="max"``) with the mean training loss since the previous check (and the training
+set's SNR where a monitor measures it), and words what a
 forecast means for the user: the values to log, the warning when the state changes, the reason to stop, and
 the notes said once. The callbacks add only their framework's seams: where the metric and the training loss
 come from, how ranks agree, where messages and values go, and how the state is saved.
@@ -68,12 +69,14 @@ class BasinWatch:
         self.said_departure = False  # a prior that does not fit this run is said once
         self.said_nonpositive = False  # a loss-only forecast given values <= 0 is said once
         self.said_nonfinite = False  # a metric that is NaN or infinite at a check is said once
+        self.fed_dataset_snr: float | None = None  # the training set's SNR fed at the last check (logged)
 
     def reset(self) -> None:
         """Forget the curve and what was said: a new run starts (a callback serving another fit)."""
         self.forecaster = BasinForecaster(**self._settings)
         self.announced = "no forecast"
         self.said_departure = self.said_nonpositive = self.said_nonfinite = False
+        self.fed_dataset_snr = None
 
     # -- a check -----------------------------------------------------------------------------------------
 
@@ -82,19 +85,25 @@ class BasinWatch:
         points = self.forecaster.points.x
         return step > 0 and (not points or step > points[-1])
 
-    def update(self, step: float, value: float, train_loss: float | None) -> Forecast:
+    def update(
+        self, step: float, value: float, train_loss: float | None, dataset_snr: float | None = None
+    ) -> Forecast:
         """Add the metric's ``value`` at optimizer step ``step`` (and the mean training loss since the last
-        check, ``None`` if there is none) and forecast. The forecast is of the mirrored curve: pass it on to
+        check, ``None`` if there is none; the training set's SNR N|G|²/tr Σ measured since the last check,
+        ``None`` if none) and forecast. The forecast is of the mirrored curve: pass it on to
         :meth:`describe` and the others, which mirror it back."""
-        return self.forecaster.update(step, self.sign * value, train_loss)
+        self.fed_dataset_snr = dataset_snr
+        return self.forecaster.update(step, self.sign * value, train_loss, dataset_snr)
 
     def metrics(self, forecast: Forecast) -> dict[str, float]:
         """The finite values to log: ``snr/forecast/<monitor>/<name>`` for :data:`LOGGED`, and the
-        training-loss mean this forecast was fed, so that a replay of the logs (``snrmon forecast RUN --tag
-        MONITOR``) reads exactly what the live run saw."""
+        metric's value, training-loss mean (and training set's SNR) this forecast was fed, so that a replay
+        of the logs (``snrmon forecast RUN --tag MONITOR``) reads exactly what the live run saw."""
         prefix = f"snr/forecast/{self.monitor}"
         values = {f"{prefix}/{name}": getattr(forecast, name) for name in LOGGED}
+        values[f"{prefix}/value"] = self.sign * self.forecaster.points.loss[-1]  # the metric as read
         values[f"{prefix}/train_loss"] = self.forecaster.points.train[-1]
+        values[f"{prefix}/dataset_snr"] = self.fed_dataset_snr
         return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
     def announcement(self, forecast: Forecast) -> str | None:

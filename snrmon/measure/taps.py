@@ -251,4 +251,3 @@ class ShardedGradientTaps(GradientTaps):
                 self.error = error
 
         return hook_unsharded_parameters
-
