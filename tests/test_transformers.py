@@ -350,6 +350,37 @@ def test_stops_an_overfitting_run_near_its_minimum(tmp_path):
     assert stopper.forecaster.points.loss[-1] <= 1.01 * min(full)
 
 
+def test_the_training_set_snr_of_the_monitor_is_fed_and_replayed(tmp_path, capsys):
+    """With an SNRMonitorCallback (whichever comes first), each check feeds the latest training-set SNR it
+    logged since the previous one; trainer_state.json replays to the live decisions."""
+    from snrmon.cli import main
+
+    args = training_arguments(
+        tmp_path, per_device_train_batch_size=32, gradient_accumulation_steps=2,
+        per_device_eval_batch_size=512, max_steps=300, learning_rate=1e-3, lr_scheduler_type="constant",
+        max_grad_norm=0.0, eval_strategy="steps", eval_steps=2, logging_steps=2,
+    )  # fmt: skip
+    trainer = Trainer(model=Regressor(), args=args, train_dataset=Noisy(64, 0), eval_dataset=Noisy(512, 1))
+    monitor, stopper = SNRMonitorCallback(dataset_size=64, ema_decay=0.8), BasinEarlyStoppingCallback()
+    add_callbacks(trainer, stopper, monitor)  # the stopper first: it reads the monitor's values all the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    logged = {e["step"]: e["snr/dataset_snr"] for e in trainer.state.log_history if "snr/dataset_snr" in e}
+    fed = {e["step"]: e["snr/forecast/eval_loss/dataset_snr"] for e in trainer.state.log_history
+           if "snr/forecast/eval_loss/dataset_snr" in e}  # fmt: skip
+    assert fed and fed == {step: logged[step] for step in fed}
+    assert min(fed.values()) <= 1 < max(fed.values()) and stopper.forecaster.decider.memorising
+    trainer.save_state()
+    capsys.readouterr()
+    assert main(["forecast", str(tmp_path / "trainer_state.json"), "--metric", "eval_loss", "--json"]) == 0
+    replay = json.loads(capsys.readouterr().out)
+    history = stopper.forecaster.history
+    assert [p["x"] for p in replay["points"]] == [f.x for f in history]
+    assert replay["first_warning"] == next((f.x for f in history if f.warning), None)
+    assert replay["stop"] == (stopper.stopped_step or None)
+
+
 def test_its_trainer_state_and_tensorboard_logs_replay_alike(tmp_path, capsys):
     """The logs a Hugging Face run writes, replayed by `snrmon forecast`: trainer_state.json holds the
     stopper's own points (the live decisions), and it and the run's TensorBoard log give one replay."""

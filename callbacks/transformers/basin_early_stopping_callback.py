@@ -58,6 +58,10 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
         strict: raise at the first evaluation without ``monitor``. By default it warns once and the run goes
             on without forecasts, as the Trainer's own ``EarlyStoppingCallback`` does: the Trainer has no
             sanity check, and the first evaluation may come hours into a run.
+        gradient_evidence: with an ``SNRMonitorCallback`` that logs the training set's SNR (``dataset_snr``),
+            feed the latest value logged since the previous check to the forecaster: as for the Lightning
+            ``BasinEarlyStopping``, at most 1 at two consecutive values is the warning's evidence of
+            memorisation. ``False``: the curves alone.
 
     Raises:
         ValueError: an invalid ``mode``, ``horizon``, ``confidence`` or ``min_points``.
@@ -91,6 +95,7 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
         n_params: float | None = None,
         tokens_per_step: float = 1.0,
         strict: bool = False,
+        gradient_evidence: bool = True,
     ) -> None:
         self.init_args = {
             "monitor": monitor,
@@ -103,7 +108,9 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
             "n_params": n_params,
             "tokens_per_step": tokens_per_step,
             "strict": strict,
+            "gradient_evidence": gradient_evidence,
         }
+        self.gradient_evidence = gradient_evidence
         self.monitor, self.mode, self.verbose, self.strict = monitor, mode, verbose, strict
         self.watch = BasinWatch(
             monitor, mode, horizon, confidence, min_points, prior, n_params, tokens_per_step
@@ -204,7 +211,7 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
             )
         train = self._train_sum / self._train_steps if self._train_steps else None
         self._train_sum, self._train_steps = 0.0, 0
-        forecast = self.watch.update(step, value, train)
+        forecast = self.watch.update(step, value, train, self._dataset_snr(state))
         values = self.watch.metrics(forecast)
         logs.update(values)
         # Trainer.log copied `logs` into log_history just before this event: that entry gets the values too.
@@ -231,6 +238,21 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
             self.stopping_reason = self.watch.stop_reason(forecast)
             if state.is_world_process_zero:
                 log.warning(f"BasinEarlyStoppingCallback: stopping at step {step}: {self.stopping_reason}")
+
+    def _dataset_snr(self, state: TrainerState) -> float | None:
+        """The training set's SNR an ``SNRMonitorCallback`` logged since the previous check (the latest), or
+        None. Read from ``log_history``, where that callback adds its values to each training log whatever
+        the callbacks' order: by the evaluation's check they are there."""
+        if not self.gradient_evidence:
+            return None
+        previous = self.forecaster.points.x[-1] if self.forecaster.points.x else -math.inf
+        for entry in reversed(state.log_history):
+            if entry.get("step", -math.inf) <= previous:
+                break
+            for key, value in entry.items():
+                if key.endswith("dataset_snr") and not key.startswith("snr/forecast/"):
+                    return float(value)
+        return None
 
     def _warn(self, message: str, state: TrainerState, category: type[Warning] = UserWarning) -> None:
         if state.is_world_process_zero:
