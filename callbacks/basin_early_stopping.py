@@ -76,7 +76,9 @@ class BasinEarlyStopping(Callback):
             announces), feed each new measurement to the forecaster: once it has been at most 1 at two
             consecutive measurements, the training set's gradient is no larger than its own sampling noise,
             which stands in for a widening generalization gap as the warning's evidence of memorisation
-            (docs/forecast.md, "The training set's gradient"). ``False``: the curves alone.
+            (docs/forecast.md, "The training set's gradient"). ``False``: the curves alone. With
+            ``check_every_n_steps``, place the monitor before this callback: both act at the end of a
+            training batch, in the order given, and a monitor placed after would be read one log late.
 
     Raises:
         RuntimeError: at a check, if ``monitor`` was never logged (``strict``); the message lists the metrics
@@ -127,7 +129,7 @@ class BasinEarlyStopping(Callback):
         self.verbose, self.strict = verbose, strict
         self.gradient_evidence = gradient_evidence
         self._snr_monitor: SNRMonitor | None = None  # found at fit start (gradient_evidence)
-        self._seen_latest: dict | None = None  # its last measurement fed (it builds a new dict per estimate)
+        self._fed_steps: int | None = None  # the monitor's measured steps at the last value fed
         # The forecaster, the mirroring of mode="max", and the wording of what a forecast means: shared with
         # the Hugging Face callback (snrmon.forecast.watch).
         self.watch = BasinWatch(
@@ -174,7 +176,7 @@ class BasinEarlyStopping(Callback):
             self._drawn_step, self._drawn_at = -1, -math.inf
         self._restored = False
         monitors = [c for c in trainer.callbacks if isinstance(c, SNRMonitor) and self.gradient_evidence]
-        self._snr_monitor, self._seen_latest = (monitors[0] if monitors else None), None
+        self._snr_monitor, self._fed_steps = (monitors[0] if monitors else None), None
         self._publisher.start_fit()
         self._check_validation_runs(trainer, pl_module)
 
@@ -259,13 +261,13 @@ class BasinEarlyStopping(Callback):
         return value if math.isfinite(value) else None
 
     def _dataset_snr(self) -> float | None:
-        """The SNRMonitor's training-set SNR, when it has measured a new one since the last check (the
-        same estimate read at two checks is one measurement, not two); None otherwise. Every rank reads
-        the same value: the monitor's estimates are reduced across ranks."""
+        """The SNRMonitor's training-set SNR, when it has measured steps since the value last fed (the same
+        estimate read at two checks is one measurement, not two); None otherwise. Every rank reads the
+        same value: the monitor's estimates are reduced across ranks."""
         monitor = self._snr_monitor
-        if monitor is None or monitor.latest is self._seen_latest:
+        if monitor is None or not monitor.latest or monitor.latest_steps == self._fed_steps:
             return None
-        self._seen_latest = monitor.latest
+        self._fed_steps = monitor.latest_steps
         value = monitor.latest.get(f"{monitor.prefix}/dataset_snr")
         return None if value is None else float(value)
 

@@ -93,6 +93,9 @@ class SNRMonitor(Callback):
     ``snr/<group>/...``. Every configured logger gets, under the same names, the totals' values and the
     groups' signal, noise, noise scale and SNR; with ``log_details=True`` everything in :attr:`latest`.
     TensorBoard loggers also get the series of snrmon's Custom Scalars charts, under ``~snr/``.
+    :attr:`latest_steps` counts the optimizer steps measured into :attr:`latest`: it grows with each new
+    estimate (a logging step with no step measured since the last rebuilds :attr:`latest` with the same
+    values); ``BasinEarlyStopping`` reads ``dataset_snr`` from a new estimate only.
 
     Args:
         every_n_steps: measure on every n-th optimizer step; on other steps no hook is installed.
@@ -162,6 +165,9 @@ class SNRMonitor(Callback):
         self.prog_bar = prog_bar
         self.log_details = log_details
         self.latest: dict[str, float] = {}
+        # The optimizer steps measured into `latest`: a larger count is a new estimate (a logging step with no
+        # measured step since the last one rebuilds `latest` with the same values).
+        self.latest_steps = 0
 
         self._meter: GradientMeter | None = None  # made at fit start
         self._pending_state: dict[str, Any] | None = None  # a checkpoint's, until the meter is made
@@ -242,7 +248,7 @@ class SNRMonitor(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_names_apart(trainer)
         self._check_depth_groups(pl_module)  # here, not at setup: `configure_model` has made the layers
-        self.latest = {}  # values of an earlier fit must not pass for this one's
+        self.latest, self.latest_steps = {}, 0  # values of an earlier fit must not pass for this one's
         self._reset_fit_state()
         self._rank = trainer.global_rank
         # A `fit` that goes on where this monitor's last one ended (the same Trainer fitted again) keeps the
@@ -443,7 +449,7 @@ class SNRMonitor(Callback):
         latest = self._meter.snapshot(self.prefix) if self._meter is not None else {}  # the one host sync
         if not latest:  # nothing measured yet, nor skipped or dropped
             return
-        self.latest = latest
+        self.latest, self.latest_steps = latest, self._meter.measured_steps
         if trainer.is_global_zero:  # now that it is known whether the training set is finite
             add_snr_layout(trainer)
         step = step_of_last_batch(trainer) if at_end else logging_step(trainer)

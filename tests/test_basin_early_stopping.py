@@ -226,6 +226,36 @@ def test_the_training_set_snr_of_an_snr_monitor_is_fed_logged_and_replayed(tmp_p
     assert "snr/forecast/val_loss/train_loss" in keys and "snr/forecast/val_loss/dataset_snr" not in keys
 
 
+def test_one_estimate_of_the_training_set_snr_is_fed_once():
+    """A monitor that measures every 4th step and logs every 2nd rebuilds `latest` with the same estimate:
+    the callback feeds each estimate once (two checks reading it are one measurement, not two in a row)."""
+    from snrmon.callbacks import SNRMonitor
+
+    monitor, callback, recorder = (
+        SNRMonitor(every_n_steps=4),
+        BasinEarlyStopping(monitor="val_loss"),
+        Recorder(),
+    )
+    counts = []
+
+    class Watch(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            counts.append(monitor.latest_steps)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit([monitor, callback, Watch()], _data(64, 0), 40, logger=recorder, accumulate_grad_batches=2,
+             log_every_n_steps=1, limit_train_batches=4)  # fmt: skip
+    fed = [
+        m["snr/forecast/val_loss/dataset_snr"]
+        for _, m in recorder.metrics
+        if "snr/forecast/val_loss/dataset_snr" in m
+    ]
+    estimates = sorted(set(c for c in counts if c > 0))
+    assert len(counts) > len(estimates) > 3  # checks that read an estimate already fed
+    assert len(fed) == len(estimates)
+
+
 def _fed_snr(run: Path) -> dict[float, float]:
     """The training set's SNR a BasinEarlyStopping(monitor="val_loss") logged as fed, by step."""
     from snrmon.logs.tables import read_table

@@ -866,3 +866,56 @@ def test_the_docs_replay_example_is_what_the_command_prints(capsys):
     steps_away = round(warning["d_star"] - warning["x"])
     assert f"basin ahead at step {round(warning['d_star'])} " in doc
     assert f"{steps_away} steps from step {round(warning['x'])}" in doc
+
+
+def test_forecast_reads_a_dataset_snr_column_and_thins_it_one_measurement_per_point(tmp_path, capsys):
+    from test_forecast import plateau_with_noisy_gap
+
+    x, val, train = plateau_with_noisy_gap()
+    columns = {"step": x, "loss": val, "train": train}
+    alone = run_json(capsys, "forecast", write_csv(tmp_path / "a.csv", columns), "--train-metric", "train")
+    # At most 1 throughout: the evidence of memorisation, said in a note; the forecaster's own decisions.
+    low = write_csv(tmp_path / "low.csv", {**columns, "dataset_snr": [0.5] * len(x)})
+    code, out, err = run(capsys, "forecast", low, "--train-metric", "train", "--json")
+    assert code == 0 and "dataset_snr is read as the training set's SNR" in err
+    assert json.loads(out)["first_warning"] is not None and alone["first_warning"] is None
+    # One measurement in each pair of points, --every 2: one value per kept point, never the same one twice
+    # (one value at most 1 is no evidence).
+    once = ["nan"] * len(x)
+    once[3] = 0.5
+    code, out, _ = run(capsys, "forecast", write_csv(tmp_path / "once.csv", {**columns, "dataset_snr": once}),
+                       "--train-metric", "train", "--every", "2", "--json")  # fmt: skip
+    plain = run_json(capsys, "forecast", tmp_path / "a.csv", "--train-metric", "train", "--every", "2")
+    assert code == 0 and json.loads(out)["points"] == plain["points"]
+    # Text in it: said, not guessed.
+    text = write_csv(tmp_path / "text.csv", {**columns, "dataset_snr": ["low"] * len(x)})
+    code, _, err = run(capsys, "forecast", text, "--train-metric", "train")
+    assert code == 2 and "'dataset_snr'" in err and "holds text" in err
+
+
+def test_forecast_replays_a_check_whose_metric_was_not_finite(tmp_path, capsys):
+    """A BasinEarlyStopping check whose metric was NaN logged no value (finite values only) but fed its
+    training loss and training-set SNR: the replay keeps that point, as the live run did."""
+    from test_forecast import plateau_with_noisy_gap
+    from torch.utils.tensorboard import SummaryWriter
+
+    from snrmon.forecast import BasinForecaster
+
+    x, val, train = plateau_with_noisy_gap()
+    val = val.copy()
+    val[12] = math.nan
+    snr = [2.0] * 12 + [0.5, 0.5] + [2.0] * (len(x) - 14)  # the first of two at most 1 at the NaN check
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step, value, mean, ratio in zip(x, val, train, snr, strict=True):
+        writer.add_scalar("val_loss", value, int(step) - 1)  # (Lightning logs a validation one step early)
+        if math.isfinite(value):
+            writer.add_scalar("snr/forecast/val_loss/value", value, int(step))
+        writer.add_scalar("snr/forecast/val_loss/train_loss", mean, int(step))
+        writer.add_scalar("snr/forecast/val_loss/dataset_snr", ratio, int(step))
+    writer.close()
+    live = BasinForecaster()
+    live.replay(x, val, train, snr)
+    document = run_json(capsys, "forecast", tmp_path / "run", "--tag", "val_loss")
+    assert [p["x"] for p in document["points"]] == [f.x for f in live.history]
+    assert document["first_warning"] == next((f.x for f in live.history if f.warning), None)
+

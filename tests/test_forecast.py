@@ -305,9 +305,21 @@ def test_the_memorisation_evidence_survives_a_checkpoint():
 
 def test_a_training_set_snr_that_is_not_a_number_is_refused_before_the_point_is_added():
     forecaster = BasinForecaster()
-    with pytest.raises((TypeError, ValueError)):
-        forecaster.update(10.0, 1.0, 1.0, "low")
+    for bad in ("low", "0.5", True):
+        with pytest.raises(TypeError, match="dataset_snr"):
+            forecaster.update(10.0, 1.0, 1.0, bad)
     assert forecaster.points.x == []
+
+
+def test_a_negative_training_set_snr_is_no_measurement_and_an_infinite_one_is_above_one():
+    # Negative: a signal or noise estimate below zero, no measurement (as NaN: the streak neither grows nor
+    # ends); infinite: noise of exactly zero, the highest SNR (the streak ends).
+    cases = (([0.5, -3.0, 0.5], True), ([0.5, math.inf, 0.5], False), ([-1.0, -1.0], False))
+    for values, memorising in cases:
+        n = len(values)
+        forecaster = BasinForecaster()
+        forecaster.replay(np.arange(1, n + 1) * 10.0, [1.0] * n, [1.0] * n, values)
+        assert forecaster.decider.memorising is memorising, values
 
 
 def test_law_forecast_finds_a_known_basin_from_the_loss_alone():

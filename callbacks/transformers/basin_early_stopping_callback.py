@@ -249,9 +249,10 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
         for entry in reversed(state.log_history):
             if entry.get("step", -math.inf) <= previous:
                 break
-            for key, value in entry.items():
-                if key.endswith("dataset_snr") and not key.startswith("snr/forecast/"):
-                    return float(value)
+            # The total's key (per-group keys have one more level), not what this callback logs itself.
+            keys = [k for k in entry if k.endswith("dataset_snr") and not k.startswith("snr/forecast/")]
+            if keys:
+                return float(entry[min(keys, key=lambda k: k.count("/"))])
         return None
 
     def _warn(self, message: str, state: TrainerState, category: type[Warning] = UserWarning) -> None:

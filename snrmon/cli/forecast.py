@@ -207,10 +207,9 @@ def thin(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a group without training loss: NaN, as said
             train = np.array([np.nanmean(group) for group in groups])
-    if dataset_snr is not None:
-        measured = np.where(np.isfinite(dataset_snr), np.arange(len(x)), -1)
-        last = np.maximum.accumulate(measured)[keep]  # the last measurement by each kept point
-        dataset_snr = np.where(last >= 0, dataset_snr[np.maximum(last, 0)], np.nan)
+    if dataset_snr is not None:  # each measurement once: the group's last, NaN for a group without one
+        groups = np.split(dataset_snr[: keep[-1] + 1], keep[:-1] + 1)
+        dataset_snr = np.array([next((v for v in g[::-1] if np.isfinite(v)), np.nan) for g in groups])
     return x[keep], metric[keep], train, dataset_snr, x_name
 
 
@@ -294,7 +293,21 @@ def load_curve(
     train = table[train_name][order] if train_name else None
     if args.train_metric:
         check_train_loss(table[metric][order], train, args.train_metric, name, scalars)
-    dataset_snr = table["dataset_snr"][order] if "dataset_snr" in table else None
+    dataset_snr = None
+    if "dataset_snr" in table:  # fed by a BasinEarlyStopping that watched the run, or a column of a table
+        if not table.is_numeric("dataset_snr"):
+            row, cell = table.first_non_number("dataset_snr")
+            raise LogError(
+                f"column 'dataset_snr' of {args.data} holds text, not numbers: {cell!r} in row {row + 1}"
+            )
+        dataset_snr = table["dataset_snr"][order]
+        if not scalars:
+            print(
+                "snrmon: note: the column dataset_snr is read as the training set's SNR N|G|²/tr Σ (at "
+                "most 1 at two points in a row: evidence of memorisation, as BasinEarlyStopping reads an "
+                "SNRMonitor's)",
+                file=sys.stderr,
+            )
     return x, table[metric][order], train, dataset_snr, x_name, name
 
 
@@ -358,13 +371,13 @@ def live_points(
     and that mean, and the training set's SNR where it was fed one (``dataset_snr``, by step). A replay of
     them is the live run's forecast, not an approximation."""
     read = np.searchsorted(run["step"], fed["step"], side="right") - 1  # the last value by each step
-    kept = read >= 0 if values is None else np.isin(fed["step"], values["step"])
+    kept = read >= 0 if values is None else np.ones(len(fed), dtype=bool)
     points = run.select(np.maximum(read, 0)[kept])  # (the rows' other columns; the value as read below)
     points.columns["step"] = points.columns["D"] = fed["step"][kept]
     points.columns["train"] = fed["loss"][kept]
-    if values is not None:
+    if values is not None:  # (a check whose value was not finite logged none: a NaN point, as it was live)
         at = dict(zip(values["step"].tolist(), values["loss"].tolist(), strict=True))
-        points.columns["loss"] = np.array([at[step] for step in fed["step"][kept]])
+        points.columns["loss"] = np.array([at.get(step, math.nan) for step in fed["step"][kept]])
     if dataset_snr is not None:  # fed at some checks only (a new measurement): NaN at the others
         at = dict(zip(dataset_snr["step"].tolist(), dataset_snr["loss"].tolist(), strict=True))
         points.columns["dataset_snr"] = np.array([at.get(step, math.nan) for step in fed["step"][kept]])

@@ -174,9 +174,16 @@ class BasinForecaster:
         ``dataset_snr``: the training set's N|G|²/tr Σ at this point (``SNRMonitor``'s ``dataset_snr``), if
         measured. Once it has been at most 1 at ``MEMORISATION_POINTS`` consecutive points, the training
         set's gradient is no larger than its own sampling noise: from then on it stands in for the widening
-        generalization gap as the warning's evidence of memorisation. None or NaN: not measured here."""
+        generalization gap as the warning's evidence of memorisation. None or NaN: not measured here; a
+        negative value (an estimate of signal or noise below zero) counts as no measurement either.
+
+        Raises:
+            ValueError: ``x`` is not finite or not above the last point's.
+            TypeError: ``dataset_snr`` is not a number (a string or a bool)."""
         x, loss = float(x), float(loss)
         train = float(train_loss) if train_loss is not None else math.nan
+        if isinstance(dataset_snr, str | bytes | bool):
+            raise TypeError(f"dataset_snr must be a number or None, got {dataset_snr!r}")
         snr = float(dataset_snr) if dataset_snr is not None else math.nan
         if not math.isfinite(x):
             raise ValueError(f"x must be a finite number, got {x}")
@@ -185,7 +192,7 @@ class BasinForecaster:
         self.points.x.append(x)
         self.points.loss.append(loss)
         self.points.train.append(train)
-        if math.isfinite(snr):
+        if snr >= 0:  # (NaN: not measured; below 0: an estimate of signal or noise below zero, no measure)
             self.snr_streak = self.snr_streak + 1 if snr <= 1 else 0
             if self.snr_streak >= MEMORISATION_POINTS:
                 self.decider.memorising = True

@@ -489,6 +489,12 @@ class GradientMeter:
             return {key: values[key] for key in counters if values[key]}
         return values
 
+    @property
+    def measured_steps(self) -> int:
+        """The steps that had updated the estimates as of the last :meth:`snapshot`: a snapshot of new
+        estimates has a larger count than the one before (no host sync)."""
+        return self._read_updates
+
     def updated_since_snapshot(self) -> bool:
         """Whether steps have updated the estimates since the last :meth:`snapshot` (a host sync)."""
         return self._estimator is not None and int(self._estimator.updates) > self._read_updates
