@@ -39,11 +39,11 @@ def replay_outcome(forecaster, curve: Curve) -> Outcome:
     return Outcome(warning, None)
 
 
-def run_patience(curve: Curve, patience: int) -> Outcome:
-    """Lightning's EarlyStopping (mode min, min_delta 0): stop after ``patience`` validations without a new
-    best."""
+def run_patience(curve: Curve, patience: int, values=None) -> Outcome:
+    """Lightning's EarlyStopping (mode min, min_delta 0) on the validation loss (or on ``values``, one per
+    validation): stop after ``patience`` validations without a new best."""
     best, waited = math.inf, 0
-    for x, val in zip(curve.x, curve.val, strict=True):
+    for x, val in zip(curve.x, curve.val if values is None else values, strict=True):
         if val < best:
             best, waited = val, 0
         else:
@@ -311,16 +311,7 @@ def run_noise_patience(curve: Curve, patience: int, direction: int) -> Outcome:
     ``direction=-1``: the best is the highest, i.e. stop once the noise is past its peak (theory §5: on a
     label-noise MLP tr Σ peaked near the validation minimum as the flipped labels were memorised). No
     validation loss is read: both stop without a validation set."""
-    best, waited = math.inf, 0
-    for x, noise in zip(curve.x, curve.train_noise, strict=True):
-        value = direction * noise
-        if value < best:
-            best, waited = value, 0
-        else:
-            waited += 1
-            if waited >= patience:
-                return Outcome(x, x)
-    return Outcome(None, None)
+    return run_patience(curve, patience, direction * np.asarray(curve.train_noise))
 
 
 def dataset_snr(curve: Curve) -> np.ndarray:
