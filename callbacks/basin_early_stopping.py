@@ -130,6 +130,7 @@ class BasinEarlyStopping(Callback):
         self.gradient_evidence = gradient_evidence
         self._snr_monitor: SNRMonitor | None = None  # found at fit start (gradient_evidence)
         self._fed_steps: int | None = None  # the monitor's measured steps at the last value fed
+        self._fed_snr = False  # a training-set SNR was fed in this fit
         # The forecaster, the mirroring of mode="max", and the wording of what a forecast means: shared with
         # the Hugging Face callback (snrmon.forecast.watch).
         self.watch = BasinWatch(
@@ -177,6 +178,7 @@ class BasinEarlyStopping(Callback):
         self._restored = False
         monitors = [c for c in trainer.callbacks if isinstance(c, SNRMonitor) and self.gradient_evidence]
         self._snr_monitor, self._fed_steps = (monitors[0] if monitors else None), None
+        self._fed_snr = False  # a training-set SNR was fed in this fit
         self._publisher.start_fit()
         self._check_validation_runs(trainer, pl_module)
 
@@ -226,6 +228,12 @@ class BasinEarlyStopping(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ended_at_step = trainer.global_step
+        if self._snr_monitor is not None and not self._fed_snr and self.forecaster.points.x:
+            rank_zero_info(
+                "BasinEarlyStopping: the SNRMonitor gave no training-set SNR in this fit (`dataset_snr` "
+                "needs two batch sizes a step, from gradient accumulation or several devices, and a finite "
+                "training set it announces): the forecast used the curves alone"
+            )
         self._restored = False  # (strategies that restore after setup load the state after on_fit_start)
         self._check_logged(trainer)
         if self.check_every_n_steps is None and self._validated is False and not self._should_skip(trainer):
@@ -269,6 +277,7 @@ class BasinEarlyStopping(Callback):
             return None
         self._fed_steps = monitor.latest_steps
         value = monitor.latest.get(f"{monitor.prefix}/dataset_snr")
+        self._fed_snr |= value is not None
         return None if value is None else float(value)
 
     # -- one check ---------------------------------------------------------------------------------------

@@ -219,6 +219,10 @@ def test_the_training_set_snr_of_an_snr_monitor_is_fed_logged_and_replayed(tmp_p
     assert [p["x"] for p in document["points"]] == [f.x for f in history]
     assert document["first_warning"] == next((f.x for f in history if f.warning), None)
     assert document["stop"] == (callback.stopped_step or None)
+    # With --train-metric the replay is of the curves alone, and says so.
+    assert main(["forecast", str(tmp_path / "run" / "version_0"), "--tag", "val_loss", "--train-metric",
+                 "train_loss"]) == 0  # fmt: skip
+    assert "--train-metric replays the curves alone" in capsys.readouterr().err
     # Without the evidence (gradient_evidence=False): nothing fed, the curves alone.
     alone, _ = fit(False, recorder := Recorder())
     assert not alone.forecaster.decider.memorising and alone.forecaster.snr_streak == 0
@@ -254,6 +258,17 @@ def test_one_estimate_of_the_training_set_snr_is_fed_once():
     estimates = sorted(set(c for c in counts if c > 0))
     assert len(counts) > len(estimates) > 3  # checks that read an estimate already fed
     assert len(fed) == len(estimates)
+
+
+def test_a_monitor_that_gives_no_training_set_snr_is_said_at_the_end(caplog):
+    from snrmon.callbacks import SNRMonitor
+
+    callback = BasinEarlyStopping(monitor="val_loss")
+    with warnings.catch_warnings(), caplog.at_level("INFO"):
+        warnings.simplefilter("ignore")  # (the monitor's own: one batch size a step)
+        _fit([SNRMonitor(), callback], _data(64, 0), 12)  # no accumulation: the monitor measures nothing
+    assert callback.forecaster.points.x and not callback.forecaster.decider.memorising
+    assert "the SNRMonitor gave no training-set SNR" in caplog.text
 
 
 def _fed_snr(run: Path) -> dict[float, float]:

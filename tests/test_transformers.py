@@ -381,6 +381,18 @@ def test_the_training_set_snr_of_the_monitor_is_fed_and_replayed(tmp_path, capsy
     assert replay["stop"] == (stopper.stopped_step or None)
 
 
+def test_a_dataset_size_in_samples_for_a_token_weighted_model_is_said(tmp_path):
+    # GPT-2 counts a step's batch in predicted tokens (2 × 4 sequences of CONTEXT - 1 - 4): a training set
+    # given as its 64 sequences is in another unit: its dataset_snr would be off by the tokens per sequence.
+    args = training_arguments(
+        tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3, logging_steps=3
+    )
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=Sequences(64, 4))
+    add_callbacks(trainer, SNRMonitorCallback(dataset_size=64))
+    with pytest.warns(RuntimeWarning, match="smaller than one step's batch"):
+        trainer.train()
+
+
 def test_its_trainer_state_and_tensorboard_logs_replay_alike(tmp_path, capsys):
     """The logs a Hugging Face run writes, replayed by `snrmon forecast`: trainer_state.json holds the
     stopper's own points (the live decisions), and it and the run's TensorBoard log give one replay."""

@@ -59,7 +59,9 @@ class SNRMonitorCallback(TrainerCallback, ExportableState):
     Args:
         groups: also report per parameter group (as :class:`snrmon.GradientMeter`).
         dataset_size: N, the training set's size, for the finite-set correction (a shuffled, non-repeating
-            sampler, as the Trainer's default). ``None``: independent draws.
+            sampler, as the Trainer's default), in the unit the batches are counted in: samples, or tokens
+            when the Trainer passes ``num_items_in_batch`` (a causal LM; ``snr/batch_size`` shows the unit).
+            ``dataset_snr`` scales with it. ``None``: independent draws.
         ema_decay: EMA factor β of signal and noise.
         prefix: of the logged keys.
 
@@ -94,6 +96,7 @@ class SNRMonitorCallback(TrainerCallback, ExportableState):
         self._accepts_loss_kwargs = False
         self._steps = 0  # steps measured since the last log
         self._restored: dict[str, Any] = {}  # a saved meter state, to load into the next meter
+        self._said_unit = False  # a dataset_size below one step's batch (another unit) is said once
 
     # -- the Trainer's events ----------------------------------------------------------------------------
 
@@ -145,6 +148,17 @@ class SNRMonitorCallback(TrainerCallback, ExportableState):
         values = self.meter.compute()  # the one host sync, at log steps only
         values.pop("dropped_windows", None)  # (always 0 here: every measured step is applied)
         self.latest = {self.prefix + key: value for key, value in values.items()}
+        batch = values.get("batch_size", 0.0)
+        if self.dataset_size is not None and batch > self.dataset_size and not self._said_unit:
+            self._said_unit = True  # (a step cannot draw more than the whole set: another unit)
+            if state.is_world_process_zero:
+                warnings.warn(
+                    f"SNRMonitorCallback: dataset_size={self.dataset_size:g} is smaller than one step's "
+                    f"batch ({batch:g}, snr/batch_size): give the training set's size in the batches' unit "
+                    "(tokens for a model that counts num_items_in_batch); dataset_snr scales with it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         logs.update(self.latest)
         # Trainer.log copied `logs` into log_history just before this event: that entry gets the values too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

@@ -328,6 +328,16 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
     within one run: a directory of several runs holds several training losses, and a run picked from it with
     --where replays as its own directory does."""
     if args.train_metric:
+        try:  # a run a BasinEarlyStopping watched with an SNRMonitor: its evidence is not replayed here
+            read_table(args.data, tag=f"snr/forecast/{runs[0].tag}/dataset_snr")
+            print(
+                f"snrmon: note: --train-metric replays the curves alone: the training set's SNR this run's "
+                f"BasinEarlyStopping was fed (snr/forecast/{runs[0].tag}/dataset_snr) is replayed, with its "
+                "own training-loss means, when --train-metric is left out",
+                file=sys.stderr,
+            )
+        except LogError:
+            pass
         logged = _by_run(read_table(args.data, tag=args.train_metric))
         for run in runs:
             train = logged.get(run["group"][0])

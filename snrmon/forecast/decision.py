@@ -150,7 +150,8 @@ def _no_warning_reason(method: str, fallen: bool, flat_or_rising: bool, evidence
         return "no warning: the monitored loss still falls significantly"
     if method == "ratio" and not evidence:
         return (
-            "no warning: no evidence of memorisation yet (the training loss falling significantly, and the "
-            "generalization gap widening significantly or the training set's SNR at most 1)"
+            "no warning: no evidence of memorisation yet: it needs the training loss falling significantly, "
+            "and the generalization gap widening significantly or the training set's SNR at most 1 at two "
+            "measurements in a row"
         )
     return f"no warning yet: the condition must hold at {persist} consecutive points"
