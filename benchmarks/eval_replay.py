@@ -281,17 +281,22 @@ def dot_hurts(curve: Curve, which: str) -> np.ndarray:
     return sign * dot - 2 * se > 0
 
 
-def run_dot(curve: Curve, which: str, persist: int = 2) -> Outcome:
-    """The inner product as a rule: its warning the first validation it fires, its stop the first time it
-    fired on ``persist`` consecutive validations."""
+def run_condition(x: list[float], fires, persist: int) -> Outcome:
+    """A condition per validation as a rule: its warning the first validation it holds, its stop the first
+    time it held at ``persist`` consecutive validations."""
     warning, streak = None, 0
-    for x, fires in zip(curve.x, dot_hurts(curve, which), strict=True):
-        streak = streak + 1 if fires else 0
-        if fires and warning is None:
-            warning = x
+    for x_now, now in zip(x, fires, strict=True):
+        streak = streak + 1 if now else 0
+        if now and warning is None:
+            warning = x_now
         if streak >= persist:
-            return Outcome(warning, x)
+            return Outcome(warning, x_now)
     return Outcome(warning, None)
+
+
+def run_dot(curve: Curve, which: str, persist: int = 2) -> Outcome:
+    """The inner product as a rule (run_condition)."""
+    return run_condition(curve.x, dot_hurts(curve, which), persist)
 
 
 def run_forecaster_lr_time(curve: Curve) -> Outcome:
@@ -328,15 +333,7 @@ def run_dataset_snr(curve: Curve, persist: int = 2) -> Outcome:
     """Mahsereci et al.'s evidence-based criterion (arXiv 1703.09580) in its trace form: stop once the
     training set's gradient is no larger than its own sampling noise, N·|G|²/tr(Σ) ≤ 1, at ``persist``
     consecutive validations (its warning: the first). Validation-free."""
-    warning, streak = None, 0
-    for x, snr in zip(curve.x, dataset_snr(curve), strict=True):
-        fires = snr <= 1
-        streak = streak + 1 if fires else 0
-        if fires and warning is None:
-            warning = x
-        if streak >= persist:
-            return Outcome(warning, x)
-    return Outcome(warning, None)
+    return run_condition(curve.x, dataset_snr(curve) <= 1, persist)
 
 
 # Recorded with the monitor's quantities on the training set (corpus.py's train_noise): validation-free rules.
