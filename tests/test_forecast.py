@@ -144,6 +144,32 @@ def test_after_a_rise_the_basin_stays_at_the_minimum():
         assert f.loss_at_d_star == pytest.approx(seen.min())
 
 
+def test_the_loss_alone_places_a_basin_behind_us_where_the_curve_was_lowest_not_at_its_start():
+    """Pythia-160m from the loss alone (its 15 checkpoints from step 3000): the law's draws before the first
+    point were clamped to it, which put the basin at the first checkpoint (the highest loss of the run) once
+    it was behind us; and a basin far ahead was quoted a loss extrapolated from a parabola (−107 nats)."""
+    import csv
+    from pathlib import Path
+
+    pythia = Path(__file__).resolve().parents[1] / "data" / "pythia_deduped_lambada_loss.csv"
+    rows = csv.DictReader(pythia.open())
+    points = [(float(r["D"]), float(r["loss"])) for r in rows if r["model"] == "pythia-160m-deduped"]
+    x, loss = np.array([p for p in points if p[0] >= 6.29e9]).T
+    forecasts = BasinForecaster().replay(x, loss)
+    behind = [f for f in forecasts if f.d_star is not None and f.d_star <= f.x]
+    assert behind  # the rise after the minimum (checkpoint 9) is seen
+    for f in behind:
+        seen = loss[: list(x).index(f.x) + 1]
+        assert f.d_star > x[0]
+        assert f.loss_at_d_star <= seen[0]
+    window = BasinForecaster().window
+    for f in forecasts:
+        if f.d_star is not None and f.d_star > f.x and f.loss_at_d_star is not None:
+            here = list(x).index(f.x)
+            assert math.log(f.d_star / f.x) <= math.log(f.x / x[here - window + 1]) + 1e-12
+            assert loss.min() - 1 <= f.loss_at_d_star <= loss.max() + 1
+
+
 def test_the_ratio_warns_at_the_edge_and_stops_near_the_minimum():
     """A curve whose generalization ratio r = dL_val/dL_train falls linearly in log x through the floor
     (0.1, the basin's edge) at x = 700 and through zero (the minimum) at x = 1100: the warning comes by the

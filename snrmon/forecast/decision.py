@@ -92,7 +92,10 @@ class Decider:
                 forecast.steps_to_basin, forecast.p_basin = 0.0, 1.0
                 forecast.note = "the monitored loss has risen significantly: basin entered"
             evidence = flat_or_rising = True
-        if forecast.d_star <= x_now and (risen or method == "ratio"):
+        # A law's basin at the first point of a curve that has fallen significantly since contradicts the
+        # fall (its draws before the first point were clamped there): it is no placement at all.
+        at_start = forecast.d_star <= x[0] and fallen
+        if forecast.d_star <= x_now and (risen or method == "ratio" or at_start):
             # A basin behind us is where the curve was lowest, over the whole curve: it does not move forward
             # with the window as a rise goes on (the band keeps the signal's spread around it). A law fitted
             # to the whole curve places it better than any one noisy point, and does not move with a window.
@@ -131,12 +134,15 @@ class Decider:
     def loss_at(self, d_star: float, x: np.ndarray, loss: np.ndarray) -> float | None:
         """The monitored loss at D*: the lowest value of a quadratic in log x through the window between now
         and D* (the curve's minimum is its basin, and a parabola through a flattening window turns up too
-        soon to be read at D* itself); once D* is behind us, the loss observed there."""
+        soon to be read at D* itself); once D* is behind us, the loss observed there. None for a D* further
+        ahead (in log x) than the window reaches back: a parabola says nothing that far out."""
         if not math.isfinite(d_star):
             return None
         if d_star <= x[-1]:  # behind us: the loss observed there (at the point nearest to it in log x)
             return float(loss[np.argmin(np.abs(np.log(x) - math.log(d_star)))])
         u = np.log(x[-self.window :])
+        if math.log(d_star) - u[-1] > u[-1] - u[0]:
+            return None
         coefficients = np.polyfit(u - u[-1], loss[-self.window :], 2)
         value = float(np.min(np.polyval(coefficients, np.linspace(0.0, math.log(d_star) - u[-1], 32))))
         return value if math.isfinite(value) else None
