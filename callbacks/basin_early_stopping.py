@@ -76,9 +76,9 @@ class BasinEarlyStopping(Callback):
             announces), feed each new measurement to the forecaster: once it has been at most 1 at two
             consecutive measurements, the training set's gradient is no larger than its own sampling noise,
             which stands in for a widening generalization gap as the warning's evidence of memorisation
-            (docs/forecast.md, "The training set's gradient"). ``False``: the curves alone. With
-            ``check_every_n_steps``, place the monitor before this callback: both act at the end of a
-            training batch, in the order given, and a monitor placed after would be read one log late.
+            (docs/forecast.md, "The training set's gradient"). ``False``: the curves alone. The monitor's
+            estimate is brought up to date (and logged) at each check, one host sync, whatever its
+            ``log_every_n_steps`` and the order of the callbacks.
 
     Raises:
         RuntimeError: at a check, if ``monitor`` was never logged (``strict``); the message lists the metrics
@@ -228,7 +228,14 @@ class BasinEarlyStopping(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ended_at_step = trainer.global_step
-        if self._snr_monitor is not None and not self._fed_snr and self.forecaster.points.x:
+        forecast_made = any(f.d_star is not None for f in self.forecaster.history)
+        if self.forecaster.points.x and not forecast_made:
+            rank_zero_info(
+                f"BasinEarlyStopping: the fit ended after {len(self.forecaster.points.x)} checks of "
+                f"`{self.monitor}`, before the first forecast ({self.forecaster.min_points} points needed): "
+                "no warning or stop could come"
+            )
+        elif self._snr_monitor is not None and not self._fed_snr and forecast_made:
             rank_zero_info(
                 "BasinEarlyStopping: the SNRMonitor gave no training-set SNR in this fit (`dataset_snr` "
                 "needs two batch sizes a step, from gradient accumulation or several devices, and a finite "
@@ -268,12 +275,15 @@ class BasinEarlyStopping(Callback):
         value = float(trainer.strategy.reduce(local, reduce_op="mean").item())
         return value if math.isfinite(value) else None
 
-    def _dataset_snr(self) -> float | None:
-        """The SNRMonitor's training-set SNR, when it has measured steps since the value last fed (the same
-        estimate read at two checks is one measurement, not two); None otherwise. Every rank reads the
-        same value: the monitor's estimates are reduced across ranks."""
+    def _dataset_snr(self, trainer: pl.Trainer) -> float | None:
+        """The SNRMonitor's training-set SNR, brought up to date at this check, when it has measured steps
+        since the value last fed (the same estimate read at two checks is one measurement, not two); None
+        otherwise. Every rank reads the same value: the monitor's estimates are reduced across ranks."""
         monitor = self._snr_monitor
-        if monitor is None or not monitor.latest or monitor.latest_steps == self._fed_steps:
+        if monitor is None:
+            return None
+        monitor.refresh(trainer, trainer.lightning_module)  # (not only as of its last logging step)
+        if not monitor.latest or monitor.latest_steps == self._fed_steps:
             return None
         self._fed_steps = monitor.latest_steps
         value = monitor.latest.get(f"{monitor.prefix}/dataset_snr")
@@ -324,7 +334,7 @@ class BasinEarlyStopping(Callback):
             self._last_metric = logged
         if not trainer.strategy.reduce_boolean_decision(new, all=False):
             return
-        forecast = self.watch.update(x, value, self._mean_train_loss(trainer), self._dataset_snr())
+        forecast = self.watch.update(x, value, self._mean_train_loss(trainer), self._dataset_snr(trainer))
         note = self.watch.nonfinite_note(value, int(x))
         if note is not None:
             rank_zero_warn(f"BasinEarlyStopping: {note}", category=RuntimeWarning)

@@ -85,7 +85,8 @@ class SNRMonitor(Callback):
     descends, plus ``signal_beyond_chance`` (|G|² − S²/N) and ``dataset_snr`` (N|G|²/S²). One info line at
     the start says which case the run is in.
 
-    Kept in :attr:`latest` on ``log_every_n_steps`` and at the end of training: ``snr/signal``,
+    Kept in :attr:`latest` on ``log_every_n_steps``, at each check of a ``BasinEarlyStopping`` that reads it
+    (:meth:`refresh`) and at the end of training: ``snr/signal``,
     ``snr/noise``, ``snr/noise_scale`` (in samples), ``snr/ratio`` (SNR at the current batch size), each with
     a ``_se`` standard error, ``snr/batch_size``, ``snr/skipped_steps`` (steps with non-finite gradients),
     ``snr/dropped_windows`` (accumulation windows the optimizer never applied), with a finite training set
@@ -445,7 +446,20 @@ class SNRMonitor(Callback):
         group, _, quantity = key.rpartition("/")
         return quantity in (LOGGED_PER_GROUP if group else LOGGED_TOTALS)
 
+    @_never_crash
+    def refresh(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Bring :attr:`latest` up to date now, and log it, when steps were measured since it was last built
+        (one host sync): for a callback that reads :attr:`latest` between logging steps, as
+        ``BasinEarlyStopping`` does at each check (else a check would read the estimate of the last logging
+        step, up to ``log_every_n_steps`` old). Call it on every rank, outside ``training_step``."""
+        if self._meter is not None and self._meter.updated_since_snapshot():
+            # Inside a training batch's hooks (a periodic check) the batch's own logging step; after them
+            # (a validation) the step of the batch just run, as at the end of training.
+            self._log(trainer, pl_module, at_end=trainer.validating)
+
     def _log(self, trainer: Trainer, pl_module: LightningModule, at_end: bool = False) -> None:
+        """``at_end``: after a batch's hooks (the end of training, a validation): logged at that batch's step,
+        and not to the progress bar."""
         latest = self._meter.snapshot(self.prefix) if self._meter is not None else {}  # the one host sync
         if not latest:  # nothing measured yet, nor skipped or dropped
             return

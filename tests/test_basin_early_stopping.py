@@ -260,6 +260,45 @@ def test_one_estimate_of_the_training_set_snr_is_fed_once():
     assert len(fed) == len(estimates)
 
 
+@pytest.mark.parametrize("order", ["monitor first", "monitor last"])
+def test_the_training_set_snr_is_read_at_each_check_not_only_at_logging_steps(order):
+    """A monitor that logs less often than the callback checks (here: never, log_every_n_steps beyond the
+    fit) is brought up to date at each check, in either order of the callbacks: each validation feeds the
+    estimate of the steps before it, the value the monitor logs at that check."""
+    from snrmon.callbacks import SNRMonitor
+
+    monitor, callback, recorder = SNRMonitor(ema_decay=0.8), BasinEarlyStopping(), Recorder()
+    checks = []  # (step, the monitor's measured steps) at each validation, after both callbacks
+
+    class Watch(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            checks.append((trainer.global_step, monitor.latest_steps))
+
+    callbacks = [monitor, callback] if order == "monitor first" else [callback, monitor]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit([*callbacks, Watch()], _data(64, 0), 30, logger=recorder, accumulate_grad_batches=2,
+             log_every_n_steps=1000, limit_train_batches=4)  # fmt: skip
+    fed = {step: m["snr/forecast/val_loss/dataset_snr"] for step, m in recorder.metrics
+           if "snr/forecast/val_loss/dataset_snr" in m}  # fmt: skip
+    logged = [m["snr/dataset_snr"] for _, m in recorder.metrics if "snr/dataset_snr" in m]
+    assert checks == [(i + 1, i + 1) for i in range(30)]  # one step an epoch, measured by each check
+    assert len(fed) == 30 and list(fed.values()) == pytest.approx(logged[:30], rel=1e-6)
+    assert all(math.isfinite(value) and value > 0 for value in fed.values())
+
+
+def test_a_fit_too_short_for_a_forecast_says_so(caplog):
+    from snrmon.callbacks import SNRMonitor
+
+    callback = BasinEarlyStopping(monitor="val_loss")
+    with warnings.catch_warnings(), caplog.at_level("INFO"):
+        warnings.simplefilter("ignore")
+        _fit([SNRMonitor(), callback], _data(64, 0), 4, accumulate_grad_batches=2)
+    assert len(callback.forecaster.points.x) == 4
+    assert "after 4 checks of `val_loss`, before the first forecast (10 points needed)" in caplog.text
+    assert "gave no training-set SNR" not in caplog.text
+
+
 def test_a_monitor_that_gives_no_training_set_snr_is_said_at_the_end(caplog):
     from snrmon.callbacks import SNRMonitor
 
