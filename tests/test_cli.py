@@ -260,7 +260,7 @@ def test_compare_reports_joint_laws_on_one_model_size_as_failed(chinchilla, caps
     assert entries[0]["law"] in {"power", "shannon-run"}  # the single-run laws fit and rank first
 
 
-def test_warnings_on_stderr_and_in_json(tmp_path, capsys):
+def test_warnings_on_stderr_and_in_json(tmp_path, capsys, monkeypatch):
     d = np.geomspace(100, 1000, 12)
     steep = write_csv(tmp_path / "steep.csv", {"D": d, "loss": 2 + 3 * (100 / d) ** 6})  # beta 6 > bound 3
     code, out, err = run(capsys, "fit", steep, "--law", "power", *FAST, "--bootstrap", "0")
@@ -268,6 +268,16 @@ def test_warnings_on_stderr_and_in_json(tmp_path, capsys):
     assert "snrmon: warning" not in out  # the report on stdout stays clean
     doc = run_json(capsys, "fit", steep, "--law", "power", *FAST, "--bootstrap", "0")
     assert any("beta = 3 ended at its upper bound" in warning for warning in doc["warnings"])
+    # A constant at its bound is said once: not again as an interval that excludes it (resampled fits stop
+    # at the bound too); the others' intervals are judged as usual.
+    def below(problem, log_theta, resamples, seed, bar):
+        theta = zip(problem.law.param_names, np.exp(log_theta), strict=True)
+        return {name: (0.5 * v, 0.9 * v) for name, v in theta}
+
+    monkeypatch.setattr("snrmon.laws.fitting._bootstrap", below)
+    doc = run_json(capsys, "fit", steep, "--law", "power", *FAST, "--bootstrap", "20")
+    excluded = [w for w in doc["warnings"] if "excludes its estimate" in w]
+    assert excluded and not any("interval of beta" in w for w in excluded)
 
     four = write_csv(tmp_path / "four.csv", {"D": d[:4], "loss": 2 + 10 / d[:4] ** 0.2})
     doc = run_json(capsys, "fit", four, "--law", "power", *FAST, "--bootstrap", "0")
@@ -285,6 +295,14 @@ def test_warning_when_a_bootstrap_interval_excludes_its_estimate(chinchilla, cap
     excluded = [w for w in doc["warnings"] if "excludes its estimate" in w]
     assert len(excluded) == len(get_law("chinchilla").params)
     assert excluded[0].startswith("chinchilla: the 95% bootstrap interval of E")
+    # An interval that misses its estimate by a rounding only (fits settling at the same optimum) does not.
+    def rounding(problem, log_theta, resamples, seed, bar):
+        theta = zip(problem.law.param_names, np.exp(log_theta), strict=True)
+        return {name: (0.5 * v, v * (1 - 1e-13)) for name, v in theta}
+
+    monkeypatch.setattr("snrmon.laws.fitting._bootstrap", rounding)
+    doc = run_json(capsys, "fit", chinchilla[0], "--law", "chinchilla", *FAST, "--bootstrap", "20")
+    assert not any("excludes its estimate" in w for w in doc["warnings"])
     # with a handful of resamples the percentile interval is too rough to judge
     doc = run_json(capsys, "fit", chinchilla[0], "--law", "chinchilla", *FAST, "--bootstrap", "5")
     assert not any("excludes its estimate" in w for w in doc["warnings"])

@@ -23,6 +23,7 @@ EXPLORE_HUBER_DELTA = 0.05  # the smoother objective explored before polishing a
 # starts and each bootstrap resample use at most this many rows, so their cost does not grow with the data.
 SUBSAMPLE_ROWS = 4096
 BOUND_TOLERANCE = 1e-3  # a constant within 0.1% of a bound has ended at it
+ROUNDING = 1e-9  # an estimate this close (relatively) to its bootstrap interval lies within it
 MIN_SPARE_ROWS = 5  # fewer rows beyond the constants than max(this, the constants): almost no freedom left
 MIN_RESAMPLES_TO_JUDGE = 20  # fewer resamples give percentile intervals too rough to judge
 
@@ -193,11 +194,13 @@ def _warnings(problem: _Problem, fit: Fit, resamples: int) -> list[str]:
     """Reasons not to trust ``fit``'s constants, one sentence each (the law's name is left to the caller)."""
     law, warnings = fit.law, []
     log_theta = np.log(fit.theta)
+    at_bound = set()
     for i, param in enumerate(law.params):
         # A constant pressed against its bound is where the search stopped, not where the data put it.
         at_lower = log_theta[i] - problem.lower[i] < BOUND_TOLERANCE
         at_upper = problem.upper[i] - log_theta[i] < BOUND_TOLERANCE
         if at_lower or at_upper:
+            at_bound.add(param.name)
             side, bound = ("lower", param.lower) if at_lower else ("upper", param.upper)
             warnings.append(
                 f"{param.name} = {fit.theta[i]:.4g} ended at its {side} bound {bound:.4g}: the best fit lies "
@@ -213,7 +216,8 @@ def _warnings(problem: _Problem, fit: Fit, resamples: int) -> list[str]:
     if resamples >= MIN_RESAMPLES_TO_JUDGE:
         for name, (low, high) in fit.params_ci.items():
             value = fit.params[name]
-            if not low <= value <= high:
+            # (A constant at its bound is said above: its resampled fits stop there too, a rounding apart.)
+            if name not in at_bound and not low * (1 - ROUNDING) <= value <= high * (1 + ROUNDING):
                 warnings.append(
                     f"the 95% bootstrap interval of {name}, [{low:.4g}, {high:.4g}], excludes its estimate "
                     f"{value:.4g}: fits to resampled rows settle elsewhere, so the optimum is unstable"
