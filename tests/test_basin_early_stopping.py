@@ -371,6 +371,40 @@ def test_forecast_history_survives_resume(tmp_path):
     assert [f.as_dict() for f in resumed.forecaster.history[:12]] == history
 
 
+def test_the_logs_of_a_resumed_fit_replay_with_the_earlier_version(tmp_path, capsys):
+    """A fit resumed from a checkpoint logs to a new version: replayed alone, its logs lack the points the
+    restored forecaster held, and the replay says so; given with the earlier version, the replay is the
+    live run's, point by point."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from snrmon.cli import main
+
+    first = BasinEarlyStopping()
+    trainer, _ = _fit(first, _data(64, 0), 14, logger=TensorBoardLogger(tmp_path, name="run"))
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = BasinEarlyStopping()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(resumed, _data(64, 0), 30, logger=TensorBoardLogger(tmp_path, name="run"),
+             ckpt_path=str(tmp_path / "mid.ckpt"), model=Regressor())  # fmt: skip
+    history = resumed.forecaster.history
+    assert len(history) == 30 and any(f.d_star is not None for f in history[14:])
+    versions = [str(tmp_path / "run" / f"version_{v}") for v in (0, 1)]
+
+    assert main(["forecast", versions[1], "--tag", "val_loss", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "the live BasinEarlyStopping held 15 points, this replay 1" in err
+    assert "give the earlier versions first" in err
+
+    assert main(["forecast", *versions, "--tag", "val_loss", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "held" not in err
+    points = json.loads(out)["points"]
+    assert [p["x"] for p in points] == [f.x for f in history]
+    assert [p["p_basin"] for p in points] == [f.p_basin for f in history]
+    assert [p["state"] for p in points] == [f.state for f in history]
+
+
 def test_a_prior_of_the_family_forecasts_from_the_first_check(caplog):
     # A Shannon-law family (the constants of examples/make_law_data.py) and this run's size: the basin in
     # steps of a million tokens is logged from the first check, before the data could place it.

@@ -280,6 +280,32 @@ def test_state_dict_resumes_exactly():
     assert len(rest) == len(X) - 40
 
 
+@pytest.mark.parametrize("method", ["ratio", "law"])
+def test_a_state_dict_is_plain_data_its_own_and_from_a_clean_start(tmp_path, method):
+    """A checkpoint of every method loads with torch.load(weights_only=True) (the law's cached draws held
+    numpy floats); loading copies the state (the next point went into the saved lists); and a forecaster that
+    forecast another curve before resumes as a fresh one would (its ratio cache was kept)."""
+    import copy
+
+    import torch
+
+    val, train = u_curve(1)
+    train = train if method == "ratio" else [None] * len(X)
+    first = BasinForecaster(method=method)
+    first.replay(X[:40], val[:40], train[:40])
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    kept = copy.deepcopy(state)
+    fresh, used = BasinForecaster(method=method), BasinForecaster(method=method)
+    other_val, other_train = u_curve(2)
+    used.replay(X[:60], other_val[:60], other_train[:60] if method == "ratio" else [None] * 60)
+    for forecaster in (fresh, used):
+        forecaster.load_state_dict(state)
+    later = [f.as_dict() for f in fresh.replay(X[40:60], val[40:60], train[40:60])]
+    assert [f.as_dict() for f in used.replay(X[40:60], val[40:60], train[40:60])] == later
+    assert state == kept  # the loaded state was not written into
+
+
 def plateau_with_noisy_gap() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A monitored loss that falls, then stays flat under noise (sd 0.03), while a smooth training loss keeps
     falling: the ratio nears zero and the training loss falls significantly, but the gap's slope is lost in
@@ -692,3 +718,13 @@ def test_a_resumed_law_forecast_goes_on_exactly_while_its_draws_stand(monkeypatc
     assert [f.as_dict() for f in resumed.replay(x[12:], loss[12:])] == [
         f.as_dict() for f in first.replay(x[12:], loss[12:])
     ]
+
+
+def test_a_basin_one_step_away_reads_one_step():
+    from snrmon.forecast.result import Forecast
+    from snrmon.forecast.watch import BasinWatch
+
+    ahead = Forecast(120.0, 0.5, 121.0, 110.0, 130.0, 0.49, 1.0, 0.8, True, False, "basin ahead", "ratio")
+    assert BasinWatch("val_loss").describe(ahead).endswith(", 1 step from step 120")
+    ahead.d_star, ahead.steps_to_basin = 123.0, 3.0
+    assert BasinWatch("val_loss").describe(ahead).endswith(", 3 steps from step 120")

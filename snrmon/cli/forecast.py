@@ -75,8 +75,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "data",
         metavar="DATA",
+        nargs="+",
         help="a CSV file, a TensorBoard run directory, a Lightning metrics.csv or a Hugging Face "
-        "trainer_state.json",
+        "trainer_state.json; several: the parts of one run in order (a fit resumed from a checkpoint logs "
+        "to a new version), each part's points replacing the earlier parts' from its first step on",
     )
     parser.add_argument(
         "--metric",
@@ -221,8 +223,8 @@ def check_forecastable(
     value at all (a blank column, a diverged run): an error, whatever the training loss."""
     if not np.isfinite(loss).any():
         raise LogError(
-            f"nothing to forecast in {args.data}: {metric} has no finite value at any of the {len(loss)} "
-            "points (blank, NaN or infinite)"
+            f"nothing to forecast in {' '.join(args.data)}: {metric} has no finite value at any of the "
+            f"{len(loss)} points (blank, NaN or infinite)"
         )
     if train is not None and np.isfinite(train).any():
         return  # the ratio forecast, which takes any sign
@@ -234,7 +236,7 @@ def check_forecastable(
     hint = "give the training loss with --train-metric for the ratio forecast, which takes any sign"
     if bad.sum() == finite.sum():
         raise LogError(
-            f"nothing to forecast in {args.data}: every value of {shown} is <= 0; "
+            f"nothing to forecast in {' '.join(args.data)}: every value of {shown} is <= 0; "
             f"{LAW_NEEDS_POSITIVE}; {hint}"
         )
     count = f"{int(bad.sum())} of {int(finite.sum())}"
@@ -245,7 +247,56 @@ def load_curve(
     args: argparse.Namespace,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, str, str]:
     """x, the metric, the training loss (or None) and the training set's SNR a BasinEarlyStopping was fed
-    (or None) of the one run DATA holds, sorted by x, and the metric's name."""
+    (or None) of the one run DATA holds (the parts of one run, joined), sorted by x, and the metric's name."""
+    parts = [load_part(argparse.Namespace(**{**vars(args), "data": path})) for path in args.data]
+    x, metric, train, dataset_snr, x_name, name, live = parts[0]
+    for path, part in zip(args.data[1:], parts[1:], strict=True):
+        x2, metric2, train2, snr2, x_name2, name2, live2 = part
+        if (x_name2, name2) != (x_name, name):
+            raise LogError(f"{path} gives {name2} by {x_name2}, the parts before it {name} by {x_name}")
+        if (train2 is None) != (train is None):
+            having = "no" if train2 is None else "a"
+            raise LogError(f"{path} has {having} training loss, unlike the parts before it")
+        kept = x < x2[0]  # a later part replaces the earlier ones from its first point on
+        x, metric = np.concatenate([x[kept], x2]), np.concatenate([metric[kept], metric2])
+        train = None if train is None else np.concatenate([train[kept], train2])
+        dataset_snr, live = (_joined(a, b, kept, len(x2)) for a, b in ((dataset_snr, snr2), (live, live2)))
+    if live is not None:
+        check_complete(live, x, x_name)
+    return x, metric, train, dataset_snr, x_name, name
+
+
+def _joined(earlier: np.ndarray | None, later: np.ndarray | None, kept: np.ndarray, length: int):
+    """An optional column of two parts joined (NaN for a part without it; None when neither has it)."""
+    if earlier is None and later is None:
+        return None
+    earlier = np.full(len(kept), math.nan) if earlier is None else earlier
+    return np.concatenate([earlier[kept], np.full(length, math.nan) if later is None else later])
+
+
+def check_complete(live: np.ndarray, x: np.ndarray, x_name: str) -> None:
+    """The points a BasinEarlyStopping held at each of its forecasts (logged with them) against the points
+    replayed: logs that begin mid-run (a fit resumed from a checkpoint logs to a new version) lack the earlier
+    ones, and their replay is not the live run's. Said, with what to do."""
+    held = np.arange(1, len(live) + 1)
+    differs = np.isfinite(live) & (live != held)
+    if differs.any():
+        i = int(np.argmax(differs))
+        warn(
+            [
+                f"at {x_name} {x[i]:g} the live BasinEarlyStopping held {int(live[i])} points, this replay "
+                f"{i + 1}: the logs do not hold every point it forecast from (a fit resumed from a "
+                "checkpoint logs to a new version: give the earlier versions first, snrmon forecast "
+                "RUN/version_0 RUN/version_1 ...), so the replay may warn and stop elsewhere"
+            ]
+        )
+
+
+def load_part(
+    args: argparse.Namespace,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, str, str, np.ndarray | None]:
+    """As :func:`load_curve`, of one DATA path, and the points a BasinEarlyStopping that watched it held at
+    each of them (logged with its forecasts; None when not logged)."""
     tag = args.tag or args.metric
     table = read_table(args.data, tag=tag)
     # A log of scalars (TensorBoard, metrics.csv, trainer_state.json) gives its scalar as the column loss;
@@ -308,7 +359,8 @@ def load_curve(
                 "SNRMonitor's)",
                 file=sys.stderr,
             )
-    return x, table[metric][order], train, dataset_snr, x_name, name
+    live = table["live_points"][order] if "live_points" in table else None
+    return x, table[metric][order], train, dataset_snr, x_name, name, live
 
 
 def split_runs(table: Table) -> list[Table]:
@@ -351,8 +403,8 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
         logged = _by_run(read_table(args.data, tag=f"snr/forecast/{runs[0].tag}/train_loss"))
     except LogError:  # not watched by BasinEarlyStopping (or by an older snrmon)
         return runs, None
-    extra = {}  # the metric's values and the training set's SNR it was fed (logged by later snrmon versions)
-    for name in ("value", "dataset_snr"):
+    extra = {}  # the metric's values, the training set's SNR it was fed, the points it held (later versions)
+    for name in ("value", "dataset_snr", "points"):
         try:
             extra[name] = _by_run(read_table(args.data, tag=f"snr/forecast/{runs[0].tag}/{name}"))
         except LogError:
@@ -363,7 +415,8 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
         if fed is None:  # a run the callback did not watch, beside some it did: the metric alone, as alone
             run.columns["train"] = np.full(len(run), math.nan)
         else:
-            runs[index] = live_points(run, fed, extra["value"].get(group), extra["dataset_snr"].get(group))
+            value, snr, held = (extra[name].get(group) for name in ("value", "dataset_snr", "points"))
+            runs[index] = live_points(run, fed, value, snr, held)
     return runs, "train"
 
 
@@ -372,14 +425,19 @@ def _by_run(table: Table) -> dict[str, Table]:
 
 
 def live_points(
-    run: Table, fed: Table, values: Table | None = None, dataset_snr: Table | None = None
+    run: Table,
+    fed: Table,
+    values: Table | None = None,
+    dataset_snr: Table | None = None,
+    held: Table | None = None,
 ) -> Table:
     """The points a live BasinEarlyStopping(monitor=run.tag) forecast from, logged with its forecasts as
     ``fed`` (the training-loss means it was fed, by step): at its own steps (the trainer's global step), each
     with the metric's value it read (``values``, logged with them; logs of older versions lack it: then the
     last value of the metric logged by that step, Lightning logging a validation metric one step earlier)
     and that mean, and the training set's SNR where it was fed one (``dataset_snr``, by step). A replay of
-    them is the live run's forecast, not an approximation."""
+    them is the live run's forecast, not an approximation. ``held``: the points the forecaster held at each
+    (by step), as the column ``live_points``."""
     read = np.searchsorted(run["step"], fed["step"], side="right") - 1  # the last value by each step
     kept = read >= 0 if values is None else np.ones(len(fed), dtype=bool)
     points = run.select(np.maximum(read, 0)[kept])  # (the rows' other columns; the value as read below)
@@ -391,6 +449,9 @@ def live_points(
     if dataset_snr is not None:  # fed at some checks only (a new measurement): NaN at the others
         at = dict(zip(dataset_snr["step"].tolist(), dataset_snr["loss"].tolist(), strict=True))
         points.columns["dataset_snr"] = np.array([at.get(step, math.nan) for step in fed["step"][kept]])
+    if held is not None:  # the points the forecaster held at each (see check_complete)
+        at = dict(zip(held["step"].tolist(), held["loss"].tolist(), strict=True))
+        points.columns["live_points"] = np.array([at.get(step, math.nan) for step in fed["step"][kept]])
     logged = f"snr/forecast/{run.tag}/train_loss"
     points.notes = [f"the points BasinEarlyStopping forecast from, with {logged}"]
     return points

@@ -238,7 +238,10 @@ class BasinForecaster:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.points = Points(**state["points"])
+        # Copies, not the caller's lists (the next point would be written into the saved state), and the
+        # ratio's cache of window slopes rebuilt from the loaded points, not kept from another curve.
+        self.points = Points(**{name: list(values) for name, values in state["points"].items()})
+        self.ratio = RatioSignal(self.window)
         self.history = [Forecast(**f) for f in state["history"]]
         self.law.theta = None if state["theta"] is None else np.asarray(state["theta"], dtype=float)
         self.law.searched_at = state["searched_at"]

@@ -62,8 +62,9 @@ class LawSignal:
         curve = None
         if draws.curve is not None:
             theta, samples, scale = draws.curve
-            curve = [theta.tolist(), samples.tolist(), scale]
-        return {"points": points, "first_x": first_x, "d_star": draws.d_star.tolist(), "curve": curve}
+            curve = [theta.tolist(), samples.tolist(), float(scale)]
+        # Plain Python numbers only: a checkpoint holding them loads with torch.load(weights_only=True).
+        return {"points": int(points), "first_x": float(first_x), "d_star": draws.d_star.tolist(), "curve": curve}
 
     def load_cached_state(self, state: dict | None) -> None:
         self._last = None

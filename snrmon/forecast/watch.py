@@ -98,12 +98,16 @@ class BasinWatch:
     def metrics(self, forecast: Forecast) -> dict[str, float]:
         """The finite values to log: ``snr/forecast/<monitor>/<name>`` for :data:`LOGGED`, and the
         metric's value, training-loss mean (and training set's SNR) this forecast was fed, so that a replay
-        of the logs (``snrmon forecast RUN --tag MONITOR``) reads exactly what the live run saw."""
+        of the logs (``snrmon forecast RUN --tag MONITOR``) reads exactly what the live run saw, and the
+        number of points the forecaster holds."""
         prefix = f"snr/forecast/{self.monitor}"
         values = {f"{prefix}/{name}": getattr(forecast, name) for name in LOGGED}
         values[f"{prefix}/value"] = self.sign * self.forecaster.points.loss[-1]  # the metric as read
         values[f"{prefix}/train_loss"] = self.forecaster.points.train[-1]
         values[f"{prefix}/dataset_snr"] = self.fed_dataset_snr
+        # How many points the forecaster holds: a replay of logs that begin mid-run (a fit resumed from a
+        # checkpoint logs to a new version) sees that it lacks the earlier ones.
+        values[f"{prefix}/points"] = len(self.forecaster.points.x)
         return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
     def announcement(self, forecast: Forecast) -> str | None:
@@ -175,7 +179,8 @@ class BasinWatch:
             return f"basin entered: forecast at step {where}{at}; now at step {step(forecast.x)}"
         if forecast.state == "improving":
             return f"improving at step {step(forecast.x)}: basin forecast at step {where}{at}"
-        away = f"{step(forecast.steps_to_basin)} steps from step {step(forecast.x)}"
+        steps = step(forecast.steps_to_basin)
+        away = f"{steps} step{'' if steps == '1' else 's'} from step {step(forecast.x)}"
         return f"{forecast.state} at step {where}{at}, {away}"
 
     # -- state -------------------------------------------------------------------------------------------
