@@ -182,6 +182,10 @@ class BasinEarlyStopping(Callback):
         self._publisher.start_fit()
         self._check_validation_runs(trainer, pl_module)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":  # a checkpoint loaded to validate or test (ckpt_path=) is no fit to go on from
+            self._restored = False
+
     def _check_validation_runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Checks after each validation need validations: without them the callback would never check, and
         never say so (Lightning's EarlyStopping fails on its missing metric instead)."""
@@ -212,8 +216,14 @@ class BasinEarlyStopping(Callback):
             loss = loss.detach().float()
             if pl_module.automatic_optimization:  # Lightning hands over loss / accumulate_grad_batches
                 loss = loss * trainer.accumulate_grad_batches
-            self._train_sum = loss if self._train_sum is None else self._train_sum + loss
-            self._train_count += 1
+            # A non-finite batch loss (one bad batch) is left out of the mean, on the device (no sync): else
+            # the interval's mean is NaN, and the forecaster loses the ratio for a window of checks.
+            finite = torch.isfinite(loss)
+            loss, counted = torch.where(finite, loss, 0.0), finite.float()
+            if self._train_sum is None:
+                self._train_sum, self._train_count = loss, counted
+            else:
+                self._train_sum, self._train_count = self._train_sum + loss, self._train_count + counted
         n = self.check_every_n_steps
         if n is not None and trainer.global_step % n == 0 and not self._should_skip(trainer):
             self._check(trainer, periodic=True)
@@ -267,9 +277,9 @@ class BasinEarlyStopping(Callback):
         forecasts from the same curve (and a rank's small shard adds less noise). NaN, hence None, when a
         ``training_step`` returned no loss; every rank joins the reduction either way."""
         device = trainer.strategy.root_device
-        if self._train_sum is None or self._train_count == 0:
+        if self._train_sum is None:
             local = torch.tensor(math.nan, device=device)
-        else:
+        else:  # (no finite batch loss in the interval: 0/0, NaN)
             local = (self._train_sum / self._train_count).to(device)
         self._train_sum, self._train_count = None, 0
         value = float(trainer.strategy.reduce(local, reduce_op="mean").item())
@@ -433,7 +443,7 @@ class BasinEarlyStopping(Callback):
             "stopping_reason": self.stopping_reason,
             "stopped_step": self.stopped_step,
             "train_sum": train_sum,
-            "train_count": self._train_count,
+            "train_count": float(self._train_count),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -442,5 +452,5 @@ class BasinEarlyStopping(Callback):
         self.stopped_step = state_dict["stopped_step"]
         train_sum = state_dict.get("train_sum")  # (absent from checkpoints of snrmon <= 0.1)
         self._train_sum = None if train_sum is None else torch.tensor(train_sum)
-        self._train_count = state_dict.get("train_count", 0)
+        self._train_count = torch.tensor(float(state_dict.get("train_count", 0)))
         self._restored = True

@@ -371,6 +371,40 @@ def test_forecast_history_survives_resume(tmp_path):
     assert [f.as_dict() for f in resumed.forecaster.history[:12]] == history
 
 
+def test_a_non_finite_training_loss_is_left_out_of_the_interval_mean():
+    """One batch whose returned loss is NaN (its gradient finite: a NaN constant added) is left out of the
+    training-loss mean of its interval; the ratio forecast goes on (it was lost for a window of checks)."""
+
+    class OneNaN(Regressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            bad = self.global_step == 30 and batch_idx == 0
+            return loss + torch.tensor(math.nan if bad else 0.0)
+
+    callback = BasinEarlyStopping()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(callback, _data(64, 0), 24, model=OneNaN())
+    train = callback.forecaster.points.train
+    assert len(train) == 24 and all(math.isfinite(value) for value in train)
+    assert all(f.method == "ratio" for f in callback.forecaster.history[10:])
+
+
+def test_a_checkpoint_loaded_to_validate_is_no_curve_for_the_next_fit(tmp_path):
+    first = BasinEarlyStopping()
+    trainer, model = _fit(first, _data(64, 0), 14)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    callback = BasinEarlyStopping()
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(max_epochs=6, callbacks=[callback], enable_checkpointing=False, **quiet)
+    validation = DataLoader(_data(512, 1), batch_size=512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.validate(model, validation, ckpt_path=str(tmp_path / "mid.ckpt"), verbose=False)
+        trainer.fit(model, DataLoader(_data(64, 0), batch_size=32), validation)
+    assert callback.forecaster.points.x == [2.0 * (i + 1) for i in range(6)]  # this fit's own curve
+
+
 def test_the_logs_of_a_resumed_fit_replay_with_the_earlier_version(tmp_path, capsys):
     """A fit resumed from a checkpoint logs to a new version: replayed alone, its logs lack the points the
     restored forecaster held, and the replay says so; given with the earlier version, the replay is the

@@ -64,7 +64,8 @@ class LawSignal:
             theta, samples, scale = draws.curve
             curve = [theta.tolist(), samples.tolist(), float(scale)]
         # Plain Python numbers only: a checkpoint holding them loads with torch.load(weights_only=True).
-        return {"points": int(points), "first_x": float(first_x), "d_star": draws.d_star.tolist(), "curve": curve}
+        d_star = draws.d_star.tolist()
+        return {"points": int(points), "first_x": float(first_x), "d_star": d_star, "curve": curve}
 
     def load_cached_state(self, state: dict | None) -> None:
         self._last = None
