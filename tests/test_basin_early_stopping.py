@@ -584,6 +584,27 @@ def test_a_higher_is_better_metric_warns_and_stops_as_its_mirrored_loss():
         BasinEarlyStopping(monitor="val_acc", mode="maximum")
 
 
+def test_a_run_without_a_training_loss_replays_at_the_callbacks_own_checks(tmp_path, capsys):
+    """Manual optimisation (training_step returns nothing): no training-loss mean is logged at any check;
+    the replay still reads the callback's checks (at the trainer's global step, not one step earlier where
+    Lightning logged the metric) and decides as the live run did."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from snrmon.cli import main
+
+    callback = BasinEarlyStopping()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(callback, _data(64, 0), 16, logger=TensorBoardLogger(tmp_path, name="run", version=0),
+             model=Scored(manual=True))  # fmt: skip
+    history = callback.forecaster.history
+    assert any(f.d_star is not None for f in history)
+    assert main(["forecast", str(tmp_path / "run" / "version_0"), "--tag", "val_loss", "--json"]) == 0
+    points = json.loads(capsys.readouterr().out)["points"]
+    live = [(f.x, f.method, f.p_basin) for f in history]
+    assert [(p["x"], p["method"], p["p_basin"]) for p in points] == live
+
+
 def test_a_loss_only_forecast_of_values_at_or_below_zero_says_why():
     # No training loss (manual optimisation): the law forecast, which needs positive values. val_acc in
     # mode "max" is forecast as -val_acc < 0: said once, with the reason, instead of never forecasting.

@@ -381,6 +381,32 @@ def test_the_training_set_snr_of_the_monitor_is_fed_and_replayed(tmp_path, capsy
     assert replay["stop"] == (stopper.stopped_step or None)
 
 
+def test_checks_without_a_training_loss_replay_as_live_and_the_logging_interval_is_said(tmp_path, capsys):
+    """Evaluations more often than training logs: the checks without a training-loss mean forecast from the
+    loss alone (said at the start), and trainer_state.json still replays every check as it was live (the
+    checks were read off the training-loss means, logged at some of them only)."""
+    from snrmon.cli import main
+
+    args = training_arguments(
+        tmp_path, per_device_train_batch_size=32, per_device_eval_batch_size=512, max_steps=60,
+        learning_rate=1e-3, eval_strategy="steps", eval_steps=2, logging_steps=6,
+    )  # fmt: skip
+    trainer = Trainer(model=Regressor(), args=args, train_dataset=Noisy(64, 0), eval_dataset=Noisy(512, 1))
+    stopper = BasinEarlyStoppingCallback()
+    add_callbacks(trainer, stopper)
+    with pytest.warns(UserWarning, match=r"logging_steps=6 > eval_steps=2 most checks have none"):
+        trainer.train()
+    history = stopper.forecaster.history
+    assert len(history) == 30 and any(f.method == "law" for f in history)
+    trainer.save_state()
+    capsys.readouterr()
+    assert main(["forecast", str(tmp_path / "trainer_state.json"), "--metric", "eval_loss", "--json"]) == 0
+    replay = json.loads(capsys.readouterr().out)
+    assert [(p["x"], p["method"], p["p_basin"]) for p in replay["points"]] == [
+        (f.x, f.method, f.p_basin) for f in history
+    ]
+
+
 def test_a_dataset_size_in_samples_for_a_token_weighted_model_is_said(tmp_path):
     # GPT-2 counts a step's batch in predicted tokens (2 × 4 sequences of CONTEXT - 1 - 4): a training set
     # given as its 64 sequences is in another unit: its dataset_snr would be off by the tokens per sequence.

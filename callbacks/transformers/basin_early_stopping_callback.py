@@ -145,6 +145,16 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
                 "(and eval_steps)"
             )
             raise RuntimeError(message)
+        logging_steps, eval_steps = args.logging_steps, args.eval_steps or args.logging_steps
+        by_steps = args.eval_strategy == "steps" and args.logging_strategy == "steps"
+        if by_steps and logging_steps > eval_steps >= 1:  # (steps below 1 are shares of the run)
+            self._warn(
+                "BasinEarlyStoppingCallback: the training loss reaches it at the Trainer's training logs "
+                f"only: with logging_steps={logging_steps:g} > eval_steps={eval_steps:g} most checks have "
+                "none, and those are forecast from the monitored loss alone (the weaker law). Set "
+                "logging_steps <= eval_steps",
+                state,
+            )
         if args.report_to and not self.ahead_of_integrations:
             self._warn(
                 "BasinEarlyStoppingCallback: its forecasts reach trainer.state.log_history, but not "

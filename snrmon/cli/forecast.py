@@ -399,24 +399,24 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
                 else interval_means(run["step"], train["step"], train["loss"])
             )
         return runs, "train"
-    try:
-        logged = _by_run(read_table(args.data, tag=f"snr/forecast/{runs[0].tag}/train_loss"))
-    except LogError:  # not watched by BasinEarlyStopping (or by an older snrmon)
-        return runs, None
-    extra = {}  # the metric's values, the training set's SNR it was fed, the points it held (later versions)
-    for name in ("value", "dataset_snr", "points"):
+    # What a BasinEarlyStopping that watched the run logged at its checks: the points it held (logged at
+    # every check, by later versions), the training-loss mean, the metric's value and the training set's SNR
+    # it was fed (each logged where finite).
+    logged = {}
+    for name in ("points", "train_loss", "value", "dataset_snr"):
         try:
-            extra[name] = _by_run(read_table(args.data, tag=f"snr/forecast/{runs[0].tag}/{name}"))
+            logged[name] = _by_run(read_table(args.data, tag=f"snr/forecast/{runs[0].tag}/{name}"))
         except LogError:
-            extra[name] = {}
+            logged[name] = {}
+    if not logged["points"] and not logged["train_loss"]:  # not watched (or by an older snrmon)
+        return runs, None
     for index, run in enumerate(runs):
-        group = run["group"][0]
-        fed = logged.get(group)
-        if fed is None:  # a run the callback did not watch, beside some it did: the metric alone, as alone
+        fed = {name: tables.get(run["group"][0]) for name, tables in logged.items()}
+        checks = fed["points"] if fed["points"] is not None else fed["train_loss"]
+        if checks is None:  # a run the callback did not watch, beside some it did: the metric alone, as alone
             run.columns["train"] = np.full(len(run), math.nan)
         else:
-            value, snr, held = (extra[name].get(group) for name in ("value", "dataset_snr", "points"))
-            runs[index] = live_points(run, fed, value, snr, held)
+            runs[index] = live_points(run, checks, fed)
     return runs, "train"
 
 
@@ -424,36 +424,32 @@ def _by_run(table: Table) -> dict[str, Table]:
     return {run["group"][0]: run for run in split_runs(table)}
 
 
-def live_points(
-    run: Table,
-    fed: Table,
-    values: Table | None = None,
-    dataset_snr: Table | None = None,
-    held: Table | None = None,
-) -> Table:
-    """The points a live BasinEarlyStopping(monitor=run.tag) forecast from, logged with its forecasts as
-    ``fed`` (the training-loss means it was fed, by step): at its own steps (the trainer's global step), each
-    with the metric's value it read (``values``, logged with them; logs of older versions lack it: then the
-    last value of the metric logged by that step, Lightning logging a validation metric one step earlier)
-    and that mean, and the training set's SNR where it was fed one (``dataset_snr``, by step). A replay of
-    them is the live run's forecast, not an approximation. ``held``: the points the forecaster held at each
-    (by step), as the column ``live_points``."""
-    read = np.searchsorted(run["step"], fed["step"], side="right") - 1  # the last value by each step
-    kept = read >= 0 if values is None else np.ones(len(fed), dtype=bool)
+def live_points(run: Table, checks: Table, fed: dict[str, Table | None]) -> Table:
+    """The points a live BasinEarlyStopping(monitor=run.tag) forecast from: its checks (``checks``, a series
+    it logged at each, by the trainer's global step), each with what it was fed there (``fed``, by name, each
+    logged where finite, None where not logged at all): the metric's value it read (``value``; logs of older
+    versions lack it: then the last value of the metric logged by that step, Lightning logging a validation
+    metric one step earlier), the training-loss mean (``train_loss``), the training set's SNR
+    (``dataset_snr``, fed at checks with a new measurement), and the points it held (``points``, as the column
+    ``live_points``). A replay of them is the live run's forecast, not an approximation."""
+    steps = checks["step"]
+
+    def at_checks(table: Table | None) -> np.ndarray:  # NaN at a check where nothing was logged
+        at = {} if table is None else dict(zip(table["step"].tolist(), table["loss"].tolist(), strict=True))
+        return np.array([at.get(step, math.nan) for step in steps.tolist()], dtype=float)
+
+    read = np.searchsorted(run["step"], steps, side="right") - 1  # the last value by each step
+    kept = read >= 0 if fed["value"] is None else np.ones(len(steps), dtype=bool)
     points = run.select(np.maximum(read, 0)[kept])  # (the rows' other columns; the value as read below)
-    points.columns["step"] = points.columns["D"] = fed["step"][kept]
-    points.columns["train"] = fed["loss"][kept]
-    if values is not None:  # (a check whose value was not finite logged none: a NaN point, as it was live)
-        at = dict(zip(values["step"].tolist(), values["loss"].tolist(), strict=True))
-        points.columns["loss"] = np.array([at.get(step, math.nan) for step in fed["step"][kept]])
-    if dataset_snr is not None:  # fed at some checks only (a new measurement): NaN at the others
-        at = dict(zip(dataset_snr["step"].tolist(), dataset_snr["loss"].tolist(), strict=True))
-        points.columns["dataset_snr"] = np.array([at.get(step, math.nan) for step in fed["step"][kept]])
-    if held is not None:  # the points the forecaster held at each (see check_complete)
-        at = dict(zip(held["step"].tolist(), held["loss"].tolist(), strict=True))
-        points.columns["live_points"] = np.array([at.get(step, math.nan) for step in fed["step"][kept]])
-    logged = f"snr/forecast/{run.tag}/train_loss"
-    points.notes = [f"the points BasinEarlyStopping forecast from, with {logged}"]
+    points.columns["step"] = points.columns["D"] = steps[kept]
+    points.columns["train"] = at_checks(fed["train_loss"])[kept]
+    if fed["value"] is not None:  # (a check whose value was not finite logged none: a NaN point, as live)
+        points.columns["loss"] = at_checks(fed["value"])[kept]
+    if fed["dataset_snr"] is not None:
+        points.columns["dataset_snr"] = at_checks(fed["dataset_snr"])[kept]
+    if fed["points"] is not None:  # (see check_complete)
+        points.columns["live_points"] = at_checks(fed["points"])[kept]
+    points.notes = [f"the points BasinEarlyStopping forecast from, logged with snr/forecast/{run.tag}"]
     return points
 
 
