@@ -120,7 +120,11 @@ class BasinEarlyStopping(Callback):
         gradient_evidence: bool = True,
     ) -> None:
         super().__init__()
-        if check_every_n_steps is not None and check_every_n_steps < 1:
+        if check_every_n_steps is not None and (
+            isinstance(check_every_n_steps, bool)
+            or not isinstance(check_every_n_steps, int)
+            or check_every_n_steps < 1
+        ):
             raise ValueError(
                 f"check_every_n_steps must be a positive integer or None, got {check_every_n_steps}"
             )

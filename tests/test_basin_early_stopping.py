@@ -342,8 +342,9 @@ def test_checks_every_n_steps_on_a_training_metric():
     callback = BasinEarlyStopping(monitor="train_loss", check_every_n_steps=3)
     _fit(callback, _data(64, 0), max_epochs=5, log_every_n_steps=1)
     assert callback.forecaster.points.x == [3.0, 6.0, 9.0]
-    with pytest.raises(ValueError, match="check_every_n_steps"):
-        BasinEarlyStopping(check_every_n_steps=0)
+    for bad in (0, 1.5, True):  # (1.5 checked every third step, True every step)
+        with pytest.raises(ValueError, match="check_every_n_steps must be a positive integer"):
+            BasinEarlyStopping(check_every_n_steps=bad)
     # A validation metric checked every step adds a point once per validation (not its stale value again),
     # and a periodic check before it is first logged waits instead of failing.
     per_step = BasinEarlyStopping(monitor="val_loss", check_every_n_steps=1)

@@ -535,7 +535,9 @@ def test_forecast_plot_problems_fail_before_the_replay(tmp_path, capsys, monkeyp
     problems = {
         tmp_path / "no" / "x.png": "cannot write",
         tmp_path / "x.xyz": "matplotlib writes no 'xyz' files",
+        tmp_path / "taken": "cannot write",  # (savefig would write taken.png: a directory)
     }
+    (tmp_path / "taken.png").mkdir()
     for picture, message in problems.items():
         code, out, err = run(capsys, "forecast", data, "--plot", picture)
         assert code == 2 and err.count("\n") == 1 and message in err and out == "", err

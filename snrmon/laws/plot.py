@@ -45,10 +45,12 @@ def check_plot_target(path: str | Path) -> None:
     path = Path(path)
     formats = FigureCanvasBase.get_supported_filetypes()
     extension = path.suffix[1:].lower()
-    if extension and extension not in formats:  # no extension: savefig writes its default, PNG
+    if extension and extension not in formats:
         raise PlotError(
             f"cannot write {path}: matplotlib writes no {extension!r} files; use one of {', '.join(formats)}"
         )
+    if not extension:  # savefig writes its default format, PNG, to the name with .png added
+        path = path.with_name(path.name + ".png")
     existed = path.exists()
     try:
         with open(path, "ab"):  # appending writes nothing: an existing picture stays as it is
