@@ -175,7 +175,8 @@ class BasinForecaster:
         measured. Once it has been at most 1 at ``MEMORISATION_POINTS`` consecutive points, the training
         set's gradient is no larger than its own sampling noise: from then on it stands in for the widening
         generalization gap as the warning's evidence of memorisation. None or NaN: not measured here; a
-        negative value (an estimate of signal or noise below zero) counts as no measurement either.
+        negative or infinite value (an estimate of signal or noise below zero, of noise exactly zero) counts
+        as no measurement either (and is not logged by the callbacks, so that a replay reads the same).
 
         Raises:
             ValueError: ``x`` is not finite or not above the last point's.
@@ -192,7 +193,7 @@ class BasinForecaster:
         self.points.x.append(x)
         self.points.loss.append(loss)
         self.points.train.append(train)
-        if snr >= 0:  # (NaN: not measured; below 0: an estimate of signal or noise below zero, no measure)
+        if 0 <= snr < math.inf:  # (NaN: not measured; below 0 or inf: a signal or noise estimate <= 0)
             self.snr_streak = self.snr_streak + 1 if snr <= 1 else 0
             if self.snr_streak >= MEMORISATION_POINTS:
                 self.decider.memorising = True
