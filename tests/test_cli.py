@@ -697,7 +697,7 @@ def test_a_training_loss_missing_where_it_is_needed_is_said(tmp_path, capsys):
     both.write_text("\n".join(rows) + "\n")
     argv = ["forecast", both, "--metric", "val_loss", "--train-metric", "train_loss"]
     code, _, err = run(capsys, *argv, "--where", 'run == "a" and val_loss > 0')
-    assert code == 2 and "no train_loss on the rows of val_loss" in err and "--train-metric" in err
+    assert code == 2 and "no finite train_loss on the rows of val_loss" in err and "--train-metric" in err
     # A metrics.csv whose training loss was logged at every other validation only: those points are fed
     # without it (the law of the loss alone there), and the command says how many.
     rows = ["epoch,step,train_loss,val_loss"]
@@ -706,7 +706,7 @@ def test_a_training_loss_missing_where_it_is_needed_is_said(tmp_path, capsys):
     sparse = tmp_path / "metrics.csv"
     sparse.write_text("\n".join(rows) + "\n")
     code, _, err = run(capsys, "forecast", sparse, "--metric", "val_loss", "--train-metric", "train_loss")
-    half = f"{len(X) // 2} of {len(X)} points of val_loss have no train_loss logged in the interval"
+    half = f"{len(X) // 2} of {len(X)} points of val_loss have no finite train_loss logged in the interval"
     assert code == 0 and f"snrmon: warning: {half}" in err
     # A logged value without its step cannot be placed.
     sparse.write_text("\n".join(rows[:5] + ["3,,1.0,"] + rows[5:]) + "\n")

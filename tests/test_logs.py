@@ -281,6 +281,7 @@ def test_csv_tables_that_are_no_step_logs_read_as_they_are(tmp_path, text):
     "text, message",
     [
         ('{"global_step": 3}', "without a log_history list"),
+        ("[1, 2, 3]", "without a log_history list"),  # (not a CSV "with a header but no rows")
         ('{"log_history": [{"loss": 1.0}]}', r"log_history\[0\] has no whole-number step"),
         ('{"log_history": [1]}', r"log_history\[0\] is not an object"),
         ('{"log_history": [{"step": 1, "loss": 1.0}', "cannot read .* as JSON"),

@@ -449,7 +449,9 @@ def live_points(run: Table, checks: Table, fed: dict[str, Table | None]) -> Tabl
         points.columns["dataset_snr"] = at_checks(fed["dataset_snr"])[kept]
     if fed["points"] is not None:  # (see check_complete)
         points.columns["live_points"] = at_checks(fed["points"])[kept]
-    points.notes = [f"the points BasinEarlyStopping forecast from, logged with snr/forecast/{run.tag}"]
+    logged = f"snr/forecast/{run.tag}/train_loss"
+    with_train = f"with {logged}" if fed["train_loss"] is not None else f"without a training loss ({logged})"
+    points.notes = [f"the points BasinEarlyStopping forecast from, {with_train}"]
     return points
 
 
@@ -472,11 +474,12 @@ def check_train_loss(
         hint = "on other rows? one run's log, such as Lightning's metrics.csv, is averaged between points"
     if missing.sum() == points.sum():
         raise LogError(
-            f"no {train_name} {where}, at any of the {int(points.sum())} points: the training loss asked for "
-            f"with --train-metric is missing ({hint})"
+            f"no finite {train_name} {where}, at any of the {int(points.sum())} points: the training loss "
+            f"asked for with --train-metric is missing ({hint})"
         )
     count = f"{int(missing.sum())} of {int(points.sum())} points of {name}"
-    warn([f"{count} have no {train_name} {where}: the law of the metric alone forecasts near them ({hint})"])
+    alone = "the law of the metric alone forecasts near them"
+    warn([f"{count} have no finite {train_name} {where}: {alone} ({hint})"])
 
 
 def interval_means(steps: np.ndarray, train_steps: np.ndarray, train: np.ndarray) -> np.ndarray:

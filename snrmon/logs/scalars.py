@@ -175,10 +175,11 @@ def _tags(table: Table) -> list[str]:
 
 
 def is_json(path: Path) -> bool:
-    """Whether the file holds a JSON object (its first non-blank character is ``{``), whatever its name."""
+    """Whether the file holds a JSON object (its first non-blank character is ``{``), whatever its name, or
+    a JSON list named ``*.json`` (read as JSON, to be refused as no trainer state, not as a CSV)."""
     with open(path, "rb") as handle:
         start = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")  # a UTF-8 byte order mark, then blanks
-    return start.startswith(b"{")
+    return start.startswith(b"{") or (start.startswith(b"[") and path.suffix.lower() == ".json")
 
 
 def trainer_state_run(path: Path) -> Run:
