@@ -642,6 +642,9 @@ def test_replay_command_text_plot_and_bad_input(tmp_path, capsys):
     first = json.loads(capsys.readouterr().out)["points"][0]
     assert first["state"] == "no forecast" and first["d_star"] > 0 and not first["warning"]
     assert first["method"] == "prior"
+    assert main(["forecast", steps, "--prior", str(prior), "--N", "1e8", "--tokens-per-step", "1e6"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:4]
+    assert all(row.rstrip().endswith("no forecast  (D* from the prior alone)") for row in rows), rows
     # Without --N a shannon prior cannot give this run's basin: said, not silently ignored.
     assert main(["forecast", steps, "--prior", str(prior), "--json"]) == 0
     assert "needs this run's parameter count" in capsys.readouterr().err

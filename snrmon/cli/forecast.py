@@ -559,6 +559,8 @@ def replay_report(forecasts: list[Forecast], document: dict, x_name: str) -> str
         # A likely basin without a warning says why not (no fall yet, still falling, no memorisation).
         if not action and f.note.startswith("no warning"):
             action = f"({f.note})"
+        elif f.d_star is not None and f.d_star_low is None:  # (before the run's own points refit the prior)
+            action = "(D* from the prior alone)"
         rows.append([at(f.x), show(f.loss), at(f.d_star), band, p, f.state, action])
     lines = aligned(rows)
     extreme = "minimum" if document["mode"] == "min" else "maximum"
