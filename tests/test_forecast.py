@@ -485,8 +485,9 @@ def test_a_family_prior_warns_and_stops_past_min_points_only():
 
 def test_the_projection_follows_the_curve_and_reaches_past_the_basin():
     """``forecaster.projection`` (the figure's curve ahead): the law's projection on the points it was fitted
-    to lies within the noise of the clean curve; every method's grid reaches past a basin ahead, with
-    low <= central <= high; and it goes with the latest forecast's basin."""
+    to lies within the noise of the clean curve; every method's grid reaches past a basin ahead (the
+    ratio's parabola no further than its window reaches back), with low <= central <= high; and it goes with
+    the latest forecast's basin."""
     clean = L_INF + B * X**-BETA + K * X
     val, train = u_curve(0)
     for method, curve in (("ratio", (X, val, train)), ("law", (X[:30], val[:30]))):
@@ -497,8 +498,12 @@ def test_the_projection_follows_the_curve_and_reaches_past_the_basin():
         assert projection.d_star == forecasts[-1].d_star
         low, central, high = (np.array(v) for v in (projection.low, projection.loss, projection.high))
         assert np.all(low <= central) and np.all(central <= high)
-        if math.isfinite(projection.d_star) and projection.d_star > curve[0][-1]:
-            assert projection.x[-1] >= min(projection.d_star, 4 * curve[0][-1])
+        x_now, reach = curve[0][-1], 4 * curve[0][-1]
+        if method == "ratio":  # a parabola goes no further ahead (in log x) than its window reaches back
+            reach = x_now * x_now / curve[0][-forecaster.window]
+            assert projection.x[-1] <= reach * (1 + 1e-9)
+        if math.isfinite(projection.d_star) and projection.d_star > x_now:
+            assert projection.x[-1] >= min(projection.d_star, reach) * (1 - 1e-9)
     # The law's central curve against the noise-free truth, where it was fitted (X[:30]): within 4 sigma.
     seen = np.array(projection.x) <= X[29]
     truth = L_INF + B * np.array(projection.x)[seen] ** -BETA + K * np.array(projection.x)[seen]

@@ -37,7 +37,9 @@ def project(
             coefficients, covariance = np.polyfit(u, loss[-window:], 2, cov=True)
         except (ValueError, np.linalg.LinAlgError):
             return None
-        grid = np.geomspace(x[-window], end, 32)
+        # No further ahead (in log x) than the window reaches back: a parabola says nothing beyond (it
+        # dived below zero on a cross-entropy run).
+        grid = np.geomspace(x[-window], min(end, x_now * x_now / x[-window]), 32)
         v = np.log(grid) - math.log(x_now)
         basis = np.stack([v**2, v, np.ones_like(v)], axis=1)
         middle = basis @ coefficients
