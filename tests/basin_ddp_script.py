@@ -26,7 +26,7 @@ from test_basin_early_stopping import Regressor
 from test_basin_early_stopping import _data as data
 from torch.utils.data import DataLoader
 
-from snrmon.callbacks import BasinEarlyStopping
+from snrmon.callbacks import BasinEarlyStopping, SNRMonitor
 
 
 class PerRank(Regressor):
@@ -59,18 +59,21 @@ def main() -> None:
     else:
         callback = BasinEarlyStopping(monitor="val_loss")
         model = Regressor()
+    # With an SNRMonitor (two ranks: two batch sizes a step), read at each check though it logs every
+    # 1000 steps only: its estimate is brought up to date on every rank alike.
+    monitors = [] if args.per_rank else [SNRMonitor()]
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
         max_epochs=args.max_epochs,
-        callbacks=[callback],
+        callbacks=[*monitors, callback],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=1,
+        log_every_n_steps=1 if args.per_rank else 1000,
     )
     train = DataLoader(data(64, 0), batch_size=16, shuffle=True)
     trainer.fit(model, train, DataLoader(data(512, 1), batch_size=256))
@@ -83,6 +86,9 @@ def main() -> None:
         "stops": [f.stop for f in callback.forecaster.history],
         "val": callback.forecaster.points.loss,
         "train": callback.forecaster.points.train,
+        "snr_streak": callback.forecaster.snr_streak,
+        "fed_snr": callback.watch.fed_dataset_snr,
+        "monitor_steps": monitors[0].latest_steps if monitors else None,
     }
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 

@@ -497,6 +497,10 @@ def test_ranks_stop_together_under_ddp(tmp_path):
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == ranks[0]["stopped_step"]
     assert any(r["stops"][-1] for r in ranks)
     assert ranks[0]["stopping_reason"] == ranks[1]["stopping_reason"]
+    # The SNRMonitor's training-set SNR, read at each check on both ranks alike (it logs every 1000 steps).
+    assert ranks[0]["monitor_steps"] == ranks[1]["monitor_steps"] == ranks[0]["global_step"]
+    assert ranks[0]["fed_snr"] == ranks[1]["fed_snr"] and ranks[0]["fed_snr"] is not None
+    assert ranks[0]["snr_streak"] == ranks[1]["snr_streak"]
 
 
 @pytest.mark.ddp
