@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from typing import Any
 
@@ -122,14 +123,14 @@ class BasinEarlyStopping(Callback):
         super().__init__()
         if check_every_n_steps is not None and (
             isinstance(check_every_n_steps, bool)
-            or not isinstance(check_every_n_steps, int)
+            or not isinstance(check_every_n_steps, numbers.Integral)
             or check_every_n_steps < 1
         ):
             raise ValueError(
-                f"check_every_n_steps must be a positive integer or None, got {check_every_n_steps}"
+                f"check_every_n_steps must be a positive integer or None, got {check_every_n_steps!r}"
             )
         self.monitor, self.mode = monitor, mode
-        self.check_every_n_steps = check_every_n_steps
+        self.check_every_n_steps = None if check_every_n_steps is None else int(check_every_n_steps)
         self.verbose, self.strict = verbose, strict
         self.gradient_evidence = gradient_evidence
         self._snr_monitor: SNRMonitor | None = None  # found at fit start (gradient_evidence)
@@ -187,7 +188,10 @@ class BasinEarlyStopping(Callback):
         self._check_validation_runs(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":  # a checkpoint loaded to validate or test (ckpt_path=) is no fit to go on from
+        # Lightning restores callbacks for validate and test too (ckpt_path=): a checkpoint loaded there is
+        # no fit to go on from, and what this callback held (a finished fit's curve and stop) comes back.
+        if stage != "fit" and self._restored:
+            self.load_state_dict(self._before_restore)
             self._restored = False
 
     def _check_validation_runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -451,6 +455,7 @@ class BasinEarlyStopping(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._before_restore = self.state_dict()  # (put back if this load was only to validate or test)
         self.watch.load_state_dict(state_dict)
         self.stopping_reason = state_dict["stopping_reason"]
         self.stopped_step = state_dict["stopped_step"]

@@ -181,6 +181,7 @@ class SNRMonitor(Callback):
 
     def _reset_fit_state(self) -> None:
         self._disabled = False
+        self._logged_step = -1  # the step the values were last logged at
         self._closed_step = -1  # global step of the last measured on_before_optimizer_step
         self._population: Population | None = None
         self._batch: Any = None
@@ -453,27 +454,31 @@ class SNRMonitor(Callback):
         ``BasinEarlyStopping`` does at each check (else a check would read the estimate of the last logging
         step, up to ``log_every_n_steps`` old). Call it on every rank, outside ``training_step``."""
         if self._meter is not None and self._meter.updated_since_snapshot():
-            # Inside a training batch's hooks (a periodic check) the batch's own logging step; after them
-            # (a validation) the step of the batch just run, as at the end of training.
-            self._log(trainer, pl_module, at_end=trainer.validating)
+            # At the batch's own logging step: a periodic check runs in its hooks, and a validation right
+            # after them, before Lightning counts the batch (where it logs the validation's metrics too).
+            self._log(trainer, pl_module, at_end=False, progress_bar=False)
 
-    def _log(self, trainer: Trainer, pl_module: LightningModule, at_end: bool = False) -> None:
-        """``at_end``: after a batch's hooks (the end of training, a validation): logged at that batch's step,
-        and not to the progress bar."""
+    def _log(
+        self, trainer: Trainer, pl_module: LightningModule, at_end: bool = False, progress_bar: bool = True
+    ) -> None:
+        """``at_end``: after training (Lightning has counted the last batch): logged at that batch's step,
+        and not to the progress bar. Once a step: a refresh at a check made there already logged it."""
+        step = step_of_last_batch(trainer) if at_end else logging_step(trainer)
+        if step == self._logged_step:
+            return
         latest = self._meter.snapshot(self.prefix) if self._meter is not None else {}  # the one host sync
         if not latest:  # nothing measured yet, nor skipped or dropped
             return
-        self.latest, self.latest_steps = latest, self._meter.measured_steps
+        self.latest, self.latest_steps, self._logged_step = latest, self._meter.measured_steps, step
         if trainer.is_global_zero:  # now that it is known whether the training set is finite
             add_snr_layout(trainer)
-        step = step_of_last_batch(trainer) if at_end else logging_step(trainer)
         logged = {name: value for name, value in latest.items() if self._logged(name)}
         if logged:
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=step)
         log_chart_series(trainer.loggers, latest, step, self.prefix)  # the TensorBoard charts' lines
         ratio = self.latest.get(f"{self.prefix}/ratio", math.nan)
-        if self.prog_bar and ratio == ratio and not at_end:
+        if self.prog_bar and ratio == ratio and progress_bar and not at_end:
             pl_module.log(f"{self.prefix}/ratio", ratio, prog_bar=True, logger=False)
 
     # ------------------------------------------------------------------ end of fit
@@ -519,6 +524,10 @@ class SNRMonitor(Callback):
         warnings.warn(
             f"SNRMonitor disabled itself on rank {self._rank}, training continues: {reason}", stacklevel=2
         )
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":  # a checkpoint loaded to validate or test (ckpt_path=) is no state for a later fit
+            self._pending_state = None
 
     def state_dict(self) -> dict[str, Any]:
         if self._meter is None or self._pending_state is not None:

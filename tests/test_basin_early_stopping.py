@@ -282,9 +282,26 @@ def test_the_training_set_snr_is_read_at_each_check_not_only_at_logging_steps(or
     fed = {step: m["snr/forecast/val_loss/dataset_snr"] for step, m in recorder.metrics
            if "snr/forecast/val_loss/dataset_snr" in m}  # fmt: skip
     logged = [m["snr/dataset_snr"] for _, m in recorder.metrics if "snr/dataset_snr" in m]
+    # Logged once a step, at the step Lightning logs the validation's metrics at (not one before it).
+    steps = [step for step, m in recorder.metrics if "snr/dataset_snr" in m]
+    assert steps == [step for step, m in recorder.metrics if "val_loss" in m]
     assert checks == [(i + 1, i + 1) for i in range(30)]  # one step an epoch, measured by each check
     assert len(fed) == 30 and list(fed.values()) == pytest.approx(logged[:30], rel=1e-6)
     assert all(math.isfinite(value) and value > 0 for value in fed.values())
+
+
+def test_a_monitor_placed_after_a_periodic_check_logs_each_step_once():
+    """The check brings the monitor's values up to date (and logs them) inside the batch's hooks; the
+    monitor's own log at that logging step, after it, is not a second one at the same step."""
+    from snrmon.callbacks import SNRMonitor
+
+    recorder = Recorder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit([BasinEarlyStopping(monitor="train_loss", check_every_n_steps=2), SNRMonitor()], _data(64, 0),
+             6, logger=recorder, accumulate_grad_batches=2, log_every_n_steps=1)  # fmt: skip
+    steps = [step for step, m in recorder.metrics if "snr/signal" in m]
+    assert len(steps) >= 4 and len(steps) == len(set(steps))
 
 
 def test_a_fit_too_short_for_a_forecast_says_so(caplog):
@@ -345,6 +362,7 @@ def test_checks_every_n_steps_on_a_training_metric():
     for bad in (0, 1.5, True):  # (1.5 checked every third step, True every step)
         with pytest.raises(ValueError, match="check_every_n_steps must be a positive integer"):
             BasinEarlyStopping(check_every_n_steps=bad)
+    assert BasinEarlyStopping(check_every_n_steps=np.int64(5)).check_every_n_steps == 5
     # A validation metric checked every step adds a point once per validation (not its stale value again),
     # and a periodic check before it is first logged waits instead of failing.
     per_step = BasinEarlyStopping(monitor="val_loss", check_every_n_steps=1)
@@ -404,6 +422,29 @@ def test_a_checkpoint_loaded_to_validate_is_no_curve_for_the_next_fit(tmp_path):
         trainer.validate(model, validation, ckpt_path=str(tmp_path / "mid.ckpt"), verbose=False)
         trainer.fit(model, DataLoader(_data(64, 0), batch_size=32), validation)
     assert callback.forecaster.points.x == [2.0 * (i + 1) for i in range(6)]  # this fit's own curve
+    # Nor does it replace what a finished fit holds: its curve and its stop stay the callback's.
+    held = callback.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.validate(model, validation, ckpt_path=str(tmp_path / "mid.ckpt"), verbose=False)
+    assert json.dumps(callback.state_dict()) == json.dumps(held)
+
+
+def test_a_monitor_checkpoint_loaded_to_validate_is_no_state_for_the_next_fit(tmp_path):
+    from snrmon.callbacks import SNRMonitor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer, model = _fit(SNRMonitor(), _data(64, 0), 8, accumulate_grad_batches=2)
+        trainer.save_checkpoint(tmp_path / "mid.ckpt")
+        monitor = SNRMonitor()
+        quiet = dict(enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer = L.Trainer(max_epochs=3, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                            accumulate_grad_batches=2, **quiet)  # fmt: skip
+        validation = DataLoader(_data(512, 1), batch_size=512)
+        trainer.validate(model, validation, ckpt_path=str(tmp_path / "mid.ckpt"), verbose=False)
+        trainer.fit(model, DataLoader(_data(64, 0), batch_size=32), validation)
+    assert monitor.latest_steps == 3  # this fit's three steps, not the checkpoint's eight before them
 
 
 def test_the_logs_of_a_resumed_fit_replay_with_the_earlier_version(tmp_path, capsys):
@@ -438,6 +479,9 @@ def test_the_logs_of_a_resumed_fit_replay_with_the_earlier_version(tmp_path, cap
     assert [p["x"] for p in points] == [f.x for f in history]
     assert [p["p_basin"] for p in points] == [f.p_basin for f in history]
     assert [p["state"] for p in points] == [f.state for f in history]
+    # Out of order, the later part would replace all of the earlier one: refused.
+    assert main(["forecast", *reversed(versions), "--tag", "val_loss"]) == 2
+    assert "give the parts of one run in order" in capsys.readouterr().err
 
 
 def test_a_prior_of_the_family_forecasts_from_the_first_check(caplog):

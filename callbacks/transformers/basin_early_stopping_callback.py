@@ -121,7 +121,7 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
         # The training losses logged since the last check: Σ loss × steps it covers, and those steps.
         self._train_sum, self._train_steps, self._train_logged_at = 0.0, 0, 0
         self._training = False
-        self._seen_metric = self._said_nonfinite = False
+        self._seen_metric = self._said_nonfinite = self._said_no_train = False
 
     @property
     def forecaster(self) -> BasinForecaster:
@@ -134,6 +134,7 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
     ) -> None:
         self._restore(state)
         self._training, self._seen_metric, self._said_nonfinite = True, False, False
+        self._said_no_train = False
         # The Trainer's next logged loss covers the steps from here (on a resume, those since the checkpoint).
         self._train_logged_at = state.global_step
         if self.forecaster.prior_note:
@@ -145,16 +146,6 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
                 "(and eval_steps)"
             )
             raise RuntimeError(message)
-        logging_steps, eval_steps = args.logging_steps, args.eval_steps or args.logging_steps
-        by_steps = args.eval_strategy == "steps" and args.logging_strategy == "steps"
-        if by_steps and logging_steps > eval_steps >= 1:  # (steps below 1 are shares of the run)
-            self._warn(
-                "BasinEarlyStoppingCallback: the training loss reaches it at the Trainer's training logs "
-                f"only: with logging_steps={logging_steps:g} > eval_steps={eval_steps:g} most checks have "
-                "none, and those are forecast from the monitored loss alone (the weaker law). Set "
-                "logging_steps <= eval_steps",
-                state,
-            )
         if args.report_to and not self.ahead_of_integrations:
             self._warn(
                 "BasinEarlyStoppingCallback: its forecasts reach trainer.state.log_history, but not "
@@ -220,6 +211,15 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
                 state,
             )
         train = self._train_sum / self._train_steps if self._train_steps else None
+        if train is None and not self._said_no_train:
+            self._said_no_train = True  # (once: whatever the strategies, shares or epochs that caused it)
+            self._warn(
+                f"BasinEarlyStoppingCallback: no training loss was logged since the previous check (step "
+                f"{step}): the training loss reaches it at the Trainer's training logs only, and a check "
+                "without one forecasts from the monitored loss alone (the weaker law). Log at least as often "
+                "as you evaluate (logging_steps <= eval_steps)",
+                state,
+            )
         self._train_sum, self._train_steps = 0.0, 0
         forecast = self.watch.update(step, value, train, self._dataset_snr(state))
         values = self.watch.metrics(forecast)

@@ -257,6 +257,11 @@ def load_curve(
         if (train2 is None) != (train is None):
             having = "no" if train2 is None else "a"
             raise LogError(f"{path} has {having} training loss, unlike the parts before it")
+        if x2[0] <= x[0]:  # it would replace every point before it: parts out of order, or another run
+            raise LogError(
+                f"{path} begins at {x_name} {x2[0]:g}, not after the parts before it (from {x[0]:g}): give "
+                "the parts of one run in order, the first part first"
+            )
         kept = x < x2[0]  # a later part replaces the earlier ones from its first point on
         x, metric = np.concatenate([x[kept], x2]), np.concatenate([metric[kept], metric2])
         train = None if train is None else np.concatenate([train[kept], train2])
