@@ -330,6 +330,13 @@ def test_a_training_set_snr_at_most_one_stands_in_for_the_widening_gap():
     # forecast whose other conditions hold.
     measured = BasinForecaster().replay(x, val, train, [0.5] * len(x))
     assert first_index(measured, "warning") is not None and first_index(measured, "stop") is not None
+    # The warning says what it stands on, and its message too.
+    from snrmon.forecast.watch import BasinWatch
+
+    warned = measured[first_index(measured, "warning")]
+    evidence = "evidence: the training loss falls and the training set's SNR has been at most 1"
+    assert warned.note.startswith(evidence)
+    assert f"; {evidence}" in BasinWatch("val_loss").stop_reason(warned)
     # Above 1, never two measurements in a row at most 1, or not measured (None, NaN): the curves alone.
     for snr in ([3.0] * len(x), [0.5, 3.0] * (len(x) // 2), [None] * len(x), [math.nan] * len(x)):
         again = BasinForecaster().replay(x, val, train, snr)

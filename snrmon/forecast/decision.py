@@ -66,6 +66,7 @@ class Decider:
         self.fallen = self.fallen or has_fallen(loss, self.window)
         fallen = self.fallen
         evidence = flat_or_rising and fallen
+        because = "the monitored loss has come down significantly and no longer falls"  # (what evidence says)
         long = slice(-EVIDENCE_WINDOWS * self.window, None)
         if method == "ratio":
             # A ratio near zero also comes from a plateau where the training loss is as flat as the monitored
@@ -79,7 +80,13 @@ class Decider:
             train_slope, train_se = slope(u, train[long])
             gap, gap_se = slope(u, loss[long] - train[long])
             z = evidence_quantile(len(u) - 2)
-            evidence = train_slope + z * train_se < 0 and (gap - z * gap_se > 0 or self.memorising)
+            widening = gap - z * gap_se > 0
+            evidence = train_slope + z * train_se < 0 and (widening or self.memorising)
+            because = "the training loss falls and " + (
+                "the generalization gap widens significantly"
+                if widening
+                else "the training set's SNR has been at most 1 (its gradient within its own sampling noise)"
+            )
         # Whatever the signal says: a monitored loss that has risen significantly over the long window has
         # passed its basin (a noisy training loss, e.g. a small shard per rank, can hide the evidence above).
         rise, rise_se = slope(np.log(x[long]), loss[long])
@@ -125,6 +132,8 @@ class Decider:
                 forecast.note = _no_warning_reason(method, fallen, flat_or_rising, evidence, self.persist)
         else:
             forecast.state = "basin entered" if forecast.d_star <= x_now else "basin ahead"
+            if not forecast.note:  # what the warning (or stop) stands on, for its messages
+                forecast.note = f"evidence: {because}"
 
     def hold_stop(self, forecast: Forecast) -> None:
         """No stop at this point (a prior's early forecast warns; a stop waits for the curve's own say)."""

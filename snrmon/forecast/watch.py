@@ -118,13 +118,13 @@ class BasinWatch:
         self.announced = state
         if state == "improving":
             return None
-        return f"{self.monitor}: {self.describe(forecast)}"
+        return f"{self.monitor}: {self.describe(forecast)}{_evidence(forecast)}"
 
     def stop_reason(self, forecast: Forecast) -> str:
         """Why a forecast that stops does so, in a sentence."""
         return (
             f"{self.monitor}: {self.describe(forecast)} (probability {forecast.p_basin:.2f} that it lies "
-            f"within {self.forecaster.horizon:.0%} more training or has been entered)"
+            f"within {self.forecaster.horizon:.0%} more training or has been entered){_evidence(forecast)}"
         )
 
     def nonfinite_note(self, value: float, step: int) -> str | None:
@@ -198,3 +198,11 @@ class BasinWatch:
         self.announced = state["announced"]
         self.said_departure = state.get("said_departure", False)
         self.said_nonfinite = state.get("said_nonfinite", False)
+
+
+def _evidence(forecast: Forecast) -> str:
+    """What a warning or stop stands on, from the forecaster's note ("" when it says nothing of it)."""
+    note = forecast.note
+    if note.startswith("evidence: ") or note.startswith("the monitored loss has risen"):
+        return f"; {note}"
+    return ""
