@@ -183,6 +183,11 @@ class BasinEarlyStopping(Callback):
         self._restored = False
         monitors = [c for c in trainer.callbacks if isinstance(c, SNRMonitor) and self.gradient_evidence]
         self._snr_monitor, self._fed_steps = (monitors[0] if monitors else None), None
+        if len(monitors) > 1:
+            rank_zero_info(
+                f"BasinEarlyStopping: {len(monitors)} SNRMonitors: the training-set SNR of the first (prefix "
+                f"'{monitors[0].prefix}') is its evidence of memorisation, the others' are not read"
+            )
         self._fed_snr = False  # a training-set SNR was fed in this fit
         self._publisher.start_fit()
         self._check_validation_runs(trainer, pl_module)

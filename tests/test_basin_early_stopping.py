@@ -304,6 +304,16 @@ def test_a_monitor_placed_after_a_periodic_check_logs_each_step_once():
     assert len(steps) >= 4 and len(steps) == len(set(steps))
 
 
+def test_which_of_several_monitors_is_read_is_said(caplog):
+    from snrmon.callbacks import SNRMonitor
+
+    with warnings.catch_warnings(), caplog.at_level("INFO"):
+        warnings.simplefilter("ignore")
+        _fit([SNRMonitor(prefix="a"), SNRMonitor(prefix="b"), BasinEarlyStopping()], _data(64, 0), 2,
+             accumulate_grad_batches=2)  # fmt: skip
+    assert "2 SNRMonitors: the training-set SNR of the first (prefix 'a')" in caplog.text
+
+
 def test_a_fit_too_short_for_a_forecast_says_so(caplog):
     from snrmon.callbacks import SNRMonitor
 
