@@ -744,3 +744,48 @@ def test_a_basin_one_step_away_reads_one_step():
     assert BasinWatch("val_loss").describe(ahead).endswith(", 1 step from step 120")
     ahead.d_star, ahead.steps_to_basin = 123.0, 3.0
     assert BasinWatch("val_loss").describe(ahead).endswith(", 3 steps from step 120")
+
+
+def test_the_fast_statistics_are_the_reference_computations():
+    """The forecaster's small-array statistics, written for speed, against numpy's own routines: the slope
+    against np.polyfit, the drawn lines against lstsq, pinv and multivariate_normal with the same seed, the
+    quantiles against np.quantile (bit for bit), on random windows of the sizes the forecaster uses."""
+    from snrmon.forecast.curve import slope
+    from snrmon.forecast.decision import SAMPLES, quantiles
+    from snrmon.forecast.ratio import crossing_draws
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(3, 17))
+        u = np.sort(rng.uniform(0, 3, n)) + np.arange(n) * 1e-3  # distinct, as window ends are
+        r = 0.8 - 0.3 * (u - u[-1]) + rng.normal(0, 10 ** rng.uniform(-4, 0), n)
+        value, se = slope(u, r)
+        reference, covariance = np.polyfit(u, r, 1, cov="unscaled")
+        residuals = r - np.polyval(reference, u)
+        assert value == pytest.approx(reference[0], rel=1e-9, abs=1e-12)
+        assert se == pytest.approx(math.sqrt(residuals @ residuals / (n - 2) * covariance[0, 0]), rel=1e-6)
+
+        levels = (0.1, 0.0)
+        fast = crossing_draws(u, r, levels, np.random.default_rng(trial))
+        centred = u - u[-1]
+        design = np.stack([np.ones_like(centred), centred], axis=1)
+        coefficients, *_ = np.linalg.lstsq(design, r, rcond=None)
+        sigma2 = np.sum((r - design @ coefficients) ** 2) / (n - 2)
+        cov = sigma2 * np.linalg.pinv(design.T @ design)
+        draw = np.random.default_rng(trial).multivariate_normal
+        a, b = draw(coefficients, cov, size=SAMPLES, method="eigh").T
+        for level, drawn in zip(levels, fast, strict=True):
+            ahead = np.where(b < 0, -(a - level) / b, np.where(a - level <= 0, 0.0, np.inf))
+            far = math.log(1e3)
+            expected = np.where(ahead > far, np.inf, np.exp(u[-1] + np.clip(ahead, centred[0], far)))
+            # (a draw within rounding of the far bound may fall on either side of it)
+            finite = np.isfinite(expected) & np.isfinite(drawn)
+            assert np.sum(np.isfinite(expected) != np.isfinite(drawn)) <= 1
+            np.testing.assert_allclose(drawn[finite], expected[finite], rtol=1e-7)
+
+        values = rng.normal(size=int(rng.integers(1, 500))) * 10 ** rng.uniform(-3, 3)
+        values[rng.uniform(size=len(values)) < rng.uniform(0, 0.6)] = np.inf
+        tail = float(rng.uniform(0.001, 0.25))
+        assert quantiles(values, (tail, 0.5, 1 - tail)) == list(
+            np.quantile(values, [tail, 0.5, 1 - tail], method="inverted_cdf")
+        )

@@ -52,7 +52,7 @@ class Decider:
         tail = (1 - self.confidence) / 2
         forecast.method = method
         # Quantiles without interpolation: draws may be inf (no basin in that draw).
-        low, median, high = np.quantile(draws, [tail, 0.5, 1 - tail], method="inverted_cdf")
+        low, median, high = quantiles(draws, (tail, 0.5, 1 - tail))
         forecast.d_star, forecast.d_star_low, forecast.d_star_high = float(median), float(low), float(high)
         forecast.steps_to_basin = max(forecast.d_star - x_now, 0.0)
         forecast.p_basin = float(np.mean(draws <= x_now * (1 + self.horizon)))
@@ -155,6 +155,19 @@ class Decider:
         coefficients = np.polyfit(u - u[-1], loss[-self.window :], 2)
         value = float(np.min(np.polyval(coefficients, np.linspace(0.0, math.log(d_star) - u[-1], 32))))
         return value if math.isfinite(value) else None
+
+
+def quantiles(values: np.ndarray, levels: tuple[float, ...]) -> list[float]:
+    """``np.quantile(values, levels, method="inverted_cdf")`` (no interpolation: values may be inf), by one
+    partial sort: the same numbers at a tenth of the cost, which matters at every point of a replay."""
+    n = len(values)
+    indexes = []
+    for level in levels:
+        virtual = n * level - 1  # numpy's virtual index for this method, and its rounding up
+        below = math.floor(virtual)
+        indexes.append(min(max(below + 1 if virtual - below > 0 else below, 0), n - 1))
+    ordered = np.partition(values, indexes)
+    return [float(ordered[i]) for i in indexes]
 
 
 def _no_warning_reason(method: str, fallen: bool, flat_or_rising: bool, evidence: bool, persist: int) -> str:

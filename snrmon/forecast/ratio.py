@@ -54,7 +54,7 @@ class RatioSignal:
             # Only a falling training loss makes the ratio meaningful.
             if slope(np.log(x[end - w : end]), t)[0] >= 0:
                 continue
-            self._ratios.append(np.polyfit(t, v, 1)[0])
+            self._ratios.append(slope(t, v)[0])  # the least-squares slope: np.polyfit(t, v, 1)[0]
             self._u.append(math.log(x[end - 1]))
         self._ends = max(len(x) + 1 - w, 0)
         self._last_x = x[len(x) - 1] if self._ends else math.nan
@@ -74,13 +74,24 @@ def crossing_draws(u: np.ndarray, r: np.ndarray, levels: tuple[float, ...], rng)
     kept within the window. A line already below the level and rising has crossed at an unknown point: taken
     as now. One that stays above, or crosses beyond FAR_AHEAD times the training done, gives inf: no crossing
     in sight."""
+    # The least-squares line and its coefficients' covariance, sigma² (XᵀX)⁻¹, in closed form for two
+    # coefficients (numpy's lstsq and pinv cost a third of a forecast on windows of a few points).
+    n = len(r)
     centred = u - u[-1]
-    design = np.stack([np.ones_like(centred), centred], axis=1)
-    coefficients, *_ = np.linalg.lstsq(design, r, rcond=None)
-    residuals = r - design @ coefficients
-    sigma2 = float(np.sum(residuals**2) / max(len(r) - 2, 1))
-    covariance = sigma2 * np.linalg.pinv(design.T @ design)
-    a, b = rng.multivariate_normal(coefficients, covariance, size=SAMPLES, method="eigh").T
+    mean_u, mean_r = float(np.add.reduce(centred)) / n, float(np.add.reduce(r)) / n
+    spread = centred - mean_u
+    s_uu = float(np.add.reduce(spread * spread))  # > 0: the windows end at distinct x
+    b_hat = float(np.add.reduce(spread * (r - mean_r))) / s_uu
+    a_hat = mean_r - b_hat * mean_u  # the line's value now (at u − u_now = 0)
+    residuals = r - a_hat - b_hat * centred
+    sigma2 = float(np.add.reduce(residuals * residuals)) / max(n - 2, 1)
+    coefficients = np.array([a_hat, b_hat])
+    covariance = sigma2 / s_uu * np.array([[s_uu / n + mean_u**2, -mean_u], [-mean_u, 1.0]])
+    # rng.multivariate_normal(coefficients, covariance, size=SAMPLES, method="eigh") draws exactly these,
+    # after input checks that cost as much as the rest of a forecast.
+    scales, axes = np.linalg.eigh(covariance)
+    normal = rng.standard_normal((SAMPLES, 2))
+    a, b = (coefficients + normal @ (axes * np.sqrt(np.abs(scales))).T).T
     draws = []
     for level in levels:
         above = a - level

@@ -1,0 +1,124 @@
+"""What a forecast costs against the training it watches, per corpus scenario and signal (issue 13's target:
+at most 1% of the training time).
+
+For each scenario of a split (benchmarks/corpus.py) this times, in this process on one thread:
+
+- the training between two validations: ``val_every`` optimizer steps of the scenario's own loop (batch,
+  forward, backward, step; no validation, no statistics), CPU time, the median of a few intervals after a
+  warm-up one;
+- one forecast per signal, replaying the recorded curve through ``BasinForecaster``: the ratio (the default
+  with a training loss, fed the training set's SNR as the callback does) over the replayed window, and the
+  law (the loss alone) over its first ``--law-points`` points (its fresh searches make it slow).
+
+    python benchmarks/forecast_cost.py                    # the tuning split (~2 min)
+    python benchmarks/forecast_cost.py --corpus held-out-3 --markdown
+
+Needs scikit-learn (``pip install -e .[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from corpus import SCENARIOS, lr_factor, make_model, make_optimizer, make_task
+from eval_record import load_corpus
+from eval_replay import dataset_snr
+
+from snrmon.forecast import BasinForecaster
+
+
+def interval_seconds(scenario, intervals: int = 3) -> float:
+    """Median CPU seconds of ``val_every`` training steps of ``scenario`` (after one warm-up interval)."""
+    torch.manual_seed(scenario.seed)
+    task = make_task(scenario.data, scenario.n_train, scenario.flip, scenario.seed)
+    model = make_model(scenario, task)
+    optimizer = make_optimizer(scenario, model)
+    generator = torch.Generator().manual_seed(scenario.seed)
+    total = 240 * scenario.val_every
+    times, step = [], 0
+    for _ in range(intervals + 1):
+        began = time.process_time()
+        for _ in range(scenario.val_every):
+            step += 1
+            for group in optimizer.param_groups:
+                group["lr"] = scenario.lr * lr_factor(scenario.schedule, step, total)
+            x, y = task.train_batch(generator, scenario.batch)
+            loss = task.losses(model, x, y).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()  # as a loop that logs its loss does
+        times.append(time.process_time() - began)
+    return statistics.median(times[1:])
+
+
+def forecast_seconds(curve, signal: str, points: int) -> float:
+    """Median CPU seconds of one forecast over the curve's first ``points`` points."""
+    forecaster, times = BasinForecaster(), []
+    snr = dataset_snr(curve)
+    for i in range(min(points, len(curve.x))):
+        began = time.process_time()
+        if signal == "ratio":
+            forecaster.update(curve.x[i], curve.val[i], curve.train[i], snr[i])
+        else:
+            forecaster.update(curve.x[i], curve.val[i])
+        times.append(time.process_time() - began)
+    # Before min_points a forecast is a few list appends: the median over the points that forecast.
+    return statistics.median(times[forecaster.min_points - 1 :])
+
+
+def row_cells(name: str, family: str, training: float, ratio: float, law: float) -> list[str]:
+    return [
+        name,
+        family,
+        f"{training * 1e3:.1f} ms",
+        f"{ratio * 1e3:.2f} ms",
+        f"{ratio / training:.1%}",
+        f"{law * 1e3:.1f} ms",
+        f"{law / training:.0%}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    splits = ["tuning", "held-out", "held-out-2", "held-out-3"]
+    parser.add_argument("--corpus", default="tuning", choices=splits)
+    parser.add_argument("--law-points", type=int, default=30, help="points of the law's replay (default 30)")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    scenarios = {s.name: s for s in SCENARIOS}
+    rows = []
+    for curve in load_corpus(args.corpus):
+        scenario = scenarios[curve.name]
+        training = interval_seconds(scenario)
+        ratio = forecast_seconds(curve, "ratio", len(curve.x))
+        law = forecast_seconds(curve, "law", args.law_points)
+        rows.append((curve.name, scenario.family, training, ratio, law))
+    header = ["run", "family", "training between validations", "ratio forecast", "share", "law", "share"]
+    lines = [header] + [row_cells(name, family, *times) for name, family, *times in rows]
+    for family in dict.fromkeys(row[1] for row in rows):
+        mine = np.array([row[2:] for row in rows if row[1] == family])
+        lines.append(row_cells(f"**{family}** (median of {len(mine)})", "", *np.median(mine, axis=0)))
+    share_ratio = np.array([row[3] / row[2] for row in rows])
+    share_law = np.array([row[4] / row[2] for row in rows])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for k, line in enumerate(lines):
+        if args.markdown:
+            print("| " + " | ".join(line) + " |")
+            if k == 0:
+                print("| " + " | ".join("---" for _ in header) + " |")
+        else:
+            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    print(
+        f"ratio within 1% of the training on {np.mean(share_ratio <= 0.01):.0%} of {len(rows)} runs, "
+        f"the law on {np.mean(share_law <= 0.01):.0%}"
+    )
+
+
+if __name__ == "__main__":
+    main()
