@@ -382,6 +382,21 @@ def test_a_negative_or_infinite_training_set_snr_is_no_measurement():
         assert forecaster.decider.memorising is memorising, values
 
 
+def test_the_training_set_snr_counts_as_tensorboard_stores_it():
+    # The monitor's estimate is float64; TensorBoard keeps float32, where 1 + 1e-9 is 1.0 and 1e39 is inf.
+    # The live forecaster reads it at that precision, so a replay of TensorBoard logs decides the same.
+    live = [1 + 1e-9, 1 + 1e-9, 0.5, 1e39, 0.5]
+    with np.errstate(over="ignore"):
+        stored = np.asarray(live, dtype=np.float32).astype(float).tolist()
+    assert stored[:2] == [1.0, 1.0] and stored[3] == math.inf
+    n = len(live)
+    for values in (live, stored):
+        forecaster = BasinForecaster()
+        forecaster.replay(np.arange(1, n + 1) * 10.0, [1.0] * n, [1.0] * n, values)
+        # 1.0, 1.0: memorising from the second point; inf is no measurement: the streak runs on to 3
+        assert forecaster.decider.memorising and forecaster.snr_streak == 4
+
+
 def test_law_forecast_finds_a_known_basin_from_the_loss_alone():
     # Noise-free T9 with its basin inside the curve: the law signal's band holds the true D*.
     law = ShannonRunLaw()

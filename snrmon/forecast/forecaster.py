@@ -172,7 +172,8 @@ class BasinForecaster:
         """Add the point (x, loss[, mean training loss since the previous point]) and forecast.
 
         ``dataset_snr``: the training set's N|G|²/tr Σ at this point (``SNRMonitor``'s ``dataset_snr``), if
-        measured. Once it has been at most 1 at ``MEMORISATION_POINTS`` consecutive points, the training
+        measured (read as float32, the precision TensorBoard stores, so that a replay of its logs counts the
+        same points). Once it has been at most 1 at ``MEMORISATION_POINTS`` consecutive points, the training
         set's gradient is no larger than its own sampling noise: from then on it stands in for the widening
         generalization gap as the warning's evidence of memorisation. None or NaN: not measured here; a
         negative or infinite value (an estimate of signal or noise below zero, of noise exactly zero) counts
@@ -186,6 +187,10 @@ class BasinForecaster:
         if isinstance(dataset_snr, str | bytes | bool):
             raise TypeError(f"dataset_snr must be a number or None, got {dataset_snr!r}")
         snr = float(dataset_snr) if dataset_snr is not None else math.nan
+        # Read at the precision TensorBoard stores (float32): a replay of its logs then counts the same points
+        # as the live run did (a float64 estimate of 1 + 1e-9 is 1.0 there, one of 1e39 inf).
+        with np.errstate(over="ignore"):
+            snr = float(np.float32(snr))
         if not math.isfinite(x):
             raise ValueError(f"x must be a finite number, got {x}")
         if self.points.x and x <= self.points.x[-1]:
