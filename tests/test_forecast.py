@@ -766,8 +766,7 @@ def test_the_fast_statistics_are_the_reference_computations():
     against np.polyfit, the drawn lines against lstsq, pinv and multivariate_normal with the same seed, the
     quantiles against np.quantile (bit for bit), on random windows of the sizes the forecaster uses."""
     from snrmon.forecast.curve import slope
-    from snrmon.forecast.decision import SAMPLES, quantiles
-    from snrmon.forecast.ratio import crossing_draws
+    from snrmon.forecast.decision import quantiles
 
     rng = np.random.default_rng(0)
     for trial in range(200):
@@ -780,23 +779,7 @@ def test_the_fast_statistics_are_the_reference_computations():
         assert value == pytest.approx(reference[0], rel=1e-9, abs=1e-12)
         assert se == pytest.approx(math.sqrt(residuals @ residuals / (n - 2) * covariance[0, 0]), rel=1e-6)
 
-        levels = (0.1, 0.0)
-        fast = crossing_draws(u, r, levels, np.random.default_rng(trial))
-        centred = u - u[-1]
-        design = np.stack([np.ones_like(centred), centred], axis=1)
-        coefficients, *_ = np.linalg.lstsq(design, r, rcond=None)
-        sigma2 = np.sum((r - design @ coefficients) ** 2) / (n - 2)
-        cov = sigma2 * np.linalg.pinv(design.T @ design)
-        draw = np.random.default_rng(trial).multivariate_normal
-        a, b = draw(coefficients, cov, size=SAMPLES, method="eigh").T
-        for level, drawn in zip(levels, fast, strict=True):
-            ahead = np.where(b < 0, -(a - level) / b, np.where(a - level <= 0, 0.0, np.inf))
-            far = math.log(1e3)
-            expected = np.where(ahead > far, np.inf, np.exp(u[-1] + np.clip(ahead, centred[0], far)))
-            # (a draw within rounding of the far bound may fall on either side of it)
-            finite = np.isfinite(expected) & np.isfinite(drawn)
-            assert np.sum(np.isfinite(expected) != np.isfinite(drawn)) <= 1
-            np.testing.assert_allclose(drawn[finite], expected[finite], rtol=1e-7)
+        assert_draws_as_numpys(u, r, seed=trial)
 
         values = rng.normal(size=int(rng.integers(1, 500))) * 10 ** rng.uniform(-3, 3)
         values[rng.uniform(size=len(values)) < rng.uniform(0, 0.6)] = np.inf
@@ -804,3 +787,35 @@ def test_the_fast_statistics_are_the_reference_computations():
         assert quantiles(values, (tail, 0.5, 1 - tail)) == list(
             np.quantile(values, [tail, 0.5, 1 - tail], method="inverted_cdf")
         )
+    # Distinct x can share one log x (x ~ 1e16 in steps of 2): a level without a slope, as lstsq and pinv
+    # give, not a division by zero.
+    assert_draws_as_numpys(np.full(6, math.log(1e16)), rng.normal(0.5, 0.1, 6), seed=1)
+    forecaster = BasinForecaster()
+    for i, x in enumerate([1e15, 2e15, 5e15] + [1e16 + 2 * k for k in range(10)]):
+        forecast = forecaster.update(x, 3 - 0.1 * i, 3 - 0.15 * i)
+    assert forecast.method == "ratio" and "Error" not in forecast.note
+
+
+def assert_draws_as_numpys(u: np.ndarray, r: np.ndarray, seed: int) -> None:
+    """ratio.crossing_draws against the same lines drawn by numpy's lstsq, pinv and multivariate_normal."""
+    from snrmon.forecast.decision import SAMPLES
+    from snrmon.forecast.ratio import FAR_AHEAD, crossing_draws
+
+    levels = (0.1, 0.0)
+    fast = crossing_draws(u, r, levels, np.random.default_rng(seed))
+    centred = u - u[-1]
+    design = np.stack([np.ones_like(centred), centred], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, r, rcond=None)
+    sigma2 = np.sum((r - design @ coefficients) ** 2) / (len(r) - 2)
+    covariance = sigma2 * np.linalg.pinv(design.T @ design)
+    draw = np.random.default_rng(seed).multivariate_normal
+    a, b = draw(coefficients, covariance, size=SAMPLES, method="eigh").T
+    far = math.log(FAR_AHEAD)
+    for level, drawn in zip(levels, fast, strict=True):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ahead = np.where(b < 0, -(a - level) / b, np.where(a - level <= 0, 0.0, np.inf))
+        expected = np.where(ahead > far, np.inf, np.exp(u[-1] + np.clip(ahead, centred[0], far)))
+        # (a draw within rounding of the far bound may fall on either side of it)
+        finite = np.isfinite(expected) & np.isfinite(drawn)
+        assert np.sum(np.isfinite(expected) != np.isfinite(drawn)) <= 1
+        np.testing.assert_allclose(drawn[finite], expected[finite], rtol=1e-7)

@@ -80,13 +80,18 @@ def crossing_draws(u: np.ndarray, r: np.ndarray, levels: tuple[float, ...], rng)
     centred = u - u[-1]
     mean_u, mean_r = float(np.add.reduce(centred)) / n, float(np.add.reduce(r)) / n
     spread = centred - mean_u
-    s_uu = float(np.add.reduce(spread * spread))  # > 0: the windows end at distinct x
-    b_hat = float(np.add.reduce(spread * (r - mean_r))) / s_uu
+    s_uu = float(np.add.reduce(spread * spread))
+    # Distinct x can share one log x (x ~ 1e16 in steps of 2): no trend to fit, a level with no slope (what
+    # lstsq and pinv give for that rank-deficient design).
+    b_hat = float(np.add.reduce(spread * (r - mean_r))) / s_uu if s_uu > 0 else 0.0
     a_hat = mean_r - b_hat * mean_u  # the line's value now (at u − u_now = 0)
     residuals = r - a_hat - b_hat * centred
     sigma2 = float(np.add.reduce(residuals * residuals)) / max(n - 2, 1)
     coefficients = np.array([a_hat, b_hat])
-    covariance = sigma2 / s_uu * np.array([[s_uu / n + mean_u**2, -mean_u], [-mean_u, 1.0]])
+    if s_uu > 0:
+        covariance = sigma2 / s_uu * np.array([[s_uu / n + mean_u**2, -mean_u], [-mean_u, 1.0]])
+    else:
+        covariance = np.array([[sigma2 / n, 0.0], [0.0, 0.0]])
     # rng.multivariate_normal(coefficients, covariance, size=SAMPLES, method="eigh") draws exactly these,
     # after input checks that cost as much as the rest of a forecast.
     scales, axes = np.linalg.eigh(covariance)
