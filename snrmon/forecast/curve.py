@@ -80,10 +80,13 @@ def train_at_points(x: np.ndarray, train: np.ndarray) -> np.ndarray:
     return corrected
 
 
+# What ``np.sum`` and ``.mean()`` run, without their wrappers: the forecaster calls ``slope`` five times a
+# point on arrays of 8 to 16 values, where the wrappers cost more than the sums (the same numbers).
+_sum = np.add.reduce
+
+
 def slope(u: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Least-squares slope of y against u and its standard error."""
-    # ``np.add.reduce`` is what ``sum`` and ``mean`` run, without their wrappers: the forecaster calls this
-    # five times a point on arrays of 8 to 16 values, where the wrappers cost more than the sums.
     n = len(u)
     u = u - _sum(u) / n
     denominator = float(_sum(u * u))
@@ -93,9 +96,6 @@ def slope(u: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     value = float(_sum(u * centred) / denominator)
     residuals = centred - value * u
     return value, math.sqrt(float(_sum(residuals * residuals)) / (n - 2) / denominator)
-
-
-_sum = np.add.reduce
 
 
 @functools.cache  # a few dozen distinct dof; scipy's ppf costs more than a forecast's maths
