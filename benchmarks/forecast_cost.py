@@ -12,7 +12,7 @@ For each scenario of a split (benchmarks/corpus.py) this times, in this process 
   and the mean over the points that forecast, and the mean's share of the training (the cost a run pays).
   The family rows give each column's median over the family's runs.
 
-    python benchmarks/forecast_cost.py                    # the tuning split (~2 min)
+    python benchmarks/forecast_cost.py                    # the tuning split (~3 min)
     python benchmarks/forecast_cost.py --corpus held-out-3 --markdown
 
 Needs scikit-learn (``pip install -e .[bench]``).
@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 import torch
-from corpus import SCENARIOS, lr_factor, make_model, make_optimizer, make_task
+from corpus import SCENARIOS, VALIDATIONS, lr_factor, make_model, make_optimizer, make_task
 from eval_record import load_corpus
 from eval_replay import dataset_snr
 
@@ -40,7 +40,7 @@ def interval_seconds(scenario, intervals: int = 3) -> float:
     model = make_model(scenario, task)
     optimizer = make_optimizer(scenario, model)
     generator = torch.Generator().manual_seed(scenario.seed)
-    total = 240 * scenario.val_every
+    total = VALIDATIONS * scenario.val_every  # (the recorded run's length: its schedule)
     times, step = [], 0
     for _ in range(intervals + 1):
         began = time.process_time()
