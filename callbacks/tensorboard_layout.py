@@ -6,7 +6,7 @@ layout a run holds). Only what the run logs is drawn:
 
 * **snrmon** (open): the losses, each in its own colour (TensorBoard colours by run:
   :mod:`~snrmon.callbacks.tensorboard_loss_runs` copies each loss to a sub-run), beside the total SNR on a log
-  scale with its SNR = 1 line, the noise scale with the batch size B (where SNR = 1), signal and noise, each
+  scale with its SNR = 1 line, the noise scale with the noise scale at which SNR = 1, signal and noise, each
   total drawn with a ±2 standard error band; the finite-training-set quantities when the training set is
   finite.
 * **snrmon per group** (open), when the monitor has ``groups``: one chart per quantity, one line per group.
@@ -19,7 +19,8 @@ series. So :func:`log_chart_series` logs, to TensorBoard loggers only, these cha
 (``~`` sorts after every letter: the Time Series and Scalars tabs put them last, in a folded section):
 ``~snr/<name>_lower`` and ``~snr/<name>_upper`` = value ∓ 2 se for the totals, ``~snr/log10_ratio`` with its
 edges, the constant ``~snr/log10_ratio_at_1`` = 0 (the line where signal equals noise) and
-``~snr/batch_size``.
+``~snr/noise_scale_at_1``, the noise scale at which SNR = 1 (the batch size B; B/(1 − B/N) on a finite
+training set of N samples).
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ _WRITTEN: weakref.WeakSet = weakref.WeakSet()  # the SummaryWriters that hold th
 BAND_SE = 2.0  # a band of ±2 standard errors holds the truth about 95% of the time
 LOWER, UPPER = "_lower", "_upper"
 LOG_RATIO, AT_ONE = "log10_ratio", "log10_ratio_at_1"
+SCALE_AT_ONE = "noise_scale_at_1"
 
 # The totals drawn with a band, in the order they appear: (name under the prefix, chart title). The SNR is
 # drawn on a log scale (its own chart, below); the last two exist only with a finite training set.
 TOTALS = (
-    ("noise_scale", "noise scale B_simple (±2 se) and batch size B: SNR = 1 where they cross"),
+    ("noise_scale", "noise scale B_simple (±2 se) and, flat, where SNR = 1: B, or B/(1 − B/N) on N samples"),
     ("signal", "signal |G|² (±2 se)"),
     ("noise", "noise tr(Σ) (±2 se)"),
     ("signal_beyond_chance", "signal beyond chance (±2 se)"),
@@ -64,9 +66,9 @@ def chart_series(values: Mapping[str, float], prefix: str = "snr") -> dict[str, 
     Band edges ``~snr/x_lower``, ``~snr/x_upper`` = x ∓ 2·se for each total ``snr/x`` with ``snr/x_se``;
     ``~snr/log10_ratio`` with edges log₁₀ SNR ∓ 2·se/(SNR·ln 10) (the standard error of log₁₀ SNR to first
     order: symmetric, and finite where SNR − 2 se would be negative); the constant ``~snr/log10_ratio_at_1``
-    = 0; ``~snr/batch_size``. Every logged total gets both edges, NaN where its se is not known yet (after
-    the first step): TensorBoard refuses to draw a band whose value and edges were logged at different steps.
-    Per-group values get no band (their charts show one line per group).
+    = 0; ``~snr/noise_scale_at_1``, the noise scale at which SNR = 1. Every logged total gets both edges, NaN
+    where its se is not known yet (after the first step): TensorBoard refuses to draw a band whose value and
+    edges were logged at different steps. Per-group values get no band (their charts show one line per group).
     """
     charts = chart_prefix(prefix)
     series = {}
@@ -87,7 +89,12 @@ def chart_series(values: Mapping[str, float], prefix: str = "snr") -> dict[str, 
         series[f"{charts}/{LOG_RATIO}{UPPER}"] = log_ratio + half_width
         series[f"{charts}/{AT_ONE}"] = 0.0
     if f"{prefix}/batch_size" in values:
-        series[f"{charts}/batch_size"] = values[f"{prefix}/batch_size"]
+        # A step's noise is S²(1/B − 1/N) with a finite training set of N samples (docs/theory.md), so its SNR
+        # is 1 where the noise scale is 1/(1/B − 1/N): B for a stream, more when a batch is a large part of
+        # the set, and nowhere (NaN: no noise at all) for a batch of the whole set.
+        batch, size = values[f"{prefix}/batch_size"], values.get(f"{prefix}/dataset_size", math.inf)
+        noise_per_sample = 1.0 / batch - 1.0 / size
+        series[f"{charts}/{SCALE_AT_ONE}"] = 1.0 / noise_per_sample if noise_per_sample > 0 else math.nan
     return series
 
 
@@ -139,8 +146,8 @@ def snr_layout(
                 continue
             tag = f"{prefix}/{name}"
             series = [(tag, f"{charts}/{name}{LOWER}", f"{charts}/{name}{UPPER}")]
-            if name == "noise_scale":  # B as a band of zero width: where the two lines cross, SNR = 1
-                series.append((f"{charts}/batch_size",) * 3)
+            if name == "noise_scale":  # a band of zero width: where the two lines cross, SNR = 1
+                series.append((f"{charts}/{SCALE_AT_ONE}",) * 3)
             totals[title] = ("Margin", series)
         title = "snrmon" if prefix == "snr" else f"snrmon {prefix}"
         categories[title] = {"closed": False, "charts": totals}

@@ -71,11 +71,11 @@ def plot_run(log_dir: str | Path, out: str | Path) -> Path:
     for tag in groups:
         scale.plot(*scalars[tag], lw=0.8, label=tag.split("/")[1])
     scale.set(title="noise scale B_simple = tr(Σ)/|G|²  (samples)", xlabel="step", yscale="log")
-    batch = scalars.get("snr/batch_size", scalars.get("~snr/batch_size"))
-    if batch is not None:
-        scale.plot(*batch, "k--", lw=1, label="batch size B")
+    at_one = scalars.get("~snr/noise_scale_at_1")  # B, or B/(1 − B/N) on a finite training set of N
+    if at_one is not None:
+        scale.plot(*at_one, "k--", lw=1, label="where SNR = 1")
     ratio.axhline(1.0, color="tab:red", ls=":", lw=1, label="SNR = 1: signal equals noise")
-    ratio.set(title="SNR at the batch size, B / B_simple  (±2 se)", xlabel="step", yscale="log")
+    ratio.set(title="SNR at the batch size  (±2 se)", xlabel="step", yscale="log")
 
     for axis in axes.flat:
         axis.grid(alpha=0.3)

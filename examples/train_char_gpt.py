@@ -182,7 +182,7 @@ def build_report(
         f"- final {TRAIN}: {fmt(metrics.get(TRAIN))}",
         f"- final {VAL}: {fmt(metrics.get(VAL))}",
         f"- noise scale B_simple = tr(Σ)/|G|²: {fmt(g('snr/noise_scale'))} ± {fmt(g('snr/noise_scale_se'))}",
-        f"- SNR (B/B_simple): {fmt(g('snr/ratio'))}",
+        f"- SNR at the batch size: {fmt(g('snr/ratio'))}",
         f"- signal |G|²: {fmt(g('snr/signal'))}",
         f"- noise tr(Σ): {fmt(g('snr/noise'))}",
         f"- log directory: {log_dir}",

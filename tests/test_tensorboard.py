@@ -165,7 +165,8 @@ def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
     totals = ["ratio", "noise_scale", "signal", "noise"]
     wanted = {f"snr/{name}" for name in totals} | {f"all/{name}_se" for name in totals}
     wanted |= {f"~snr/{name}{edge}" for name in totals[1:] for edge in ("_lower", "_upper")}
-    wanted |= {"~snr/log10_ratio", "~snr/log10_ratio_lower", "~snr/log10_ratio_at_1", "~snr/batch_size"}
+    wanted |= {"~snr/log10_ratio", "~snr/log10_ratio_lower", "~snr/log10_ratio_at_1"}
+    wanted |= {"~snr/noise_scale_at_1"}
     wanted |= {"snr/hidden/ratio", "snr/out/noise_scale", "train/loss", "val_loss", "all/batch_size"}
 
     log = tmp_path / "tensorboard.log"
@@ -213,7 +214,14 @@ def test_tensorboard_server_shows_the_layout_and_its_series(tmp_path):
                         and title.startswith(title_start)]  # fmt: skip
             return [series["value"] for series in chart["margin"]["series"]]
 
-        assert drawn("noise scale") == ["snr/noise_scale", "~snr/batch_size"]
+        assert drawn("noise scale") == ["snr/noise_scale", "~snr/noise_scale_at_1"]
+        # The noise scale crosses that line where the monitor's SNR is 1: a finite training set here, so the
+        # line is not B (the SNR of a step corrected for drawing without replacement).
+        scalars = "/data/plugin/scalars/scalars"
+        line = get_json(base, scalars, run="tiny/version_0", tag="~snr/noise_scale_at_1")[-1][2]
+        snr, noise_scale = latest_values["snr/ratio"], latest_values["snr/noise_scale"]
+        assert line == pytest.approx(snr * noise_scale, rel=1e-5)  # (float32 in the event file)
+        assert line > latest_values["snr/batch_size"] * (1 + 1e-3)
         assert drawn("SNR at") == ["~snr/log10_ratio", "~snr/log10_ratio_at_1"]
 
         # Regex charts, asked for their data as the web page does: loss in both naming styles, one line
@@ -394,8 +402,14 @@ def test_chart_series():
     half_width = 2 * 10.0 / (100.0 * math.log(10))
     assert series["~snr/log10_ratio_upper"] == pytest.approx(2.0 + half_width)
     assert series["~snr/log10_ratio_lower"] == pytest.approx(2.0 - half_width)
-    assert series["~snr/log10_ratio_at_1"] == 0.0 and series["~snr/batch_size"] == 64.0
+    assert series["~snr/log10_ratio_at_1"] == 0.0 and series["~snr/noise_scale_at_1"] == 64.0  # a stream: B
     assert not [name for name in series if "blocks" in name or not name.startswith("~snr/")]
+    # On N training samples a step's noise is S²(1/B − 1/N): SNR = 1 at the noise scale 1/(1/B − 1/N), and
+    # nowhere for a batch of the whole set (no noise).
+    finite = chart_series({"snr/batch_size": 32.0, "snr/dataset_size": 128.0})
+    assert finite["~snr/noise_scale_at_1"] == pytest.approx(128 / 3)
+    whole = chart_series({"snr/batch_size": 128.0, "snr/dataset_size": 128.0})
+    assert math.isnan(whole["~snr/noise_scale_at_1"])
     assert chart_series(values, prefix="other") == {}
 
 
