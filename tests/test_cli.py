@@ -512,8 +512,11 @@ def test_forecast_says_why_it_does_not_forecast(tmp_path, capsys):
     one = write_csv(tmp_path / "one.csv", {"step": X[:1], "loss": val[:1]})
     code, out, err = run(capsys, "forecast", one)
     assert code == 0 and "no forecast" in out
-    assert "snrmon: note: no forecast at any of the 1 point: 1 finite points of 10 needed" in err
-    assert run_json(capsys, "forecast", one)["points"][0]["note"] == "1 finite points of 10 needed"
+    assert "snrmon: note: no forecast at the one point: 1 finite point of 10 needed" in err
+    assert run_json(capsys, "forecast", one)["points"][0]["note"] == "1 finite point of 10 needed"
+    # Fewer than the least: the flag is named, and what bounds it.
+    code, _, err = run(capsys, "forecast", one, "--min-points", "5")
+    assert code == 2 and "--min-points" in err and "window + 2 = 10" in err and "got 5" in err
     # Some values <= 0 on the loss-only path: skipped by the law, and said.
     shifted = val[:12] - val[3]
     some = write_csv(tmp_path / "some.csv", {"step": X[:12], "loss": shifted})
@@ -524,6 +527,13 @@ def test_forecast_says_why_it_does_not_forecast(tmp_path, capsys):
                                                                           "train": 1 / X[:12]}),
                        "--train-metric", "train")  # fmt: skip
     assert code == 0 and "<= 0" not in err
+
+
+def test_forecast_reads_a_csv_column_named_by_tag_as_by_metric(capsys):
+    data = REPO / "data" / "overfit_mlp_run.csv"
+    by_metric = run_json(capsys, "forecast", data, "--metric", "val_loss", "--train-metric", "train_loss")
+    by_tag = run_json(capsys, "forecast", data, "--tag", "val_loss", "--train-metric", "train_loss")
+    assert by_tag == by_metric and by_tag["metric"] == "val_loss"
 
 
 def test_forecast_plot_problems_fail_before_the_replay(tmp_path, capsys, monkeypatch):

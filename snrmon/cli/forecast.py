@@ -105,7 +105,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--confidence", type=float, default=CONFIDENCE, help=f"to stop ({CONFIDENCE})")
     parser.add_argument(
-        "--min-points", type=int, default=MIN_POINTS, help=f"before a forecast ({MIN_POINTS})"
+        "--min-points",
+        type=int,
+        default=MIN_POINTS,
+        help=f"points before the first forecast ({MIN_POINTS}, the least)",
     )
     parser.add_argument("--prior", metavar="FIT.json", help="a snrmon fit --json of the shannon(-run) law")
     parser.add_argument(
@@ -180,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
     if all(f.d_star is None for f in forecasts):
         # No forecast at any point (e.g. fewer points than --min-points): a replay that ran, whose answer is
         # "nothing to forecast yet". Say why, rather than leave a table of bare "no forecast" rows.
-        count = f"{len(forecasts)} point{'s' if len(forecasts) > 1 else ''}"
-        print(f"snrmon: note: no forecast at any of the {count}: {forecasts[-1].note}", file=sys.stderr)
+        where = "at the one point" if len(forecasts) == 1 else f"at any of the {len(forecasts)} points"
+        print(f"snrmon: note: no forecast {where}: {forecasts[-1].note}", file=sys.stderr)
     if args.plot:
         plot_replay(args.plot, forecasts, document, x_name, projection)
     print(json.dumps(document, indent=2) if args.json else replay_report(forecasts, document, x_name))
@@ -307,7 +310,7 @@ def load_part(
     # A log of scalars (TensorBoard, metrics.csv, trainer_state.json) gives its scalar as the column loss;
     # the training loss is another scalar, joined to it run by run (see with_training_loss).
     scalars = table.tag is not None
-    name = table.tag if scalars else args.metric or "loss"
+    name = table.tag if scalars else tag or "loss"  # (--tag names a CSV's column as --metric does)
     metric = "loss" if scalars else name
     if scalars:
         runs, train_name = with_training_loss(split_runs(table), args)

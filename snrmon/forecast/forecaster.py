@@ -125,7 +125,10 @@ class BasinForecaster:
         if window < 3:
             raise ValueError(f"window must be at least 3 points, got {window}")
         if min_points < window + 2:
-            raise ValueError(f"min_points must be at least window + 2 = {window + 2}, got {min_points}")
+            raise ValueError(
+                f"min_points (--min-points) must be at least window + 2 = {window + 2} (window: the {window} "
+                f"latest points each forecast fits), got {min_points}"
+            )
         if method not in ("auto", "ratio", "law", "prior"):
             raise ValueError(f"method must be 'auto', 'ratio', 'law' or 'prior', got {method!r}")
         if persist < 1:
@@ -273,7 +276,7 @@ class BasinForecaster:
             x, loss, train = x[positive], loss[positive], train[positive]
         needed = PRIOR_MIN_POINTS if method == "prior" else self.min_points
         if len(x) < needed:
-            forecast.note = f"{len(x)} finite points of {needed} needed"
+            forecast.note = f"{len(x)} finite point{'' if len(x) == 1 else 's'} of {needed} needed"
             if self.prior_signal is not None:
                 self.prior_signal.forecast_alone(forecast)
             return forecast
