@@ -179,6 +179,13 @@ def test_the_replay_of_a_live_run_warns_and_stops_where_it_did(tmp_path, capsys)
     assert [p["d_star"] for p in document["points"]] == [
         f.d_star if f.d_star is not None and math.isfinite(f.d_star) else None for f in history
     ]
+    # Replayed from the logged curves (Lightning logs val_loss at the global step − 1): the same steps, those
+    # the callback said and checkpoints are named by, not one less.
+    run = str(tmp_path / "run" / "version_0")
+    assert main(["forecast", run, "--tag", "val_loss", "--train-metric", "train_loss", "--json"]) == 0
+    curves = json.loads(capsys.readouterr().out)
+    assert [p["x"] for p in curves["points"]] == [f.x for f in history]
+    assert curves["minimum"]["x"] == document["minimum"]["x"]
 
 
 def test_the_training_set_snr_of_an_snr_monitor_is_fed_logged_and_replayed(tmp_path, capsys):

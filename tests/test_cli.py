@@ -529,6 +529,15 @@ def test_forecast_says_why_it_does_not_forecast(tmp_path, capsys):
     assert code == 0 and "<= 0" not in err
 
 
+def test_a_logged_metric_is_replayed_at_the_steps_its_checks_read_it():
+    # Lightning: validation logged at the global step − 1, read by the check at the global step; a value read
+    # by no check (logged after the last) keeps its step; a value logged at its check's step stays there.
+    steps = np.array([0.0, 9.0, 19.0, 30.0])
+    assert forecast_verb.on_check_steps(steps, np.array([1.0, 10.0, 20.0])).tolist() == [1, 10, 20, 30]
+    # Checks more often than the metric: the first check that reads each value.
+    assert forecast_verb.on_check_steps(steps, np.arange(0.0, 25.0, 2)).tolist() == [0, 10, 20, 30]
+
+
 def test_forecast_reads_a_csv_column_named_by_tag_as_by_metric(capsys):
     data = REPO / "data" / "overfit_mlp_run.csv"
     by_metric = run_json(capsys, "forecast", data, "--metric", "val_loss", "--train-metric", "train_loss")

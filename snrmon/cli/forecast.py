@@ -399,6 +399,7 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
         except LogError:
             pass
         logged = _by_run(read_table(args.data, tag=args.train_metric))
+        checks = _checks(args.data, runs[0].tag)
         for run in runs:
             train = logged.get(run["group"][0])
             run.columns["train"] = (
@@ -406,6 +407,8 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
                 if train is None
                 else interval_means(run["step"], train["step"], train["loss"])
             )
+            if run["group"][0] in checks:  # (after the means: the training loss is on the log's axis)
+                run.columns["step"] = run.columns["D"] = on_check_steps(run["step"], checks[run["group"][0]])
         return runs, "train"
     # What a BasinEarlyStopping that watched the run logged at its checks: the points it held (logged at
     # every check, by later versions), the training-loss mean, the metric's value and the training set's SNR
@@ -430,6 +433,32 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
 
 def _by_run(table: Table) -> dict[str, Table]:
     return {run["group"][0]: run for run in split_runs(table)}
+
+
+def _checks(data: list[str], tag: str) -> dict[str, np.ndarray]:
+    """The steps at which a BasinEarlyStopping(monitor=tag) that watched each run checked it (the trainer's
+    global step), by run; none for a run it did not watch."""
+    for name in ("points", "train_loss"):  # (points: logged at every check by later versions)
+        try:
+            return {
+                group: run["step"]
+                for group, run in _by_run(read_table(data, tag=f"snr/forecast/{tag}/{name}")).items()
+            }
+        except LogError:
+            continue
+    return {}
+
+
+def on_check_steps(steps: np.ndarray, checks: np.ndarray) -> np.ndarray:
+    """The steps of a metric's values, each at the check that read it: the first check at or after the
+    value's step and before the metric's next one (a value no check read keeps its step). Lightning logs a
+    validation's metric at the trainer's global step − 1, and a callback (like ModelCheckpoint's file names)
+    says the global step: so a replay of the logged curve says the steps the live run said."""
+    checks, logged = np.unique(checks), np.unique(steps)
+    following = np.append(logged, np.inf)[np.searchsorted(logged, steps, side="right")]
+    first = np.searchsorted(checks, steps, side="left")
+    read_at = np.append(checks, np.inf)[first]
+    return np.where(read_at < following, read_at, steps)
 
 
 def live_points(run: Table, checks: Table, fed: dict[str, Table | None]) -> Table:
