@@ -10,7 +10,8 @@ layout a run holds). Only what the run logs is drawn:
   total drawn with a ±2 standard error band; the finite-training-set quantities when the training set is
   finite.
 * **snrmon per group** (open), when the monitor has ``groups``: one chart per quantity, one line per group.
-* **snrmon basin forecast**, when a ``BasinEarlyStopping`` is on the trainer.
+* **snrmon basin forecast**, when a ``BasinEarlyStopping`` is on the trainer (its charts are empty until its
+  first forecast: the layout is written before it).
 * **snrmon standard errors** (closed), when the monitor logs them (``log_details=True``).
 
 TensorBoard's layout proto has no axis settings (no log scale, no reference line) and its charts take the
