@@ -509,6 +509,27 @@ def test_a_family_prior_warns_and_stops_past_min_points_only():
         BasinForecaster(method="prior", prior={"law": "shannon", "params": SHANNON_FAMILY})  # no n_params
 
 
+def test_the_replay_says_a_prior_the_run_departs_from_and_why_a_point_has_no_forecast(tmp_path, capsys):
+    from snrmon.cli import main
+
+    n = 1e8
+    theta = np.array([SHANNON_FAMILY[k] for k in ("a", "alpha", "c", "d", "e", "beta", "gamma", "delta")])
+    true = ShannonLaw().d_star(theta, n)
+    x = np.geomspace(true / 20, 2 * true, 16)
+    run = _csv(tmp_path / "run.csv", {"D": x, "loss": _family_run(0, n, x, 0.003)})
+    other = tmp_path / "other.json"  # a prior of another setup: c ten thousand times off
+    params = SHANNON_FAMILY | {"c": 1e4 * SHANNON_FAMILY["c"]}
+    other.write_text(json.dumps({"law": "shannon", "params": params}))
+    assert main(["forecast", run, "--prior", str(other), "--N", "1e8"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("departs from the prior") == 1 and "snrmon: warning: at D " in err  # once, as live
+    # The loss alone (no prior): its first rows have no forecast, and say why.
+    assert main(["forecast", run]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:4]
+    assert all(row.rstrip().endswith(f"no forecast  ({i + 1} finite point{'s' * (i > 0)} of 10 needed)")
+               for i, row in enumerate(rows)), rows  # fmt: skip
+
+
 def test_the_projection_follows_the_curve_and_reaches_past_the_basin():
     """``forecaster.projection`` (the figure's curve ahead): the law's projection on the points it was fitted
     to lies within the noise of the clean curve; every method's grid reaches past a basin ahead (the

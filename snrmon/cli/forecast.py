@@ -173,8 +173,13 @@ def run(args: argparse.Namespace) -> int:
     points = zip(x, loss, train, dataset_snr, strict=True)
     # A bar on long replays, when stderr is a terminal (disable=None): a few ms a point add up.
     bar = dict(total=len(x), desc="forecast", unit="point", file=sys.stderr, leave=False)
+    departure_said = False
     for point in tqdm(points, **bar, disable=None if len(x) >= 1000 else True):
         forecasts.append(forecaster.update(*point))
+        if not departure_said and forecasts[-1].method == "prior" and forecaster.prior_departs:
+            departure_said = True  # once, as BasinEarlyStopping says it
+            at = format_step(forecasts[-1].x) if x_name == "step" else format_number(forecasts[-1].x)
+            print(f"snrmon: warning: at {x_name} {at}: {forecasts[-1].note}", file=sys.stderr)
         if args.plot and forecasts[-1].stop and projection is None:  # the curve ahead as seen at the stop
             projection = forecaster.projection
     projection = projection_as_metric(projection or forecaster.projection, sign)  # no stop: at the last point
@@ -598,6 +603,8 @@ def replay_report(forecasts: list[Forecast], document: dict, x_name: str) -> str
             action = f"({f.note})"
         elif f.d_star is not None and f.d_star_low is None:  # (before the run's own points refit the prior)
             action = "(D* from the prior alone)"
+        elif f.d_star is None and f.note:  # why not (too few points, no training loss, ...)
+            action = f"({f.note})"
         rows.append([at(f.x), show(f.loss), at(f.d_star), band, p, f.state, action])
     lines = aligned(rows)
     extreme = "minimum" if document["mode"] == "min" else "maximum"
