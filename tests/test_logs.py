@@ -264,6 +264,19 @@ def test_lightning_metrics_csv_reads_like_a_tensorboard_run(tmp_path):
         read_table(path)
 
 
+def test_a_metrics_csv_of_one_metric_is_a_step_log_too(tmp_path):
+    """Lightning logs ``epoch`` with every metric: a metrics.csv of the validation loss alone, two validations
+    a step (val_check_interval below the accumulation), is one run's log, the last value at a step winning."""
+    text = "epoch,step,val_loss\n0,0,6.0\n0,0,6.0\n0,1,5.0\n0,1,4.5\n0,-3,7.0\n"
+    table = read_table(write_csv(tmp_path / "metrics.csv", text), tag="val_loss")
+    assert table["step"].tolist() == [1.0] and table["loss"].tolist() == [4.5]
+    assert "2 values at step 0 or below (D ≤ 0) skipped in 1 run" in table.notes  # (steps 0 and −3)
+    with pytest.raises(LogError, match="step 1.5 on row 2 after the header is not a whole number"):
+        read_table(
+            write_csv(tmp_path / "half.csv", "epoch,step,val_loss\n0,1,6.0\n0,1.5,5.0\n"), tag="val_loss"
+        )
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -318,7 +318,11 @@ def load_part(
     name = table.tag if scalars else tag or "loss"  # (--tag names a CSV's column as --metric does)
     metric = "loss" if scalars else name
     if scalars:
+        read_notes = table.notes  # what reading the log skipped (its runs are split without them)
         runs, train_name = with_training_loss(split_runs(table), args)
+        if args.train_metric or train_name is None:  # (else the callback's points, not these rows)
+            for note in read_notes:
+                print(f"snrmon: note: {note}", file=sys.stderr)
     else:
         runs, train_name = [table], args.train_metric
     table = runs[0]  # the columns of every run
@@ -347,6 +351,8 @@ def load_part(
     for note in table.notes:
         print(f"snrmon: note: {note}", file=sys.stderr)
     keep = np.isfinite(table[x_name]) & (table[x_name] > 0)
+    if not keep.all():
+        print(f"snrmon: note: {int((~keep).sum())} rows without a positive {x_name} skipped", file=sys.stderr)
     table = table.select(keep)
     order = np.argsort(table[x_name], kind="stable")
     x = table[x_name][order]

@@ -60,14 +60,15 @@ def runs_table(
 
     table = Table({}, tag=tag)
     columns: dict[str, list] = {"group": [], "step": [], "loss": [], "N": []}
-    missing_n, step_zero, used = [], 0, 0
+    missing_n, skipped, skipped_runs, used = [], 0, 0, 0
     for run in runs:
         if tag not in run.tags:
             table.notes.append(f"run {run.name!r} has no scalar {tag!r}; skipped")
             continue
         by_step = run.values(tag)
         steps = sorted(step for step in by_step if step > 0)
-        step_zero += len(steps) < len(by_step)
+        skipped += len(by_step) - len(steps)
+        skipped_runs += len(steps) < len(by_step)
         used += 1
         run_n = n if n is not None else run.n
         if run_n is None:
@@ -76,8 +77,10 @@ def runs_table(
         columns["step"] += steps
         columns["loss"] += [by_step[step] for step in steps]
         columns["N"] += [math.nan if run_n is None else run_n] * len(steps)
-    if step_zero:
-        table.notes.append(f"step 0 (D = 0) skipped in {step_zero} run{'s' if step_zero > 1 else ''}")
+    if skipped:
+        values = "1 value" if skipped == 1 else f"{skipped} values"
+        runs_said = f"{skipped_runs} run{'s' if skipped_runs > 1 else ''}"
+        table.notes.append(f"{values} at step 0 or below (D ≤ 0) skipped in {runs_said}")
     if missing_n and len(missing_n) < used:
         raise LogError(
             f"no model size for run(s) {', '.join(missing_n)}: give --N or put n_params in their hparams.yaml"
@@ -139,12 +142,15 @@ def is_step_log(table: Table, written: dict[str, np.ndarray]) -> bool:
     """Whether a CSV table is a log of metrics by step as Lightning's ``CSVLogger`` writes it: a numeric
     ``step`` column, no column of a table of runs (``group``, ``model``, ``run``, ``N``, ``D``), and rows that
     hold different metrics: two metric columns each filled on a row where the other is empty (a training
-    metric and a validation metric, logged by separate calls). A dense table of one curve is not one; it
-    reads as before, row by row."""
+    metric and a validation metric, logged by separate calls), or an ``epoch`` column beside ``step`` (which
+    Lightning logs with every metric: a log of one metric, say two validations a step). A dense table of one
+    curve is not one; it reads as before, row by row."""
     if "step" not in table or not table.is_numeric("step"):
         return False
     if any(name in table for name in ("group", "model", "run", "N", "D")):
         return False
+    if "epoch" in table and table.is_numeric("epoch"):
+        return True
     filled = [written[name] for name in _tags(table)]
     return any((a & ~b).any() and (b & ~a).any() for i, a in enumerate(filled) for b in filled[i + 1 :])
 
@@ -159,6 +165,10 @@ def csv_run(table: Table, written: dict[str, np.ndarray], path: Path) -> Run:
     if unplaced.any():
         row = int(np.argmax(unplaced))
         raise LogError(f"{path}: no step on row {row + 1} after the header: each logged value needs its step")
+    fractional = steps != np.round(steps)
+    if fractional.any():
+        row = int(np.argmax(fractional))
+        raise LogError(f"{path}: step {steps[row]} on row {row + 1} after the header is not a whole number")
 
     def values(tag: str) -> dict[int, float]:
         logged = written[tag]
