@@ -87,7 +87,8 @@ class BasinEarlyStopping(Callback):
         RuntimeError: at fit start, if the checks follow validations and validation is off
             (``limit_val_batches=0`` or no ``validation_step``): no check would ever run (``strict``; else a
             warning).
-        ValueError: invalid ``mode``, ``horizon``, ``confidence``, ``min_points`` or ``check_every_n_steps``.
+        ValueError: a `monitor` that is not a non-empty string; invalid ``mode``, ``horizon``, ``confidence``,
+            ``min_points`` (a whole number, at least 10), ``n_params`` or ``check_every_n_steps``.
 
     Attributes:
         stopping_reason: why training was stopped (``None`` while it was not).

@@ -130,6 +130,9 @@ class SNRMonitor(Callback):
             group ``total`` (a submodule of that name), the name of the sum over all parameters. Two monitors
             with the same ``prefix`` share a ``state_key``, which Lightning refuses when the ``Trainer`` is
             made.
+        ValueError: an invalid ``every_n_steps``, ``ema_decay``, ``groups``, ``dataset_size`` or ``prefix``;
+            a ``batch_size_fn`` that is not callable; ``split_batch``, ``prog_bar`` or ``log_details`` not a
+            bool.
 
     Example::
 
@@ -156,6 +159,12 @@ class SNRMonitor(Callback):
         check_dataset_size(dataset_size)
         if not isinstance(prefix, str) or not prefix.strip("/ "):
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise ValueError(f"batch_size_fn must be None or a function of a batch, got {batch_size_fn!r}")
+        flags = {"split_batch": split_batch, "prog_bar": prog_bar, "log_details": log_details}
+        for name, flag in flags.items():
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.every_n_steps = every_n_steps
         self.ema_decay = ema_decay
         self.groups = groups

@@ -650,6 +650,25 @@ def test_a_higher_is_better_metric_warns_and_stops_as_its_mirrored_loss():
         BasinEarlyStopping(monitor="val_acc", mode="maximum")
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"monitor": None}, "monitor must name a logged metric"),
+        ({"monitor": ""}, "monitor must name a logged metric"),
+        ({"min_points": math.nan}, "min_points must be a whole number of points, got nan"),
+        ({"min_points": 10.5}, "min_points must be a whole number"),
+        ({"min_points": True}, "min_points must be a whole number"),
+        ({"n_params": -5}, "n_params .* must be a positive number, got -5"),
+        ({"n_params": "abc"}, "n_params .* must be a positive number, got 'abc'"),
+    ],
+)
+def test_bad_arguments_are_refused_when_the_callback_is_made(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BasinEarlyStopping(**kwargs)
+    numpy_numbers = BasinEarlyStopping(min_points=np.int64(12), n_params=np.float32(1e6))
+    assert numpy_numbers.watch.forecaster.min_points == 12
+
+
 def test_a_run_without_a_training_loss_replays_at_the_callbacks_own_checks(tmp_path, capsys):
     """Manual optimisation (training_step returns nothing): no training-loss mean is logged at any check;
     the replay still reads the callback's checks (at the trainer's global step, not one step earlier where

@@ -184,6 +184,19 @@ def assert_within_se(estimate: dict[str, float], reference: dict[str, float], si
 
 
 # ---------------------------------------------------------------------- 1, 2: what gets logged
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size_fn": 5}, "batch_size_fn must be None or a function"),
+        ({"split_batch": "yes"}, "split_batch must be True or False"),
+        ({"log_details": 1}, "log_details must be True or False"),
+    ],
+)
+def test_bad_arguments_are_refused_when_the_monitor_is_made(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SNRMonitor(**kwargs)
+
+
 def test_tensorboard_names_steps_layout_and_latest(tmp_path: Path):
     monitor = SNRMonitor(groups=1)
     logger = TensorBoardLogger(tmp_path, name="tb")

@@ -28,6 +28,7 @@ against log x over the window is no longer significantly negative), and every de
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -122,6 +123,9 @@ class BasinForecaster:
             raise ValueError(f"horizon must be >= 0, got {horizon}")
         if not 0.5 <= confidence < 1:
             raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+        for name, count in (("window", window), ("min_points", min_points), ("persist", persist)):
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+                raise ValueError(f"{name} must be a whole number of points, got {count!r}")
         if window < 3:
             raise ValueError(f"window must be at least 3 points, got {window}")
         if min_points < window + 2:
@@ -137,6 +141,11 @@ class BasinForecaster:
             raise ValueError(f"max_seconds must be None or a number >= 0, got {max_seconds}")
         if not (math.isfinite(tokens_per_x) and tokens_per_x > 0):
             raise ValueError(f"tokens_per_x must be a positive number, got {tokens_per_x}")
+        real = isinstance(n_params, numbers.Real) and not isinstance(n_params, bool)
+        if n_params is not None and not (real and math.isfinite(n_params) and n_params > 0):
+            # (with or without a prior: a wrong value is a mistake either way)
+            count = "n_params (this run's parameter count)"
+            raise PriorError(f"{count} must be a positive number, got {n_params!r}")
         self.horizon, self.confidence, self.min_points, self.window = horizon, confidence, min_points, window
         self.method, self.persist, self.tokens_per_x, self.seed = method, persist, tokens_per_x, seed
         self.prior = load_prior(prior, n_params) if prior is not None else None

@@ -34,7 +34,7 @@ class BasinWatch:
             ``tokens_per_x``; x is the optimizer step).
 
     Raises:
-        ValueError: an invalid ``mode``, or forecaster argument.
+        ValueError: an empty or non-string ``monitor``, an invalid ``mode``, or forecaster argument.
     """
 
     def __init__(
@@ -48,6 +48,8 @@ class BasinWatch:
         n_params: float | None = None,
         tokens_per_step: float = 1.0,
     ) -> None:
+        if not (isinstance(monitor, str) and monitor):
+            raise ValueError(f"monitor must name a logged metric (a non-empty string), got {monitor!r}")
         self.monitor, self.mode = monitor, mode
         # The forecaster wants a curve that falls to its basin and turns up: a higher-is-better metric is fed
         # negated (its peak becomes the basin). The training loss is fed as it is, not negated: the ratio
