@@ -538,6 +538,13 @@ def test_a_logged_metric_is_replayed_at_the_steps_its_checks_read_it():
     assert forecast_verb.on_check_steps(steps, np.arange(0.0, 25.0, 2)).tolist() == [0, 10, 20, 30]
 
 
+def test_forecast_refuses_values_whose_squares_overflow(tmp_path, capsys):
+    val, train = u_curve(0)
+    huge = write_csv(tmp_path / "huge.csv", {"step": X, "loss": val * 1e300, "train": train})
+    code, _, err = run(capsys, "forecast", huge, "--train-metric", "train")
+    assert code == 2 and "values too large to forecast" in err and "loss up to" in err and "rescale" in err
+
+
 def test_forecast_reads_a_csv_column_named_by_tag_as_by_metric(capsys):
     data = REPO / "data" / "overfit_mlp_run.csv"
     by_metric = run_json(capsys, "forecast", data, "--metric", "val_loss", "--train-metric", "train_loss")

@@ -241,6 +241,12 @@ def test_bad_points_and_priors_never_break_a_forecast(tmp_path):
         BasinForecaster(method="law").replay(np.geomspace(1, 1e300, 20), np.geomspace(5, 1, 20))
     with pytest.raises(ValueError, match="finite"):
         BasinForecaster().update(math.inf, 1.0)
+    # A curve whose squares overflow: no forecast, said (a U-curve times 1e300 read "improving" before).
+    val, train = u_curve(0)
+    for scale_val, scale_train in ((1e300, 1.0), (1.0, 1e300)):
+        huge = BasinForecaster().replay(X, val * scale_val, train * scale_train)
+        assert all(f.d_star is None for f in huge) and "values beyond 1e+150" in huge[-1].note
+    assert BasinForecaster().replay(X, val * 1e100, train * 1e100)[-1].stop  # within range: forecast as is
     for params, match in (
         (SHANNON_FAMILY | {"beta": 50.0}, "beta = 50 is outside"),
         (SHANNON_FAMILY | {"gamma": 2.9, "c": 1e30}, "out of range|outside"),

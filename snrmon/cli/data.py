@@ -9,12 +9,9 @@ import sys
 import numpy as np
 
 from snrmon.cli.arguments import Parser, UsageError, number
+from snrmon.forecast.curve import LARGEST
 from snrmon.laws.study import Data
 from snrmon.logs import Table, WhereError, read_table, where
-
-# The fits and their scores square values: beyond this they overflow double precision (1.8e308) with room for
-# sums over many rows; a law's constants are bounded far below it anyway (1e30).
-LARGEST = 1e150
 
 DESCRIPTION = """\
 Fit scaling laws (docs/law.md, equations T6-T14) to observed losses.
@@ -140,6 +137,7 @@ def load(args: argparse.Namespace, table: Table, needed: list[str]) -> Data:
             f"{rows} row{'s' if rows > 1 else ''} with non-positive values ({which}); "
             f"{', '.join(needed)} must be > 0 (drop them with --where)"
         )
+    # (the fits square values; a law's constants are bounded far below LARGEST anyway: 1e30)
     huge = {name: float(table[name].max()) for name in needed if table[name].max() > LARGEST}
     if huge:
         which = ", ".join(f"{name} up to {value:.3g}" for name, value in huge.items())

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from snrmon.cli.arguments import file_name, number
 from snrmon.cli.render import aligned, format_number, warn
+from snrmon.forecast.curve import LARGEST
 from snrmon.forecast.display import (
     LAW_NEEDS_POSITIVE,
     as_metric,
@@ -234,6 +235,13 @@ def check_forecastable(
             f"nothing to forecast in {' '.join(args.data)}: {metric} has no finite value at any of the "
             f"{len(loss)} points (blank, NaN or infinite)"
         )
+    for name, values in ((metric, loss), (args.train_metric or "the training loss", train)):
+        finite = np.abs(values[np.isfinite(values)]) if values is not None else np.zeros(0)
+        if finite.max(initial=0) > LARGEST:
+            raise LogError(
+                f"values too large to forecast in {' '.join(args.data)} ({name} up to {finite.max():.3g}): "
+                f"their squares overflow double precision; rescale the column (at most {LARGEST:.0e})"
+            )
     if train is not None and np.isfinite(train).any():
         return  # the ratio forecast, which takes any sign
     finite = np.isfinite(loss)

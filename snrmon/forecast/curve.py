@@ -13,6 +13,9 @@ from scipy.stats import t as student_t
 # The evidence tests run at every point of a long run: at 3 standard errors a chance pass is rare (0.1% a
 # test) where 2 would pass every few dozen points on a noisy plateau.
 Z_EVIDENCE = 3.0
+# The fits square values: beyond this they overflow double precision (1.8e308) with room for sums over many
+# points. A curve beyond it is refused (the commands) or not forecast (a note), never silently misread.
+LARGEST = 1e150
 
 
 @dataclass

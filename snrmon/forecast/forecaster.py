@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from snrmon.forecast.curve import Points
+from snrmon.forecast.curve import LARGEST, Points
 from snrmon.forecast.decision import Decider
 from snrmon.forecast.law import LawSignal
 from snrmon.forecast.prior import (
@@ -279,6 +279,9 @@ class BasinForecaster:
             forecast.note = "non-finite loss: skipped"
             return forecast
         x, loss, train = self.points.finite()
+        if np.abs(loss).max() > LARGEST or np.abs(train[np.isfinite(train)]).max(initial=0) > LARGEST:
+            forecast.note = f"values beyond {LARGEST:.0e} in the curve: no forecast (their squares overflow)"
+            return forecast
         method = self._method(train[-self.window :], len(x))
         if method in ("law", "prior"):  # laws of log-losses: a loss of 0 or below is no point of theirs
             positive = loss > 0
