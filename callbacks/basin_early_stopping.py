@@ -83,7 +83,8 @@ class BasinEarlyStopping(Callback):
 
     Raises:
         RuntimeError: at a check, if ``monitor`` was never logged (``strict``); the message lists the metrics
-            that exist.
+            that exist. With ``check_every_n_steps``: after a validation, or without validation after the
+            first whole epoch, if it is still missing.
         RuntimeError: at fit start, if the checks follow validations and validation is off
             (``limit_val_batches=0`` or no ``validation_step``): no check would ever run (``strict``; else a
             warning).
@@ -148,6 +149,7 @@ class BasinEarlyStopping(Callback):
         replay = ["--metric", monitor] + (["--mode", "max"] if self.watch.sign < 0 else [])  # snrmon forecast
         self._publisher = Publisher("BasinEarlyStopping", replay)  # figures and text to the loggers
         self._seen_metric = False  # the monitored metric has been logged in this fit (periodic checks)
+        self._name_checked_at_epoch = -1  # the epoch at whose start a periodic check's metric must exist
         # A validation has run in this fit (checks after each validation); None: none will, said at fit start.
         self._validated: bool | None = False
         self._train_sum: torch.Tensor | None = None  # training loss summed on its device: no sync per step
@@ -175,8 +177,8 @@ class BasinEarlyStopping(Callback):
         self._seen_metric = self._validated = False  # (a callback may serve several fits)
         # A fit that goes on from a checkpoint (state loaded before this hook) or where this callback's last
         # fit ended (the same Trainer fitted again) keeps the curve; any other fit is a new run.
-        going_on = trainer.global_step != 0 and trainer.global_step == self._ended_at_step
-        if not (self._restored or going_on):
+        going_on = self._restored or trainer.global_step != 0 and trainer.global_step == self._ended_at_step
+        if not going_on:
             self.watch.reset()
             self.stopping_reason, self.stopped_step = None, 0
             self._train_sum, self._train_count, self._last_metric = None, 0, None
@@ -192,6 +194,16 @@ class BasinEarlyStopping(Callback):
         self._fed_snr = False  # a training-set SNR was fed in this fit
         self._publisher.start_fit()
         self._check_validation_runs(trainer, pl_module)
+        # Periodic checks without validation: every metric is logged within a whole epoch, so one still
+        # missing at the next epoch's start is misnamed (a fit that goes on may start mid-epoch: one more).
+        self._name_checked_at_epoch = trainer.current_epoch + (2 if going_on else 1)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        validates = trainer.limit_val_batches != 0 and is_overridden("validation_step", pl_module)
+        if not validates and trainer.current_epoch == self._name_checked_at_epoch:
+            self._check_logged(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning restores callbacks for validate and test too (ckpt_path=): a checkpoint loaded there is

@@ -388,6 +388,19 @@ def test_checks_every_n_steps_on_a_training_metric():
     # A metric still missing after a validation is an error, as for the check after each validation.
     with pytest.raises(RuntimeError, match="`val_los`, which is not available"):
         _fit(BasinEarlyStopping(monitor="val_los", check_every_n_steps=1), _data(64, 0), max_epochs=1)
+    # Without validation, a training metric still missing after a whole epoch is misnamed: said then, not
+    # after the whole fit.
+    with pytest.raises(RuntimeError, match="`train_los`, which is not available") as raised:
+        trainer = None
+
+        class Remember(L.Callback):
+            def on_fit_start(self, fitting, pl_module):
+                nonlocal trainer
+                trainer = fitting
+
+        misnamed = BasinEarlyStopping(monitor="train_los", check_every_n_steps=1)
+        _fit([misnamed, Remember()], _data(64, 0), max_epochs=50, limit_val_batches=0)
+    assert raised and trainer.current_epoch == 1 and trainer.global_step == 2  # (2 steps an epoch)
 
 
 def test_forecast_history_survives_resume(tmp_path):
