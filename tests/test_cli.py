@@ -898,6 +898,16 @@ def test_fit_explains_a_missing_basin_that_the_forecast_may_show(tmp_path, capsy
     assert "all  none" in out and "`snrmon forecast` on the same" in out
 
 
+def test_fit_reads_no_basin_from_a_flat_loss(tmp_path, capsys):
+    """A loss the same at every row: every D minimises it, so the law's basin (which it places anywhere on
+    such a curve) is none, and a warning says why."""
+    flat = write_csv(tmp_path / "flat.csv", {"D": np.arange(1, 41) * 25.0, "loss": np.full(40, 2.0)})
+    assert main(["fit", str(flat), "--law", "shannon-run", "--bootstrap", "0", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["d_star"] == {"all": None}
+    assert "is the same at every row: no basin (D* none)" in captured.err
+
+
 def test_the_docs_replay_example_is_what_the_command_prints(capsys):
     # docs/forecast.md replays data/overfit_mlp_run.csv and quotes the first warning, the stop and the
     # messages: the command must print what the doc says (the doc went stale once).

@@ -144,10 +144,10 @@ def fit_report(result: Result, data: Data, args: argparse.Namespace) -> str:
         )
         if law.single_run and not all(math.isfinite(v) for v in result.d_star.values()):
             lines += [
-                "none: the law fitted to the whole curve keeps falling. `snrmon forecast` on the same",
-                "logs reads the recent trend instead (with the training loss: how much of each training gain",
-                "still reaches held-out data), so it can forecast a basin this fit does not show",
-                "(docs/forecast.md).",
+                "none: the law fitted to the whole curve keeps falling (or the loss is flat, as warned).",
+                "`snrmon forecast` on the same logs reads the recent trend instead (with the training",
+                "loss: how much of each training gain still reaches held-out data), so it can forecast a",
+                "basin this fit does not show (docs/forecast.md).",
             ]
     return "\n".join(lines)
 

@@ -149,8 +149,25 @@ def fit_data(
     }
     d_star, sampled = _basins(law, fits, table)
     result = Result(law, fits, predicted, scores, d_star, run_rows, sampled)
-    result.warnings = warnings + _basin_warnings(result, data)
+    result.warnings = warnings + _flat_runs(result, data) + _basin_warnings(result, data)
     return result
+
+
+def _flat_runs(result: Result, data: Data) -> list[str]:
+    """Runs of a single-run law whose loss is the same at every row: every D minimises it, so no basin is
+    read from them (D* none), and a warning says so. The law fits any such curve, with a basin anywhere."""
+    if result.d_star is None or not result.law.single_run:
+        return []
+    flat = []
+    for run, rows in result.run_rows.items():
+        loss = data.table["loss"][rows]
+        if run in result.d_star and np.ptp(loss) <= 1e-9 * np.abs(loss).max():
+            result.d_star[run] = math.inf
+            flat.append(run_label(run, data))
+    if not flat:
+        return []
+    runs = f"run{'s' if len(flat) > 1 else ''} {', '.join(flat)}"
+    return [f"{result.law.name}: the loss of {runs} is the same at every row: no basin (D* none)"]
 
 
 def _check_sizes_vary(law: Law, table: Table, train: np.ndarray) -> None:
