@@ -432,6 +432,11 @@ def test_prior_from_a_fit_document(tmp_path):
         load_prior({"law": "chinchilla", "params": {"E": 1.0}})
     with pytest.raises(PriorError, match="cannot read"):
         load_prior(tmp_path / "missing.json")
+    # A constant out of place is named (six of the seven here are fine).
+    with pytest.raises(PriorError, match="constants are positive numbers; the prior has c = -1$"):
+        load_prior({"A": 1, "c": -1, "d": 1, "e": 1, "beta": 0.5, "gamma": 0.3, "delta": 0.2})
+    with pytest.raises(PriorError, match="holds no constants of the Shannon law"):
+        load_prior({"law": "shannon-run", "params": {"x": 1.0}})
     # With this run's N the prior gives its whole curve: D* (T10) from the first point, in tokens or in steps
     # of a million tokens, and no decision before the data can make one.
     n = 1e8

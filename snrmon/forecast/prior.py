@@ -142,8 +142,11 @@ def load_prior(prior: dict | str | Path, n_params: float | None = None) -> dict[
                 raise PriorError(f"the prior's a·N^alpha or c·N^gamma is out of range at N = {n:g}") from None
         values = carried
     values = {k: v for k, v in values.items() if k in RUN_CONSTANTS}
-    if not values or not all(math.isfinite(v) and v > 0 for v in values.values()):
-        raise PriorError("the prior holds no positive constants of the Shannon law (beta, gamma, delta, ...)")
+    if not values:
+        raise PriorError("the prior holds no constants of the Shannon law (beta, gamma, delta, ...)")
+    bad = [f"{k} = {v:g}" for k, v in values.items() if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise PriorError(f"the Shannon law's constants are positive numbers; the prior has {', '.join(bad)}")
     # The fits keep every constant within the law's bounds; a prior outside them is of another law or unit.
     for param in ShannonRunLaw.params:
         value = values.get(param.name)
