@@ -231,7 +231,7 @@ def suggest_tags(tags: list[str]) -> str:
     """The tags worth trying as --tag, most likely first: loss tags (validation before training), then the
     others; at most ``TAGS_SHOWN`` named, the rest counted (a Lightning run may log dozens of scalars)."""
     if not tags:
-        return "the runs log no scalars"
+        return "the runs log no scalars (their files hold no scalar values: empty, cut short or not a log)"
 
     def is_loss(tag: str) -> bool:  # by its last part: snr/forecast/val_loss/d_star is no loss
         return "loss" in tag.lower().rsplit("/", 1)[-1]
