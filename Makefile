@@ -20,7 +20,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 # The Hugging Face callbacks' tests (tests/test_transformers.py skips them without the hf extra).
 test-hf: venv
