@@ -83,8 +83,8 @@ class BasinEarlyStopping(Callback):
 
     Raises:
         RuntimeError: at a check, if ``monitor`` was never logged (``strict``); the message lists the metrics
-            that exist. With ``check_every_n_steps``: after a validation, or without validation after the
-            first whole epoch, if it is still missing.
+            that exist. With ``check_every_n_steps``: after a validation, or at the end of training, if it
+            is still missing (without validation, a warning comes after the first whole epoch).
         RuntimeError: at fit start, if the checks follow validations and validation is off
             (``limit_val_batches=0`` or no ``validation_step``): no check would ever run (``strict``; else a
             warning).
@@ -149,7 +149,7 @@ class BasinEarlyStopping(Callback):
         replay = ["--metric", monitor] + (["--mode", "max"] if self.watch.sign < 0 else [])  # snrmon forecast
         self._publisher = Publisher("BasinEarlyStopping", replay)  # figures and text to the loggers
         self._seen_metric = False  # the monitored metric has been logged in this fit (periodic checks)
-        self._name_checked_at_epoch = -1  # the epoch at whose start a periodic check's metric must exist
+        self._going_on, self._first_epoch = False, None  # (the fit's first epoch: periodic checks' warning)
         # A validation has run in this fit (checks after each validation); None: none will, said at fit start.
         self._validated: bool | None = False
         self._train_sum: torch.Tensor | None = None  # training loss summed on its device: no sync per step
@@ -194,16 +194,31 @@ class BasinEarlyStopping(Callback):
         self._fed_snr = False  # a training-set SNR was fed in this fit
         self._publisher.start_fit()
         self._check_validation_runs(trainer, pl_module)
-        # Periodic checks without validation: every metric is logged within a whole epoch, so one still
-        # missing at the next epoch's start is misnamed (a fit that goes on may start mid-epoch: one more).
-        self._name_checked_at_epoch = trainer.current_epoch + (2 if going_on else 1)
+        self._going_on, self._first_epoch = going_on, None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Periodic checks without validation: a metric not logged in the fit's first whole epoch is likely
+        # misnamed. Said then, as a warning (a metric logged every k steps, k beyond an epoch, is not), so
+        # that a typo does not wait for the error at the end of training. The first epoch is known only
+        # here: a checkpoint's epoch is restored after on_fit_start, and a fit that goes on may start in
+        # the middle of one.
         from lightning.pytorch.utilities.model_helpers import is_overridden
 
+        if self.check_every_n_steps is None or self._seen_metric or self._should_skip(trainer):
+            return
+        if self._first_epoch is None:
+            self._first_epoch = trainer.current_epoch + (1 if self._going_on else 0)
+            return
         validates = trainer.limit_val_batches != 0 and is_overridden("validation_step", pl_module)
-        if not validates and trainer.current_epoch == self._name_checked_at_epoch:
-            self._check_logged(trainer)
+        missing = self.monitor not in trainer.callback_metrics
+        if not validates and missing and trainer.current_epoch == self._first_epoch + 1:
+            names = ", ".join(f"`{k}`" for k in trainer.callback_metrics) or "(none yet)"
+            rank_zero_warn(
+                f"BasinEarlyStopping(check_every_n_steps={self.check_every_n_steps}): `{self.monitor}` was "
+                f"not logged in a whole epoch; the logged metrics: {names}. Misnamed? (It is an error at the "
+                "end of training if it never is.)",
+                category=RuntimeWarning,
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning restores callbacks for validate and test too (ckpt_path=): a checkpoint loaded there is

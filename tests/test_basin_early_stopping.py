@@ -388,19 +388,49 @@ def test_checks_every_n_steps_on_a_training_metric():
     # A metric still missing after a validation is an error, as for the check after each validation.
     with pytest.raises(RuntimeError, match="`val_los`, which is not available"):
         _fit(BasinEarlyStopping(monitor="val_los", check_every_n_steps=1), _data(64, 0), max_epochs=1)
-    # Without validation, a training metric still missing after a whole epoch is misnamed: said then, not
-    # after the whole fit.
-    with pytest.raises(RuntimeError, match="`train_los`, which is not available") as raised:
-        trainer = None
+    # Without validation, a training metric not logged in the fit's first whole epoch is likely misnamed:
+    # a warning then (not an error: a metric may be logged every k steps, k beyond an epoch), the error at
+    # the end of training as before.
+    epochs = []
 
-        class Remember(L.Callback):
-            def on_fit_start(self, fitting, pl_module):
-                nonlocal trainer
-                trainer = fitting
+    class Epochs(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            epochs.append(trainer.current_epoch)
 
-        misnamed = BasinEarlyStopping(monitor="train_los", check_every_n_steps=1)
-        _fit([misnamed, Remember()], _data(64, 0), max_epochs=50, limit_val_batches=0)
-    assert raised and trainer.current_epoch == 1 and trainer.global_step == 2  # (2 steps an epoch)
+    misnamed = BasinEarlyStopping(monitor="train_los", check_every_n_steps=1)
+    with pytest.warns(RuntimeWarning, match="`train_los` was not logged in a whole epoch") as said:
+        with pytest.raises(RuntimeError, match="`train_los`, which is not available"):
+            _fit([misnamed, Epochs()], _data(64, 0), max_epochs=4, limit_val_batches=0)
+    early = [w for w in said if "whole epoch" in str(w.message)]
+    assert len(early) == 1 and epochs == [0, 1, 2, 3]
+
+    # A metric logged every 5 steps (epochs of 2 steps) is no mistake: no error, its points taken.
+    class Sparse(Regressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if self.global_step > 0 and self.global_step % 5 == 0:  # (first at step 5, in epoch 2)
+                self.log("sparse_loss", loss.detach())
+            return loss
+
+    sparse = BasinEarlyStopping(monitor="sparse_loss", check_every_n_steps=1)
+    with pytest.warns(RuntimeWarning, match="was not logged in a whole epoch"):
+        _fit(sparse, _data(64, 0), max_epochs=12, limit_val_batches=0, model=Sparse())
+    assert sparse.forecaster.points.x
+
+
+def test_a_periodic_check_resumed_without_validation_goes_on(tmp_path):
+    """A checkpoint's epoch is restored after on_fit_start: the first-epoch warning counts from the epoch the
+    resumed fit starts at, and the metric, logged again in it, is no mistake."""
+    first = BasinEarlyStopping(monitor="train_loss", check_every_n_steps=1)
+    trainer, model = _fit(first, _data(64, 0), max_epochs=2, limit_val_batches=0)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    resumed = BasinEarlyStopping(monitor="train_loss", check_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer, _ = _fit(
+            resumed, _data(64, 0), max_epochs=5, limit_val_batches=0, ckpt_path=tmp_path / "two.ckpt"
+        )
+    assert trainer.current_epoch == 5 and resumed.forecaster.points.x[-1] == trainer.global_step
 
 
 def test_forecast_history_survives_resume(tmp_path):
