@@ -271,10 +271,15 @@ def test_a_metrics_csv_of_one_metric_is_a_step_log_too(tmp_path):
     table = read_table(write_csv(tmp_path / "metrics.csv", text), tag="val_loss")
     assert table["step"].tolist() == [1.0] and table["loss"].tolist() == [4.5]
     assert "2 values at step 0 or below (D ≤ 0) skipped in 1 run" in table.notes  # (steps 0 and −3)
+    (tmp_path / "half").mkdir()
     with pytest.raises(LogError, match="step 1.5 on row 2 after the header is not a whole number"):
-        read_table(
-            write_csv(tmp_path / "half.csv", "epoch,step,val_loss\n0,1,6.0\n0,1.5,5.0\n"), tag="val_loss"
-        )
+        read_table(write_csv(tmp_path / "half" / "metrics.csv", "epoch,step,val_loss\n0,1,6.0\n0,1.5,5.0\n"))
+    # Tables that are not Lightning's: another name, or a text column (a run's name), read as they are.
+    for name, stacked in (("seeds.csv", "epoch,step,seed,val_loss\n0,1,1,2.0\n0,1,2,2.1\n"),
+                          ("metrics.csv", "epoch,step,name,val_loss\n0,1,a,2.0\n0,1,b,2.1\n")):  # fmt: skip
+        (tmp_path / "t").mkdir(exist_ok=True)
+        table = read_table(write_csv(tmp_path / "t" / name, stacked), tag="val_loss")
+        assert table.tag is None and table.names == stacked.split("\n")[0].split(",")
 
 
 @pytest.mark.parametrize(

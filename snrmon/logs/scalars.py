@@ -138,18 +138,18 @@ def _charts_only(run: Run) -> bool:
 # --- Lightning CSVLogger --------------------------------------------------------------------------------
 
 
-def is_step_log(table: Table, written: dict[str, np.ndarray]) -> bool:
+def is_step_log(table: Table, written: dict[str, np.ndarray], name: str = "") -> bool:
     """Whether a CSV table is a log of metrics by step as Lightning's ``CSVLogger`` writes it: a numeric
     ``step`` column, no column of a table of runs (``group``, ``model``, ``run``, ``N``, ``D``), and rows that
     hold different metrics: two metric columns each filled on a row where the other is empty (a training
-    metric and a validation metric, logged by separate calls), or an ``epoch`` column beside ``step`` (which
-    Lightning logs with every metric: a log of one metric, say two validations a step). A dense table of one
-    curve is not one; it reads as before, row by row."""
+    metric and a validation metric, logged by separate calls), or, in a file named ``metrics.csv`` of numbers
+    only, an ``epoch`` column beside ``step`` (Lightning logs it with every metric: a log of one metric, say
+    two validations a step). A dense table of one curve is not one; it reads as before, row by row."""
     if "step" not in table or not table.is_numeric("step"):
         return False
     if any(name in table for name in ("group", "model", "run", "N", "D")):
         return False
-    if "epoch" in table and table.is_numeric("epoch"):
+    if name == "metrics.csv" and "epoch" in table and all(table.is_numeric(n) for n in table.names):
         return True
     filled = [written[name] for name in _tags(table)]
     return any((a & ~b).any() and (b & ~a).any() for i, a in enumerate(filled) for b in filled[i + 1 :])

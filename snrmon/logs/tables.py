@@ -96,7 +96,7 @@ def read_table(
         runs = [scalars.trainer_state_run(path)]
     else:
         table, written = _read_csv(path)
-        if not scalars.is_step_log(table, written):
+        if not scalars.is_step_log(table, written, path.name):
             return table
         runs = [scalars.csv_run(table, written, path)]
     return scalars.runs_table(runs, tag, path, tokens_per_step, n)
