@@ -530,19 +530,24 @@ def test_forecast_says_why_it_does_not_forecast(tmp_path, capsys):
 
 
 def test_a_logged_metric_is_replayed_at_the_steps_its_checks_read_it():
-    # Lightning: validation logged at the global step − 1, read by the check at the global step; a value read
-    # by no check (logged after the last) keeps its step; a value logged at its check's step stays there.
-    steps = np.array([0.0, 9.0, 19.0, 30.0])
-    assert forecast_verb.on_check_steps(steps, np.array([1.0, 10.0, 20.0])).tolist() == [1, 10, 20, 30]
-    # Checks more often than the metric: the first check that reads each value.
-    assert forecast_verb.on_check_steps(steps, np.arange(0.0, 25.0, 2)).tolist() == [0, 10, 20, 30]
+    from snrmon.logs import Table
 
+    def checks(steps, values):
+        return Table({"step": np.array(steps, dtype=float), "loss": np.array(values, dtype=float)})
 
-def test_forecast_refuses_values_whose_squares_overflow(tmp_path, capsys):
-    val, train = u_curve(0)
-    huge = write_csv(tmp_path / "huge.csv", {"step": X, "loss": val * 1e300, "train": train})
-    code, _, err = run(capsys, "forecast", huge, "--train-metric", "train")
-    assert code == 2 and "values too large to forecast" in err and "loss up to" in err and "rescale" in err
+    # Lightning: a validation logged at the global step − 1, read by the check after it at the global step; a
+    # value no check read (logged after the last) keeps its step.
+    steps, values = np.array([3.0, 7.0, 11.0, 30.0]), np.array([2.0, 1.5, 1.25, 1.0])
+    read = checks([4, 8, 12], [2.0, 1.5, 1.25])
+    assert forecast_verb.on_check_steps(steps, values, read).tolist() == [4, 8, 12, 30]
+    # Periodic checks every 3 steps: the check at step 12 runs before that step's validation (logged at 11),
+    # so it reads the value logged at 7 again (no new point, not logged), and the check at 15 reads 11's.
+    read = checks([6, 9, 15], [2.0, 1.5, 1.25])
+    assert forecast_verb.on_check_steps(steps, values, read).tolist() == [6, 9, 15, 30]
+    # The same value twice in a row (a plateau): each check takes the latest value before it not yet read.
+    flat = np.array([2.0, 2.0, 2.0])
+    read = checks([2, 3, 4], [2.0, 2.0, 2.0])
+    assert forecast_verb.on_check_steps(np.array([1.0, 2.0, 3.0]), flat, read).tolist() == [2, 3, 4]
 
 
 def test_forecast_reads_a_csv_column_named_by_tag_as_by_metric(capsys):

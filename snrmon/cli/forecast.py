@@ -427,7 +427,8 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
                 else interval_means(run["step"], train["step"], train["loss"])
             )
             if run["group"][0] in checks:  # (after the means: the training loss is on the log's axis)
-                run.columns["step"] = run.columns["D"] = on_check_steps(run["step"], checks[run["group"][0]])
+                at = on_check_steps(run["step"], run["loss"], checks[run["group"][0]])
+                run.columns["step"] = run.columns["D"] = at
         return runs, "train"
     # What a BasinEarlyStopping that watched the run logged at its checks: the points it held (logged at
     # every check, by later versions), the training-loss mean, the metric's value and the training set's SNR
@@ -454,30 +455,35 @@ def _by_run(table: Table) -> dict[str, Table]:
     return {run["group"][0]: run for run in split_runs(table)}
 
 
-def _checks(data: list[str], tag: str) -> dict[str, np.ndarray]:
-    """The steps at which a BasinEarlyStopping(monitor=tag) that watched each run checked it (the trainer's
-    global step), by run; none for a run it did not watch."""
-    for name in ("points", "train_loss"):  # (points: logged at every check by later versions)
-        try:
-            return {
-                group: run["step"]
-                for group, run in _by_run(read_table(data, tag=f"snr/forecast/{tag}/{name}")).items()
-            }
-        except LogError:
-            continue
-    return {}
+def _checks(data: list[str], tag: str) -> dict[str, Table]:
+    """What a BasinEarlyStopping(monitor=tag) that watched each run read at its checks: the metric's value
+    (column ``loss``) by the trainer's global step (column ``step``), by run; none for a run it did not
+    watch, or whose logs lack the values read (snrmon 0.1)."""
+    try:
+        return _by_run(read_table(data, tag=f"snr/forecast/{tag}/value"))
+    except LogError:
+        return {}
 
 
-def on_check_steps(steps: np.ndarray, checks: np.ndarray) -> np.ndarray:
-    """The steps of a metric's values, each at the check that read it: the first check at or after the
-    value's step and before the metric's next one (a value no check read keeps its step). Lightning logs a
-    validation's metric at the trainer's global step − 1, and a callback (like ModelCheckpoint's file names)
-    says the global step: so a replay of the logged curve says the steps the live run said."""
-    checks, logged = np.unique(checks), np.unique(steps)
-    following = np.append(logged, np.inf)[np.searchsorted(logged, steps, side="right")]
-    first = np.searchsorted(checks, steps, side="left")
-    read_at = np.append(checks, np.inf)[first]
-    return np.where(read_at < following, read_at, steps)
+def on_check_steps(steps: np.ndarray, values: np.ndarray, checks: Table) -> np.ndarray:
+    """The steps of a metric's logged values, each at the check that read it (``checks``: the steps and the
+    values a BasinEarlyStopping read); a value no check read keeps its step. Lightning logs a validation's
+    metric at the trainer's global step − 1 and the callback says the global step (as ModelCheckpoint's file
+    names do), so the replay of the logged curve says the steps the live run said. A check reads the last
+    value logged before it, or one before that when a periodic check came first: matched by value (at
+    float32, the precision of TensorBoard's files)."""
+    labels = steps.copy()
+    order = np.argsort(steps, kind="stable")
+    logged, as_logged = steps[order], np.float32(values[order])
+    taken = np.zeros(len(steps), dtype=bool)
+    for step, value in zip(checks["step"].tolist(), np.float32(checks["loss"]).tolist(), strict=True):
+        i = int(np.searchsorted(logged, step, side="left")) - 1  # the last value logged before the check
+        while i >= 0 and as_logged[i] != value and not taken[i]:
+            i -= 1  # (a value the check came too early to read: the one before it)
+        if i >= 0 and as_logged[i] == value and not taken[i]:
+            taken[i] = True
+            labels[order[i]] = step
+    return labels
 
 
 def live_points(run: Table, checks: Table, fed: dict[str, Table | None]) -> Table:
