@@ -74,6 +74,8 @@ def plot_run(log_dir: str | Path, out: str | Path) -> Path:
     at_one = scalars.get("~snr/noise_scale_at_1")  # B, or B/(1 − B/N) on a finite training set of N
     if at_one is not None:
         scale.plot(*at_one, "k--", lw=1, label="where SNR = 1")
+    elif "~snr/batch_size" in scalars:  # logs written before that series: the batch size B
+        scale.plot(*scalars["~snr/batch_size"], "k--", lw=1, label="batch size B (SNR = 1 on a stream)")
     ratio.axhline(1.0, color="tab:red", ls=":", lw=1, label="SNR = 1: signal equals noise")
     ratio.set(title="SNR at the batch size  (±2 se)", xlabel="step", yscale="log")
 

@@ -157,11 +157,11 @@ def run(args: argparse.Namespace) -> int:
             confidence=args.confidence,
             min_points=args.min_points,
             prior=args.prior,
-            n_params=args.N,
+            n_params=args.N if args.prior else None,  # (else ignored, as said below)
             tokens_per_x=args.tokens_per_step if x_name == "step" else 1.0,
         )
-    except (PriorError, ValueError) as error:
-        raise LogError(str(error)) from None
+    except (PriorError, ValueError) as error:  # (the options by the names given here)
+        raise LogError(str(error).replace("min_points", "--min-points").replace("n_params", "--N")) from None
     if forecaster.prior_note:
         print(f"snrmon: note: {forecaster.prior_note}", file=sys.stderr)
     if args.N is not None and args.prior is None:

@@ -130,8 +130,8 @@ class BasinForecaster:
             raise ValueError(f"window must be at least 3 points, got {window}")
         if min_points < window + 2:
             raise ValueError(
-                f"min_points (--min-points) must be at least window + 2 = {window + 2} (window: the {window} "
-                f"latest points each forecast fits), got {min_points}"
+                f"min_points must be at least window + 2 = {window + 2} (window: the {window} latest points "
+                f"each forecast fits), got {min_points}"
             )
         if method not in ("auto", "ratio", "law", "prior"):
             raise ValueError(f"method must be 'auto', 'ratio', 'law' or 'prior', got {method!r}")
