@@ -279,7 +279,8 @@ class BasinForecaster:
             forecast.note = "non-finite loss: skipped"
             return forecast
         x, loss, train = self.points.finite()
-        if np.abs(loss).max() > LARGEST or np.abs(train[np.isfinite(train)]).max(initial=0) > LARGEST:
+        largest = max(np.fmax.reduce(np.abs(loss), initial=0.0), np.fmax.reduce(np.abs(train), initial=0.0))
+        if largest > LARGEST:  # (fmax: the training loss is NaN where not given)
             forecast.note = f"values beyond {LARGEST:.0e} in the curve: no forecast (their squares overflow)"
             return forecast
         method = self._method(train[-self.window :], len(x))
