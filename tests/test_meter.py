@@ -454,6 +454,42 @@ def test_after_backward_twice_or_before_its_backward_is_refused():
         assert int(meter.estimator.updates) == 1 and values["noise"] > 0 and values["batch_size"] == 10
 
 
+@pytest.mark.parametrize("accumulation", [True, 2.5, 0, -2, "2"])
+def test_a_bad_accumulation_is_refused_and_the_next_step_measured(accumulation):
+    """K divides the window: a bool, a fraction or K < 1 would scale the numbers silently."""
+    model = small_model()
+    with GradientMeter(model) as meter:
+        backward(model, meter, k=2)
+        with pytest.raises(ValueError, match="accumulation must be None or an int >= 1"):
+            meter.before_step(accumulation=accumulation)
+        model.zero_grad()
+        backward(model, meter, k=2)
+        meter.before_step(accumulation=2)
+        assert int(meter.estimator.updates) == 1 and meter.compute()["batch_size"] == 10
+
+
+def test_before_step_with_accumulation_but_no_backward_is_refused():
+    model = small_model()
+    with GradientMeter(model) as meter:
+        with pytest.raises(RuntimeError, match="no after_backward"):
+            meter.before_step(accumulation=2)
+        with pytest.raises(RuntimeError, match="no step measured yet"):
+            meter.compute()
+
+
+def test_compute_after_load_state_dict_gives_the_restored_values():
+    model = small_model()
+    with GradientMeter(model) as meter:
+        for _ in range(3):
+            backward(model, meter, k=2)
+            meter.before_step()
+            model.zero_grad()
+        saved, state = meter.compute(), meter.state_dict()
+    with GradientMeter(model) as restored:
+        restored.load_state_dict(state)
+        assert restored.compute() == saved
+
+
 def test_a_failed_after_backward_says_what_happened_and_leaves_the_meter_usable():
     """Two backwards and one after_backward: named as such (not only as checkpointing). A failure after the
     input checks (here a hook's error) clears the hooks too: the next calls are not taken for a gradient in

@@ -106,6 +106,13 @@ def check_every_n_steps(every_n_steps: object) -> None:
         raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
 
 
+def check_accumulation(accumulation: object) -> None:
+    if accumulation is not None and (
+        isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1
+    ):
+        raise ValueError(f"accumulation must be None or an int >= 1, got {accumulation!r}")
+
+
 def check_ema_decay(ema_decay: object) -> None:
     if not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be a number in [0, 1), got {ema_decay!r}")
@@ -179,12 +186,12 @@ class GradientMeter:
             accelerator than the parameters (a host tensor is copied over), a weight for some microbatches of
             a step only, or a call while measuring when no watched parameter received a gradient since the
             last :meth:`after_backward` (or :meth:`before_backward`): a second call for one backward, or a
-            call before its backward; at :meth:`before_step`, for a step of a single microbatch on a single
-            process (no second batch size: no noise estimate is possible) or of more samples than
-            ``dataset_size``; at :meth:`compute` and :meth:`snapshot`, once for the steps since the last such
-            error, when a ``batch_size`` or ``weight`` given as a tensor was not a finite number > 0 (its
-            value is read only there, where the meter syncs anyway): such steps are left out of the estimates
-            and of ``skipped_steps``.
+            call before its backward; at :meth:`before_step`, an ``accumulation`` that is not a whole number
+            >= 1, a step of a single microbatch on a single process (no second batch size: no noise estimate
+            is possible) or of more samples than ``dataset_size``; at :meth:`compute` and :meth:`snapshot`,
+            once for the steps since the last such error, when a ``batch_size`` or ``weight`` given as a
+            tensor was not a finite number > 0 (its value is read only there, where the meter syncs anyway):
+            such steps are left out of the estimates and of ``skipped_steps``.
         TypeError: at :meth:`after_backward`, a ``batch_size`` or ``weight`` that is neither a number nor a
             one-element real tensor (``True``, ``torch.tensor(True)``).
         RuntimeError: :meth:`before_step` without any :meth:`after_backward` since the last step,
@@ -382,12 +389,14 @@ class GradientMeter:
         self._check_open()
         if not self._measuring:
             self._end_window()
+            check_accumulation(accumulation)  # (refused on every step alike, the window closed first)
             return
         taps, estimator, sizes = self._taps, self._estimator, self._sizes
         count, world = len(sizes), self.world_size
         reduced = False
         try:
-            if count == 0 and accumulation is None:
+            check_accumulation(accumulation)
+            if count == 0:
                 raise RuntimeError(
                     "before_step() with no after_backward() since the last step: call"
                     " after_backward(batch_size) after each microbatch's backward"
@@ -730,6 +739,7 @@ class GradientMeter:
             self._estimator.load_state_dict(state["estimator"])
             if not bool(torch.isfinite(self._estimator.moments).all()):  # once, at resume
                 raise ValueError("its moments are not finite")
+            self._steps = max(self._steps, int(self._estimator.updates))  # (compute() reads them now)
         except Exception as error:
             self._estimator.reset()
             self._warn(
