@@ -24,7 +24,10 @@ def run_population(
     if dataset_size is not None:
         size = None if dataset_size == math.inf else int(dataset_size)
         return Population(size, f"dataset_size={dataset_size} was given")
-    population = training_population(trainer.train_dataloader, trainer.world_size)
+    # (Lightning's `limit_train_batches` and `overfit_batches` cut the epoch to `num_training_batches`.)
+    population = training_population(
+        trainer.train_dataloader, trainer.world_size, batches_read=trainer.num_training_batches
+    )
     if population.size is not None and batch_size_fn is not count_samples:
         # N counts the dataset's items; a batch_size_fn may count tokens or other units.
         population = Population(

@@ -7,7 +7,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, SupportsFloat
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -144,11 +144,12 @@ class SNRMonitor(Callback):
         every_n_steps: int = 1,
         ema_decay: float = 0.95,
         groups: int | dict[str, str] | None = None,
-        # SupportsFloat: int, float or Tensor. Not that union: with a class in it, LightningCLI (jsonargparse)
-        # would accept only functions annotated to return a Tensor.
-        batch_size_fn: Callable[[Any], SupportsFloat] | None = None,
+        # It may return an int, a float or a Tensor. Annotated float because LightningCLI (jsonargparse) then
+        # takes a function without a return annotation, or one annotated int or Tensor (not with a union
+        # holding a class, nor with SupportsFloat, which refuses an unannotated function).
+        batch_size_fn: Callable[[Any], float] | None = None,
         split_batch: bool = False,
-        dataset_size: int | None = None,
+        dataset_size: float | None = None,  # (float: a config's `.inf` for independent draws)
         prefix: str = "snr",
         prog_bar: bool = True,
         log_details: bool = False,
@@ -295,6 +296,8 @@ class SNRMonitor(Callback):
             # FSDP2 taps find their hooks during a forward: they must be attached before the first one.
             self._meter.watch()
             self._meter.attach_ahead(trainer.global_step)
+        # A fit resumed inside an epoch gets no `on_train_epoch_start` for that epoch: N is read here too.
+        self._read_population(trainer)
 
     @_never_crash
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -303,7 +306,10 @@ class SNRMonitor(Callback):
             # Watched now, between steps, when FSDP2 holds every parameter sharded: after a forward the root
             # module's parameters are its unsharded ones, which only the taps should see.
             self._meter.watch()
-        # Dataloaders exist by now, and may be reloaded between epochs.
+        self._read_population(trainer)  # dataloaders may be reloaded between epochs
+
+    def _read_population(self, trainer: Trainer) -> None:
+        """N off the training dataloader (or ``dataset_size``), said once per change."""
         population = run_population(trainer, self.dataset_size, self.batch_size_fn)
         if population != self._population:
             self._population = population

@@ -1266,6 +1266,28 @@ def test_resume_with_other_settings_keeps_the_state_or_says_why_not(tmp_path: Pa
         assert int(resumed._estimator.updates) == 6
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended")
+def test_a_fit_resumed_inside_an_epoch_knows_its_training_set(tmp_path: Path):
+    """Lightning runs no `on_train_epoch_start` for the epoch a fit resumes inside: N must still be read (a
+    one-epoch LLM run resumed from a step checkpoint would otherwise go uncorrected to its end)."""
+
+    def fit(monitor: SNRMonitor, ckpt_path: str | None = None, checkpoint=None) -> None:
+        torch.manual_seed(0)
+        trainer = make_trainer(
+            monitor, max_steps=-1, max_epochs=1, accumulate_grad_batches=2,
+            callbacks=[checkpoint] if checkpoint else [], enable_checkpointing=checkpoint is not None,
+        )  # fmt: skip
+        trainer.fit(Regression(), regression_loader(n=96), ckpt_path=ckpt_path)  # 6 steps, one epoch
+
+    every_2 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    fit(SNRMonitor(), checkpoint=every_2)
+    resumed = SNRMonitor()
+    fit(resumed, ckpt_path=str(tmp_path / "step=2.ckpt"))
+    assert int(resumed._estimator.updates) == 6  # 2 restored, 4 measured after the resume
+    assert resumed.latest["snr/dataset_size"] == 96 and resumed.finite_training_set
+
+
 class GradientNormLogging(Regression):
     """Calls ``torch.autograd.grad`` on the parameters inside ``training_step``: to log the gradient norm, or
     (``penalty``) to add a gradient penalty to the loss."""

@@ -190,6 +190,11 @@ def count_rows(batch) -> int:
     return len(batch[0])
 
 
+def rows_untyped(batch):
+    """A batch_size_fn as people write them most: no annotation at all."""
+    return len(batch[0])
+
+
 def _cli(callbacks: list[dict]) -> LightningCLI:
     """The callbacks built by LightningCLI from a config (as from a YAML file), on a trainer like _fit's."""
     trainer = {
@@ -230,3 +235,16 @@ def test_lightning_cli_builds_the_monitor_and_its_capacity_logger(monkeypatch) -
     cli = _cli([{"class_path": "snrmon.callbacks.SNRMonitor"}, capacity])
     with pytest.raises(MisconfigurationException, match="not among the trainer's callbacks"):
         cli.trainer.fit(cli.model, DataLoader(TensorDataset(x, x[:, :1]), batch_size=16))
+
+
+def test_lightning_cli_takes_an_unannotated_batch_size_fn_and_an_infinite_dataset_size(monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    init_args = {"batch_size_fn": "test_capacity.rows_untyped", "dataset_size": math.inf}  # a YAML `.inf`
+    cli = _cli([{"class_path": "snrmon.callbacks.SNRMonitor", "init_args": init_args}])
+    monitor = cli.trainer.callbacks[0]
+    assert monitor.batch_size_fn is rows_untyped and monitor.dataset_size == math.inf
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    cli.trainer.fit(cli.model, DataLoader(TensorDataset(x, x[:, :1]), batch_size=16, shuffle=True))
+    # Independent draws as told, though the loader shuffles a finite set: no finite-set values.
+    assert monitor.latest["snr/batch_size"] == 32 and "snr/dataset_size" not in monitor.latest  # 2 x 16

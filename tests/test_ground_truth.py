@@ -394,9 +394,7 @@ def test_single_batch_without_split_warns_and_reports_nothing():
 # ---------------------------------------------------------------------- ragged epoch tail
 
 
-@pytest.mark.parametrize(
-    ("samples_per_epoch", "tail"), [(80, 2), (72, 1)], ids=["tail_of_2", "tail_of_1"]
-)
+@pytest.mark.parametrize(("samples_per_epoch", "tail"), [(80, 2), (72, 1)], ids=["tail_of_2", "tail_of_1"])
 def test_ragged_epoch_tail_matches_truth_without_warning(samples_per_epoch, tail):
     """Batches of 8, accumulation 4: each epoch's last step has only ``tail`` microbatches. A tail of 2
     is a valid (smaller) step; a tail of 1 has no second batch size and is dropped, silently."""
@@ -460,6 +458,29 @@ def test_shuffled_finite_training_set_matches_exact_truth():
         assert 0 < se < 0.1 * abs(truth[key]) and abs(value - truth[key]) < Z * se, (key, value, se, truth)
     uncorrected = latest["snr/signal"] - latest["snr/noise"] / MLP_EXAMPLES
     assert abs(uncorrected - truth["signal"]) > 2 * Z * latest["snr/signal_se"], "the band misses the bias"
+
+
+@pytest.mark.parametrize(
+    "shuffle, cut",
+    [(False, {"limit_train_batches": 4}), (True, {"overfit_batches": 4})],  # (overfit: Lightning unshuffles)
+)
+def test_an_epoch_cut_to_its_first_batches_is_the_training_set(shuffle: bool, cut: dict):
+    """An in-order loader cut to its first 4 batches of 32 (``limit_train_batches``; ``overfit_batches``, for
+    which Lightning turns shuffling off) reads the same 128 samples every step: they are N, not the 256 of the
+    data set. Each step's 4 microbatches are then the whole training set, so the corrected signal is its
+    exact |G|² at every step; with N = 256 it would be low by S²/256."""
+    module, dataset, grads = mlp_problem(seed=12)
+    loader = DataLoader(dataset, batch_size=32, shuffle=shuffle)
+    monitor = SNRMonitor(ema_decay=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # overfit_batches: "turning off the shuffling for you"
+        fit(module, loader, monitor, steps=20, accumulate_grad_batches=4, **cut)
+
+    truth = finite_set_truth({name: g[:128] for name, g in grads.items()})
+    latest = monitor.latest
+    assert latest["snr/dataset_size"] == 128
+    assert latest["snr/signal"] == pytest.approx(truth["signal"], rel=1e-4)
+    assert truth["noise"] / 256 > 0.01 * truth["signal"]  # what N = 256 would take off: well outside rel
 
 
 # ---------------------------------------------------------------------- windows the optimizer never applies

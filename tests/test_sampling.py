@@ -53,3 +53,22 @@ def test_population_size_and_reason(loader, size):
     population = training_population(loader)
     assert population.size == size
     assert population.description  # every case says which it is
+
+
+@pytest.mark.parametrize(
+    ("loader", "batches_read", "world_size", "size"),
+    [
+        (DataLoader(DATA, batch_size=8), 3, 1, 24),  # in order: the same first 3 batches every epoch
+        (DataLoader(DATA, batch_size=8), 12.0, 1, 96),
+        (DataLoader(DATA, batch_size=8), 13, 1, 100),  # every batch (the last one short)
+        (DataLoader(DATA, batch_size=8), float("inf"), 1, 100),
+        (DataLoader(DATA, batch_size=8, shuffle=True), 3, 1, 100),  # another subset each epoch
+        (DataLoader(DATA, batch_size=8, sampler=DistributedSampler(DATA, 2, 0, shuffle=False)), 3, 2, 48),
+        (DataLoader(DATA, batch_size=8, sampler=DistributedSampler(DATA, 2, 0, shuffle=True)), 3, 2, 100),
+    ],
+    ids=["in_order", "in_order_float", "all", "unlimited", "shuffled", "distributed", "distributed_shuffled"],
+)
+def test_an_epoch_of_its_first_batches_draws_from_them(loader, batches_read, world_size, size):
+    population = training_population(loader, world_size, batches_read=batches_read)
+    assert population.size == size
+    assert ("first" in population.description) == (size < 100)

@@ -46,15 +46,20 @@ def check_dataset_size(dataset_size: object) -> None:
         raise ValueError(f"dataset_size must be a whole number > 1, math.inf or None: {dataset_size!r}")
 
 
-def training_population(loader: object, world_size: int = 1) -> Population:
+def training_population(loader: object, world_size: int = 1, batches_read: float | None = None) -> Population:
     """The population a training ``DataLoader`` samples from (``None`` size: no correction applies).
 
     With several processes the loaders' draws are disjoint across ranks only through a ``DistributedSampler``
     over one dataset; ranks with loaders of their own are not known to share one population.
+
+    ``batches_read``: how many of the loader's batches an epoch reads, when not all (Lightning's
+    ``limit_train_batches`` and ``overfit_batches``). A loader that reads in order then reads the same first
+    batches every epoch: those samples are the population, not the whole data set.
     """
     population = _population(loader)
     if population.size is None:
         return population
+    population = _first_batches_only(population, loader, world_size, batches_read)
     if population.size < 2:
         return Population(None, f"{population.description}, but of {population.size} sample")
     if world_size > 1 and not isinstance(getattr(loader, "sampler", None), DistributedSampler):
@@ -62,6 +67,25 @@ def training_population(loader: object, world_size: int = 1) -> Population:
             None, f"{population.description}, but each of the {world_size} ranks has a loader of its own"
         )
     return population
+
+
+def _first_batches_only(
+    population: Population, loader: DataLoader, world_size: int, batches_read: float | None
+) -> Population:
+    """The population of a loader that reads in order, cut to the batches an epoch reads."""
+    if batches_read is None or not math.isfinite(batches_read) or batches_read >= len(loader):
+        return population
+    sampler = loader.batch_sampler.sampler
+    in_order = isinstance(sampler, SequentialSampler) or (
+        type(sampler) is DistributedSampler and not sampler.shuffle
+    )
+    if not in_order:
+        return population  # (a shuffled subset each epoch: the draws still come from the whole set)
+    ranks = world_size if isinstance(sampler, DistributedSampler) else 1
+    size = min(population.size, int(batches_read) * loader.batch_size * ranks)
+    return Population(
+        size, f"{population.description}, and each epoch reads only its first {int(batches_read)} batches"
+    )
 
 
 def _population(loader: object) -> Population:
