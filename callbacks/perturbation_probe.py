@@ -65,7 +65,9 @@ class PerturbationProbe(Callback):
 
     Raises:
         ValueError: invalid ``num_batches`` or ``every_n_validations``.
-        RuntimeError: at the first probe, if no ``loss_fn`` is given and ``validation_step`` returns no loss.
+
+    Without ``loss_fn``, a ``validation_step`` that returns no loss is said by a warning at the first
+    validation batch (the sanity check's, if any); the probe then logs nothing and training goes on.
 
     Attributes:
         last_value: the last logged (rank-averaged) probe loss, ``None`` before the first probe.
@@ -104,6 +106,7 @@ class PerturbationProbe(Callback):
         self._validations = 0  # validations seen (sanity checks excluded), for every_n_validations
         self._batches: list[tuple[Any, int]] = []
         self._warned_no_validation = False
+        self._no_loss = False  # validation_step returns no loss and no loss_fn is given: nothing to probe
 
     @property
     def state_key(self) -> str:
@@ -145,8 +148,15 @@ class PerturbationProbe(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if self.loss_fn is None and not self._no_loss and _loss_of(outputs) is None:
+            # Said at the first validation batch (the sanity check's, if any), not raised at the first probe:
+            # a crash there would lose the epoch trained before it.
+            self._no_loss = True
+            rank_zero_warn(_no_loss_message(type(self).__name__, outputs), category=RuntimeWarning)
         # The batches are kept (already on the device) rather than probed here: one perturbation per draw for
         # all of them, instead of one per batch and draw.
+        if self._no_loss:
+            return
         if dataloader_idx == 0 and len(self._batches) < self.num_batches and self._due(trainer):
             self._batches.append((batch, batch_idx))
 
@@ -158,7 +168,7 @@ class PerturbationProbe(Callback):
             return
         due, self._validations = self._due(trainer), self._validations + 1
         batches, self._batches = self._batches, []
-        if not due:
+        if not due or self._no_loss:  # (every rank alike: the same validation_step)
             return
         if not batches:  # every rank joins the reduction, even one without a batch (NaN: none seen)
             local = torch.tensor(float("nan"), device=pl_module.device)
@@ -193,13 +203,9 @@ class PerturbationProbe(Callback):
             out = pl_module.validation_step(batch, batch_idx)
         finally:
             del pl_module.log, pl_module.log_dict
-        loss = out.get("loss") if isinstance(out, dict) else out
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise RuntimeError(
-                f"{type(self).__name__} needs the loss of a validation batch: `validation_step` returned "
-                f"{type(out).__name__}. Return the loss from `validation_step` (a scalar tensor, or a dict "
-                "with 'loss'), or pass `loss_fn=lambda module, batch, batch_idx: ...`."
-            )
+        loss = _loss_of(out)
+        if loss is None:  # (the clean batch returned one, checked at its batch end: a step that varies)
+            raise RuntimeError(_no_loss_message(type(self).__name__, out))
         return loss
 
     # -- checkpointing -------------------------------------------------------------------------------------
@@ -210,6 +216,20 @@ class PerturbationProbe(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._validations = state_dict["validations"]
         self.last_value = state_dict["last_value"]
+
+
+def _loss_of(out: Any) -> Tensor | None:
+    """The loss a ``validation_step`` returned (a scalar tensor, or a dict's ``"loss"``), if any."""
+    loss = out.get("loss") if isinstance(out, dict) else out
+    return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
+
+
+def _no_loss_message(probe: str, out: Any) -> str:
+    return (
+        f"{probe} needs the loss of a validation batch: `validation_step` returned {type(out).__name__}, so"
+        " nothing is probed or logged. Return the loss from `validation_step` (a scalar tensor, or a dict"
+        " with 'loss'), or pass `loss_fn=lambda module, batch, batch_idx: ...`."
+    )
 
 
 class GaussianNoiseProbe(PerturbationProbe):

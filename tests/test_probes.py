@@ -301,8 +301,13 @@ def test_every_n_validations_and_a_validation_step_without_loss():
         def validation_step(self, batch, batch_idx):
             super().validation_step(batch, batch_idx)  # logs, returns nothing
 
-    with pytest.raises(RuntimeError, match="loss_fn="):
-        _fit([QuantizationProbe(bits=4)], max_epochs=1, model=Silent())
+    # Said at the sanity check's first batch, once; training goes on, and nothing is probed or logged.
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer, _ = _fit([QuantizationProbe(bits=4)], max_epochs=2, model=Silent(), num_sanity_val_steps=2)
+    said = [str(w.message) for w in record if "needs the loss of a validation batch" in str(w.message)]
+    assert len(said) == 1 and "returned NoneType" in said[0] and "loss_fn=" in said[0]
+    assert trainer.current_epoch == 2 and "snr/probe/int4" not in trainer.callback_metrics
     custom = QuantizationProbe(bits=4, loss_fn=lambda m, b, i: nn.functional.l1_loss(m.net(b[0]), b[1]))
     trainer, _ = _fit([custom], max_epochs=1, model=Silent())
     assert math.isfinite(trainer.callback_metrics["snr/probe/int4"].item())
