@@ -129,6 +129,8 @@ def test_tensorboard_without_tag_suggests_loss_tags_first(tmp_path):
         *(f"snr/group_{i}" for i in range(60)),
         "train/loss",
         "val/loss",
+        "snr/forecast/val/loss/train_loss",  # BasinEarlyStopping's own series: no loss of the run's
+        "~snr/loss/val_loss",
     ]
     write_runs(tmp_path, {"a": 1e6}, tags=tags)  # a Lightning run logs dozens of scalars
     with pytest.raises(LogError) as error:
@@ -138,6 +140,23 @@ def test_tensorboard_without_tag_suggests_loss_tags_first(tmp_path):
     assert f"{len(tags) - 2} other tags" in message and len(message) < 200  # counted, not listed
     with pytest.raises(LogError, match="no scalar tag 'loss'.*likely loss tags: val/loss, train/loss"):
         read_tensorboard(tmp_path, "loss")
+
+
+def test_a_tensorboard_run_is_read_once_until_its_files_change(tmp_path, monkeypatch):
+    """A replay reads several tags of one run (the metric, and the forecast's series): its files are read
+    once (thousands of them take minutes), and again when they change (a run still being written)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    reloads = []
+    reload = EventAccumulator.Reload
+    monkeypatch.setattr(EventAccumulator, "Reload", lambda self: reloads.append(1) or reload(self))
+    write_runs(tmp_path, {"a": 1e6})
+    read_tensorboard(tmp_path, "val/loss")
+    read_tensorboard(tmp_path, "train/loss")
+    assert len(reloads) == 1
+    write_runs(tmp_path, {"a": 1e6}, tags=("val/loss", "train/loss", "val/acc"))  # a second event file
+    assert len(read_tensorboard(tmp_path, "val/acc")) == len(STEPS) - 1  # (step 0 skipped)
+    assert len(reloads) == 2
 
 
 def test_tensorboard_single_tag_is_chosen_and_missing_n_leaves_no_n_column(tmp_path):

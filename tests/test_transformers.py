@@ -445,6 +445,13 @@ def test_its_trainer_state_and_tensorboard_logs_replay_alike(tmp_path, capsys):
     assert [p["x"] for p in logged["points"]] == [p["x"] for p in board["points"]]
     assert [p["loss"] for p in logged["points"]] == pytest.approx([p["loss"] for p in board["points"]])
     assert (logged["first_warning"], logged["stop"]) == (board["first_warning"], board["stop"])
+    # Without --train-metric, the TensorBoard log replays the stopper's own points, as trainer_state.json
+    # does: its series are there as train/snr/forecast/eval_loss/... (Hugging Face's names for them).
+    own = replay(run, "--metric", "eval/loss")
+    assert [p["x"] for p in own["points"]] == [p["x"] for p in live["points"]]
+    assert [p["state"] for p in own["points"]] == [p["state"] for p in live["points"]]
+    assert [p["d_star"] for p in own["points"]] == pytest.approx([p["d_star"] for p in live["points"]])
+    assert (own["first_warning"], own["stop"]) == (live["first_warning"], live["stop"])
 
 
 @pytest.mark.parametrize("restore_by_the_trainer", [False, True])
@@ -481,10 +488,11 @@ def test_evaluation_off_is_an_error_at_train_start(tmp_path):
 
 def test_a_missing_metric_names_the_evaluated_ones(tmp_path):
     # As the Trainer's EarlyStoppingCallback: a warning and a run that goes on, unless strict.
-    with pytest.warns(UserWarning, match="`eval_loss`"):
+    with pytest.warns(UserWarning, match="`eval_loss`") as caught:
         missing = BasinEarlyStoppingCallback(monitor="eval_accuracy")
-        trainer = overfitting_run(tmp_path / "a", missing, max_steps=4)
-    assert trainer.state.global_step == 4
+        trainer = overfitting_run(tmp_path / "a", missing, max_steps=6)
+    assert trainer.state.global_step == 6
+    assert sum("did not give" in str(w.message) for w in caught) == 1  # once, not at each of 3 evaluations
     with pytest.raises(RuntimeError, match="`eval_loss`"):
         strict = BasinEarlyStoppingCallback(monitor="eval_accuracy", strict=True)
         overfitting_run(tmp_path / "b", strict, max_steps=4)

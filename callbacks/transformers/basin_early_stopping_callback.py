@@ -121,7 +121,7 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
         # The training losses logged since the last check: Σ loss × steps it covers, and those steps.
         self._train_sum, self._train_steps, self._train_logged_at = 0.0, 0, 0
         self._training = False
-        self._seen_metric = self._said_nonfinite = self._said_no_train = False
+        self._seen_metric = self._said_nonfinite = self._said_no_train = self._said_missing = False
 
     @property
     def forecaster(self) -> BasinForecaster:
@@ -134,7 +134,7 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
     ) -> None:
         self._restore(state)
         self._training, self._seen_metric, self._said_nonfinite = True, False, False
-        self._said_no_train = False
+        self._said_no_train = self._said_missing = False
         # The Trainer's next logged loss covers the steps from here (on a resume, those since the checkpoint).
         self._train_logged_at = state.global_step
         if self.forecaster.prior_note:
@@ -183,7 +183,9 @@ class BasinEarlyStoppingCallback(TrainerCallback, ExportableState):
         metrics: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if self._training and metrics is not None and self.monitor not in metrics and not self._seen_metric:
+        missing = metrics is not None and self.monitor not in metrics and not self._seen_metric
+        if self._training and missing and not (self._said_missing and not self.strict):
+            self._said_missing = True  # (once a fit, not at every evaluation)
             names = ", ".join(f"`{k}`" for k in metrics) or "(none)"
             message = (
                 f"BasinEarlyStoppingCallback is conditioned on metric `{self.monitor}`, which the evaluation "

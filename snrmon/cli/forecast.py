@@ -408,7 +408,7 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
     --where replays as its own directory does."""
     if args.train_metric:
         try:  # a run a BasinEarlyStopping watched with an SNRMonitor: its evidence is not replayed here
-            read_table(args.data, tag=f"snr/forecast/{runs[0].tag}/dataset_snr")
+            read_forecast_series(args.data, runs[0].tag, "dataset_snr")
             print(
                 f"snrmon: note: --train-metric replays the curves alone: the training set's SNR this run's "
                 f"BasinEarlyStopping was fed (snr/forecast/{runs[0].tag}/dataset_snr) is replayed, with its "
@@ -436,7 +436,7 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
     logged = {}
     for name in ("points", "train_loss", "value", "dataset_snr"):
         try:
-            logged[name] = _by_run(read_table(args.data, tag=f"snr/forecast/{runs[0].tag}/{name}"))
+            logged[name] = _by_run(read_forecast_series(args.data, runs[0].tag, name))
         except LogError:
             logged[name] = {}
     if not logged["points"] and not logged["train_loss"]:  # not watched (or by an older snrmon)
@@ -451,6 +451,22 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
     return runs, "train"
 
 
+def read_forecast_series(data: list[str], tag: str, name: str) -> Table:
+    """Series ``name`` a BasinEarlyStopping watching ``tag`` logged: ``snr/forecast/<tag>/<name>``, or, in a
+    Hugging Face run's TensorBoard files, ``train/snr/forecast/eval_<x>/<name>`` for the tag ``eval/<x>``
+    (its TensorBoard callback writes the metric ``eval_<x>`` as ``eval/<x>``, and every key not starting
+    with ``eval_`` under ``train/``). Raises LogError when neither is logged."""
+    names = [f"snr/forecast/{tag}/{name}"]
+    if tag.startswith("eval/"):
+        names.append(f"train/snr/forecast/eval_{tag.removeprefix('eval/')}/{name}")
+    for series in names[:-1]:
+        try:
+            return read_table(data, tag=series)
+        except LogError:
+            pass
+    return read_table(data, tag=names[-1])
+
+
 def _by_run(table: Table) -> dict[str, Table]:
     return {run["group"][0]: run for run in split_runs(table)}
 
@@ -460,7 +476,7 @@ def _checks(data: list[str], tag: str) -> dict[str, Table]:
     (column ``loss``) by the trainer's global step (column ``step``), by run; none for a run it did not
     watch, or whose logs lack the values read (snrmon 0.1)."""
     try:
-        return _by_run(read_table(data, tag=f"snr/forecast/{tag}/value"))
+        return _by_run(read_forecast_series(data, tag, "value"))
     except LogError:
         return {}
 

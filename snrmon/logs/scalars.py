@@ -14,16 +14,21 @@ several of them reads alike:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from snrmon.logs.tables import LogError, Table
+
+if TYPE_CHECKING:  # (tensorboard is imported where it reads, not with snrmon)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 N_KEYS = ("n_params", "N")  # hparams.yaml keys giving a run's parameter count
 TAGS_SHOWN = 8  # tags named in a message about --tag; the rest are counted
@@ -105,7 +110,7 @@ def runs_table(
 def tensorboard_runs(path: Path) -> list[Run]:
     """Every directory holding event files under ``path`` (or the one event file ``path``), read with
     TensorBoard's own event reader."""
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS
 
     run_dirs = (
         [path] if path.is_file() else sorted({p.parent for p in path.rglob("*tfevents*") if p.is_file()})
@@ -117,8 +122,7 @@ def tensorboard_runs(path: Path) -> list[Run]:
     base = path.parent if path.is_file() else path
     runs = []
     for run_dir in run_dirs:
-        accumulator = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
-        accumulator.Reload()
+        accumulator = _loaded(str(run_dir), _files_as_they_are(run_dir))
 
         def values(tag: str, accumulator=accumulator) -> dict[int, float]:
             return {event.step: event.value for event in accumulator.Scalars(tag)}
@@ -128,6 +132,22 @@ def tensorboard_runs(path: Path) -> list[Run]:
     # SNRMonitor copies each loss to a sub-run of its run, under ~snr/loss, only for TensorBoard's colours:
     # a run of chart series alone is no run of its own (unless nothing else was given).
     return [run for run in runs if not _charts_only(run)] or runs
+
+
+@functools.lru_cache(maxsize=32)
+def _loaded(run_dir: str, files: tuple) -> EventAccumulator:
+    """A run's event files, read once per process while ``files`` (their names, sizes and times) stay the
+    same: a replay reads several tags of one directory, and reading thousands of files takes minutes."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    accumulator = EventAccumulator(run_dir, size_guidance={SCALARS: 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def _files_as_they_are(run_dir: Path) -> tuple:
+    files = [run_dir] if run_dir.is_file() else sorted(run_dir.glob("*tfevents*"))
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
 
 
 def _charts_only(run: Run) -> bool:
@@ -236,13 +256,16 @@ def suggest_tags(tags: list[str]) -> str:
     def is_loss(tag: str) -> bool:  # by its last part: snr/forecast/val_loss/d_star is no loss
         return "loss" in tag.lower().rsplit("/", 1)[-1]
 
+    def is_own(tag: str) -> bool:  # a series snrmon logs about a loss (snr/forecast/val_loss/train_loss)
+        return "snr/forecast/" in tag or tag.startswith(CHART_SERIES)
+
     def rank(tag: str) -> tuple:
         words = re.split(r"[^a-z]+", tag.lower())
         is_validation = any(word.startswith(VALIDATION_WORDS) for word in words)
-        return (not is_loss(tag), not is_validation, tag)
+        return (is_own(tag), not is_loss(tag), not is_validation, tag)
 
     ordered = sorted(tags, key=rank)
-    likely = [tag for tag in ordered if is_loss(tag)]
+    likely = [tag for tag in ordered if is_loss(tag) and not is_own(tag)]
     shown = (likely or ordered)[:TAGS_SHOWN]
     rest = len(tags) - len(shown)
     text = f"{'likely loss tags' if likely else 'available tags'}: {', '.join(shown)}"
