@@ -44,7 +44,8 @@ class BasinEarlyStopping(Callback):
       repeated only when the state changes;
     * **stop**: the same with probability ``confidence``, and the monitored curve no longer falls
       significantly. Then ``trainer.should_stop`` is set (agreed across ranks: one rank deciding is enough,
-      as in Lightning's ``EarlyStopping``).
+      as in Lightning's ``EarlyStopping``), and the reason is said in an info line and a text entry
+      ``snr/forecast/<monitor>/stop``.
 
     Logged each check: ``snr/forecast/<monitor>/d_star``, ``d_star_low``, ``d_star_high``, ``steps_to_basin``
     and ``p_basin`` (finite values only). The defaults were chosen by a benchmark of real runs and checked
@@ -419,7 +420,10 @@ class BasinEarlyStopping(Callback):
         trainer.should_stop = True
         self.stopped_step = trainer.global_step
         self.stopping_reason = reason
-        rank_zero_info(f"BasinEarlyStopping: stopping at step {self.stopped_step}: {self.stopping_reason}")
+        said = f"BasinEarlyStopping: stopping at step {self.stopped_step}: {self.stopping_reason}"
+        rank_zero_info(said)
+        # (its own tag: a warning's text may have the same step, and MLflow names a text by tag and step)
+        self._publisher.text(trainer, f"snr/forecast/{self.monitor}/stop", said, self.stopped_step)
         self._draw(trainer)
 
     def _say_nonpositive(self, value: float, step: int) -> None:

@@ -143,8 +143,14 @@ def test_stops_an_overfitting_run_near_its_minimum_and_logs_the_forecast():
     assert len(texts) == len(set(texts)) and all("step" in t for t in texts)
     # Each announced state is also a TensorBoard text entry with a figure, and the stop draws the last one;
     # the first forecast draws one too, and the others wait 30 s (more than this run takes); one figure per
-    # step (a change of state at the stop draws once).
-    assert [text for _, text, _ in recorder.texts] == texts
+    # step (a change of state at the stop draws once). The stop has a text of its own, under its own tag.
+    stop = (
+        "snr/forecast/val_loss/stop",
+        f"BasinEarlyStopping: stopping at step {callback.stopped_step}: {callback.stopping_reason}",
+        callback.stopped_step,
+    )
+    assert recorder.texts[-1] == stop
+    assert [text for _, text, _ in recorder.texts[:-1]] == texts
     figure_steps = [step for _, _, step in recorder.figures]
     first = int(next(f.x for f in callback.forecaster.history if f.d_star is not None))
     assert figure_steps == sorted({first, callback.stopped_step} | {step for _, _, step in recorder.texts})

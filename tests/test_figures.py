@@ -36,9 +36,23 @@ def _fit_warning_run(logger) -> tuple[BasinEarlyStopping, Recorder, list[str]]:
         _fit(callback, _data(64, 0), 200, logger=[logger, recorder])
     said = [str(w.message) for w in caught if str(w.message).startswith("BasinEarlyStopping: val_loss:")]
     assert callback.stopped_step > 0 and said, "the run should warn and stop"
-    assert [text for _, text, _ in recorder.texts] == said
+    assert [text for _, text, _ in warnings_of(recorder)] == said
+    assert [entry for entry in recorder.texts if entry[0] == STOP] == [
+        (STOP, stop_text(callback), callback.stopped_step)
+    ]
     assert not [w for w in caught if "failed to take a figure" in str(w.message)]
     return callback, recorder, said
+
+
+STOP = "snr/forecast/val_loss/stop"  # the tag of the stop's text; the warnings' is snr/forecast/val_loss
+
+
+def warnings_of(recorder: Recorder) -> list[tuple[str, str, int]]:
+    return [entry for entry in recorder.texts if entry[0] == "snr/forecast/val_loss"]
+
+
+def stop_text(callback: BasinEarlyStopping) -> str:
+    return f"BasinEarlyStopping: stopping at step {callback.stopped_step}: {callback.stopping_reason}"
 
 
 def _is_figure(path: Path) -> bool:
@@ -57,7 +71,7 @@ def test_wandb_gets_the_figure_and_the_text(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="snrmon-test")
     try:
-        _, recorder, said = _fit_warning_run(logger)
+        callback, recorder, said = _fit_warning_run(logger)
         files = Path(logger.experiment.dir)  # the offline run's files, as W&B would upload them
     finally:
         wandb.finish()
@@ -70,8 +84,10 @@ def test_wandb_gets_the_figure_and_the_text(tmp_path, monkeypatch):
         document = json.loads(table.read_text())
         assert document["columns"] == ["step", "text"]
         rows += document["data"]
-    assert sorted(rows) == sorted([step, text] for _, text, step in recorder.texts)
+    assert sorted(rows) == sorted([step, text] for _, text, step in warnings_of(recorder))
     assert sorted(text for _, text in rows) == sorted(said)
+    (stop,) = (files / "media" / "table" / "snr" / "forecast" / "val_loss").glob("stop_*.table.json")
+    assert json.loads(stop.read_text())["data"] == [[callback.stopped_step, stop_text(callback)]]
 
 
 def test_mlflow_gets_the_figure_and_the_text(tmp_path, monkeypatch):
@@ -82,7 +98,7 @@ def test_mlflow_gets_the_figure_and_the_text(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store without it
     uri = "file:" + str(tmp_path / "mlruns")
     logger = MLFlowLogger(tracking_uri=uri)
-    _, recorder, said = _fit_warning_run(logger)
+    callback, recorder, said = _fit_warning_run(logger)
     client = MlflowClient(uri)
     # Artifacts <tag>/step_<global step>.png and .txt: one per figure and text, none overwritten.
     figures = [a.path for a in client.list_artifacts(logger.run_id, "snr/forecast/val_loss/figure")]
@@ -92,8 +108,10 @@ def test_mlflow_gets_the_figure_and_the_text(tmp_path, monkeypatch):
     texts = {
         int(re.fullmatch(r"step_(\d+)\.txt", p.name)[1]): p.read_text() for p in downloaded.glob("*.txt")
     }
-    assert texts == {step: text for _, text, step in recorder.texts}
+    assert texts == {step: text for _, text, step in warnings_of(recorder)}
     assert sorted(texts.values()) == sorted(said)
+    stop = downloaded / "stop" / f"step_{callback.stopped_step:08d}.txt"
+    assert [p.name for p in stop.parent.iterdir()] == [stop.name] and stop.read_text() == stop_text(callback)
 
 
 def test_a_logger_that_takes_neither_says_where_the_figure_is(tmp_path, caplog):
