@@ -342,7 +342,8 @@ class SNRMonitor(Callback):
             self._warn_once(
                 "single_batch",
                 "SNRMonitor: one device and `accumulate_grad_batches=1` give a single batch size per step,"
-                " so signal and noise cannot be separated: nothing is logged and no hook is installed. Use"
+                " so signal and noise cannot be separated: while it does, nothing is measured and no hook is"
+                " installed. Use"
                 " gradient accumulation, several devices, or `SNRMonitor(split_batch=True)` (about half a"
                 " forward/backward extra per measured step; raise `every_n_steps` to spend less).",
             )
@@ -504,6 +505,16 @@ class SNRMonitor(Callback):
         # progress bar cannot take values after training.) One host sync, after training.
         if self._meter is not None and self._meter.updated_since_snapshot():
             self._log(trainer, pl_module, at_end=True)
+        said = {"single_batch", "nothing_trains"} & self._warned  # (why nothing was measured, said already)
+        if self._meter is not None and not self.latest and not said and not self._disabled:
+            # E.g. `fast_dev_run`: one microbatch, the shorter last window of its epoch.
+            self._warn_once(
+                "nothing_measured",
+                "SNRMonitor: no optimizer step of this fit was measured (it ended at global step"
+                f" {trainer.global_step}), so `latest` is empty and nothing was logged. A step is measured"
+                " when it has two or more microbatches (or ranks); an epoch's shorter last window, of one"
+                " microbatch, is not.",
+            )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ended_at_step = trainer.global_step
