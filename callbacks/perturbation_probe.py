@@ -66,8 +66,10 @@ class PerturbationProbe(Callback):
     Raises:
         ValueError: invalid ``num_batches`` or ``every_n_validations``.
 
-    Without ``loss_fn``, a ``validation_step`` that returns no loss is said by a warning at the first
-    validation batch (the sanity check's, if any); the probe then logs nothing and training goes on.
+    Without ``loss_fn``, the probe runs ``validation_step`` on the first ``num_batches`` batches of the first
+    validation dataloader (with ``dataloader_idx=0`` when there are several). If it returns no loss there, a
+    warning says so at the first such batch (the sanity check's, if any), the probe logs nothing, and
+    training goes on; a perturbed run of it that returns none gives a NaN probe value.
 
     Attributes:
         last_value: the last logged (rank-averaged) probe loss, ``None`` before the first probe.
@@ -107,6 +109,7 @@ class PerturbationProbe(Callback):
         self._batches: list[tuple[Any, int]] = []
         self._warned_no_validation = False
         self._no_loss = False  # validation_step returns no loss and no loss_fn is given: nothing to probe
+        self._several_dataloaders = False  # (then validation_step takes a dataloader_idx)
 
     @property
     def state_key(self) -> str:
@@ -148,16 +151,19 @@ class PerturbationProbe(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self.loss_fn is None and not self._no_loss and _loss_of(outputs) is None:
+        if dataloader_idx != 0 or batch_idx >= self.num_batches or self._no_loss:
+            return  # (the probe reads the first batches of the first dataloader only)
+        if self.loss_fn is None and _loss_of(outputs) is None:
             # Said at the first validation batch (the sanity check's, if any), not raised at the first probe:
             # a crash there would lose the epoch trained before it.
             self._no_loss = True
             rank_zero_warn(_no_loss_message(type(self).__name__, outputs), category=RuntimeWarning)
+            return
+        # Lightning passes dataloader_idx to a validation_step only when there are several dataloaders.
+        self._several_dataloaders = len(trainer.num_val_batches) > 1
         # The batches are kept (already on the device) rather than probed here: one perturbation per draw for
         # all of them, instead of one per batch and draw.
-        if self._no_loss:
-            return
-        if dataloader_idx == 0 and len(self._batches) < self.num_batches and self._due(trainer):
+        if len(self._batches) < self.num_batches and self._due(trainer):
             self._batches.append((batch, batch_idx))
 
     def _due(self, trainer: pl.Trainer) -> bool:
@@ -200,12 +206,13 @@ class PerturbationProbe(Callback):
         # them (instance attributes shadow the methods; deleting them brings the methods back).
         pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
         try:
-            out = pl_module.validation_step(batch, batch_idx)
+            args = (batch, batch_idx, 0) if self._several_dataloaders else (batch, batch_idx)
+            out = pl_module.validation_step(*args)
         finally:
             del pl_module.log, pl_module.log_dict
         loss = _loss_of(out)
-        if loss is None:  # (the clean batch returned one, checked at its batch end: a step that varies)
-            raise RuntimeError(_no_loss_message(type(self).__name__, out))
+        if loss is None:  # the clean batch returned one, the perturbed not (a step that skips a bad loss?)
+            return torch.tensor(float("nan"), device=pl_module.device)  # a NaN probe value, not a crash
         return loss
 
     # -- checkpointing -------------------------------------------------------------------------------------

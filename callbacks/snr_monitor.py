@@ -171,7 +171,9 @@ class SNRMonitor(Callback):
         self.groups = groups
         self.batch_size_fn = batch_size_fn or count_samples
         self.split_batch = split_batch
-        self.dataset_size = dataset_size
+        # (LightningCLI gives a whole number as a float: said and logged as the int it is)
+        whole = isinstance(dataset_size, float) and dataset_size.is_integer()
+        self.dataset_size = int(dataset_size) if whole else dataset_size
         self.prefix = prefix.strip("/ ")
         self.prog_bar = prog_bar
         self.log_details = log_details

@@ -296,6 +296,37 @@ def test_a_fit_that_measured_no_step_says_why_latest_is_empty():
     assert len(said) == 1 and "shorter last window" in said[0]
 
 
+class SkipsBatches(Regression):
+    """`training_step` returns None for the batches in ``skipped`` (Lightning's documented way to skip)."""
+
+    def __init__(self, skipped: set[int]):
+        super().__init__()
+        self.skipped = skipped
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        return None if batch_idx in self.skipped else super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pass  # (no loss to collect from a skipped batch)
+
+
+@pytest.mark.parametrize(
+    "options", [{"accumulate_grad_batches": 2}, {"split_batch": True}], ids=["accumulate", "split_batch"]
+)
+def test_a_window_whose_every_batch_is_skipped_is_left_out_and_the_others_measured(options: dict):
+    """A window of batches whose `training_step` returned None has nothing to measure: left out, the monitor
+    goes on (it switched itself off at such a step in a first version of the meter's stricter check)."""
+    split = options.pop("split_batch", False)
+    monitor = SNRMonitor(split_batch=split)
+    skipped = {2, 3} if not split else {2}  # the second step's window
+    with record_warnings() as record:
+        trainer = make_trainer(monitor, max_steps=6, **options)
+        trainer.fit(SkipsBatches(skipped), regression_loader())
+    assert not snr_warnings(record) and monitor._disabled is False
+    assert int(monitor._estimator.updates) == trainer.global_step - 1 >= 4
+    assert_finite_estimates(monitor.latest)
+
+
 # ---------------------------------------------------------------------- 3: training is unchanged
 @pytest.mark.parametrize(
     ("accumulate", "split_batch"), [(4, False), (1, True)], ids=["accumulate4", "split_batch"]

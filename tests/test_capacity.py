@@ -243,6 +243,10 @@ def test_lightning_cli_takes_an_unannotated_batch_size_fn_and_an_infinite_datase
     cli = _cli([{"class_path": "snrmon.callbacks.SNRMonitor", "init_args": init_args}])
     monitor = cli.trainer.callbacks[0]
     assert monitor.batch_size_fn is rows_untyped and monitor.dataset_size == math.inf
+    # A whole number comes from the command line as a float: kept as the int it is (said, logged so).
+    whole = {"class_path": "snrmon.callbacks.SNRMonitor", "init_args": {"dataset_size": 1000}}
+    told = _cli([whole]).trainer.callbacks[0].dataset_size
+    assert told == 1000 and type(told) is int
     torch.manual_seed(0)
     x = torch.randn(256, 8)
     cli.trainer.fit(cli.model, DataLoader(TensorDataset(x, x[:, :1]), batch_size=16, shuffle=True))

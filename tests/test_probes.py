@@ -313,6 +313,42 @@ def test_every_n_validations_and_a_validation_step_without_loss():
     assert math.isfinite(trainer.callback_metrics["snr/probe/int4"].item())
 
 
+def test_a_probe_reads_the_first_batches_of_the_first_of_several_dataloaders():
+    """Several validation dataloaders: validation_step takes a dataloader_idx (the probe passes 0), and only
+    what the probe reads must return a loss (here the first 2 batches of dataloader 0)."""
+
+    class Several(Regressor):
+        def validation_step(self, batch, batch_idx, dataloader_idx):
+            loss = super().validation_step(batch, batch_idx)
+            return loss if dataloader_idx == 0 and batch_idx < 2 else None
+
+        def val_dataloader(self):
+            return [DataLoader(_data(64, 1), batch_size=16), DataLoader(_data(64, 2), batch_size=16)]
+
+    probe = GaussianNoiseProbe(snr_db=10, draws=1, num_batches=2)
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[probe], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=2,
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(Several(), DataLoader(_data(96, 0), batch_size=16))
+    assert not [w for w in record if "needs the loss" in str(w.message)]
+    assert probe.last_value is not None and math.isfinite(probe.last_value)
+
+
+def test_a_perturbed_validation_step_without_a_loss_gives_nan_not_a_crash():
+    class NoLossWhenMuted(Regressor):  # (the probe mutes self.log while it runs validation_step)
+        def validation_step(self, batch, batch_idx):
+            loss = super().validation_step(batch, batch_idx)
+            return None if "log" in self.__dict__ else loss
+
+    probe = GaussianNoiseProbe(snr_db=10, draws=1)
+    trainer, _ = _fit([probe], max_epochs=1, model=NoLossWhenMuted())
+    assert trainer.current_epoch == 1 and math.isnan(probe.last_value)
+
+
 def test_no_validation_loop_warns():
     with pytest.warns(RuntimeWarning, match="no validation loop"):
         _fit([GaussianNoiseProbe(snr_db=10)], max_epochs=1, model=NoValidation())

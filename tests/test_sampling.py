@@ -65,8 +65,12 @@ def test_population_size_and_reason(loader, size):
         (DataLoader(DATA, batch_size=8, shuffle=True), 3, 1, 100),  # another subset each epoch
         (DataLoader(DATA, batch_size=8, sampler=DistributedSampler(DATA, 2, 0, shuffle=False)), 3, 2, 48),
         (DataLoader(DATA, batch_size=8, sampler=DistributedSampler(DATA, 2, 0, shuffle=True)), 3, 2, 100),
+        (DataLoader(DATA, batch_sampler=BatchSampler(SequentialSampler(DATA), 8, False)), 2, 1, 16),
     ],
-    ids=["in_order", "in_order_float", "all", "unlimited", "shuffled", "distributed", "distributed_shuffled"],
+    ids=[
+        "in_order", "in_order_float", "all", "unlimited", "shuffled", "distributed", "distributed_shuffled",
+        "own_batch_sampler",  # (the loader's batch_size is None then)
+    ],
 )
 def test_an_epoch_of_its_first_batches_draws_from_them(loader, batches_read, world_size, size):
     population = training_population(loader, world_size, batches_read=batches_read)

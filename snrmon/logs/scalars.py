@@ -134,7 +134,7 @@ def tensorboard_runs(path: Path) -> list[Run]:
     return [run for run in runs if not _charts_only(run)] or runs
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=1024)  # (a directory of many runs is read whole, several times)
 def _loaded(run_dir: str, files: tuple) -> EventAccumulator:
     """A run's event files, read once per process while ``files`` (their names, sizes and times) stay the
     same: a replay reads several tags of one directory, and reading thousands of files takes minutes."""

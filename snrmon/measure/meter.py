@@ -396,6 +396,13 @@ class GradientMeter:
         reduced = False
         try:
             check_accumulation(accumulation)
+            if count == 0 and accumulation is not None:
+                # Every microbatch of the window was skipped (Lightning: a `training_step` that returned
+                # None): nothing to measure. The other ranks, if any, skip the step with this one.
+                self.skip_step() if world > 1 else estimator.discard_step()
+                taps.clear_window()
+                reduced = True
+                return
             if count == 0:
                 raise RuntimeError(
                     "before_step() with no after_backward() since the last step: call"
@@ -739,7 +746,8 @@ class GradientMeter:
             self._estimator.load_state_dict(state["estimator"])
             if not bool(torch.isfinite(self._estimator.moments).all()):  # once, at resume
                 raise ValueError("its moments are not finite")
-            self._steps = max(self._steps, int(self._estimator.updates))  # (compute() reads them now)
+            # (compute() reads the restored steps now, also when every one of them was non-finite)
+            self._steps = max(self._steps, int(self._estimator.updates + self._estimator.skipped))
         except Exception as error:
             self._estimator.reset()
             self._warn(

@@ -82,7 +82,7 @@ def _first_batches_only(
     if not in_order:
         return population  # (a shuffled subset each epoch: the draws still come from the whole set)
     ranks = world_size if isinstance(sampler, DistributedSampler) else 1
-    size = min(population.size, int(batches_read) * loader.batch_size * ranks)
+    size = min(population.size, int(batches_read) * loader.batch_sampler.batch_size * ranks)
     return Population(
         size, f"{population.description}, and each epoch reads only its first {int(batches_read)} batches"
     )
