@@ -1284,7 +1284,7 @@ def test_bad_groups_are_refused_when_the_monitor_is_made(groups: Any):
 
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
-@pytest.mark.parametrize("change", ["every_n_steps", "groups"])
+@pytest.mark.parametrize("change", ["every_n_steps", "groups", "dataset_size"])
 def test_resume_with_other_settings_keeps_the_state_or_says_why_not(tmp_path: Path, change: str):
     def fit(monitor: SNRMonitor, max_epochs: int, ckpt_path: str | None = None, checkpoint=None) -> None:
         torch.manual_seed(0)
@@ -1297,13 +1297,21 @@ def test_resume_with_other_settings_keeps_the_state_or_says_why_not(tmp_path: Pa
     first = SNRMonitor(groups=1)
     fit(first, max_epochs=1, checkpoint=ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1))
     (saved,) = tmp_path.glob("*.ckpt")
-    resumed = SNRMonitor(every_n_steps=2, groups=1) if change == "every_n_steps" else SNRMonitor(groups=None)
+    resumed = {
+        "every_n_steps": SNRMonitor(every_n_steps=2, groups=1),
+        "groups": SNRMonitor(groups=None),
+        "dataset_size": SNRMonitor(groups=1, dataset_size=math.inf),  # (the first fit read N = 96)
+    }[change]
     with record_warnings() as record:
         fit(resumed, max_epochs=2, ckpt_path=str(saved))
 
     if change == "every_n_steps":  # the EMAs go on: 6 restored updates and 3 new ones
         assert not snr_warnings(record)
         assert int(resumed._estimator.updates) == 9
+    elif change == "dataset_size":  # they go on too, said to mix two corrections
+        (said,) = snr_warnings(record)
+        assert "N = 96, this run's is N = inf" in said
+        assert int(resumed._estimator.updates) == 12
     else:
         assert any("groups" in m and "differ" in m for m in snr_warnings(record))
         assert int(resumed._estimator.updates) == 6

@@ -260,7 +260,8 @@ class GradientNoiseEstimator:
     def state_dict(self) -> dict[str, Any]:
         # clone: on CPU `.cpu()` is the live tensor, which `step` changes in place.
         names = ("moments", "updates", "skipped", "dropped", "batch_size")
-        return {"ema_decay": self.ema_decay} | {name: getattr(self, name).cpu().clone() for name in names}
+        settings = {"ema_decay": self.ema_decay, "dataset_size": self.dataset_size}  # (what the EMAs are of)
+        return settings | {name: getattr(self, name).cpu().clone() for name in names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a saved state; the EMAs continue exactly if ``ema_decay`` is the saved one."""

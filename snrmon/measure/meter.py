@@ -194,7 +194,8 @@ class GradientMeter:
             such steps are left out of the estimates and of ``skipped_steps``.
         TypeError: at :meth:`after_backward`, a ``batch_size`` or ``weight`` that is neither a number nor a
             one-element real tensor (``True``, ``torch.tensor(True)``).
-        RuntimeError: :meth:`before_step` without any :meth:`after_backward` since the last step,
+        RuntimeError: :meth:`before_step` without any :meth:`after_backward` since the last step (unless
+            ``accumulation`` is given: that window, every microbatch of which the loop skipped, is left out),
             :meth:`compute` before any measured step, any use after :meth:`close`, and a parameter that
             received several gradients where one backward was expected: several backwards without
             :meth:`after_backward` between them, or a gradient that arrives in parts (reentrant activation
@@ -761,6 +762,14 @@ class GradientMeter:
                 None,
                 f"the checkpoint was smoothed with ema_decay={saved_decay}, this run uses {self.ema_decay};"
                 " the bias correction of the restored EMAs is approximate.",
+            )
+        saved_size = state["estimator"].get("dataset_size")  # (None: a checkpoint from before it was saved)
+        if saved_size is not None and saved_size != self._estimator.dataset_size:
+            self._warn(
+                None,
+                f"the checkpoint's estimates were corrected for a training set of N = {saved_size:g}, this"
+                f" run's is N = {self._estimator.dataset_size:g} (inf: independent draws); the restored"
+                " signal mixes the two until the EMAs forget the checkpoint's steps.",
             )
 
     def _read(self, prefix: str) -> tuple[dict[str, float], int]:
