@@ -202,7 +202,7 @@ def build_report(
     lines += [
         "",
         "Open the run in TensorBoard, then http://localhost:6006/#custom_scalars for snrmon's charts (the",
-        "forecast figure is in the Images tab, the warnings in the Text tab):",
+        "forecast figure is in the Images tab, the warnings and the stop in the Text tab):",
         "",
         f"    {commands['tensorboard']}",
         "",
