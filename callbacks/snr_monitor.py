@@ -345,9 +345,9 @@ class SNRMonitor(Callback):
                 "single_batch",
                 "SNRMonitor: one device and `accumulate_grad_batches=1` give a single batch size per step,"
                 " so signal and noise cannot be separated: while it does, nothing is measured and no hook is"
-                " installed. Use"
-                " gradient accumulation, several devices, or `SNRMonitor(split_batch=True)` (about half a"
-                " forward/backward extra per measured step; raise `every_n_steps` to spend less).",
+                " installed. Use gradient accumulation, several devices, or `SNRMonitor(split_batch=True)`"
+                " (about half a forward/backward extra per measured step; raise `every_n_steps` to spend"
+                " less).",
             )
             return False
         return True
