@@ -268,6 +268,7 @@ def test_warnings_on_stderr_and_in_json(tmp_path, capsys, monkeypatch):
     assert "snrmon: warning" not in out  # the report on stdout stays clean
     doc = run_json(capsys, "fit", steep, "--law", "power", *FAST, "--bootstrap", "0")
     assert any("beta = 3 ended at its upper bound" in warning for warning in doc["warnings"])
+
     # A constant at its bound is said once: not again as an interval that excludes it (resampled fits stop
     # at the bound too); the others' intervals are judged as usual.
     def below(problem, log_theta, resamples, seed, bar):
@@ -295,6 +296,7 @@ def test_warning_when_a_bootstrap_interval_excludes_its_estimate(chinchilla, cap
     excluded = [w for w in doc["warnings"] if "excludes its estimate" in w]
     assert len(excluded) == len(get_law("chinchilla").params)
     assert excluded[0].startswith("chinchilla: the 95% bootstrap interval of E")
+
     # An interval that misses its estimate by a rounding only (fits settling at the same optimum) does not.
     def rounding(problem, log_theta, resamples, seed, bar):
         theta = zip(problem.law.param_names, np.exp(log_theta), strict=True)
@@ -982,3 +984,20 @@ def test_forecast_replays_a_check_whose_metric_was_not_finite(tmp_path, capsys):
     assert [p["x"] for p in document["points"]] == [f.x for f in live.history]
     assert document["first_warning"] == next((f.x for f in live.history if f.warning), None)
 
+
+def test_the_forecast_series_of_lightning_and_hugging_face_runs_in_one_folder_are_both_found(tmp_path):
+    """A Lightning run logs snr/forecast/<tag>/..., a Hugging Face run's TensorBoard callback
+    train/snr/forecast/eval_<x>/... for its eval/<x>: a folder holding both gives each run its own."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for run, series in (
+        ("lightning", "snr/forecast/eval/loss/value"),
+        ("hf", "train/snr/forecast/eval_loss/value"),
+    ):
+        with SummaryWriter(str(tmp_path / run)) as writer:
+            for step in (10, 20, 30):
+                writer.add_scalar("eval/loss", 1.0 / step, step)
+                writer.add_scalar(series, 1.0 / step, step + 1)
+    found = forecast_verb.read_forecast_series(str(tmp_path), "eval/loss", "value")
+    assert sorted(found) == ["hf", "lightning"]
+    assert all(list(table["step"]) == [11, 21, 31] for table in found.values())

@@ -436,7 +436,7 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
     logged = {}
     for name in ("points", "train_loss", "value", "dataset_snr"):
         try:
-            logged[name] = _by_run(read_forecast_series(args.data, runs[0].tag, name))
+            logged[name] = read_forecast_series(args.data, runs[0].tag, name)
         except LogError:
             logged[name] = {}
     if not logged["points"] and not logged["train_loss"]:  # not watched (or by an older snrmon)
@@ -451,32 +451,35 @@ def with_training_loss(runs: list[Table], args: argparse.Namespace) -> tuple[lis
     return runs, "train"
 
 
-def read_forecast_series(data: list[str], tag: str, name: str) -> Table:
-    """Series ``name`` a BasinEarlyStopping watching ``tag`` logged: ``snr/forecast/<tag>/<name>``, or, in a
-    Hugging Face run's TensorBoard files, ``train/snr/forecast/eval_<x>/<name>`` for the tag ``eval/<x>``
-    (its TensorBoard callback writes the metric ``eval_<x>`` as ``eval/<x>``, and every key not starting
-    with ``eval_`` under ``train/``). Raises LogError when neither is logged."""
+def read_forecast_series(data: str, tag: str, name: str) -> dict[str, Table]:
+    """Series ``name`` a BasinEarlyStopping watching ``tag`` logged, by run: ``snr/forecast/<tag>/<name>``,
+    or, in a Hugging Face run's TensorBoard files, ``train/snr/forecast/eval_<x>/<name>`` for the tag
+    ``eval/<x>`` (its TensorBoard callback writes the metric ``eval_<x>`` as ``eval/<x>``, and every key not
+    starting with ``eval_`` under ``train/``). Raises LogError when no run logged it."""
     names = [f"snr/forecast/{tag}/{name}"]
     if tag.startswith("eval/"):
         names.append(f"train/snr/forecast/eval_{tag.removeprefix('eval/')}/{name}")
-    for series in names[:-1]:
+    found: dict[str, Table] = {}
+    for series in reversed(names):  # (a run holding both: the first name's)
         try:
-            return read_table(data, tag=series)
-        except LogError:
-            pass
-    return read_table(data, tag=names[-1])
+            found |= _by_run(read_table(data, tag=series))
+        except LogError as error:
+            missing = error
+    if not found:
+        raise missing
+    return found
 
 
 def _by_run(table: Table) -> dict[str, Table]:
     return {run["group"][0]: run for run in split_runs(table)}
 
 
-def _checks(data: list[str], tag: str) -> dict[str, Table]:
+def _checks(data: str, tag: str) -> dict[str, Table]:
     """What a BasinEarlyStopping(monitor=tag) that watched each run read at its checks: the metric's value
     (column ``loss``) by the trainer's global step (column ``step``), by run; none for a run it did not
     watch, or whose logs lack the values read (snrmon 0.1)."""
     try:
-        return _by_run(read_forecast_series(data, tag, "value"))
+        return read_forecast_series(data, tag, "value")
     except LogError:
         return {}
 
