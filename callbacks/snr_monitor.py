@@ -513,9 +513,10 @@ class SNRMonitor(Callback):
             self._warn_once(
                 "nothing_measured",
                 "SNRMonitor: no optimizer step of this fit was measured (it ended at global step"
-                f" {trainer.global_step}), so `latest` is empty and nothing was logged. A step is measured"
-                " when it has two or more microbatches (or ranks); an epoch's shorter last window, of one"
-                " microbatch, is not.",
+                f" {trainer.global_step}), so `latest` is empty and nothing was logged. Measured are every"
+                f" {self.every_n_steps}-th step (`every_n_steps`) that has two or more microbatches (or"
+                " ranks); not an epoch's shorter last window of one microbatch, nor a window whose every"
+                " `training_step` returned None.",
             )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1310,7 +1310,7 @@ def test_resume_with_other_settings_keeps_the_state_or_says_why_not(tmp_path: Pa
         assert int(resumed._estimator.updates) == 9
     elif change == "dataset_size":  # they go on too, said to mix two corrections
         (said,) = snr_warnings(record)
-        assert "N = 96, this run's is N = inf" in said
+        assert "N = 96, this run's is N = inf (inf: independent draws)" in said
         assert int(resumed._estimator.updates) == 12
     else:
         assert any("groups" in m and "differ" in m for m in snr_warnings(record))

@@ -764,12 +764,14 @@ class GradientMeter:
                 " the bias correction of the restored EMAs is approximate.",
             )
         saved_size = state["estimator"].get("dataset_size")  # (None: a checkpoint from before it was saved)
-        if saved_size is not None and saved_size != self._estimator.dataset_size:
+        size = self._estimator.dataset_size
+        if saved_size is not None and saved_size != size:
+            independent = " (inf: independent draws)" if math.inf in (saved_size, size) else ""
             self._warn(
                 None,
                 f"the checkpoint's estimates were corrected for a training set of N = {saved_size:g}, this"
-                f" run's is N = {self._estimator.dataset_size:g} (inf: independent draws); the restored"
-                " signal mixes the two until the EMAs forget the checkpoint's steps.",
+                f" run's is N = {size:g}{independent}; the restored signal mixes the two until the EMAs"
+                " forget the checkpoint's steps.",
             )
 
     def _read(self, prefix: str) -> tuple[dict[str, float], int]:
