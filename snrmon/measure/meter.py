@@ -400,9 +400,12 @@ class GradientMeter:
             if count == 0 and accumulation is not None:
                 # Every microbatch of the window was skipped (Lightning: a `training_step` that returned
                 # None): nothing to measure. The other ranks, if any, skip the step with this one.
-                self.skip_step() if world > 1 else estimator.discard_step()
                 taps.clear_window()
-                reduced = True
+                reduced = True  # (skip_step joins the other ranks' all-reduce; no second time on failure)
+                if world > 1:
+                    self.skip_step()
+                else:
+                    estimator.discard_step()
                 return
             if count == 0:
                 raise RuntimeError(
