@@ -184,7 +184,6 @@ class SNRMonitor(Callback):
 
         self._meter: GradientMeter | None = None  # made at fit start
         self._pending_state: dict[str, Any] | None = None  # a checkpoint's, until the meter is made
-        self._warned: set[str] = set()
         self._rank = 0
         self._sharded = False  # FSDP2, known at setup
         self._ended_at_step = -1  # global step at the end of this monitor's last fit
@@ -193,6 +192,7 @@ class SNRMonitor(Callback):
 
     def _reset_fit_state(self) -> None:
         self._disabled = False
+        self._warned: set[str] = set()  # topics warned about in this fit: each once a fit
         self._logged_step = -1  # the step the values were last logged at
         self._closed_step = -1  # global step of the last measured on_before_optimizer_step
         self._population: Population | None = None
