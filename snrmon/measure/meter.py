@@ -135,9 +135,10 @@ class GradientMeter:
     ratios of those sums, so the ranks cannot be joined later, at :meth:`compute`. Every rank must call it.
 
     :meth:`compute` returns ``signal``, ``noise``, ``noise_scale`` (in samples), ``ratio`` (SNR at the current
-    batch size), each with ``_se``, ``batch_size``, ``skipped_steps`` (steps with non-finite gradients),
-    ``dropped_windows`` (windows whose step never came), with ``dataset_size`` also ``signal_beyond_chance``,
-    ``dataset_snr`` (with ``_se``) and ``dataset_size``, and per group ``<group>/signal`` and so on: the keys
+    batch size), each with ``_se``, ``batch_size``, ``skipped_steps`` (steps left out: non-finite gradients,
+    or a window without a backward), ``dropped_windows`` (windows whose step never came), with
+    ``dataset_size`` also ``signal_beyond_chance``, ``dataset_snr`` (with ``_se``) and ``dataset_size``, and
+    per group ``<group>/signal`` and so on: the keys
     of ``SNRMonitor.latest`` without its ``"snr/"`` prefix.
 
     **Windows.** A plain loop needs only :meth:`after_backward` and :meth:`before_step`: the meter watches the
@@ -399,13 +400,11 @@ class GradientMeter:
             check_accumulation(accumulation)
             if count == 0 and accumulation is not None:
                 # Every microbatch of the window was skipped (Lightning: a `training_step` that returned
-                # None): nothing to measure. The other ranks, if any, skip the step with this one.
+                # None): nothing to measure. Counted in skipped_steps, alike on one process and under several
+                # ranks, where the other ranks skip the step with this one.
                 taps.clear_window()
                 reduced = True  # (skip_step joins the other ranks' all-reduce; no second time on failure)
-                if world > 1:
-                    self.skip_step()
-                else:
-                    estimator.discard_step()
+                self.skip_step()
                 return
             if count == 0:
                 raise RuntimeError(
