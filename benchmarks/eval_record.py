@@ -494,6 +494,9 @@ class CorpusCurve(Curve):
     train_examples: int = 0  # N, and the examples train_signal and train_noise read (corpus.sample_sizes)
     noise_sample: int = 0
     val_se: list[float] | None = None
+    drift_first: list[float] | None = None  # corpus.Drift's terms (recorded with --drift, first 60 only)
+    drift_curvature: list[float] | None = None
+    drift_noise: list[float] | None = None
 
     @property
     def target(self) -> bool:
@@ -512,6 +515,9 @@ LATER_SERIES = (
     "avg_dot_se",
     "train_signal",
     "train_noise",
+    "drift_first",
+    "drift_curvature",
+    "drift_noise",
 )
 
 

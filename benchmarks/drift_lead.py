@@ -1,0 +1,147 @@
+"""Does the validation loss's second-order drift per step tell where it turns? (issue 13; docs/forecast.md,
+"The noise term, measured")
+
+Theory §5 names the candidate: the first- and second-order terms of the expected loss change per step, the
+gain −η g_val·u against the cost η²/2 · (uᵀH u + tr(P H P Σ)/B) of the step's curvature and sampling noise.
+``python benchmarks/corpus.py --drift`` records them at every validation of the replayed window
+(``corpus.Drift``); this replays them:
+
+1. as physics: does the predicted drift T (their sum) follow the observed slope of the validation loss?
+2. as rules: the first validation where T > 0 (a step is predicted to hurt), or the noise alone outweighs
+   the gain, at two consecutive validations; scored as the corpus evaluation scores a warning;
+3. as features: the AUC of T/|gain| for "warn now" against "do not", on the points of the separability table.
+
+    python benchmarks/drift_lead.py [--corpus tuning]   # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from eval_record import CorpusCurve, load_corpus
+from forecast_variants import auc
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(values))
+
+
+def terms(curve: CorpusCurve) -> dict[str, np.ndarray]:
+    """The recorded terms over the window, the predicted drift T, the observed slope (central differences,
+    at the inner points) and rho, the second-order cost over the first-order gain."""
+    n = len(curve.drift_noise)
+    x, val = np.asarray(curve.x[:n]), np.asarray(curve.val[:n])
+    gain, curvature, noise = (
+        np.asarray(s[:n]) for s in (curve.drift_first, curve.drift_curvature, curve.drift_noise)
+    )
+    return {
+        "x": x,
+        "gain": gain,  # −η g_val·u: negative while a step helps held-out data
+        "noise": noise,
+        "T": gain + curvature + noise,
+        "observed": (val[2:] - val[:-2]) / (x[2:] - x[:-2]),
+        "rho": (curvature + noise) / np.maximum(-gain, 1e-300),
+    }
+
+
+def first_at(condition: np.ndarray, persist: int = 2) -> int | None:
+    """The first index where ``condition`` has held at ``persist`` consecutive validations."""
+    streak = 0
+    for i, holds in enumerate(condition):
+        streak = streak + 1 if holds else 0
+        if streak >= persist:
+            return i
+    return None
+
+
+def physics(curves: list[CorpusCurve]) -> list[str]:
+    lines = [
+        "1. The predicted drift per step T against the observed slope of the validation loss",
+        f"{'family':12s} {'runs':>4s} {'Spearman (median)':>18s} {'sign agrees':>12s} "
+        f"{'rho, first 10 (median)':>23s} {'T > 0 first at (U-runs)':>24s}",
+    ]
+    for family in dict.fromkeys(c.family for c in curves):
+        mine = [c for c in curves if c.family == family]
+        spearman, agree, early_rho, first = [], [], [], []
+        for c in mine:
+            t = terms(c)
+            predicted = t["T"][1:-1]
+            spearman.append(np.corrcoef(ranks(predicted), ranks(t["observed"]))[0, 1])
+            agree.append(np.mean(np.sign(predicted) == np.sign(t["observed"])))
+            early_rho.append(np.median(t["rho"][:10]))
+            if c.kind == "U":
+                index = first_at(t["T"] > 0, persist=1)
+                first.append(f"{index if index is not None else '-'}/{c.min_index}")
+        lines.append(
+            f"{family:12s} {len(mine):4d} {np.median(spearman):18.2f} {np.median(agree):12.2f} "
+            f"{np.median(early_rho):23.2f}   {' '.join(first)}"
+        )
+    return lines
+
+
+RULES = {
+    "T > 0 (a step is predicted to hurt)": lambda t: t["T"] > 0,
+    "noise alone outweighs the gain": lambda t: t["noise"] > -t["gain"],
+    "the gain itself turns (first order hurts)": lambda t: t["gain"] > 0,
+}
+
+
+def rules(curves: list[CorpusCurve]) -> list[str]:
+    lines = [
+        "2. As warnings (the condition at 2 consecutive validations)",
+        f"{'rule':44s} {'in time':>8s} {'fired before half the minimum':>30s} "
+        f"{'median first − minimum':>23s} {'false alarms':>13s}",
+    ]
+    targets = [c for c in curves if c.target]
+    improving = [c for c in curves if c.kind == "improving"]
+    for name, condition in RULES.items():
+        fired = {c.name: first_at(condition(terms(c))) for c in curves}
+        x_at = {c.name: c.x[fired[c.name]] if fired[c.name] is not None else None for c in curves}
+        in_time = sum(
+            x_at[c.name] is not None and c.x[c.min_index] / 2 <= x_at[c.name] <= c.x[c.min_index]
+            for c in targets
+        )
+        early = sum(x_at[c.name] is not None and x_at[c.name] < c.x[c.min_index] / 2 for c in targets)
+        lead = [fired[c.name] - c.min_index for c in targets if fired[c.name] is not None]
+        alarms = sum(fired[c.name] is not None for c in improving)
+        lines.append(
+            f"{name:44s} {in_time:>3d} / {len(targets):<2d} {early:>22d} / {len(targets):<5d} "
+            f"{np.median(lead) if lead else float('nan'):>+20.1f}   {alarms:>6d} / {len(improving)}"
+        )
+    return lines
+
+
+def features(curves: list[CorpusCurve]) -> list[str]:
+    """AUC on the points of forecast_variants.labelled_points: each validation from the 16th on of the
+    improving-there runs and of the target U-runs up to their minimum; positive from half the minimum on."""
+    scores: dict[str, list[float]] = {"T / |gain|": [], "noise / |gain|": [], "the gain's sign": []}
+    labels = []
+    for c in curves:
+        if c.kind == "U" and not c.target:
+            continue
+        t = terms(c)
+        for i in range(16, len(t["x"])):
+            if c.kind == "U" and i > c.min_index:
+                break
+            labels.append(int(c.kind == "U" and t["x"][i] >= c.x[c.min_index] / 2))
+            scores["T / |gain|"].append(t["T"][i] / abs(t["gain"][i]))
+            scores["noise / |gain|"].append(t["noise"][i] / abs(t["gain"][i]))
+            scores["the gain's sign"].append(float(t["gain"][i] > 0))
+    label = np.asarray(labels)
+    lines = [f"3. AUC of 'warn now' ({label.sum()} points) against 'do not' ({len(label) - label.sum()})"]
+    lines += [f"{name:20s} {auc(np.asarray(values), label):.2f}" for name, values in scores.items()]
+    return lines
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--corpus", default="tuning", choices=("tuning", "held-out", "held-out-2", "held-out-3")
+    )
+    args = parser.parse_args()
+    curves = [c for c in load_corpus(args.corpus) if c.drift_noise]
+    if not curves:
+        raise SystemExit(f"no drift terms recorded for {args.corpus} (python benchmarks/corpus.py --drift)")
+    print(f"{len(curves)} {args.corpus} runs with the drift terms\n")
+    print("\n\n".join("\n".join(part(curves)) for part in (physics, rules, features)))
