@@ -596,9 +596,8 @@ def step_drift(model: nn.Module, task: Task, s: Scenario, opt: torch.optim.Optim
         return float(v @ flat(hv))
 
     # Σ_c n_c d_cᵀ A d_c over the pieces' deviations d_c from ḡ has expectation (C − 1) tr(A S), S the
-    # training set's gradient covariance; checked against per-example gradients and the explicit Hessian
-    # (200 random partitions of 96 examples: a mean within 0.4 standard errors of the exact value, each
-    # estimate within 0.3% of it: the pieces cover the whole set, so only the partition varies).
+    # training set's gradient covariance (over random partitions; tests/test_corpus_drift.py checks it, and
+    # the other two terms, against per-example gradients and the explicit Hessian).
     noise = sum(n * quadratic(scale * (g / n - mean)) for g, n in pieces) / (len(pieces) - 1)
     rate = lr / (1 - 0.9) if s.optimizer == "sgd" else lr
     model.train()
