@@ -336,11 +336,38 @@ def run_dataset_snr(curve: Curve, persist: int = 2) -> Outcome:
     return run_condition(curve.x, dataset_snr(curve) <= 1, persist)
 
 
+def parameter_count(curve: Curve) -> int:
+    """The trainable parameters of the model a corpus curve was recorded with (built afresh, untrained)."""
+    import corpus
+
+    scenario = next(s for s in corpus.SCENARIOS if s.name == curve.name)
+    task = corpus.make_task(scenario.data, scenario.n_train, scenario.flip, scenario.seed)
+    return sum(p.numel() for p in corpus.make_model(scenario, task).parameters() if p.requires_grad)
+
+
+def run_gradstop(curve: Curve) -> Outcome:
+    """GRADSTOP (Jamshidi et al., arXiv 2508.19028: early stopping by posterior sampling, validation-free) in
+    the trace form the monitor measures. With the posterior ∝ e^(−L), L the training loss summed over its N
+    examples, and its Laplace approximation of precision H ≈ N·C (C the per-example gradient covariance), the
+    credibility of θ, the posterior mass less probable than θ, is s = P(χ²_d ≥ q) with q = ∇Lᵀ H⁻¹ ∇L =
+    N ḡᵀC⁻¹ḡ for d parameters; the stop is the first validation with s ≥ u, u uniform (drawn once per run,
+    seeded by its name), so that the stopping point is distributed as a posterior sample. C is known only by
+    its trace here: taken isotropic, q = d · N|ḡ|²/tr C = d · the dataset SNR. (The paper's estimate of C⁻¹
+    is finer; for large d the trace form is the evidence-based criterion, SNR ≤ 1, at one validation.)"""
+    from scipy.stats import chi2
+
+    d = parameter_count(curve)
+    u = np.random.default_rng(sum(curve.name.encode())).uniform()
+    credibility = chi2.sf(d * dataset_snr(curve), d)
+    return run_condition(curve.x, credibility >= u, persist=1)
+
+
 # Recorded with the monitor's quantities on the training set (corpus.py's train_noise): validation-free rules.
 NOISE_LEAD_METHODS = {
     **{f"disparity, patience {p}": lambda c, p=p: run_noise_patience(c, p, +1) for p in (3, 5)},
     **{f"noise past its peak, patience {p}": lambda c, p=p: run_noise_patience(c, p, -1) for p in (3, 5)},
     "dataset SNR <= 1 (evidence-based)": run_dataset_snr,
+    "GRADSTOP, trace form": run_gradstop,
 }
 
 
