@@ -31,7 +31,7 @@ and caches each curve in ``benchmarks/corpus_curves.json`` in the format of ``fo
 - with ``--drift``, over the replayed prefix only: ``drift_first``, ``drift_curvature``, ``drift_noise``, the
   validation loss's expected change over one optimizer step to second order (``Drift``): the first-order gain
   along the mean step, the curvature along it and the cost of the steps' sampling noise, tr(P H_val P Σ)/B,
-  from Hessian-vector products of the validation loss (about three times the CPU time of a recording);
+  from Hessian-vector products of the validation loss (about four times the CPU time of a recording);
 - ``train_examples`` N (text: the overlapping windows of the training bytes) and ``noise_sample`` (the
   examples those two statistics read: N, or TEXT_TRAIN_WINDOWS for text), for the dataset SNR N|G|²/tr(Σ);
 - ``min_index`` (argmin of val) and ``replay_validations`` (the suggested replayed prefix). ``kind`` is
@@ -552,14 +552,21 @@ def validate(
     )
 
 
+DRIFT_SERIES = ("drift_first", "drift_curvature", "drift_noise")
+
+
 @dataclass
 class Drift:
-    """The validation loss's expected change over one optimizer step, to second order (docs/forecast.md,
-    "The noise term"): with u the mean step direction (Adam's preconditioned full training gradient P·ḡ, plus
-    decoupled weight decay λθ; SGD: ḡ + λθ) and η the effective rate (SGD with momentum 0.9: η/(1 − 0.9)),
-    E ΔL_val ≈ −η g_val·u + η²/2 · uᵀH u + η²/2 · tr(P H P Σ)/B, H the validation loss's Hessian, Σ the
-    per-example covariance of the training gradients and B the batch size. The last term is the cost of the
-    steps' sampling noise, which the first-order products (``full_dot``, ``pre_dot``) do not see."""
+    """The validation loss's expected drift per optimizer step, to second order (docs/forecast.md, "The
+    second-order term, measured"): with u the mean step direction (Adam's preconditioned full training
+    gradient P·ḡ, plus decoupled weight decay λθ; SGD: ḡ + λθ) and η the effective rate (SGD with momentum
+    0.9: η/(1 − 0.9)), E ΔL_val ≈ −η g_val·u + η²/2 · uᵀH u + η²/2 · tr(P H P Σ)/B, H the validation loss's
+    Hessian, Σ the per-example covariance of the training gradients and B the batch size. The last term is the
+    cost of the steps' sampling noise, which the first-order products (``full_dot``, ``pre_dot``) do not see.
+    With momentum it is the long-run rate (each batch's noise moves the weights by η P ξ in all, spread over
+    the following steps; the diffusion limit); the next step alone, given the optimizer's state, carries
+    (1 − β1)² = 0.01 of it. (A text task's ḡ is the mean over its sample of windows, so uᵀH u there includes
+    that sample's own noise, about η²/2 · tr(P H P Σ)/256.)"""
 
     first: float  # −η g_val·u
     curvature: float  # η²/2 · uᵀH u
@@ -570,7 +577,8 @@ def step_drift(model: nn.Module, task: Task, s: Scenario, opt: torch.optim.Optim
     """Drift at the current weights, in eval mode: g_val on the whole validation set, one Hessian-vector
     product of the validation loss for the mean step and one per piece of the training set for the noise
     (the pieces' mean gradients scatter around ḡ with covariance Σ/n_c). autograd.grad throughout, so the
-    training state is untouched."""
+    training state is untouched, and the model is left in the mode it was in."""
+    was_training = model.training
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     pieces = piece_gradients(model, task, params)
@@ -600,7 +608,7 @@ def step_drift(model: nn.Module, task: Task, s: Scenario, opt: torch.optim.Optim
     # the other two terms, against per-example gradients and the explicit Hessian).
     noise = sum(n * quadratic(scale * (g / n - mean)) for g, n in pieces) / (len(pieces) - 1)
     rate = lr / (1 - 0.9) if s.optimizer == "sgd" else lr
-    model.train()
+    model.train(was_training)
     return Drift(
         -rate * float(g_val_flat @ u),
         rate**2 / 2 * quadratic(u),
@@ -642,6 +650,7 @@ class Record:
     replay_validations: int = REPLAY
     train_examples: int = 0
     noise_sample: int = 0
+    parameters: int = 0  # the model's trainable parameters (GRADSTOP's d)
 
     def add(self, step: int, train: float, lr: float, lr_sum: float, m: Measure) -> None:
         self.x.append(float(step))
@@ -658,7 +667,7 @@ class Record:
 
 def run(s: Scenario, validations: int = VALIDATIONS, drift: bool = False) -> Record:
     """Train ``s`` for ``validations × val_every`` steps, measuring at every ``val_every``-th step (and, with
-    ``drift``, the Drift terms at each validation of the replayed prefix: about three times the CPU time)."""
+    ``drift``, the Drift terms at each validation of the replayed prefix: about four times the CPU time)."""
     torch.manual_seed(s.seed)
     task = make_task(s.data, s.n_train, s.flip, s.seed)
     model = make_model(s, task)
@@ -669,6 +678,7 @@ def run(s: Scenario, validations: int = VALIDATIONS, drift: bool = False) -> Rec
     total = validations * s.val_every
     rec = Record(s.name, s.split, s.family, task.description, s.schedule, total)
     rec.train_examples, rec.noise_sample = sample_sizes(s)
+    rec.parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
     window, lr_sum, interval_sum = [], 0.0, None
     for step in range(1, total + 1):
@@ -731,10 +741,16 @@ def main() -> None:
             flush=True,
         )
         if not args.smoke:
-            # Series not recorded this time (the drift terms without --drift) keep their cached values: the
-            # runs are deterministic, so they still belong to the curve.
-            recorded = {key: value for key, value in vars(rec).items() if value != []}
-            curves[rec.name] = {**curves.get(rec.name, {}), **recorded}
+            # Drift terms recorded earlier (a recording without --drift has none) are kept where the curve is
+            # the same run, validation for validation; dropped where it is not (a changed scenario or torch).
+            entry, old = dict(vars(rec)), curves.get(rec.name, {})
+            same_run = old.get("x") == rec.x and old.get("val") == rec.val
+            for key in DRIFT_SERIES:
+                if not entry[key] and same_run and key in old:
+                    entry[key] = old[key]
+                elif not entry[key]:
+                    del entry[key]
+            curves[rec.name] = entry
             order = {sc.name: i for i, sc in enumerate(SCENARIOS)}
             args.cache.write_text(json.dumps(sorted(curves.values(), key=lambda c: order.get(c["name"], 0))))
     wall, cpu = time.perf_counter() - began, time.process_time() - began_cpu

@@ -1,12 +1,15 @@
 """Does the validation loss's second-order drift per step tell where it turns? (issue 13; docs/forecast.md,
-"The noise term, measured")
+"The second-order term, measured")
 
 Theory §5 names the candidate: the first- and second-order terms of the expected loss change per step, the
 gain −η g_val·u against the cost η²/2 · (uᵀH u + tr(P H P Σ)/B) of the step's curvature and sampling noise.
 ``python benchmarks/corpus.py --drift`` records them at every validation of the replayed window
-(``corpus.Drift``); this replays them:
+(``corpus.Drift``); this replays them, with the noise term read two ways: as recorded (the long-run
+diffusion of the steps' noise, at the momentum's effective rate) and as the next step's share of it given the
+optimizer's state ((1 − β1)² = 0.01 for Adam and SGD with momentum 0.9 alike):
 
-1. as physics: does the predicted drift T (their sum) follow the observed slope of the validation loss?
+1. as physics: does the predicted drift T (their sum) follow the observed slope of the validation loss, and
+   does its sum over the window (trapezoid rule) give the observed change?
 2. as rules: the first validation where T > 0 (a step is predicted to hurt), or the noise alone outweighs
    the gain, at two consecutive validations; scored as the corpus evaluation scores a warning;
 3. as features: the AUC of T/|gain| for "warn now" against "do not", on the points of the separability table.
@@ -27,21 +30,29 @@ def ranks(values: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(values))
 
 
-def terms(curve: CorpusCurve) -> dict[str, np.ndarray]:
-    """The recorded terms over the window, the predicted drift T, the observed slope (central differences,
-    at the inner points) and rho, the second-order cost over the first-order gain."""
+NOISE_READINGS = {"long-run noise (as recorded)": 1.0, "the next step's noise": (1 - 0.9) ** 2}
+
+
+def terms(curve: CorpusCurve, noise_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """The recorded terms over the window (the noise term times ``noise_scale``), the predicted drift T, the
+    observed slope (central differences, at the inner points), the predicted and the observed change over
+    the window, and rho, the second-order cost over the first-order gain (NaN where the gain is no gain)."""
     n = len(curve.drift_noise)
     x, val = np.asarray(curve.x[:n]), np.asarray(curve.val[:n])
-    gain, curvature, noise = (
-        np.asarray(s[:n]) for s in (curve.drift_first, curve.drift_curvature, curve.drift_noise)
-    )
+    gain, curvature = np.asarray(curve.drift_first[:n]), np.asarray(curve.drift_curvature[:n])
+    noise = noise_scale * np.asarray(curve.drift_noise[:n])
+    drift = gain + curvature + noise
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.where(gain < 0, (curvature + noise) / -gain, np.nan)
     return {
         "x": x,
         "gain": gain,  # −η g_val·u: negative while a step helps held-out data
         "noise": noise,
-        "T": gain + curvature + noise,
+        "T": drift,
         "observed": (val[2:] - val[:-2]) / (x[2:] - x[:-2]),
-        "rho": (curvature + noise) / np.maximum(-gain, 1e-300),
+        "predicted change": float(np.sum((drift[1:] + drift[:-1]) / 2 * np.diff(x))),
+        "observed change": float(val[-1] - val[0]),
+        "rho": rho,
     }
 
 
@@ -55,27 +66,32 @@ def first_at(condition: np.ndarray, persist: int = 2) -> int | None:
     return None
 
 
-def physics(curves: list[CorpusCurve]) -> list[str]:
+def physics(curves: list[CorpusCurve], noise_scale: float) -> list[str]:
     lines = [
         "1. The predicted drift per step T against the observed slope of the validation loss",
-        f"{'family':12s} {'runs':>4s} {'Spearman (median)':>18s} {'sign agrees':>12s} "
-        f"{'rho, first 10 (median)':>23s} {'T > 0 first at (U-runs)':>24s}",
+        f"{'family':12s} {'runs':>4s} {'Spearman':>9s} {'sign right':>11s} {'rho, first 10':>14s} "
+        f"{'predicted / observed change':>28s} {'T > 0 before the minimum (U) / improving':>42s}",
     ]
     for family in dict.fromkeys(c.family for c in curves):
         mine = [c for c in curves if c.family == family]
-        spearman, agree, early_rho, first = [], [], [], []
+        spearman, agree, early_rho, change, before, improving = [], [], [], [], [], []
         for c in mine:
-            t = terms(c)
+            t = terms(c, noise_scale)
             predicted = t["T"][1:-1]
             spearman.append(np.corrcoef(ranks(predicted), ranks(t["observed"]))[0, 1])
             agree.append(np.mean(np.sign(predicted) == np.sign(t["observed"])))
-            early_rho.append(np.median(t["rho"][:10]))
+            early_rho.append(np.nanmedian(t["rho"][:10]) if np.isfinite(t["rho"][:10]).any() else np.nan)
+            change.append(t["predicted change"] / t["observed change"])
             if c.kind == "U":
-                index = first_at(t["T"] > 0, persist=1)
-                first.append(f"{index if index is not None else '-'}/{c.min_index}")
+                before += list(t["T"][: c.min_index] > 0)
+            else:
+                improving += list(t["T"] > 0)
+        shares = f"{np.mean(before):.0%}" if before else "-"
+        shares += f" / {np.mean(improving):.0%}" if improving else " / -"
         lines.append(
-            f"{family:12s} {len(mine):4d} {np.median(spearman):18.2f} {np.median(agree):12.2f} "
-            f"{np.median(early_rho):23.2f}   {' '.join(first)}"
+            f"{family:12s} {len(mine):4d} {np.median(spearman):9.2f} {np.median(agree):11.0%} "
+            f"{np.nanmedian(early_rho):14.2f} {np.median(change):15.2f} "
+            f"[{min(change):.2f}, {max(change):.2f}] {shares:>30s}"
         )
     return lines
 
@@ -87,7 +103,7 @@ RULES = {
 }
 
 
-def rules(curves: list[CorpusCurve]) -> list[str]:
+def rules(curves: list[CorpusCurve], noise_scale: float) -> list[str]:
     lines = [
         "2. As warnings (the condition at 2 consecutive validations)",
         f"{'rule':44s} {'in time':>8s} {'fired before half the minimum':>30s} "
@@ -96,7 +112,7 @@ def rules(curves: list[CorpusCurve]) -> list[str]:
     targets = [c for c in curves if c.target]
     improving = [c for c in curves if c.kind == "improving"]
     for name, condition in RULES.items():
-        fired = {c.name: first_at(condition(terms(c))) for c in curves}
+        fired = {c.name: first_at(condition(terms(c, noise_scale))) for c in curves}
         x_at = {c.name: c.x[fired[c.name]] if fired[c.name] is not None else None for c in curves}
         in_time = sum(
             x_at[c.name] is not None and c.x[c.min_index] / 2 <= x_at[c.name] <= c.x[c.min_index]
@@ -112,7 +128,7 @@ def rules(curves: list[CorpusCurve]) -> list[str]:
     return lines
 
 
-def features(curves: list[CorpusCurve]) -> list[str]:
+def features(curves: list[CorpusCurve], noise_scale: float) -> list[str]:
     """AUC on the points of forecast_variants.labelled_points: each validation from the 16th on of the
     improving-there runs and of the target U-runs up to their minimum; positive from half the minimum on."""
     scores: dict[str, list[float]] = {"T / |gain|": [], "noise / |gain|": [], "the gain's sign": []}
@@ -120,7 +136,7 @@ def features(curves: list[CorpusCurve]) -> list[str]:
     for c in curves:
         if c.kind == "U" and not c.target:
             continue
-        t = terms(c)
+        t = terms(c, noise_scale)
         for i in range(16, len(t["x"])):
             if c.kind == "U" and i > c.min_index:
                 break
@@ -143,5 +159,7 @@ if __name__ == "__main__":
     curves = [c for c in load_corpus(args.corpus) if c.drift_noise]
     if not curves:
         raise SystemExit(f"no drift terms recorded for {args.corpus} (python benchmarks/corpus.py --drift)")
-    print(f"{len(curves)} {args.corpus} runs with the drift terms\n")
-    print("\n\n".join("\n".join(part(curves)) for part in (physics, rules, features)))
+    print(f"{len(curves)} {args.corpus} runs with the drift terms")
+    for reading, scale in NOISE_READINGS.items():
+        print(f"\n=== {reading}\n")
+        print("\n\n".join("\n".join(part(curves, scale)) for part in (physics, rules, features)))

@@ -493,6 +493,7 @@ class CorpusCurve(Curve):
     train_noise: list[float] | None = None
     train_examples: int = 0  # N, and the examples train_signal and train_noise read (corpus.sample_sizes)
     noise_sample: int = 0
+    parameters: int = 0  # the model's trainable parameters (0: not in the cache)
     val_se: list[float] | None = None
     drift_first: list[float] | None = None  # corpus.Drift's terms (recorded with --drift, first 60 only)
     drift_curvature: list[float] | None = None
@@ -535,6 +536,7 @@ def corpus_window(entry: dict, length: int | None = None) -> CorpusCurve:
         min_index=entry["min_index"],
         train_examples=entry.get("train_examples", 0),
         noise_sample=entry.get("noise_sample", 0),
+        parameters=entry.get("parameters", 0),
         **{key: list(entry[key][:n]) for key in SERIES},
         **{key: list(entry[key][:n]) for key in LATER_SERIES if key in entry},
     )
