@@ -47,6 +47,7 @@ same Python and torch versions (the texts come with the Python version that runs
     python benchmarks/corpus.py --held-out          # the held-out set: only once the defaults are fixed
     python benchmarks/corpus.py --held-out-2        # the second held-out set (each held-out scenario, seed 7)
     python benchmarks/corpus.py --held-out-3        # the third (seed 13), after the gradient statistics
+    python benchmarks/corpus.py --held-out-4        # the fourth (seed 19), the defaults unchanged since
     python benchmarks/corpus.py --drift             # the tuning set, with the second-order drift terms
     python benchmarks/corpus.py --smoke --held-out --only wine  # a few steps of each match, nothing cached
 
@@ -202,6 +203,12 @@ SCENARIOS += [
 H3 = "held-out-3"
 SCENARIOS += [
     replace(s, name=f"{s.name}/seed13", split=H3, seed=s.seed + 13) for s in SCENARIOS if s.split == H
+]
+# A fourth (seed 19), defined and recorded after the second-order drift lead was measured and not adopted
+# (2026-12-08), with the defaults unchanged since the third: a fourth look at them on runs never replayed.
+H4 = "held-out-4"
+SCENARIOS += [
+    replace(s, name=f"{s.name}/seed19", split=H4, seed=s.seed + 19) for s in SCENARIOS if s.split == H
 ]
 
 
@@ -718,6 +725,7 @@ def main() -> None:
     parser.add_argument("--held-out", action="store_true", help="record the held-out set instead of tuning")
     parser.add_argument("--held-out-2", action="store_true", help="record the second held-out set")
     parser.add_argument("--held-out-3", action="store_true", help="record the third held-out set")
+    parser.add_argument("--held-out-4", action="store_true", help="record the fourth held-out set")
     parser.add_argument(
         "--drift", action="store_true", help="also record the second-order drift terms (~3x the CPU time)"
     )
@@ -726,7 +734,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=CACHE, help="the cache to update (%(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    split = H3 if args.held_out_3 else H2 if args.held_out_2 else H if args.held_out else T
+    asked = {H4: args.held_out_4, H3: args.held_out_3, H2: args.held_out_2, H: args.held_out}
+    split = next((name for name, flag in asked.items() if flag), T)
     chosen = [s for s in SCENARIOS if s.split == split and args.only in s.name]
     cached = json.loads(args.cache.read_text()) if args.cache.exists() else []
     curves = {c["name"]: c for c in cached}

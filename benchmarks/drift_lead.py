@@ -153,7 +153,7 @@ def features(curves: list[CorpusCurve], noise_scale: float) -> list[str]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--corpus", default="tuning", choices=("tuning", "held-out", "held-out-2", "held-out-3")
+        "--corpus", default="tuning", choices=("tuning", "held-out", "held-out-2", "held-out-3", "held-out-4")
     )
     args = parser.parse_args()
     curves = [c for c in load_corpus(args.corpus) if c.drift_noise]

@@ -91,7 +91,7 @@ def row_cells(name: str, family: str, training: float, ratio: tuple, law: tuple)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    splits = ["tuning", "held-out", "held-out-2", "held-out-3"]
+    splits = ["tuning", "held-out", "held-out-2", "held-out-3", "held-out-4"]
     parser.add_argument("--corpus", default="tuning", choices=splits)
     parser.add_argument("--law-points", type=int, default=30, help="points of the law's replay (default 30)")
     parser.add_argument("--markdown", action="store_true")

@@ -75,7 +75,7 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--corpus",
-        choices=("tuning", "held-out", "held-out-2", "held-out-3"),
+        choices=("tuning", "held-out", "held-out-2", "held-out-3", "held-out-4"),
         help="replay the corpus curves of this split (benchmarks/corpus.py) and exit",
     )
     parser.add_argument("--leads", action="store_true", help="with --corpus: the leads table instead")

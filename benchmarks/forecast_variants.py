@@ -300,7 +300,7 @@ def separability(splits: list[str]) -> list[str]:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    splits = ("tuning", "held-out", "held-out-2", "held-out-3")
+    splits = ("tuning", "held-out", "held-out-2", "held-out-3", "held-out-4")
     parser.add_argument("--corpus", choices=splits, default="tuning")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--separability", action="store_true", help="the AUC table on all three splits")
