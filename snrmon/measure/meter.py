@@ -138,8 +138,7 @@ class GradientMeter:
     batch size), each with ``_se``, ``batch_size``, ``skipped_steps`` (steps left out: non-finite gradients,
     or a window without a backward), ``dropped_windows`` (windows whose step never came), with
     ``dataset_size`` also ``signal_beyond_chance``, ``dataset_snr`` (with ``_se``) and ``dataset_size``, and
-    per group ``<group>/signal`` and so on: the keys
-    of ``SNRMonitor.latest`` without its ``"snr/"`` prefix.
+    per group ``<group>/signal`` and so on: the keys of ``SNRMonitor.latest`` without its ``"snr/"`` prefix.
 
     **Windows.** A plain loop needs only :meth:`after_backward` and :meth:`before_step`: the meter watches the
     parameters that require a gradient when it is made, hooks them at once, and opens each step's window when
