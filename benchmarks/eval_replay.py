@@ -8,6 +8,7 @@ curves.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -254,6 +255,24 @@ CORPUS_METHODS = {
     "UP_2": lambda curve: run_up(curve, 2),
     "UP_3": lambda curve: run_up(curve, 3),
     "UP_2 (strips of 5)": lambda curve: run_up(curve, 2, strip=5),
+}
+
+
+def run_loss_alone(curve: Curve) -> Outcome:
+    """The forecaster as a replay without ``--train-metric`` sees a run: the monitored loss only (its law)."""
+    return run_forecaster(dataclasses.replace(curve, train=None))
+
+
+# What a user with the validation loss alone has: the forecaster's law and the rules that need no training
+# loss (the ratio from the training loss, the default, for reference).
+LOSS_ALONE_METHODS = {
+    "forecaster, the loss alone": run_loss_alone,
+    "forecaster (with the training loss)": METHODS["forecaster"],
+    "patience 3": METHODS["patience 3"],
+    "patience 5": METHODS["patience 5"],
+    "power law": run_power,
+    "GL_5": lambda curve: run_gl(curve, 5),
+    "UP_3": lambda curve: run_up(curve, 3),
 }
 
 

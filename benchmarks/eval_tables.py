@@ -15,6 +15,7 @@ from eval_replay import (
     DOT_CONDITIONS,
     LATER_LEAD_METHODS,
     LEAD_METHODS,
+    LOSS_ALONE_METHODS,
     METHODS,
     NOISE_LEAD_METHODS,
     PROBE_LABELS,
@@ -326,6 +327,21 @@ def corpus_report(curves: list[Curve], as_markdown: bool) -> str:
         *corpus_summary_table(rows, as_markdown),
     ]
     return "\n".join(lines)
+
+
+def loss_alone_report(curves: list[Curve], as_markdown: bool) -> str:
+    """The corpus evaluation as a replay of the monitored loss alone sees it (no training loss)."""
+    rows = evaluate_corpus(curves, LOSS_ALONE_METHODS)
+    return "\n".join(
+        [
+            "The forecaster fed the monitored loss only (as `snrmon forecast` without `--train-metric`), "
+            "against the rules that need no training loss; the default with the training loss for reference.",
+            "",
+            *corpus_runs_table(rows, as_markdown),
+            "",
+            *corpus_summary_table(rows, as_markdown),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ loss-only single-run Shannon law (T9). Also replays the shipped Pythia LAMBADA c
                                                        # (recorded where missing, ~5 min; replay ~6 s)
     python benchmarks/forecast_eval.py --corpus tuning [--markdown]  # issue 13: the real corpus (~25 s)
     python benchmarks/forecast_eval.py --corpus tuning --leads       # the leads it records (~7 s)
+    python benchmarks/forecast_eval.py --corpus tuning --loss-alone  # the loss alone (~2 min)
     python benchmarks/forecast_eval.py --corpus held-out             # once corpus.py --held-out has run
 
 Scenarios whose validation loss turns up (U-shaped): an MLP on a small data set trained for many epochs, an
@@ -35,11 +36,20 @@ import time
 
 from eval_record import load_corpus, load_curves, pythia_curves, record_probes, record_stats
 from eval_score import evaluate
-from eval_tables import capacity_markdown, corpus_report, leads_report, markdown, print_plain, probes_markdown
+from eval_tables import (
+    capacity_markdown,
+    corpus_report,
+    leads_report,
+    loss_alone_report,
+    markdown,
+    print_plain,
+    probes_markdown,
+)
 
 
-def corpus(split: str, leads: bool, as_markdown: bool) -> None:
-    """The corpus evaluation of issue 13 (or its leads) on one split; says so when it is not recorded."""
+def corpus(split: str, leads: bool, as_markdown: bool, loss_alone: bool = False) -> None:
+    """The corpus evaluation of issue 13 (or its leads, or the loss alone) on one split; says so when it is
+    not recorded."""
     curves = load_corpus(split)
     if not curves:
         flag = " --held-out" if split == "held-out" else ""
@@ -50,6 +60,8 @@ def corpus(split: str, leads: bool, as_markdown: bool) -> None:
     if leads:
         whole = load_corpus(split, length=10**9)  # the whole recorded curves, for the schedules
         print(leads_report(curves, whole, as_markdown))
+    elif loss_alone:
+        print(loss_alone_report(curves, as_markdown))
     else:
         print(corpus_report(curves, as_markdown))
     print(f"replayed {len(curves)} {split} curves in {time.perf_counter() - began:.0f} s", file=sys.stderr)
@@ -79,9 +91,15 @@ if __name__ == "__main__":
         help="replay the corpus curves of this split (benchmarks/corpus.py) and exit",
     )
     parser.add_argument("--leads", action="store_true", help="with --corpus: the leads table instead")
+    parser.add_argument(
+        "--loss-alone",
+        action="store_true",
+        help="with --corpus: the forecaster fed the monitored loss only (the law), against the rules that "
+        "need no training loss (~2 min a split)",
+    )
     args = parser.parse_args()
     if args.corpus:
-        corpus(args.corpus, args.leads, args.markdown)
+        corpus(args.corpus, args.leads, args.markdown, args.loss_alone)
         sys.exit(0)
     curves = load_curves(args.record)
     if args.record_stats:

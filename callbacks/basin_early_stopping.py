@@ -89,8 +89,10 @@ class BasinEarlyStopping(Callback):
         RuntimeError: at fit start, if the checks follow validations and validation is off
             (``limit_val_batches=0`` or no ``validation_step``): no check would ever run (``strict``; else a
             warning).
-        ValueError: a `monitor` that is not a non-empty string; invalid ``mode``, ``horizon``, ``confidence``,
-            ``min_points`` (a whole number, at least 10), ``n_params`` or ``check_every_n_steps``.
+        ValueError: a `monitor` that is not a non-empty string; invalid ``mode``, ``horizon`` (finite, at
+            least 0), ``confidence``, ``min_points`` (a whole number, at least 10), ``n_params`` or
+            ``check_every_n_steps``; ``tokens_per_step`` not a positive number; a flag (``verbose``,
+            ``strict``, ``gradient_evidence``) not a bool.
 
     Attributes:
         stopping_reason: why training was stopped (``None`` while it was not).
@@ -132,6 +134,13 @@ class BasinEarlyStopping(Callback):
             raise ValueError(
                 f"check_every_n_steps must be a positive integer or None, got {check_every_n_steps!r}"
             )
+        for name, flag in (
+            ("verbose", verbose),
+            ("strict", strict),
+            ("gradient_evidence", gradient_evidence),
+        ):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.monitor, self.mode = monitor, mode
         self.check_every_n_steps = None if check_every_n_steps is None else int(check_every_n_steps)
         self.verbose, self.strict = verbose, strict
@@ -492,6 +501,13 @@ class BasinEarlyStopping(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        missing = [
+            key
+            for key in ("forecaster", "announced", "stopping_reason", "stopped_step")
+            if key not in state_dict
+        ]
+        if missing:  # refused before anything is changed: a half-loaded state would be no state at all
+            raise ValueError(f"not a BasinEarlyStopping state: it lacks {', '.join(missing)}")
         self._before_restore = self.state_dict()  # (put back if this load was only to validate or test)
         self.watch.load_state_dict(state_dict)
         self.stopping_reason = state_dict["stopping_reason"]

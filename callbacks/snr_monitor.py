@@ -166,14 +166,15 @@ class SNRMonitor(Callback):
         for name, flag in flags.items():
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
-        self.every_n_steps = every_n_steps
-        self.ema_decay = ema_decay
+        self.every_n_steps = int(every_n_steps)
+        self.ema_decay = float(ema_decay)
         self.groups = groups
         self.batch_size_fn = batch_size_fn or count_samples
         self.split_batch = split_batch
-        # (LightningCLI gives a whole number as a float: said and logged as the int it is)
-        whole = isinstance(dataset_size, float) and dataset_size.is_integer()
-        self.dataset_size = int(dataset_size) if whole else dataset_size
+        # (LightningCLI gives a whole number as a float, a sweep a numpy number: said and logged as the int
+        # it is)
+        finite = dataset_size is not None and dataset_size != math.inf
+        self.dataset_size = int(dataset_size) if finite else dataset_size
         self.prefix = prefix.strip("/ ")
         self.prog_bar = prog_bar
         self.log_details = log_details
@@ -184,6 +185,7 @@ class SNRMonitor(Callback):
 
         self._meter: GradientMeter | None = None  # made at fit start
         self._pending_state: dict[str, Any] | None = None  # a checkpoint's, until the meter is made
+        self._carried_state: dict[str, Any] = {}  # a pickled copy's ended meter's (see __getstate__)
         self._rank = 0
         self._sharded = False  # FSDP2, known at setup
         self._ended_at_step = -1  # global step at the end of this monitor's last fit
@@ -269,7 +271,9 @@ class SNRMonitor(Callback):
         # EMAs; any other starts afresh, or from a checkpoint's state. Either is restored into a new meter on
         # this fit's module when it first watches parameters.
         going_on = trainer.global_step != 0 and trainer.global_step == self._ended_at_step
-        state = self._meter.state_dict() if going_on and self._meter is not None else {}
+        ended = self._meter.state_dict() if self._meter is not None else self._carried_state
+        state = ended if going_on else {}
+        self._carried_state = {}
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
         if self._meter is not None:
@@ -560,8 +564,16 @@ class SNRMonitor(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         if self._meter is None or self._pending_state is not None:
-            return dict(self._pending_state or {})
+            return dict(self._pending_state or self._carried_state)
         return self._meter.state_dict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The meter is bound to one fit (its module's tensor hooks, the trainer's optimizers): a pickled copy
+        # carries its state instead, as a checkpoint does, and makes a new meter at its next fit.
+        state = self.__dict__.copy()
+        if self._meter is not None:
+            state["_meter"], state["_carried_state"] = None, self._meter.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks before fit starts, or under ModelParallelStrategy after it; the fit's

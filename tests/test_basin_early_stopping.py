@@ -709,13 +709,28 @@ def test_a_higher_is_better_metric_warns_and_stops_as_its_mirrored_loss():
         ({"min_points": True}, "min_points must be a whole number"),
         ({"n_params": -5}, "n_params .* must be a positive number, got -5"),
         ({"n_params": "abc"}, "n_params .* must be a positive number, got 'abc'"),
+        ({"confidence": "0.9"}, "confidence must be a number, got '0.9'"),
+        ({"horizon": math.inf}, "horizon must be a finite number >= 0, got inf"),
+        ({"tokens_per_step": True}, "tokens_per_x must be a number, got True"),
+        ({"strict": "no"}, "strict must be True or False, got 'no'"),
+        ({"gradient_evidence": "no"}, "gradient_evidence must be True or False"),
     ],
 )
 def test_bad_arguments_are_refused_when_the_callback_is_made(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BasinEarlyStopping(**kwargs)
-    numpy_numbers = BasinEarlyStopping(min_points=np.int64(12), n_params=np.float32(1e6))
-    assert numpy_numbers.watch.forecaster.min_points == 12
+    numpy_numbers = BasinEarlyStopping(
+        min_points=np.int64(12), n_params=np.float32(1e6), horizon=np.float32(0.5)
+    )
+    assert numpy_numbers.watch.forecaster.min_points == 12 and numpy_numbers.watch.forecaster.horizon == 0.5
+
+
+def test_a_state_that_is_not_the_callbacks_is_refused_before_anything_changes():
+    callback = BasinEarlyStopping()
+    before = callback.state_dict()
+    with pytest.raises(ValueError, match="not a BasinEarlyStopping state: it lacks forecaster, announced"):
+        callback.load_state_dict({"stopped_step": 3})
+    assert callback.state_dict() == before
 
 
 def test_a_run_without_a_training_loss_replays_at_the_callbacks_own_checks(tmp_path, capsys):

@@ -12,6 +12,7 @@ import csv
 import functools
 import logging
 import math
+import pickle
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,9 +98,7 @@ class Regression(L.LightningModule):
         return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
 
 
-def regression_loader(
-    n: int = 256, batch_size: int = 8, shuffle: bool = False, seed: int = 0
-) -> DataLoader:
+def regression_loader(n: int = 256, batch_size: int = 8, shuffle: bool = False, seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=generator)
     y = x @ torch.randn(4, generator=generator) + 0.5 * torch.randn(n, generator=generator)
@@ -197,12 +197,21 @@ def test_bad_arguments_are_refused_when_the_monitor_is_made(kwargs, message):
         SNRMonitor(**kwargs)
 
 
+def test_numpy_numbers_are_taken_as_the_numbers_they_are():
+    monitor = SNRMonitor(every_n_steps=np.int64(2), ema_decay=np.float32(0.5), dataset_size=np.int64(1000))
+    assert (monitor.every_n_steps, monitor.ema_decay, monitor.dataset_size) == (2, 0.5, 1000)
+    assert type(monitor.every_n_steps) is int and type(monitor.dataset_size) is int
+
+
 def test_tensorboard_names_steps_layout_and_latest(tmp_path: Path):
     monitor = SNRMonitor(groups=1)
     logger = TensorBoardLogger(tmp_path, name="tb")
     max_steps, every = 20, 5
     trainer = make_trainer(
-        monitor, logger=logger, log_every_n_steps=every, max_steps=max_steps,
+        monitor,
+        logger=logger,
+        log_every_n_steps=every,
+        max_steps=max_steps,
         accumulate_grad_batches=2,
     )
     trainer.fit(Regression(), regression_loader())
@@ -282,6 +291,31 @@ def test_a_fit_shorter_than_log_every_n_steps_reports_its_values_at_the_end(tmp_
     rows = [row for row in csv_rows(logger) if row.get("snr/signal")]
     assert [int(row["step"]) for row in rows] == [2]
     assert float(rows[0]["snr/signal"]) == pytest.approx(monitor.latest["snr/signal"])
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Whether two states (nested dicts and lists of tensors and plain values) hold the same values."""
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(same_state, a, b))
+    return a == b or (a != a and b != b)  # (NaN equals NaN here)
+
+
+def test_a_monitor_pickles_after_a_fit_carrying_its_state():
+    """The meter of a fit (tensor hooks, the trainer's optimizers) is no state to pickle: a pickled copy
+    carries the meter's state, as a checkpoint does, and goes on from it in a fit that goes on."""
+    monitor = SNRMonitor()
+    trainer = make_trainer(monitor, max_steps=6, accumulate_grad_batches=2)
+    trainer.fit(Regression(), regression_loader())
+    copy = pickle.loads(pickle.dumps(monitor))
+    saved = monitor.state_dict()
+    assert saved and same_state(copy.state_dict(), saved)
+    assert copy.latest == monitor.latest
+    make_trainer(copy, max_steps=6, accumulate_grad_batches=2).fit(Regression(), regression_loader())
+    assert_finite_estimates(copy.latest)
 
 
 def test_a_fit_that_measured_no_step_says_why_latest_is_empty():
@@ -371,9 +405,7 @@ def test_every_n_steps_installs_hooks_only_on_measured_steps():
 
     num_parameters = len(list(model.parameters()))
     expected = [
-        (step, num_parameters if step % 3 == 0 else 0)
-        for step in range(max_steps)
-        for _ in range(accumulate)
+        (step, num_parameters if step % 3 == 0 else 0) for step in range(max_steps) for _ in range(accumulate)
     ]
     assert model.hooks_seen == expected
     measured = sum(1 for step in range(max_steps) if step % 3 == 0)
@@ -499,9 +531,7 @@ def test_fp16_overflow_step_is_skipped():
     model = Regression()
     accumulate, overflow_step = 2, 3
     model.loss_factors = {overflow_step * accumulate: 1e30}  # first microbatch of step 3
-    trainer = make_trainer(
-        monitor, max_steps=10, accumulate_grad_batches=accumulate, plugins=[fp16_plugin()]
-    )
+    trainer = make_trainer(monitor, max_steps=10, accumulate_grad_batches=accumulate, plugins=[fp16_plugin()])
     with record_warnings() as record:
         trainer.fit(model, regression_loader())
 
@@ -559,13 +589,9 @@ def test_no_host_sync_on_non_logging_steps(monkeypatch: pytest.MonkeyPatch):
     for hook in ("on_train_batch_start", "on_after_backward", "on_before_optimizer_step"):
         setattr(monitor, hook, guard.wrap(getattr(monitor, hook), hook))
     make_hook = GradientTaps._hook
-    monkeypatch.setattr(
-        GradientTaps, "_hook", lambda taps, slot: guard.wrap(make_hook(taps, slot), "tap")
-    )
+    monkeypatch.setattr(GradientTaps, "_hook", lambda taps, slot: guard.wrap(make_hook(taps, slot), "tap"))
 
-    trainer = make_trainer(
-        monitor, max_steps=12, accumulate_grad_batches=2, log_every_n_steps=1000
-    )
+    trainer = make_trainer(monitor, max_steps=12, accumulate_grad_batches=2, log_every_n_steps=1000)
     with record_warnings() as record:
         trainer.fit(Regression(), regression_loader())
 
@@ -807,9 +833,7 @@ def test_token_weighted_batch_size_fn():
     monitor = SNRMonitor(batch_size_fn=lambda batch: batch["mask"].sum())  # a device tensor
     model = TokenRegression()
     with record_warnings() as record:
-        make_trainer(monitor, max_steps=12, accumulate_grad_batches=accumulate).fit(
-            model, token_loader()
-        )
+        make_trainer(monitor, max_steps=12, accumulate_grad_batches=accumulate).fit(model, token_loader())
 
     assert not snr_warnings(record)
     assert_finite_estimates(monitor.latest)
@@ -1630,6 +1654,7 @@ class ListOfSamples(Regression):
 
 def test_ambiguous_leading_dimensions_are_warned_about_once():
     dataset = regression_loader().dataset
+
     def collate(rows: list) -> tuple[list[Tensor], Tensor]:
         return [x for x, _ in rows], torch.stack([y for _, y in rows])
 

@@ -94,6 +94,44 @@ def test_a_rise_of_the_monitored_loss_stops_even_when_the_training_loss_is_noise
         assert L_INF + B * stop**-BETA + K * stop <= clean.min() * 1.01
 
 
+def test_a_stop_on_a_rise_says_the_rise_is_its_evidence():
+    # Without a training set's SNR and without a widening gap, the stop's note named the SNR as evidence.
+    clean = L_INF + B * X**-BETA + K * X
+    rng = np.random.default_rng(0)
+    val = clean + SIGMA * rng.normal(size=len(X))
+    forecaster = BasinForecaster()
+    stop = next(f for f in forecaster.replay(X, val, 0.5 + 0.2 * rng.normal(size=len(X))) if f.stop)
+    assert not forecaster.decider.memorising
+    assert "risen significantly" in stop.note and "SNR" not in stop.note
+
+
+def test_an_infinite_training_loss_counts_as_missing_not_as_the_end_of_forecasting():
+    # One overflowed mean (inf) made every later point "values beyond 1e+150: no forecast".
+    x = np.arange(1, 81) * 10.0
+    train = 2.0 * np.exp(-x / 200) + 0.1
+    val = train + 0.05 + 0.4 * (x / x[-1]) ** 2 + np.random.default_rng(1).normal(0, 0.002, len(x))
+    decisions = []
+    for bad in (math.nan, math.inf, -math.inf):
+        with_bad = train.copy()
+        with_bad[5] = bad
+        forecasts = BasinForecaster().replay(x, val, with_bad)
+        decisions.append((first_index(forecasts, "warning"), first_index(forecasts, "stop")))
+    assert decisions[0][1] is not None  # the curve turns up: it stops
+    assert decisions[0] == decisions[1] == decisions[2]
+
+
+def test_the_ratio_forecasts_losses_of_any_scale_alike():
+    # The ratio skipped every window of losses below ~1e-12 (an absolute floor in its flatness test).
+    x = np.arange(1, 81) * 10.0
+    train = 2.0 * np.exp(-x / 200) + 0.1
+    val = train + 0.05 + 0.4 * (x / x[-1]) ** 2 + np.random.default_rng(1).normal(0, 0.002, len(x))
+    decisions = []
+    for scale in (1.0, 1e-30):
+        forecasts = BasinForecaster().replay(x, scale * val, scale * train)
+        decisions.append((first_index(forecasts, "warning"), first_index(forecasts, "stop")))
+    assert decisions[0][1] is not None and decisions[0] == decisions[1]
+
+
 @pytest.mark.parametrize("sigma", [0.002, 0.02])  # 0.02: noise about 3% of the loss
 def test_improving_curves_raise_no_alarm(sigma):
     for seed in range(3):
@@ -268,7 +306,9 @@ def test_points_must_come_in_order_and_options_are_checked():
     forecaster.update(10, 1.0)
     with pytest.raises(ValueError, match="increasing x"):
         forecaster.update(10, 0.9)
-    for bad in ({"horizon": -1}, {"confidence": 1.0}, {"window": 2}, {"min_points": 3}, {"method": "x"}):
+    bad_options = [{"horizon": -1}, {"horizon": math.inf}, {"confidence": 1.0}, {"confidence": "0.9"}]
+    bad_options += [{"window": 2}, {"min_points": 3}, {"method": "x"}, {"seed": 1.5}, {"tokens_per_x": True}]
+    for bad in bad_options:
         with pytest.raises(ValueError):
             BasinForecaster(**bad)
 

@@ -94,6 +94,8 @@ class Decider:
         risen = rise - z * rise_se > 0 and fallen  # a rise after a fall, not noise
         p_risen = 1.0 if risen else 0.0
         if risen:
+            if not evidence:  # the rise itself is the evidence (the tests above did not pass)
+                because = "the monitored loss has risen significantly after its fall"
             if forecast.d_star > x_now or forecast.p_basin < self.confidence:
                 forecast.d_star = forecast.d_star_low = forecast.d_star_high = x_now  # placed below
                 forecast.steps_to_basin, forecast.p_basin = 0.0, 1.0

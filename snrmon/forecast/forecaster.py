@@ -119,10 +119,15 @@ class BasinForecaster:
         max_seconds: float | None = None,
         seed: int = 0,
     ) -> None:
-        if not horizon >= 0:
-            raise ValueError(f"horizon must be >= 0, got {horizon}")
+        for name, value in (("horizon", horizon), ("confidence", confidence), ("tokens_per_x", tokens_per_x)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if not 0 <= horizon < math.inf:
+            raise ValueError(f"horizon must be a finite number >= 0, got {horizon}")
         if not 0.5 <= confidence < 1:
             raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be a whole number, got {seed!r}")
         for name, count in (("window", window), ("min_points", min_points), ("persist", persist)):
             if isinstance(count, bool) or not isinstance(count, numbers.Integral):
                 raise ValueError(f"{name} must be a whole number of points, got {count!r}")
@@ -146,8 +151,9 @@ class BasinForecaster:
             # (with or without a prior: a wrong value is a mistake either way)
             count = "n_params (this run's parameter count)"
             raise PriorError(f"{count} must be a positive number, got {n_params!r}")
-        self.horizon, self.confidence, self.min_points, self.window = horizon, confidence, min_points, window
-        self.method, self.persist, self.tokens_per_x, self.seed = method, persist, tokens_per_x, seed
+        self.horizon, self.confidence = float(horizon), float(confidence)
+        self.min_points, self.window, self.persist = int(min_points), int(window), int(persist)
+        self.method, self.tokens_per_x, self.seed = method, float(tokens_per_x), int(seed)
         self.prior = load_prior(prior, n_params) if prior is not None else None
         self.full_prior = self.prior is not None and all(name in self.prior for name in RUN_CONSTANTS)
         # A prior that cannot forecast: said once by whoever drives the forecaster (command, callback).
@@ -183,6 +189,8 @@ class BasinForecaster:
     ) -> Forecast:
         """Add the point (x, loss[, mean training loss since the previous point]) and forecast.
 
+        A training loss that is None, NaN or infinite counts as not given at this point.
+
         ``dataset_snr``: the training set's N|G|²/tr Σ at this point (``SNRMonitor``'s ``dataset_snr``), if
         measured (read as float32, the precision TensorBoard stores, so that a replay of its logs counts the
         same points). Once it has been at most 1 at ``MEMORISATION_POINTS`` consecutive points, the training
@@ -196,6 +204,8 @@ class BasinForecaster:
             TypeError: ``dataset_snr`` is not a number (a string or a bool)."""
         x, loss = float(x), float(loss)
         train = float(train_loss) if train_loss is not None else math.nan
+        if not math.isfinite(train):  # an overflowed training loss is no measurement (as NaN): not kept
+            train = math.nan
         if isinstance(dataset_snr, str | bytes | bool):
             raise TypeError(f"dataset_snr must be a number or None, got {dataset_snr!r}")
         snr = float(dataset_snr) if dataset_snr is not None else math.nan

@@ -49,7 +49,8 @@ class RatioSignal:
             start = w
         for end in range(start, len(x) + 1):
             t, v = train[end - w : end], loss[end - w : end]
-            if not np.all(np.isfinite(t)) or np.ptp(t) <= 1e-12 * max(abs(t).max(), 1e-12):
+            # (relative, whatever the losses' scale: a curve of losses near 1e-30 is as good as one near 1)
+            if not np.all(np.isfinite(t)) or np.ptp(t) <= 1e-12 * abs(t).max():
                 continue
             # Only a falling training loss makes the ratio meaningful.
             if slope(np.log(x[end - w : end]), t)[0] >= 0:

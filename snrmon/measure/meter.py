@@ -101,20 +101,23 @@ def _nan_unless_positive(total: float | Tensor, values: list[Tensor]) -> float |
     return torch.where(((stacked > 0) & (stacked < math.inf)).all(), total, math.nan)
 
 
+# (numbers.Integral and numbers.Real: numpy's integers and floats too, as a config or a sweep gives them)
 def check_every_n_steps(every_n_steps: object) -> None:
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+    whole = isinstance(every_n_steps, numbers.Integral) and not isinstance(every_n_steps, bool)
+    if not whole or every_n_steps < 1:
         raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
 
 
 def check_accumulation(accumulation: object) -> None:
     if accumulation is not None and (
-        isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1
+        isinstance(accumulation, bool) or not isinstance(accumulation, numbers.Integral) or accumulation < 1
     ):
         raise ValueError(f"accumulation must be None or an int >= 1, got {accumulation!r}")
 
 
 def check_ema_decay(ema_decay: object) -> None:
-    if not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
+    real = isinstance(ema_decay, numbers.Real) and not isinstance(ema_decay, bool)
+    if not real or not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be a number in [0, 1), got {ema_decay!r}")
 
 
@@ -240,8 +243,8 @@ class GradientMeter:
         self.model = model
         self.groups = groups
         self.scaler = scaler
-        self.ema_decay = ema_decay
-        self.every_n_steps = every_n_steps
+        self.ema_decay = float(ema_decay)
+        self.every_n_steps = int(every_n_steps)
         self.sharded = sharded
         self._checked_size = math.inf if dataset_size is None else float(dataset_size)
         self._dataset_size = self._checked_size

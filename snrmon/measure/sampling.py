@@ -8,6 +8,7 @@ disjoint, not independent, and T2 then estimates |G|² − S²/N instead of |G|�
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from torch.utils.data import (
@@ -38,7 +39,7 @@ class Population:
 def check_dataset_size(dataset_size: object) -> None:
     """The training set's size N, as given by a user: a whole number > 1, ``math.inf`` (draws with
     replacement) or None (unknown). Raises TypeError or ValueError naming the value otherwise."""
-    numeric = isinstance(dataset_size, (int, float)) and not isinstance(dataset_size, bool)
+    numeric = isinstance(dataset_size, numbers.Real) and not isinstance(dataset_size, bool)
     if dataset_size is not None and not numeric:
         raise TypeError(f"dataset_size must be a number (or None), got {dataset_size!r}")
     whole = dataset_size is None or dataset_size == math.inf or float(dataset_size).is_integer()
