@@ -267,6 +267,70 @@ def backward(model: nn.Module, meter: GradientMeter, k: int = 2, size: int = 5) 
         meter.after_backward(batch_size=size)
 
 
+def test_gradients_too_small_for_float32_norms_are_not_reported_as_numbers():
+    """A loss scaled by 1e-30: its gradient values (~1e-31) square to zero in the float32 norms, which gave a
+    negative noise scale with a standard error of 0. Scaled by 1e-10 (squares ~1e-22, well measured) the
+    estimates are the unscaled ones times 1e-20."""
+
+    def estimates(scale: float) -> dict[str, float]:
+        model = small_model()
+        torch.manual_seed(1)
+        with GradientMeter(model) as meter:
+            for _ in range(8):
+                for _ in range(2):
+                    (scale * model(torch.randn(5, 3)).square().mean() / 2).backward()
+                    meter.after_backward(batch_size=5)
+                meter.before_step()
+                model.zero_grad()
+            return meter.compute()
+
+    plain, small = estimates(1.0), estimates(1e-10)
+    for key in ("signal", "noise"):
+        assert small[key] == pytest.approx(plain[key] * 1e-20, rel=1e-4)
+    with pytest.warns(UserWarning, match="below 1e-30, where the float32 norms lose their precision"):
+        tiny = estimates(1e-30)
+    assert all(math.isnan(tiny[key]) for key in ("signal", "noise", "noise_scale", "ratio", "noise_scale_se"))
+
+
+def test_a_complex_parameter_is_measured_as_its_real_and_imaginary_parts():
+    """A complex parameter's gradient norm is that of the real vector of its parts: the same numbers as a
+    model holding the parts as a real parameter (the monitor used to switch itself off on one)."""
+
+    class Complex(nn.Module):
+        def __init__(self, parts: torch.Tensor) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.view_as_complex(parts.clone()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x.to(torch.cfloat) @ self.weight).real + (x.to(torch.cfloat) @ self.weight).imag.square()
+
+    class Parts(nn.Module):
+        def __init__(self, parts: torch.Tensor) -> None:
+            super().__init__()
+            self.parts = nn.Parameter(parts.clone())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.parts[..., 0] + (x @ self.parts[..., 1]).square()
+
+    def estimates(model: nn.Module) -> dict[str, float]:
+        generator = torch.Generator().manual_seed(2)
+        with GradientMeter(model) as meter:
+            for _ in range(6):
+                for _ in range(2):
+                    x = torch.randn(5, 3, generator=generator)
+                    (model(x) - 1.0).square().mean().div(2).backward()
+                    meter.after_backward(batch_size=5)
+                meter.before_step()
+                model.zero_grad()
+            return meter.compute()
+
+    parts = torch.randn(3, 1, 2, generator=torch.Generator().manual_seed(1))
+    complex_values, real_values = estimates(Complex(parts)), estimates(Parts(parts))
+    for key in ("signal", "noise", "noise_scale"):
+        assert math.isfinite(complex_values[key])
+        assert complex_values[key] == pytest.approx(real_values[key], rel=1e-5)
+
+
 def test_public_and_exported():
     assert "GradientMeter" in snrmon.__all__ and snrmon.GradientMeter is GradientMeter
 

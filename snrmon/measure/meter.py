@@ -101,6 +101,11 @@ def _nan_unless_positive(total: float | Tensor, values: list[Tensor]) -> float |
     return torch.where(((stacked > 0) & (stacked < math.inf)).all(), total, math.nan)
 
 
+# Squared gradient norms below this are not measured well: the norms are taken in float32, where values below
+# ~1e-19 square to subnormal numbers (1e-38) or to zero. (Exactly zero gradients give NaN estimates anyway.)
+FLOAT32_NORMS_FLOOR = 1e-30
+
+
 # (numbers.Integral and numbers.Real: numpy's integers and floats too, as a config or a sweep gives them)
 def check_every_n_steps(every_n_steps: object) -> None:
     whole = isinstance(every_n_steps, numbers.Integral) and not isinstance(every_n_steps, bool)
@@ -802,6 +807,19 @@ class GradientMeter:
                 " syncs): they are left out of the estimates, not counted as skipped steps. Give sizes > 0."
             )
         result = dict(zip(names, numbers, strict=True))
+        for group in self.group_names:
+            group_head = head if group == TOTAL else f"{head}{group}/"
+            signal, noise = result[group_head + "signal"], result[group_head + "noise"]
+            # What the gradient norms measured: |g|² ≈ signal + noise / batch (smaller ones: signal + noise).
+            if max(abs(signal), abs(noise) / max(result[head + "batch_size"], 1.0)) < FLOAT32_NORMS_FLOOR:
+                self._warn(
+                    "tiny",
+                    f"the squared gradient norms of {group!r} are below {FLOAT32_NORMS_FLOOR:g}, where the"
+                    " float32 norms lose their precision (gradient values below ~1e-19 square to subnormal"
+                    " numbers or to zero): its estimates are not reported (NaN). Scale the loss up.",
+                )
+                for key in values:
+                    result[group_head + key] = math.nan
         if math.isfinite(estimator.dataset_size):
             result[head + "dataset_size"] = estimator.dataset_size
         return result, int(updates)

@@ -7,6 +7,10 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
+# Gradients whose norms are taken with float32 accumulation in one fused kernel; any other (float64, complex)
+# gets its own norm in its own precision.
+_NARROW = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def _local_values(grad: Tensor) -> Tensor:
     """What of ``grad`` this process holds: the values of a sparse gradient, the local shard of a DTensor."""
@@ -109,7 +113,7 @@ class GradientTaps:
                 grad = grad.coalesce()._values()
             if grad.requires_grad:
                 grad = grad.detach()
-            if grad.dtype == torch.float64:
+            if grad.dtype == torch.float64 or grad.is_complex():  # (a complex one: the norm of ℝ²ⁿ, real)
                 slot.copy_(torch.linalg.vector_norm(grad))
             else:
                 torch.linalg.vector_norm(grad, dtype=torch.float32, out=slot)
@@ -162,7 +166,7 @@ class GradientTaps:
     def accumulated_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
         """Per-group squared norms of ``.grad`` (the accumulated, and under DDP all-reduced, gradient)."""
         grads = [p.grad for p in self.parameters]
-        plain = (type(g) is Tensor and g.layout is torch.strided and g.dtype != torch.float64 for g in grads)
+        plain = (type(g) is Tensor and g.layout is torch.strided and g.dtype in _NARROW for g in grads)
         if all(plain):
             # The usual case, every gradient present, dense, plain and narrow: the fused norms are stacked
             # straight into the slots (the same values as below, in two ops fewer and without the sorting).
@@ -174,8 +178,8 @@ class GradientTaps:
         if present:
             slots, grads = zip(*present, strict=True)
             grads = [_local_values(g) for g in grads]
-            wide = [i for i, g in enumerate(grads) if g.dtype == torch.float64]
-            narrow = [i for i, g in enumerate(grads) if g.dtype != torch.float64]
+            narrow = [i for i, g in enumerate(grads) if g.dtype in _NARROW]
+            wide = [i for i, g in enumerate(grads) if g.dtype not in _NARROW]  # float64, complex
             if narrow:  # one fused kernel; float32 accumulation also for bf16/fp16 gradients
                 norms = torch._foreach_norm([grads[i] for i in narrow], 2, dtype=torch.float32)
                 torch._foreach_copy_([slots[i] for i in narrow], list(norms))
