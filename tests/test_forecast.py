@@ -895,3 +895,35 @@ def assert_draws_as_numpys(u: np.ndarray, r: np.ndarray, seed: int) -> None:
         finite = np.isfinite(expected) & np.isfinite(drawn)
         assert np.sum(np.isfinite(expected) != np.isfinite(drawn)) <= 1
         np.testing.assert_allclose(drawn[finite], expected[finite], rtol=1e-7)
+
+
+def test_a_warning_that_lapses_is_withdrawn_in_words():
+    from snrmon.forecast import Forecast
+    from snrmon.forecast.watch import BasinWatch
+
+    watch = BasinWatch("val_loss")
+    ahead = dict(d_star=120.0, d_star_low=110.0, d_star_high=130.0, steps_to_basin=20.0, p_basin=0.7)
+    lapsed = "no warning: the monitored loss still falls significantly"
+    said = [
+        watch.announcement(Forecast(90.0, 1.0, d_star=500.0, p_basin=0.1, state="improving")),
+        watch.announcement(Forecast(100.0, 0.9, **ahead, warning=True, state="basin ahead")),
+        watch.announcement(Forecast(110.0, 0.8, **ahead, state="improving", note=lapsed)),
+        watch.announcement(Forecast(120.0, 0.7, **ahead, state="improving", note=lapsed)),
+    ]
+    assert said[0] is None and said[1].startswith("val_loss: basin ahead at step 120") and said[3] is None
+    assert said[2] == (
+        "val_loss: warning withdrawn at step 110: improving again (the monitored loss still falls"
+        " significantly)"
+    )
+    from snrmon.cli.forecast import replay_report
+
+    forecasts = [
+        Forecast(100.0, 0.9, **ahead, warning=True, state="basin ahead"),
+        Forecast(110.0, 0.8, **ahead, state="improving", note=lapsed),
+        Forecast(120.0, 0.7, **ahead, state="improving"),
+    ]
+    document = {"metric": "val_loss", "stop": None, "mode": "min", "first_warning": 100.0, "minimum": None}
+    rows = replay_report(forecasts, document, "step").splitlines()[1:4]
+    assert rows[0].endswith("warning") and rows[2].endswith("improving")
+    expected = f"improving warning withdrawn ({lapsed})".split()
+    assert rows[1].split()[-len(expected) :] == expected

@@ -633,13 +633,17 @@ def replay_report(forecasts: list[Forecast], document: dict, x_name: str) -> str
     show = format_number
     at = format_step if x_name == "step" else format_number  # steps are whole numbers
     rows = [[x_name, document["metric"], "D*", "band", "P(basin)", "state", ""]]
+    warned = False  # the row before gave a warning (a warning that lapses is said: withdrawn)
     for f in forecasts:
         band = "-" if f.d_star_low is None else f"{at(f.d_star_low)} .. {at(f.d_star_high)}"
         action = "STOP" if f.x == document["stop"] else "warning" if f.warning else ""
+        if warned and not action and f.d_star is not None:
+            action = "warning withdrawn"
+        warned = f.warning and f.d_star is not None or (warned and f.d_star is None)
         p = "-" if f.p_basin is None else f"{f.p_basin:.2f}"
         # A likely basin without a warning says why not (no fall yet, still falling, no memorisation).
-        if not action and f.note.startswith("no warning"):
-            action = f"({f.note})"
+        if f.note.startswith("no warning") and action in ("", "warning withdrawn"):
+            action = f"{action} ({f.note})".strip()
         elif f.d_star is not None and f.d_star_low is None:  # (before the run's own points refit the prior)
             action = "(D* from the prior alone)"
         elif f.d_star is None and f.note:  # why not (too few points, no training loss, ...)

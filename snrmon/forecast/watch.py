@@ -113,13 +113,19 @@ class BasinWatch:
         return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
     def announcement(self, forecast: Forecast) -> str | None:
-        """The warning to give when the forecast's state changes to a warning or a stop (None otherwise)."""
+        """The warning to give when the forecast's state changes to a warning or a stop, and the withdrawal
+        of a warning when it changes back to improving (None otherwise)."""
         state = forecast.state if forecast.warning or forecast.stop else "improving"
         if state == self.announced or forecast.d_star is None:
             return None
-        self.announced = state
+        warned, self.announced = self.announced != "no forecast", state
         if state == "improving":
-            return None
+            if not warned:
+                return None
+            why = forecast.note.removeprefix("no warning yet: ").removeprefix("no warning: ")
+            why = f" ({why})" if why else ""
+            at = format_step(forecast.x)
+            return f"{self.monitor}: warning withdrawn at step {at}: improving again{why}"
         return f"{self.monitor}: {self.describe(forecast)}{_evidence(forecast)}"
 
     def stop_reason(self, forecast: Forecast) -> str:
