@@ -927,3 +927,23 @@ def test_a_warning_that_lapses_is_withdrawn_in_words():
     assert rows[0].endswith("warning") and rows[2].endswith("improving")
     expected = f"improving warning withdrawn ({lapsed})".split()
     assert rows[1].split()[-len(expected) :] == expected
+
+
+def test_the_figure_marks_an_entered_basin_and_scales_to_the_curve_that_matters():
+    pytest.importorskip("matplotlib")
+    from snrmon.forecast.plot import forecast_figure
+
+    clean = L_INF + B * X**-BETA + K * X
+    val = clean + SIGMA * np.random.default_rng(0).normal(size=len(X))
+    forecaster = BasinForecaster()
+    forecasts = []
+    for x, v, t in zip(X, val, 0.5 * clean, strict=True):
+        forecasts.append(forecaster.update(x, v, t))
+        if forecasts[-1].stop:
+            break
+    projection = forecaster.projection
+    assert forecasts[-1].d_star < projection.x[0]  # entered: the basin lies behind the curve ahead
+    top = forecast_figure(forecasts, "val_loss", projection=projection).axes[0]
+    stars = [c for c in top.collections if c.get_label().endswith("(entered)")]
+    assert len(stars) == 1 and stars[0].get_offsets()[0][0] == forecasts[-1].d_star
+    assert top.get_ylim()[1] < forecasts[0].loss  # the first steep fall does not flatten the rest

@@ -40,8 +40,23 @@ def forecast_figure(
         name = "forecast basin" if projection.method in ("law", "prior") else "basin edge (r = 0.1)"
         if projection.x[0] <= basin <= projection.x[-1]:  # the predicted basin, on the projected curve
             at = np.interp(np.log(basin), np.log(projection.x), projection.loss)
+        elif x[0] <= basin < projection.x[0]:  # entered, behind the projection: on the observed curve
+            # (an entered basin is placed where the curve was lowest, by any signal)
+            at, name = forecasts[int(np.argmin(np.abs(np.log(x) - np.log(basin))))].loss, "basin (entered)"
+        else:
+            at = None
+        if at is not None:
             top.scatter([basin], [at], marker="*", s=160, color="tab:green", edgecolors="black", zorder=4,
                         label=name)  # fmt: skip
+    # As TensorBoard's charts ignore outliers: the first steep fall would flatten the curve that matters,
+    # so the top of the chart is set by the later three quarters of the curve and the projection.
+    later = [f.loss for f in forecasts[len(forecasts) // 4 :] if np.isfinite(f.loss)]
+    if projection is not None:
+        later += [v for v in projection.high if np.isfinite(v)]
+    if len(later) > 1 and max(later) > min(later):
+        lowest, highest = min(later + [f.loss for f in forecasts if np.isfinite(f.loss)]), max(later)
+        span = highest - lowest
+        top.set_ylim(lowest - 0.05 * span, highest + 0.1 * span)
     has = [f for f in forecasts if f.d_star is not None]
     if has:
         cap = 10 * x.max()  # an infinite or far-off forecast is drawn at the top of the chart
