@@ -477,3 +477,18 @@ def test_pythia_fits_and_held_out_scores():
         if name == "shannon":
             report[label] += ([f"{law.d_star(fit.theta, n):.3g}" for n in np.unique(data["N"])],)
     print("Pythia (R² train, R² held out[, D* per N]):", report)
+
+
+def test_a_low_r2_set_by_a_few_rows_far_off_is_said_with_the_r2_of_the_others():
+    """A curve whose first point lies far above the law (a steep start the robust fit on log L gives little
+    weight): R² on the loss itself goes below 0, which alone reads as a failed fit."""
+    law, truth = get_law("power"), np.array([1.5, 3.0, 0.3])
+    columns = {"D": np.geomspace(1e3, 1e6, 40)}
+    loss = noisy(law, truth, columns, seed=2)
+    loss[0] *= 30.0
+    fit = fit_law(law, columns, loss, starts=STARTS, seed=1)
+    assert fit.r2_train < 0.5
+    said = [w for w in fit.warnings if "(on the loss itself) is set by 1 of 40 rows" in w]
+    assert len(said) == 1 and "robust fit on log L" in said[0]
+    others = float(said[0].rsplit("R² is ", 1)[1])
+    assert others > 0.9  # the law fits the rest

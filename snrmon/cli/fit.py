@@ -126,7 +126,7 @@ def fit_report(result: Result, data: Data, args: argparse.Namespace) -> str:
         )
     lines += aligned(score_rows)
     if result.d_star is not None:
-        lines += ["", "basin D* (the loss-minimising D, T10; none: the loss keeps falling)"]
+        lines += ["", "basin D* (the loss-minimising D, T10; \"none\" where the loss keeps falling)"]
         if result.d_star_sampled:
             sizes = data.table["N"]
             lines[-1] += (

@@ -213,6 +213,9 @@ def _warnings(problem: _Problem, fit: Fit, resamples: int) -> list[str]:
             f"{rows} rows for {constants} constants ({spare} degree{'s' if spare != 1 else ''} of freedom): "
             f"a close fit (R² {fit.r2_train:.4f}) says little; fit more rows or a law with fewer constants"
         )
+    few_rows = _few_rows_set_r2(problem, fit)
+    if few_rows:
+        warnings.append(few_rows)
     if resamples >= MIN_RESAMPLES_TO_JUDGE:
         for name, (low, high) in fit.params_ci.items():
             value = fit.params[name]
@@ -223,6 +226,28 @@ def _warnings(problem: _Problem, fit: Fit, resamples: int) -> list[str]:
                     f"{value:.4g}: fits to resampled rows settle elsewhere, so the optimum is unstable"
                 )
     return warnings
+
+
+def _few_rows_set_r2(problem: _Problem, fit: Fit) -> str | None:
+    """Why a low R² may say little of the fit: it is taken on the loss itself, where a few rows far off (the
+    first steep points of a curve, outliers a robust fit gives little weight) can carry most of the error."""
+    if not fit.r2_train < 0.5 or len(problem.loss) < 5:
+        return None
+    predicted = fit.law.loss(fit.theta, problem.columns)
+    squared = (problem.loss - predicted) ** 2
+    order = np.argsort(squared)[::-1]
+    few = int(np.searchsorted(np.cumsum(squared[order]), 0.5 * squared.sum(), side="right")) + 1
+    if few > max(1, len(squared) // 10):  # (the rows that carry more than half of the squared error)
+        return None
+    worst = order[:few]
+    share = float(squared[worst].sum() / squared.sum())
+    rest = np.setdiff1d(np.arange(len(squared)), worst)
+    how = "the robust fit on log L gives them little weight" if problem.robust else "they are far off the law"
+    return (
+        f"R² {fit.r2_train:.3g} (on the loss itself) is set by {few} of {len(squared)} rows, which carry "
+        f"{share:.0%} of the squared error ({how}): on the other rows R² is "
+        f"{r2_score(problem.loss[rest], predicted[rest]):.3g}"
+    )
 
 
 class _Progress:
