@@ -20,18 +20,31 @@ Measured, not adopted: each replaces one part of the default forecaster and is s
   forecaster's own stop, whichever comes first); or the forecaster's stop or the first time g_val·ḡ_train
   (the whole training set's gradient, corpus.py) is significantly negative twice in a row, whichever first.
 
+* the loss alone (``--loss-alone``): the law's warning, or one from the vertex of a local quadratic of the
+  log loss in log x (``VertexDraws``), with the law's stop.
+
     python benchmarks/forecast_variants.py --corpus tuning   # ~20 s
+    python benchmarks/forecast_variants.py --corpus held-out --loss-alone   # ~3 min
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 
 import numpy as np
 from eval_record import load_corpus
-from eval_replay import CORPUS_METHODS, Outcome, dataset_snr, replay_outcome, run_dataset_snr, run_dot
+from eval_replay import (
+    CORPUS_METHODS,
+    Outcome,
+    dataset_snr,
+    replay_outcome,
+    run_dataset_snr,
+    run_dot,
+    run_loss_alone,
+)
 from eval_score import evaluate_corpus
 from eval_tables import corpus_summary_table
 
@@ -179,6 +192,61 @@ def gated_by_dataset_snr(curve) -> Outcome:
     return Outcome(warning, None)
 
 
+class VertexDraws:
+    """The loss alone: D* draws at the vertex of a quadratic in s = log x − log x_now fitted to the log loss
+    over the last ``span`` points (its three coefficients drawn from their least-squares covariance). A
+    convex draw's minimum is at −b/2c; a concave one that rises has passed it (the window's start); one that
+    falls, or a vertex beyond FAR_AHEAD times the training done, gives inf. Stands in for the law's signal."""
+
+    name = "law"
+
+    def __init__(self, span: int) -> None:
+        self.span = span
+
+    def draws(self, x, loss, rng) -> Draws | None:
+        n = min(self.span, len(x))
+        s, y = np.log(x[-n:]) - math.log(x[-1]), np.log(loss[-n:])
+        design = np.stack([np.ones(n), s, s * s], axis=1)
+        coefficients, *_ = np.linalg.lstsq(design, y, rcond=None)
+        residuals = y - design @ coefficients
+        covariance = float(residuals @ residuals) / max(n - 3, 1) * np.linalg.pinv(design.T @ design)
+        drawn = rng.multivariate_normal(
+            coefficients, (covariance + covariance.T) / 2, size=SAMPLES, method="eigh"
+        )
+        b, c = drawn[:, 1], drawn[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vertex = np.where(c > 0, -b / (2 * c), np.where(b >= 0, s[0], np.inf))
+        vertex = np.where(vertex > math.log(FAR_AHEAD), np.inf, np.maximum(vertex, s[0]))
+        return Draws(np.exp(math.log(x[-1]) + vertex))
+
+
+def loss_alone(curve):
+    """The curve without its training loss (the forecaster's law)."""
+    return dataclasses.replace(curve, train=None)
+
+
+def law_with_vertex_warning(span: int = 24):
+    """The loss alone: the warning from VertexDraws (the decider's evidence tests as for the law), the stop
+    the law's (its stop also warns). Fixed on the tuning split before any held-out replay of the loss
+    alone."""
+
+    def run(curve) -> Outcome:
+        law = run_loss_alone(curve)
+        vertex = BasinForecaster(method="law")
+        vertex.law = VertexDraws(span)
+        warning = replay_outcome(vertex, loss_alone(curve)).warning
+        warnings = [w for w in (warning, law.stop) if w is not None]
+        return Outcome(min(warnings) if warnings else None, law.stop)
+
+    return run
+
+
+LOSS_ALONE_VARIANTS = {
+    "the loss alone (the law)": run_loss_alone,
+    "the loss alone, the warning from the local curvature (24 points)": law_with_vertex_warning(24),
+}
+
+
 VARIANTS = {
     "forecaster": CORPUS_METHODS["forecaster"],
     "integrated, 12 points": with_signal(lambda window: IntegratedRatio(12)),
@@ -304,9 +372,16 @@ if __name__ == "__main__":
     parser.add_argument("--corpus", choices=splits, default="tuning")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--separability", action="store_true", help="the AUC table on all three splits")
+    parser.add_argument(
+        "--loss-alone", action="store_true", help="the loss-alone variants instead (~3 min a split)"
+    )
     args = parser.parse_args()
     if args.separability:
         print("\n".join(separability(["tuning", "held-out", "held-out-2"])))
+        raise SystemExit
+    if args.loss_alone:
+        rows = evaluate_corpus(load_corpus(args.corpus), LOSS_ALONE_VARIANTS)
+        print("\n".join(corpus_summary_table(rows, args.markdown)))
         raise SystemExit
     curves = load_corpus(args.corpus)
     print("\n".join(warning_conditions(curves)))

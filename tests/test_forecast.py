@@ -947,3 +947,14 @@ def test_the_figure_marks_an_entered_basin_and_scales_to_the_curve_that_matters(
     stars = [c for c in top.collections if c.get_label().endswith("(entered)")]
     assert len(stars) == 1 and stars[0].get_offsets()[0][0] == forecasts[-1].d_star
     assert top.get_ylim()[1] < forecasts[0].loss  # the first steep fall does not flatten the rest
+
+
+def test_a_band_without_an_upper_end_is_said_to_be_open_ended():
+    from snrmon.forecast import Forecast
+    from snrmon.forecast.watch import BasinWatch
+
+    entered = Forecast(160.0, 0.34, d_star=80.0, d_star_low=80.0, d_star_high=math.inf, p_basin=0.94)
+    entered.state, entered.warning, entered.stop = "basin entered", True, True
+    said = BasinWatch("val_loss").describe(entered)
+    assert said.startswith("basin entered: forecast at step 80 (band from 80, open-ended)")
+    assert "inf" not in said

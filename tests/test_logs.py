@@ -179,6 +179,8 @@ def test_tensorboard_directory_without_events(tmp_path):
     write_csv(tmp_path / "version_0" / "metrics.csv", "step,loss\n1,2.0\n")
     with pytest.raises(LogError, match="give a log file instead, e.g. .*version_0/metrics.csv"):
         read_table(tmp_path, "loss")
+    # The version directory itself, holding the one log file: that file is read.
+    assert read_table(tmp_path / "version_0", "loss")["loss"].tolist() == [2.0]
 
 
 # --- where ----------------------------------------------------------------------------------------------

@@ -180,7 +180,14 @@ class BasinWatch:
             return f"no basin in sight at step {step(forecast.x)} ({self.monitor} {forecast.loss:.4g})"
         if forecast.d_star_low is None:  # the prior alone, before the run's points could refit it
             return f"the prior puts the basin at step {step(forecast.d_star)}"
-        where = f"{step(forecast.d_star)} (band {step(forecast.d_star_low)} to {step(forecast.d_star_high)})"
+        high = forecast.d_star_high
+        # (some draws see no basin at all: the band has no upper end)
+        band = (
+            f"band from {step(forecast.d_star_low)}, open-ended"
+            if high == math.inf
+            else (f"band {step(forecast.d_star_low)} to {step(high)}")
+        )
+        where = f"{step(forecast.d_star)} ({band})"
         at = forecast.loss_at_d_star
         at = f", {self.monitor} there ≈ {at:.4g}" if at is not None else ""
         if forecast.state == "basin entered":

@@ -90,6 +90,10 @@ def read_table(
     path = Path(path)
     if not path.exists():
         raise LogError(f"no such file or directory: {path}")
+    if path.is_dir() and not any(path.rglob("*tfevents*")):
+        # A directory of one log file, e.g. a CSVLogger's version_0 or a Hugging Face checkpoint: that file.
+        logs = [path / name for name in ("metrics.csv", "trainer_state.json") if (path / name).is_file()]
+        path = logs[0] if len(logs) == 1 else path
     if path.is_dir() or "tfevents" in path.name:
         runs = scalars.tensorboard_runs(path)
     elif scalars.is_json(path):
