@@ -171,6 +171,27 @@ def test_tensorboard_partial_model_sizes_are_an_error(tmp_path):
         read_tensorboard(tmp_path, "loss")
 
 
+def test_tensorboard_scalars_written_as_tensors_read_as_scalars(tmp_path):
+    """TF2's tf.summary.scalar and Keras write one-value tensors of the scalars plugin, which TensorBoard
+    shows as scalars: they are read as scalars, every one of them (not a sample of 10)."""
+    from tensorboard.compat.proto import types_pb2
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from torch.utils.tensorboard import SummaryWriter
+
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="scalars"))
+    writer = SummaryWriter(str(tmp_path / "keras"))
+    steps = range(1, 31)
+    for step in steps:
+        value = TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[3.0 - step / 64], tensor_shape={})
+        summary = Summary(value=[Summary.Value(tag="epoch_loss", metadata=metadata, tensor=value)])
+        writer._get_file_writer().add_summary(summary, step)
+    writer.close()
+    table = read_tensorboard(tmp_path, "epoch_loss")
+    assert table["step"].tolist() == list(steps)
+    assert table["loss"].tolist() == [3.0 - step / 64 for step in steps]
+
+
 def test_tensorboard_directory_without_events(tmp_path):
     with pytest.raises(LogError, match="no TensorBoard event files"):
         read_tensorboard(tmp_path, "loss")

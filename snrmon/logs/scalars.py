@@ -123,11 +123,14 @@ def tensorboard_runs(path: Path) -> list[Run]:
     runs = []
     for run_dir in run_dirs:
         accumulator = _loaded(str(run_dir), _files_as_they_are(run_dir))
+        tensor_scalars = _tensor_scalar_tags(accumulator)
 
-        def values(tag: str, accumulator=accumulator) -> dict[int, float]:
+        def values(tag: str, accumulator=accumulator, tensor_scalars=tensor_scalars) -> dict[int, float]:
+            if tag in tensor_scalars:
+                return {event.step: _tensor_value(event.tensor_proto) for event in accumulator.Tensors(tag)}
             return {event.step: event.value for event in accumulator.Scalars(tag)}
 
-        tags = set(accumulator.Tags().get(SCALARS, []))
+        tags = set(accumulator.Tags().get(SCALARS, [])) | tensor_scalars
         runs.append(Run(_run_name(run_dir, base), tags, values, _hparams_n(run_dir, base)))
     # SNRMonitor copies each loss to a sub-run of its run, under ~snr/loss, only for TensorBoard's colours:
     # a run of chart series alone is no run of its own (unless nothing else was given).
@@ -138,11 +141,29 @@ def tensorboard_runs(path: Path) -> list[Run]:
 def _loaded(run_dir: str, files: tuple) -> EventAccumulator:
     """A run's event files, read once per process while ``files`` (their names, sizes and times) stay the
     same: a replay reads several tags of one directory, and reading thousands of files takes minutes."""
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator
 
-    accumulator = EventAccumulator(run_dir, size_guidance={SCALARS: 0})
+    accumulator = EventAccumulator(run_dir, size_guidance={SCALARS: 0, TENSORS: 0})  # (0: every value)
     accumulator.Reload()
     return accumulator
+
+
+def _tensor_scalar_tags(accumulator: EventAccumulator) -> set[str]:
+    """Tags written as one-value tensors of TensorBoard's scalars plugin (``tf.summary.scalar`` in TF2,
+    Keras): TensorBoard shows them as scalars, so they are read as scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import TENSORS
+
+    return {
+        tag
+        for tag in accumulator.Tags().get(TENSORS, [])
+        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+    }
+
+
+def _tensor_value(proto) -> float:
+    from tensorboard.util import tensor_util
+
+    return float(tensor_util.make_ndarray(proto).reshape(-1)[0])
 
 
 def _files_as_they_are(run_dir: Path) -> tuple:
