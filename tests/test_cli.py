@@ -531,6 +531,18 @@ def test_forecast_says_why_it_does_not_forecast(tmp_path, capsys):
     assert code == 0 and "<= 0" not in err
 
 
+def test_forecast_names_a_repeated_step_and_a_file_of_another_separator(tmp_path, capsys):
+    val, _ = u_curve(0)
+    steps = np.concatenate([X[:12], X[11:12]])  # a resumed run that logged its last step twice
+    twice = write_csv(tmp_path / "twice.csv", {"step": steps, "loss": np.concatenate([val[:12], val[11:12]])})
+    code, _, err = run(capsys, "forecast", twice)
+    assert code == 2 and f"repeated step values ({X[11]:g})" in err and "--where" not in err
+    semicolons = tmp_path / "semicolons.csv"
+    semicolons.write_text("step;loss\n" + "".join(f"{x};{v}\n" for x, v in zip(X[:12], val[:12], strict=True)))
+    code, _, err = run(capsys, "forecast", semicolons)
+    assert code == 2 and "one column, 'step;loss': separate the columns with commas" in err
+
+
 def test_a_logged_metric_is_replayed_at_the_steps_its_checks_read_it():
     from snrmon.logs import Table
 

@@ -338,9 +338,10 @@ def load_part(
     for column in (x_name, metric) + ((train_name,) if train_name else ()):
         if column not in table:
             numeric = [n for n in table.names if table.is_numeric(n)]
-            raise LogError(
-                f"no numeric column {column!r} in {args.data}; numeric columns: {', '.join(numeric)}"
-            )
+            found = f"numeric columns: {', '.join(numeric)}" if numeric else "no numeric column at all"
+            if len(table.names) == 1 and any(mark in table.names[0] for mark in ";\t|"):
+                found = f"one column, {table.names[0]!r}: separate the columns with commas"
+            raise LogError(f"no numeric column {column!r} in {args.data}; {found}")
         if not table.is_numeric(column):
             row, cell = table.first_non_number(column)
             raise LogError(
@@ -364,8 +365,15 @@ def load_part(
     table = table.select(keep)
     order = np.argsort(table[x_name], kind="stable")
     x = table[x_name][order]
-    if len(np.unique(x)) < len(x):
-        raise LogError(f"repeated {x_name} values: DATA holds more than one run; pick one with --where")
+    values, counts = np.unique(x, return_counts=True)
+    if len(values) < len(x):
+        repeated = ", ".join(format_number(v) for v in values[counts > 1][:3])
+        groups = [n for n in ("group", "run", "model", "N") if n in table and len(np.unique(table[n])) > 1]
+        if groups:
+            advice = f"DATA holds more than one run (column {groups[0]!r}); pick one with --where"
+        else:
+            advice = "one row per point is needed (a resumed run that logged a step twice: keep one of them)"
+        raise LogError(f"repeated {x_name} values ({repeated}): {advice}")
     if len(x) == 0:
         raise LogError(f"no rows with a positive {x_name} in {args.data}")
     train = table[train_name][order] if train_name else None
