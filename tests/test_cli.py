@@ -538,7 +538,8 @@ def test_forecast_names_a_repeated_step_and_a_file_of_another_separator(tmp_path
     code, _, err = run(capsys, "forecast", twice)
     assert code == 2 and f"repeated step values ({X[11]:g})" in err and "--where" not in err
     semicolons = tmp_path / "semicolons.csv"
-    semicolons.write_text("step;loss\n" + "".join(f"{x};{v}\n" for x, v in zip(X[:12], val[:12], strict=True)))
+    rows = "".join(f"{x};{v}\n" for x, v in zip(X[:12], val[:12], strict=True))
+    semicolons.write_text("step;loss\n" + rows)
     code, _, err = run(capsys, "forecast", semicolons)
     assert code == 2 and "one column, 'step;loss': separate the columns with commas" in err
 
