@@ -117,8 +117,8 @@ def compare_report(entries: list[dict], data: Data, score: str) -> str:
     if "N" not in data.table:
         lines += [
             "",
-            "laws of N and D skipped: no N column (a log of scalars: give --N, or n_params in the hparams.yaml"
-            " beside a TensorBoard run or a metrics.csv)",
+            "laws of N and D skipped: no N column (a log of scalars: give --N, or n_params in the"
+            " hparams.yaml beside a TensorBoard run or a metrics.csv)",
         ]
     if data.dropped_rows:
         lines += ["", f"{data.dropped_rows} rows with missing values dropped"]
