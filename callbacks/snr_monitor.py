@@ -198,6 +198,7 @@ class SNRMonitor(Callback):
         self._logged_step = -1  # the step the values were last logged at
         self._closed_step = -1  # global step of the last measured on_before_optimizer_step
         self._population: Population | None = None
+        self._announced: Population | None = None  # the population last said (said once measuring can start)
         self._batch: Any = None
         self._batch_idx = 0
 
@@ -319,9 +320,11 @@ class SNRMonitor(Callback):
         population = run_population(trainer, self.dataset_size, self.batch_size_fn)
         if population != self._population:
             self._population = population
-            if not self._single_batch_size(trainer):  # (else nothing is measured: said once, below)
-                announce(population)
             self._meter.dataset_size = population.size or math.inf
+        # Said once measuring can start: a GradientAccumulationScheduler may give two batch sizes only later.
+        if population != self._announced and not self._single_batch_size(trainer):
+            self._announced = population
+            announce(population)
 
     # ------------------------------------------------------------------ per accumulation window
     def on_train_batch_start(

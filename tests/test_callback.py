@@ -446,6 +446,20 @@ def test_gradient_accumulation_scheduler_changes_batch_size():
         assert_finite_estimates(latest)
 
 
+def test_the_training_set_is_announced_once_measuring_starts(caplog):
+    """A scheduler that gives two batch sizes only from the second epoch: the training set N was never said,
+    though the monitor's `dataset_snr` (the stopper's evidence) is corrected with it."""
+    monitor = SNRMonitor()
+    trainer = make_trainer(
+        monitor, max_steps=-1, max_epochs=3, callbacks=[GradientAccumulationScheduler({0: 1, 1: 2})]
+    )
+    with record_warnings(), caplog.at_level(logging.INFO):
+        trainer.fit(Regression(), regression_loader(n=64, batch_size=8))
+    said = [r.getMessage() for r in caplog.records if "training set of N = 64 samples" in r.getMessage()]
+    assert len(said) == 1
+    assert_finite_estimates(monitor.latest)
+
+
 # ---------------------------------------------------------------------- 6: resume
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_resume_from_checkpoint_continues_the_estimates(tmp_path: Path):
