@@ -268,9 +268,9 @@ def backward(model: nn.Module, meter: GradientMeter, k: int = 2, size: int = 5) 
 
 
 def test_gradients_too_small_for_float32_norms_are_not_reported_as_numbers():
-    """A loss scaled by 1e-30: its gradient values (~1e-31) square to zero in the float32 norms, which gave a
-    negative noise scale with a standard error of 0. Scaled by 1e-10 (squares ~1e-22, well measured) the
-    estimates are the unscaled ones times 1e-20."""
+    """A loss scaled by 1e-21: its gradient values (~1e-21) square to subnormal numbers in the float32 norms,
+    which gave a negative noise scale with a standard error of 0. Scaled by 1e-10 (squares ~1e-22, well
+    measured) the estimates are the unscaled ones times 1e-20."""
 
     def estimates(scale: float) -> dict[str, float]:
         model = small_model()
@@ -288,7 +288,7 @@ def test_gradients_too_small_for_float32_norms_are_not_reported_as_numbers():
     for key in ("signal", "noise"):
         assert small[key] == pytest.approx(plain[key] * 1e-20, rel=1e-4)
     with pytest.warns(UserWarning, match="below 1e-30, where the float32 norms lose their precision"):
-        tiny = estimates(1e-30)
+        tiny = estimates(1e-21)  # (squares of ~1e-42: subnormal, a few digits or none)
     assert all(math.isnan(tiny[key]) for key in ("signal", "noise", "noise_scale", "ratio", "noise_scale_se"))
 
 

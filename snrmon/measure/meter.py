@@ -811,7 +811,8 @@ class GradientMeter:
             group_head = head if group == TOTAL else f"{head}{group}/"
             signal, noise = result[group_head + "signal"], result[group_head + "noise"]
             # What the gradient norms measured: |g|² ≈ signal + noise / batch (smaller ones: signal + noise).
-            if max(abs(signal), abs(noise) / max(result[head + "batch_size"], 1.0)) < FLOAT32_NORMS_FLOOR:
+            measured = max(abs(signal), abs(noise) / max(result[head + "batch_size"], 1.0))
+            if 0 < measured < FLOAT32_NORMS_FLOOR:  # (exactly 0: no gradient at all, a value of its own)
                 self._warn(
                     "tiny",
                     f"the squared gradient norms of {group!r} are below {FLOAT32_NORMS_FLOOR:g}, where the"
