@@ -268,27 +268,32 @@ def backward(model: nn.Module, meter: GradientMeter, k: int = 2, size: int = 5) 
 
 
 def test_gradients_too_small_for_float32_norms_are_not_reported_as_numbers():
-    """A loss scaled by 1e-21: its gradient values (~1e-21) square to subnormal numbers in the float32 norms,
-    which gave a negative noise scale with a standard error of 0. Scaled by 1e-10 (squares ~1e-22, well
-    measured) the estimates are the unscaled ones times 1e-20."""
+    """A loss scaled by 1e-21: its gradient entries (~1e-22) square to subnormal numbers in the float32 norms,
+    which gave a noise a quarter of the truth, silently (smaller still: a negative noise scale with a standard
+    error of 0). Scaled by 1e-19 (squares ~1e-40 an entry, still exact) the estimates are the unscaled ones
+    times 1e-38, and a float64 model scaled by 1e-21 is measured in float64, exactly too."""
 
-    def estimates(scale: float) -> dict[str, float]:
-        model = small_model()
+    def estimates(scale: float, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+        model = small_model().to(dtype)
         torch.manual_seed(1)
         with GradientMeter(model) as meter:
             for _ in range(8):
                 for _ in range(2):
-                    (scale * model(torch.randn(5, 3)).square().mean() / 2).backward()
+                    (scale * model(torch.randn(5, 3, dtype=dtype)).square().mean() / 2).backward()
                     meter.after_backward(batch_size=5)
                 meter.before_step()
                 model.zero_grad()
             return meter.compute()
 
-    plain, small = estimates(1.0), estimates(1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where the norms are exact
+        plain, small = estimates(1.0), estimates(1e-19)
+        wide, wide_small = estimates(1.0, torch.float64), estimates(1e-21, torch.float64)
     for key in ("signal", "noise"):
-        assert small[key] == pytest.approx(plain[key] * 1e-20, rel=1e-4)
-    with pytest.warns(UserWarning, match="below 1e-30, where the float32 norms lose their precision"):
-        tiny = estimates(1e-21)  # (squares of ~1e-42: subnormal, a few digits or none)
+        assert small[key] == pytest.approx(plain[key] * 1e-38, rel=1e-4)
+        assert wide_small[key] == pytest.approx(wide[key] * 1e-42, rel=1e-9)
+    with pytest.warns(UserWarning, match="an entry, where their float32 norms lose their precision"):
+        tiny = estimates(1e-21)
     assert all(math.isnan(tiny[key]) for key in ("signal", "noise", "noise_scale", "ratio", "noise_scale_se"))
 
 

@@ -25,7 +25,7 @@ from torch.nn.parameter import is_lazy
 from snrmon.measure.estimator import GradientNoiseEstimator
 from snrmon.measure.groups import TOTAL, check_groups, group_parameters
 from snrmon.measure.sampling import check_dataset_size
-from snrmon.measure.taps import GradientTaps, several_gradients_message
+from snrmon.measure.taps import NARROW_DTYPES, GradientTaps, several_gradients_message
 from snrmon.measure.trainable import TrainableParameters, make_taps
 
 _log = logging.getLogger("snrmon")
@@ -101,9 +101,12 @@ def _nan_unless_positive(total: float | Tensor, values: list[Tensor]) -> float |
     return torch.where(((stacked > 0) & (stacked < math.inf)).all(), total, math.nan)
 
 
-# Squared gradient norms below this are not measured well: the norms are taken in float32, where values below
-# ~1e-19 square to subnormal numbers (1e-38) or to zero. (Exactly zero gradients give NaN estimates anyway.)
-FLOAT32_NORMS_FLOOR = 1e-30
+# Squared gradient norms whose mean over a group's float32 (or narrower) entries is below this are not
+# measured well: the norms of those gradients are taken in float32, where entries below ~1e-20 square to
+# subnormal numbers (down to 1.4e-45) that keep few digits or none; above it they keep about four. Float64 and
+# complex gradients have norms of their own precision; exactly zero gradients (no gradient at all) are a value
+# of their own.
+FLOAT32_FLOOR_PER_ENTRY = 1e-41
 
 
 # (numbers.Integral and numbers.Real: numpy's integers and floats too, as a config or a sweep gives them)
@@ -807,23 +810,33 @@ class GradientMeter:
                 " syncs): they are left out of the estimates, not counted as skipped steps. Give sizes > 0."
             )
         result = dict(zip(names, numbers, strict=True))
-        for group in self.group_names:
+        for group, entries in zip(self.group_names, self._narrow_entries(), strict=True):
             group_head = head if group == TOTAL else f"{head}{group}/"
             signal, noise = result[group_head + "signal"], result[group_head + "noise"]
             # What the gradient norms measured: |g|² ≈ signal + noise / batch (smaller ones: signal + noise).
             measured = max(abs(signal), abs(noise) / max(result[head + "batch_size"], 1.0))
-            if 0 < measured < FLOAT32_NORMS_FLOOR:  # (exactly 0: no gradient at all, a value of its own)
+            if entries and 0 < measured < FLOAT32_FLOOR_PER_ENTRY * entries:
                 self._warn(
                     "tiny",
-                    f"the squared gradient norms of {group!r} are below {FLOAT32_NORMS_FLOOR:g}, where the"
-                    " float32 norms lose their precision (gradient values below ~1e-19 square to subnormal"
-                    " numbers or to zero): its estimates are not reported (NaN). Scale the loss up.",
+                    f"the squared gradient norms of {group!r} average {measured / entries:.2g} an entry,"
+                    " where their float32 norms lose their precision (entries below ~1e-20 square to"
+                    " subnormal numbers, or to zero): its estimates are not reported (NaN). Scale the loss"
+                    " up.",
                 )
                 for key in values:
                     result[group_head + key] = math.nan
         if math.isfinite(estimator.dataset_size):
             result[head + "dataset_size"] = estimator.dataset_size
         return result, int(updates)
+
+    def _narrow_entries(self) -> list[int]:
+        """Per group, the entries of its float32, float16 and bfloat16 parameters (their norms accumulate in
+        float32)."""
+        taps = self._taps
+        if taps is None:
+            return [0] * len(self.group_names)
+        narrow = [p.numel() if p.dtype in NARROW_DTYPES else 0 for p in taps.parameters]
+        return (taps.membership.cpu() @ torch.tensor(narrow, dtype=torch.float64)).long().tolist()
 
     def _loss_scale(self) -> Tensor | float:
         """The fp16 loss scale as a device tensor (``GradScaler.get_scale()`` would sync), else 1."""

@@ -9,7 +9,7 @@ from torch.utils.hooks import RemovableHandle
 
 # Gradients whose norms are taken with float32 accumulation in one fused kernel; any other (float64, complex)
 # gets its own norm in its own precision.
-_NARROW = (torch.float32, torch.float16, torch.bfloat16)
+NARROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _local_values(grad: Tensor) -> Tensor:
@@ -166,7 +166,7 @@ class GradientTaps:
     def accumulated_sq_norms(self, scale: Tensor | float = 1.0) -> Tensor:
         """Per-group squared norms of ``.grad`` (the accumulated, and under DDP all-reduced, gradient)."""
         grads = [p.grad for p in self.parameters]
-        plain = (type(g) is Tensor and g.layout is torch.strided and g.dtype in _NARROW for g in grads)
+        plain = (type(g) is Tensor and g.layout is torch.strided and g.dtype in NARROW_DTYPES for g in grads)
         if all(plain):
             # The usual case, every gradient present, dense, plain and narrow: the fused norms are stacked
             # straight into the slots (the same values as below, in two ops fewer and without the sorting).
@@ -178,8 +178,8 @@ class GradientTaps:
         if present:
             slots, grads = zip(*present, strict=True)
             grads = [_local_values(g) for g in grads]
-            narrow = [i for i, g in enumerate(grads) if g.dtype in _NARROW]
-            wide = [i for i, g in enumerate(grads) if g.dtype not in _NARROW]  # float64, complex
+            narrow = [i for i, g in enumerate(grads) if g.dtype in NARROW_DTYPES]
+            wide = [i for i, g in enumerate(grads) if g.dtype not in NARROW_DTYPES]  # float64, complex
             if narrow:  # one fused kernel; float32 accumulation also for bf16/fp16 gradients
                 norms = torch._foreach_norm([grads[i] for i in narrow], 2, dtype=torch.float32)
                 torch._foreach_copy_([slots[i] for i in narrow], list(norms))
