@@ -198,7 +198,7 @@ class SNRMonitor(Callback):
         self._logged_step = -1  # the step the values were last logged at
         self._closed_step = -1  # global step of the last measured on_before_optimizer_step
         self._population: Population | None = None
-        self._announced: Population | None = None  # the population last said (said once measuring can start)
+        self._announced: Population | None = None  # the population last said (at a measured window)
         self._batch: Any = None
         self._batch_idx = 0
 
@@ -321,10 +321,6 @@ class SNRMonitor(Callback):
         if population != self._population:
             self._population = population
             self._meter.dataset_size = population.size or math.inf
-        # Said once measuring can start: a GradientAccumulationScheduler may give two batch sizes only later.
-        if population != self._announced and not self._single_batch_size(trainer):
-            self._announced = population
-            announce(population)
 
     # ------------------------------------------------------------------ per accumulation window
     def on_train_batch_start(
@@ -341,7 +337,13 @@ class SNRMonitor(Callback):
         # optimizer never applied: a user's `optimizer_step` that skipped `optimizer.step()`, an epoch cut
         # short by `on_train_batch_start` returning -1. The meter drops and counts them.)
         step = trainer.global_step
-        self._meter.start_window(step, measure=self._meter.measures(step) and self._two_batch_sizes(trainer))
+        measure = self._meter.measures(step) and self._two_batch_sizes(trainer)
+        if measure and self._announced != self._population:
+            # Said at the first window measured (a GradientAccumulationScheduler may give two batch sizes only
+            # later), and again when the population changes.
+            self._announced = self._population
+            announce(self._population)
+        self._meter.start_window(step, measure=measure)
 
     def _single_batch_size(self, trainer: Trainer) -> bool:
         return trainer.world_size == 1 and trainer.accumulate_grad_batches == 1 and not self.split_batch

@@ -451,7 +451,7 @@ def test_the_training_set_is_announced_once_measuring_starts(caplog):
     though the monitor's `dataset_snr` (the stopper's evidence) is corrected with it."""
     monitor = SNRMonitor()
     trainer = make_trainer(
-        monitor, max_steps=-1, max_epochs=3, callbacks=[GradientAccumulationScheduler({0: 1, 1: 2})]
+        monitor, max_steps=-1, max_epochs=2, callbacks=[GradientAccumulationScheduler({0: 1, 1: 2})]
     )
     with record_warnings(), caplog.at_level(logging.INFO):
         trainer.fit(Regression(), regression_loader(n=64, batch_size=8))
