@@ -946,7 +946,10 @@ def test_the_figure_marks_an_entered_basin_and_scales_to_the_curve_that_matters(
     top = forecast_figure(forecasts, "val_loss", projection=projection).axes[0]
     stars = [c for c in top.collections if c.get_label().endswith("(entered)")]
     assert len(stars) == 1 and stars[0].get_offsets()[0][0] == forecasts[-1].d_star
-    assert top.get_ylim()[1] < forecasts[0].loss  # the first steep fall does not flatten the rest
+    low, high = top.get_ylim()
+    assert high < forecasts[0].loss  # the first steep fall does not flatten the rest
+    assert low < min(projection.loss) and max(projection.loss) < high  # the curve ahead is in the chart
+    assert low < min(f.loss for f in forecasts[len(forecasts) // 4 :]) and forecasts[-1].loss < high
 
 
 def test_a_band_without_an_upper_end_is_said_to_be_open_ended():

@@ -48,15 +48,7 @@ def forecast_figure(
         if at is not None:
             top.scatter([basin], [at], marker="*", s=160, color="tab:green", edgecolors="black", zorder=4,
                         label=name)  # fmt: skip
-    # As TensorBoard's charts ignore outliers: the first steep fall would flatten the curve that matters,
-    # so the top of the chart is set by the later three quarters of the curve and the projection.
-    later = [f.loss for f in forecasts[len(forecasts) // 4 :] if np.isfinite(f.loss)]
-    if projection is not None:
-        later += [v for v in projection.high if np.isfinite(v)]
-    if len(later) > 1 and max(later) > min(later):
-        lowest, highest = min(later + [f.loss for f in forecasts if np.isfinite(f.loss)]), max(later)
-        span = highest - lowest
-        top.set_ylim(lowest - 0.05 * span, highest + 0.1 * span)
+    top.set_ylim(*_limits(forecasts, projection) or top.get_ylim())
     has = [f for f in forecasts if f.d_star is not None]
     if has:
         cap = 10 * x.max()  # an infinite or far-off forecast is drawn at the top of the chart
@@ -85,3 +77,26 @@ def forecast_figure(
     bottom.legend(fontsize=SMALL, framealpha=0.8)
     figure.tight_layout(pad=0.4)
     return figure
+
+
+def _limits(forecasts: list[Forecast], projection: Projection | None) -> tuple[float, float] | None:
+    """The top chart's value range, as TensorBoard's charts ignore outliers: the later three quarters of the
+    curve and the projection's central line (the first steep fall, or rise of a mode="max" metric, would
+    flatten what matters), with the projection's band as far as half that range again."""
+    later = forecasts[len(forecasts) // 4 :]
+    values = [f.loss for f in later]
+    ahead = None if projection is None else np.asarray(projection.x) >= later[0].x  # (a law's starts earlier)
+    if projection is not None and ahead.any():
+        values += list(np.asarray(projection.loss)[ahead])
+    values = [v for v in values if np.isfinite(v)]
+    if len(values) < 2 or max(values) == min(values):
+        return None
+    lowest, highest = min(values), max(values)
+    span = highest - lowest
+    if projection is not None and ahead.any():
+        low = np.nanmin(np.asarray(projection.low)[ahead])
+        high = np.nanmax(np.asarray(projection.high)[ahead])
+        lowest = max(min(lowest, low), lowest - span / 2) if np.isfinite(low) else lowest
+        highest = min(max(highest, high), highest + span / 2) if np.isfinite(high) else highest
+    margin = 0.05 * (highest - lowest)
+    return lowest - margin, highest + margin
