@@ -501,11 +501,12 @@ class BasinEarlyStopping(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        missing = [
-            key
-            for key in ("forecaster", "announced", "stopping_reason", "stopped_step")
-            if key not in state_dict
-        ]
+        needed = ("forecaster", "announced", "stopping_reason", "stopped_step")
+        missing = [key for key in needed if key not in state_dict]
+        forecaster = state_dict.get("forecaster")
+        if isinstance(forecaster, dict):
+            needed = ("points", "history", "theta", "searched_at", "streaks")
+            missing += [f"forecaster's {key}" for key in needed if key not in forecaster]
         if missing:  # refused before anything is changed: a half-loaded state would be no state at all
             raise ValueError(f"not a BasinEarlyStopping state: it lacks {', '.join(missing)}")
         self._before_restore = self.state_dict()  # (put back if this load was only to validate or test)

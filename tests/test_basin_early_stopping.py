@@ -711,7 +711,7 @@ def test_a_higher_is_better_metric_warns_and_stops_as_its_mirrored_loss():
         ({"n_params": "abc"}, "n_params .* must be a positive number, got 'abc'"),
         ({"confidence": "0.9"}, "confidence must be a number, got '0.9'"),
         ({"horizon": math.inf}, "horizon must be a finite number >= 0, got inf"),
-        ({"tokens_per_step": True}, "tokens_per_x must be a number, got True"),
+        ({"tokens_per_step": True}, "tokens_per_step must be a positive number, got True"),
         ({"strict": "no"}, "strict must be True or False, got 'no'"),
         ({"gradient_evidence": "no"}, "gradient_evidence must be True or False"),
     ],
@@ -730,6 +730,9 @@ def test_a_state_that_is_not_the_callbacks_is_refused_before_anything_changes():
     before = callback.state_dict()
     with pytest.raises(ValueError, match="not a BasinEarlyStopping state: it lacks forecaster, announced"):
         callback.load_state_dict({"stopped_step": 3})
+    partial = before | {"forecaster": {k: v for k, v in before["forecaster"].items() if k != "history"}}
+    with pytest.raises(ValueError, match="it lacks forecaster's history"):
+        callback.load_state_dict(partial)
     assert callback.state_dict() == before
 
 

@@ -537,6 +537,10 @@ def test_forecast_names_a_repeated_step_and_a_file_of_another_separator(tmp_path
     twice = write_csv(tmp_path / "twice.csv", {"step": steps, "loss": np.concatenate([val[:12], val[11:12]])})
     code, _, err = run(capsys, "forecast", twice)
     assert code == 2 and f"repeated step values ({X[11]:g})" in err and "--where" not in err
+    # Two runs told apart by a column of any name: --where, naming it.
+    seeds = {"seed": np.repeat([0.0, 1.0], 12), "step": np.tile(X[:12], 2), "loss": np.tile(val[:12], 2)}
+    code, _, err = run(capsys, "forecast", write_csv(tmp_path / "seeds.csv", seeds))
+    assert code == 2 and "more than one run (column 'seed'); pick one with --where" in err
     semicolons = tmp_path / "semicolons.csv"
     rows = "".join(f"{x};{v}\n" for x, v in zip(X[:12], val[:12], strict=True))
     semicolons.write_text("step;loss\n" + rows)

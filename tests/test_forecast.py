@@ -111,13 +111,25 @@ def test_an_infinite_training_loss_counts_as_missing_not_as_the_end_of_forecasti
     train = 2.0 * np.exp(-x / 200) + 0.1
     val = train + 0.05 + 0.4 * (x / x[-1]) ** 2 + np.random.default_rng(1).normal(0, 0.002, len(x))
     decisions = []
-    for bad in (math.nan, math.inf, -math.inf):
+    for bad in (math.nan, math.inf, -math.inf, 1e200):
         with_bad = train.copy()
         with_bad[5] = bad
         forecasts = BasinForecaster().replay(x, val, with_bad)
         decisions.append((first_index(forecasts, "warning"), first_index(forecasts, "stop")))
     assert decisions[0][1] is not None  # the curve turns up: it stops
-    assert decisions[0] == decisions[1] == decisions[2]
+    assert decisions[0] == decisions[1] == decisions[2] == decisions[3]
+    # A checkpoint of an earlier version that kept the infinite value resumes as if it had not.
+    forecaster = BasinForecaster()
+    forecaster.replay(x[:30], val[:30], train[:30])
+    state = forecaster.state_dict()
+    state["points"]["train"][5] = math.inf
+    resumed = BasinForecaster()
+    resumed.load_state_dict(state)
+    later = resumed.replay(x[30:], val[30:], train[30:])
+    assert (first_index(later, "warning"), first_index(later, "stop")) == (
+        decisions[0][0] - 30,
+        decisions[0][1] - 30,
+    )
 
 
 def test_the_ratio_forecasts_losses_of_any_scale_alike():

@@ -368,9 +368,12 @@ def load_part(
     values, counts = np.unique(x, return_counts=True)
     if len(values) < len(x):
         repeated = ", ".join(format_number(v) for v in values[counts > 1][:3])
-        groups = [n for n in ("group", "run", "model", "N") if n in table and len(np.unique(table[n])) > 1]
-        if groups:
-            advice = f"DATA holds more than one run (column {groups[0]!r}); pick one with --where"
+        # A column other than the curve's own that differs among the rows of one step tells the runs apart.
+        rows = np.isin(table[x_name], values[counts > 1])
+        own = (x_name, metric, train_name, "D", "step")
+        runs_by = [n for n in table.names if n not in own and len(np.unique(table[n][rows])) > 1]
+        if runs_by:
+            advice = f"DATA holds more than one run (column {runs_by[0]!r}); pick one with --where"
         else:
             advice = "one row per point is needed (a resumed run that logged a step twice: keep one of them)"
         raise LogError(f"repeated {x_name} values ({repeated}): {advice}")

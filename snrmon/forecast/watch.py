@@ -12,6 +12,7 @@ come from, how ranks agree, where messages and values go, and how the state is s
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from snrmon.forecast.display import LAW_NEEDS_POSITIVE, as_metric, format_step, mode_sign
@@ -50,6 +51,9 @@ class BasinWatch:
     ) -> None:
         if not (isinstance(monitor, str) and monitor):
             raise ValueError(f"monitor must name a logged metric (a non-empty string), got {monitor!r}")
+        real = isinstance(tokens_per_step, numbers.Real) and not isinstance(tokens_per_step, bool)
+        if not (real and math.isfinite(tokens_per_step) and tokens_per_step > 0):
+            raise ValueError(f"tokens_per_step must be a positive number, got {tokens_per_step!r}")
         self.monitor, self.mode = monitor, mode
         # The forecaster wants a curve that falls to its basin and turns up: a higher-is-better metric is fed
         # negated (its peak becomes the basin). The training loss is fed as it is, not negated: the ratio
@@ -184,8 +188,8 @@ class BasinWatch:
         # (some draws see no basin at all: the band has no upper end)
         band = (
             f"band from {step(forecast.d_star_low)}, open-ended"
-            if high == math.inf
-            else (f"band {step(forecast.d_star_low)} to {step(high)}")
+            if step(high) == "inf"  # (inf, or beyond what a step is written as)
+            else f"band {step(forecast.d_star_low)} to {step(high)}"
         )
         where = f"{step(forecast.d_star)} ({band})"
         at = forecast.loss_at_d_star
