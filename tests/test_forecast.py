@@ -111,13 +111,13 @@ def test_an_infinite_training_loss_counts_as_missing_not_as_the_end_of_forecasti
     train = 2.0 * np.exp(-x / 200) + 0.1
     val = train + 0.05 + 0.4 * (x / x[-1]) ** 2 + np.random.default_rng(1).normal(0, 0.002, len(x))
     decisions = []
-    for bad in (math.nan, math.inf, -math.inf, 1e200):
+    for bad in (math.nan, math.inf, -math.inf):
         with_bad = train.copy()
         with_bad[5] = bad
         forecasts = BasinForecaster().replay(x, val, with_bad)
         decisions.append((first_index(forecasts, "warning"), first_index(forecasts, "stop")))
     assert decisions[0][1] is not None  # the curve turns up: it stops
-    assert decisions[0] == decisions[1] == decisions[2] == decisions[3]
+    assert decisions[0] == decisions[1] == decisions[2]
     # A checkpoint of an earlier version that kept the infinite value resumes as if it had not.
     forecaster = BasinForecaster()
     forecaster.replay(x[:30], val[:30], train[:30])

@@ -189,7 +189,8 @@ class BasinForecaster:
     ) -> Forecast:
         """Add the point (x, loss[, mean training loss since the previous point]) and forecast.
 
-        A training loss that is None, NaN, infinite or beyond 1e150 counts as not given at this point.
+        A training loss that is None, NaN or infinite counts as not given at this point (a finite one beyond
+        1e150 is kept, and said: no forecast while it is in the curve).
 
         ``dataset_snr``: the training set's N|G|²/tr Σ at this point (``SNRMonitor``'s ``dataset_snr``), if
         measured (read as float32, the precision TensorBoard stores, so that a replay of its logs counts the
@@ -204,7 +205,7 @@ class BasinForecaster:
             TypeError: ``dataset_snr`` is not a number (a string or a bool)."""
         x, loss = float(x), float(loss)
         train = float(train_loss) if train_loss is not None else math.nan
-        if not abs(train) <= LARGEST:  # an overflowed (or NaN) training loss is no measurement: not kept
+        if not math.isfinite(train):  # an overflowed training loss is no measurement (as NaN): not kept
             train = math.nan
         if isinstance(dataset_snr, str | bytes | bool):
             raise TypeError(f"dataset_snr must be a number or None, got {dataset_snr!r}")
@@ -270,7 +271,7 @@ class BasinForecaster:
         # ratio's cache of window slopes rebuilt from the loaded points, not kept from another curve.
         self.points = Points(**{name: list(values) for name, values in state["points"].items()})
         # (checkpoints of snrmon before 0.2 kept an infinite training loss, which ended every later forecast)
-        self.points.train = [t if abs(t) <= LARGEST else math.nan for t in self.points.train]
+        self.points.train = [t if math.isfinite(t) else math.nan for t in self.points.train]
         self.ratio = RatioSignal(self.window)
         self.history = [Forecast(**f) for f in state["history"]]
         self.law.theta = None if state["theta"] is None else np.asarray(state["theta"], dtype=float)
