@@ -316,6 +316,15 @@ def test_a_monitor_pickles_after_a_fit_carrying_its_state():
     assert copy.latest == monitor.latest
     make_trainer(copy, max_steps=6, accumulate_grad_batches=2).fit(Regression(), regression_loader())
     assert_finite_estimates(copy.latest)
+    # The same trainer fitted on with the copy in the monitor's place: its EMAs go on from the carried state.
+    model, loader = Regression(), regression_loader()
+    trainer = make_trainer(monitor, max_steps=6, accumulate_grad_batches=2)
+    trainer.fit(model, loader)
+    copy = pickle.loads(pickle.dumps(monitor))
+    trainer.callbacks = [copy if callback is monitor else callback for callback in trainer.callbacks]
+    trainer.fit_loop.epoch_loop.max_steps = 10
+    trainer.fit(model, loader)
+    assert int(copy.state_dict()["estimator"]["updates"]) == 10  # 6 carried, 4 more
 
 
 def test_a_fit_that_measured_no_step_says_why_latest_is_empty():
