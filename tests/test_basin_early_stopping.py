@@ -358,6 +358,38 @@ def _fed_snr(run: Path) -> dict[float, float]:
     return dict(zip(table["step"].tolist(), table["loss"].tolist(), strict=True))
 
 
+def test_a_warning_that_lapses_is_withdrawn_on_the_loggers_too():
+    """The callback says the withdrawal as it says a warning: a line and a text entry (the forecasts here are
+    scripted on top of the real ones, so that a warning comes and goes within a short fit)."""
+    callback, recorder = BasinEarlyStopping(monitor="val_loss"), Recorder()
+    ahead = dict(d_star=120.0, d_star_low=110.0, d_star_high=130.0, steps_to_basin=20.0, p_basin=0.7)
+    lapsed = "no warning: the monitored loss still falls significantly"
+    script = iter(
+        [
+            dict(d_star=500.0, p_basin=0.1, state="improving"),
+            dict(ahead, warning=True, state="basin ahead"),
+            dict(ahead, warning=False, state="improving", note=lapsed),
+        ]
+    )
+    real = callback.watch.update  # (the watch's forecaster is made anew at fit start)
+
+    def scripted(*args, **kwargs):
+        forecast = real(*args, **kwargs)
+        for name, value in next(script, {}).items():
+            setattr(forecast, name, value)
+        return forecast
+
+    callback.watch.update = scripted
+    with pytest.warns(UserWarning, match="basin ahead") as caught:
+        _fit(callback, _data(64, 0), 3, logger=recorder)
+    said = [str(w.message) for w in caught if "BasinEarlyStopping" in str(w.message)]
+    withdrawn = (
+        "BasinEarlyStopping: val_loss: warning withdrawn at step 6: improving again (the monitored loss still"
+    )
+    assert len(said) == 2 and said[1].startswith(withdrawn)
+    assert [text for _, text, _ in recorder.texts] == said
+
+
 def test_an_improving_run_is_not_stopped():
     callback = BasinEarlyStopping(monitor="val_loss")
     with warnings.catch_warnings():
