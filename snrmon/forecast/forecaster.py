@@ -270,7 +270,7 @@ class BasinForecaster:
         # Copies, not the caller's lists (the next point would be written into the saved state), and the
         # ratio's cache of window slopes rebuilt from the loaded points, not kept from another curve.
         self.points = Points(**{name: list(values) for name, values in state["points"].items()})
-        # (checkpoints of snrmon before 0.2 kept an infinite training loss, which ended every later forecast)
+        # (checkpoints of earlier versions kept an infinite training loss, which ended every later forecast)
         self.points.train = [t if math.isfinite(t) else math.nan for t in self.points.train]
         self.ratio = RatioSignal(self.window)
         self.history = [Forecast(**f) for f in state["history"]]
